@@ -1,0 +1,155 @@
+//! The client facade the binding wraps: producer, subscription lifecycle, and state.
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::handler::Dispatcher;
+use crate::kafka::consumer::Subscription;
+use crate::kafka::mock;
+use crate::kafka::producer::{Delivery, Producer, SendError};
+use crate::kafka::KafkaError;
+use crate::scheduler::Scheduler;
+
+/// Lifecycle of the consumer side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// No group or no topics: this client can only produce.
+    Unconfigured,
+    /// Could subscribe but is not subscribed.
+    Configured,
+    /// Subscribed.
+    Running,
+}
+
+/// One client: a producer, and at most one subscription at a time.
+pub struct Client {
+    /// Resolved configuration.
+    config: Arc<Config>,
+    /// `bootstrap.servers` in use (the mock cluster's when `mock`).
+    bootstrap: String,
+    /// Created with the client; connects lazily.
+    producer: Producer,
+    /// The running subscription, if any.
+    subscription: Mutex<Option<Subscription>>,
+}
+
+impl Client {
+    /// Creates a client. In mock mode this starts (or joins) the process's mock cluster.
+    pub fn new(config: Config) -> Result<Self, KafkaError> {
+        let bootstrap = if config.mock {
+            mock::shared()?.bootstrap_servers().to_owned()
+        } else {
+            config
+                .bootstrap_servers
+                .as_ref()
+                .map(|s| s.join(","))
+                .unwrap_or_default()
+        };
+        for name in config.unimplemented_options() {
+            log::warn!("option {name} is accepted but not implemented yet; it has no effect");
+        }
+        let producer = Producer::new(
+            &bootstrap,
+            config.effective_source_system(),
+            config.send_timeout,
+        )?;
+        Ok(Self {
+            config: Arc::new(config),
+            bootstrap,
+            producer,
+            subscription: Mutex::new(None),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The bootstrap servers in use.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// In mock mode, creates the topic on first use.
+    pub fn prepare_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        if self.config.mock {
+            mock::shared()?.ensure_topic(topic, self.config.mock_partitions)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one record and waits for its acknowledgement (at most `send_timeout`).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(String, String)],
+    ) -> Result<Delivery, SendError> {
+        if let Err(e) = self.prepare_topic(topic) {
+            return Err(SendError {
+                topic: topic.to_owned(),
+                key: key.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+        self.producer.send(topic, key, payload, headers).await
+    }
+
+    /// Subscribes the configured topics, running events through `dispatcher`.
+    pub fn subscribe(&self, dispatcher: Arc<dyn Dispatcher>) -> Result<(), KafkaError> {
+        let mut slot = self
+            .subscription
+            .lock()
+            .map_err(|_| KafkaError::Runtime("subscription state poisoned".into()))?;
+        if slot.is_some() {
+            return Err(KafkaError::AlreadySubscribed);
+        }
+        for topic in &self.config.subscribed_topics {
+            self.prepare_topic(topic)?;
+        }
+        let engine = Arc::new(Engine {
+            config: self.config.clone(),
+            scheduler: Scheduler::new(usize::try_from(self.config.max_concurrency).unwrap_or(usize::MAX)),
+            dispatcher,
+            runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
+        });
+        *slot = Some(Subscription::start(engine, &self.bootstrap)?);
+        Ok(())
+    }
+
+    /// Stops the subscription (drains, commits, leaves the group). A no-op when not subscribed.
+    pub fn unsubscribe(&self) {
+        let subscription = self.subscription.lock().ok().and_then(|mut s| s.take());
+        if let Some(subscription) = subscription {
+            subscription.shutdown();
+        }
+    }
+
+    /// The consumer's lifecycle state.
+    pub fn consumer_state(&self) -> ConsumerState {
+        let running = self
+            .subscription
+            .lock()
+            .map(|s| s.is_some())
+            .unwrap_or(false);
+        if running {
+            ConsumerState::Running
+        } else if self.config.can_consume() {
+            ConsumerState::Configured
+        } else {
+            ConsumerState::Unconfigured
+        }
+    }
+
+    /// Partitions currently assigned (0 when not subscribed).
+    pub fn assigned_partitions(&self) -> usize {
+        self.subscription
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(Subscription::assigned_partitions))
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,807 @@
+//! Typed configuration: an explicit value wins over its `PROSODY_*` environment variable, which
+//! wins over the default.
+//!
+//! Every option is one row of the [`options!`] table below. A row names the field, its Rust type,
+//! its environment variable, its default (written in environment-variable syntax so that defaults
+//! go through the same parser as user input) and whether the engine acts on it yet. Later features
+//! add rows; nothing else in this file needs to change.
+//!
+//! Explicit values arrive as [`RawValue`]s (the binding converts from its own language), so this
+//! module knows nothing about Ruby. Errors name the option or the variable, what is accepted, and
+//! what was given.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A value given explicitly by the application, before it is typed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RawValue {
+    /// `nil`: the option is treated as unset (except where the option gives `nil` a meaning).
+    Nil,
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// A string or a symbol.
+    Str(String),
+    /// An array.
+    List(Vec<RawValue>),
+}
+
+impl fmt::Display for RawValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RawValue::Nil => f.write_str("nil"),
+            RawValue::Bool(b) => write!(f, "{b}"),
+            RawValue::Int(i) => write!(f, "{i}"),
+            RawValue::Float(x) => write!(f, "{x}"),
+            RawValue::Str(s) => write!(f, "{s:?}"),
+            RawValue::List(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Why a configuration could not be built.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ConfigError {
+    /// An option key that no row of the table defines.
+    #[error("unknown option :{name}; valid options are: {valid}")]
+    UnknownOption { name: String, valid: String },
+    /// An explicit value of the wrong type or out of range.
+    #[error("invalid :{name}, expected {expected}, got {got}")]
+    InvalidOption {
+        name: &'static str,
+        expected: String,
+        got: String,
+    },
+    /// An environment variable that does not parse.
+    #[error("invalid {env}, expected {expected}, got {got:?}")]
+    InvalidEnv {
+        env: &'static str,
+        expected: String,
+        got: String,
+    },
+    /// A required option with no value from any source.
+    #[error("missing :{name}: {why}; pass it to Prosody::Client.new or set {env}")]
+    Missing {
+        name: &'static str,
+        env: &'static str,
+        why: &'static str,
+    },
+}
+
+/// Where an option's value came from; used to word errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Given by the application.
+    Explicit,
+    /// Read from the option's environment variable.
+    Env,
+    /// The table's default.
+    Default,
+}
+
+/// One row of the options table, for listings and documentation.
+#[derive(Clone, Copy, Debug)]
+pub struct OptionInfo {
+    /// Option name as the application writes it.
+    pub name: &'static str,
+    /// Environment variable consulted when the option is not given.
+    pub env: &'static str,
+    /// Default in environment-variable syntax, if any.
+    pub default: Option<&'static str>,
+    /// Whether the engine acts on this option yet. Options from the reference contract that a
+    /// later feature implements are accepted and validated, and setting one logs a warning.
+    pub implemented: bool,
+}
+
+/// A type an option can have: how it reads from an explicit value and from an environment string.
+pub trait OptionType: Sized {
+    /// What is accepted, worded for an error message ("an Integer >= 0").
+    fn expected() -> String;
+    /// Reads an explicit value; `None` means the value does not fit the type.
+    fn from_raw(raw: &RawValue) -> Option<Self>;
+    /// Reads an environment string (also used for the defaults in the table).
+    fn from_env(s: &str) -> Option<Self>;
+    /// The value when no source gives one; `None` means the option is required.
+    fn absent() -> Option<Self> {
+        None
+    }
+    /// Whether an explicit `nil` is a value of this type rather than "unset".
+    fn nil_is_value() -> bool {
+        false
+    }
+}
+
+impl OptionType for String {
+    fn expected() -> String {
+        "a non-empty String".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Str(s) => Self::from_env(s),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        let s = s.trim();
+        (!s.is_empty()).then(|| s.to_owned())
+    }
+}
+
+impl OptionType for Vec<String> {
+    fn expected() -> String {
+        "an Array of Strings or a comma-separated String".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Str(s) => Self::from_env(s),
+            RawValue::List(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    match item {
+                        RawValue::Str(s) if !s.trim().is_empty() => out.push(s.trim().to_owned()),
+                        _ => return None,
+                    }
+                }
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        Some(
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+    fn absent() -> Option<Self> {
+        Some(Vec::new())
+    }
+}
+
+impl OptionType for bool {
+    fn expected() -> String {
+        "true or false".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl OptionType for u64 {
+    fn expected() -> String {
+        "an Integer >= 0".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        s.trim().parse().ok()
+    }
+}
+
+impl OptionType for f64 {
+    fn expected() -> String {
+        "a Numeric".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Int(i) => Some(*i as f64),
+            RawValue::Float(x) if x.is_finite() => Some(*x),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        s.trim().parse::<f64>().ok().filter(|x| x.is_finite())
+    }
+}
+
+impl OptionType for Duration {
+    fn expected() -> String {
+        "a duration: Numeric seconds >= 0, or a String such as \"100ms\", \"30s\", \"5m\", \"1h\", \"7d\"".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Int(i) => u64::try_from(*i).ok().map(Duration::from_secs),
+            RawValue::Float(x) => Duration::try_from_secs_f64(*x).ok(),
+            RawValue::Str(s) => Self::from_env(s),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        parse_duration(s)
+    }
+}
+
+impl<T: OptionType> OptionType for Option<T> {
+    fn expected() -> String {
+        T::expected()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        T::from_raw(raw).map(Some)
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        T::from_env(s).map(Some)
+    }
+    fn absent() -> Option<Self> {
+        Some(None)
+    }
+}
+
+/// A TCP port that can be switched off (`nil`, `false`, or `none` in the variable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Port(pub Option<u16>);
+
+impl OptionType for Port {
+    fn expected() -> String {
+        "an Integer from 1 to 65535, or nil/false to disable".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Nil | RawValue::Bool(false) => Some(Port(None)),
+            RawValue::Int(i) => u16::try_from(*i).ok().filter(|p| *p > 0).map(|p| Port(Some(p))),
+            RawValue::Str(s) => Self::from_env(s),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "none" | "false" | "off" => Some(Port(None)),
+            other => other.parse::<u16>().ok().filter(|p| *p > 0).map(|p| Port(Some(p))),
+        }
+    }
+    fn nil_is_value() -> bool {
+        true
+    }
+}
+
+/// Declares an enum option type from its accepted words.
+macro_rules! word_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// The word that names this value.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word),+ }
+            }
+        }
+
+        impl OptionType for $name {
+            fn expected() -> String {
+                let words: &[&str] = &[$(concat!(":", $word)),+];
+                format!("one of {}", words.join(", "))
+            }
+            fn from_raw(raw: &RawValue) -> Option<Self> {
+                match raw { RawValue::Str(s) => Self::from_env(s), _ => None }
+            }
+            fn from_env(s: &str) -> Option<Self> {
+                match s.trim() { $($word => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+word_enum! {
+    /// How failures are handled.
+    Mode {
+        /// Retry until success, in order.
+        Pipeline = "pipeline",
+        /// Retry a few times, then dead-letter.
+        LowLatency = "low_latency",
+        /// Log and move on.
+        BestEffort = "best_effort",
+    }
+}
+
+word_enum! {
+    /// How an execution span relates to the span that caused it.
+    SpanLinking {
+        /// The execution span is a child of the producer's span.
+        Child = "child",
+        /// The execution span starts a new trace linked to the cause.
+        FollowsFrom = "follows_from",
+    }
+}
+
+/// Parses `"100ms"`, `"30s"`, `"5m"`, `"1h"`, `"7d"`, `"1.5s"`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds_per_unit = match unit.trim() {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+        "ms" => 0.001,
+        "us" | "µs" => 0.000_001,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hr" | "hour" | "hours" => 3_600.0,
+        "d" | "day" | "days" => 86_400.0,
+        "y" | "year" | "years" => 31_536_000.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(value * seconds_per_unit).ok()
+}
+
+/// The explicit values and the environment, consumed row by row.
+struct Sources<'a> {
+    explicit: BTreeMap<String, RawValue>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Rows whose value came from the application or the environment, not the default.
+    set: Vec<&'static str>,
+}
+
+impl Sources<'_> {
+    fn take<T: OptionType>(
+        &mut self,
+        name: &'static str,
+        env: &'static str,
+        default: Option<&'static str>,
+    ) -> Result<(T, Source), ConfigError> {
+        if let Some(raw) = self.explicit.remove(name) {
+            if raw != RawValue::Nil || T::nil_is_value() {
+                self.set.push(name);
+                return T::from_raw(&raw)
+                    .map(|v| (v, Source::Explicit))
+                    .ok_or_else(|| ConfigError::InvalidOption {
+                        name,
+                        expected: T::expected(),
+                        got: raw.to_string(),
+                    });
+            }
+        }
+        if let Some(value) = (self.env)(env) {
+            self.set.push(name);
+            return T::from_env(&value)
+                .map(|v| (v, Source::Env))
+                .ok_or_else(|| ConfigError::InvalidEnv {
+                    env,
+                    expected: T::expected(),
+                    got: value,
+                });
+        }
+        if let Some(default) = default {
+            return T::from_env(default)
+                .map(|v| (v, Source::Default))
+                .ok_or_else(|| ConfigError::InvalidEnv {
+                    env,
+                    expected: T::expected(),
+                    got: format!("built-in default {default}"),
+                });
+        }
+        T::absent()
+            .map(|v| (v, Source::Default))
+            .ok_or(ConfigError::Missing {
+                name,
+                env,
+                why: "no default",
+            })
+    }
+}
+
+/// Defines [`Config`], [`OPTIONS`] and the row-by-row resolution from one table.
+macro_rules! options {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, $env:literal, $default:expr, $implemented:expr; )*) => {
+        /// The client's resolved configuration. See the README's configuration reference.
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+            /// Options whose value came from the application or the environment.
+            pub set_options: Vec<&'static str>,
+        }
+
+        /// Every option, in table order.
+        pub const OPTIONS: &[OptionInfo] = &[
+            $( OptionInfo { name: stringify!($name), env: $env, default: $default, implemented: $implemented }, )*
+        ];
+
+        impl Config {
+            fn from_sources(sources: &mut Sources<'_>) -> Result<Self, ConfigError> {
+                $( let $name: $ty = sources.take(stringify!($name), $env, $default)?.0; )*
+                Ok(Config { $( $name, )* set_options: std::mem::take(&mut sources.set) })
+            }
+        }
+    };
+}
+
+const YES: bool = true;
+const LATER: bool = false;
+
+options! {
+    // --- Core
+    /// Kafka servers to connect to (ignored in mock mode).
+    bootstrap_servers: Option<Vec<String>>, "PROSODY_BOOTSTRAP_SERVERS", None, YES;
+    /// Consumer group; required to subscribe.
+    group_id: Option<String>, "PROSODY_GROUP_ID", None, YES;
+    /// Topics to read; required to subscribe.
+    subscribed_topics: Vec<String>, "PROSODY_SUBSCRIBED_TOPICS", None, YES;
+    /// Event-type prefixes to process (all when empty).
+    allowed_events: Vec<String>, "PROSODY_ALLOWED_EVENTS", None, LATER;
+    /// Value of the `source-system` header on produced records; defaults to `group_id`.
+    source_system: Option<String>, "PROSODY_SOURCE_SYSTEM", None, YES;
+    /// Use the in-process librdkafka mock cluster and in-memory stores.
+    mock: bool, "PROSODY_MOCK", Some("false"), YES;
+    /// Partitions of topics the mock cluster creates on first use.
+    mock_partitions: u64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
+    /// Failure handling mode.
+    mode: Mode, "PROSODY_MODE", Some("pipeline"), LATER;
+
+    // --- Consumer
+    /// Handler calls running at once, across all partitions.
+    max_concurrency: u64, "PROSODY_MAX_CONCURRENCY", Some("32"), YES;
+    /// Messages per partition held by the engine before it stops reading that partition.
+    max_uncommitted: u64, "PROSODY_MAX_UNCOMMITTED", Some("64"), YES;
+    /// Handler deadline; defaults to 80% of `stall_threshold`.
+    timeout: Option<Duration>, "PROSODY_TIMEOUT", None, LATER;
+    /// How often finished offsets are committed.
+    commit_interval: Duration, "PROSODY_COMMIT_INTERVAL", Some("1s"), YES;
+    /// Longest the poll thread waits for news before checking its duties again.
+    poll_interval: Duration, "PROSODY_POLL_INTERVAL", Some("100ms"), YES;
+    /// Budget for draining in-flight handlers on unsubscribe and revoke.
+    shutdown_timeout: Duration, "PROSODY_SHUTDOWN_TIMEOUT", Some("30s"), YES;
+    /// A partition whose oldest unfinished event is older than this is stalled.
+    stall_threshold: Duration, "PROSODY_STALL_THRESHOLD", Some("5m"), LATER;
+    /// Port of the HTTP probe server.
+    probe_port: Port, "PROSODY_PROBE_PORT", Some("8000"), LATER;
+    /// Dead-letter topic.
+    failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None, LATER;
+    /// Dedup cache capacity (0 disables deduplication).
+    idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192"), LATER;
+    /// Version mixed into dedup hashes.
+    idempotence_version: String, "PROSODY_IDEMPOTENCE_VERSION", Some("1"), LATER;
+    /// Retention of dedup records in Cassandra.
+    idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d"), LATER;
+    /// Timer storage granularity.
+    slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), LATER;
+    /// Span linking for message execution.
+    message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child"), LATER;
+    /// Span linking for timer execution.
+    timer_spans: SpanLinking, "PROSODY_TIMER_SPANS", Some("follows_from"), LATER;
+
+    // --- Producer
+    /// Longest `send_message` waits for the broker's acknowledgement.
+    send_timeout: Duration, "PROSODY_SEND_TIMEOUT", Some("1s"), YES;
+
+    // --- Retry
+    /// Retries after the first attempt.
+    max_retries: u64, "PROSODY_MAX_RETRIES", Some("3"), LATER;
+    /// First retry delay.
+    retry_base: Duration, "PROSODY_RETRY_BASE", Some("20ms"), LATER;
+    /// Longest retry delay.
+    max_retry_delay: Duration, "PROSODY_RETRY_MAX_DELAY", Some("5m"), LATER;
+
+    // --- Deferral
+    /// Defer failing keys to timers.
+    defer_enabled: bool, "PROSODY_DEFER_ENABLED", Some("true"), LATER;
+    /// First deferred retry delay.
+    defer_base: Duration, "PROSODY_DEFER_BASE", Some("1s"), LATER;
+    /// Longest deferred retry delay.
+    defer_max_delay: Duration, "PROSODY_DEFER_MAX_DELAY", Some("24h"), LATER;
+    /// Failure rate above which deferral switches off.
+    defer_failure_threshold: f64, "PROSODY_DEFER_FAILURE_THRESHOLD", Some("0.9"), LATER;
+    /// Window for the failure rate.
+    defer_failure_window: Duration, "PROSODY_DEFER_FAILURE_WINDOW", Some("5m"), LATER;
+    /// Deferred keys tracked in memory.
+    defer_cache_size: u64, "PROSODY_DEFER_CACHE_SIZE", Some("1024"), LATER;
+    /// Timeout when reloading deferred messages.
+    defer_seek_timeout: Duration, "PROSODY_DEFER_SEEK_TIMEOUT", Some("30s"), LATER;
+    /// Read optimisation for deferred reloads.
+    defer_discard_threshold: u64, "PROSODY_DEFER_DISCARD_THRESHOLD", Some("100"), LATER;
+
+    // --- Monopolization
+    /// Reject keys that use most of the handler time.
+    monopolization_enabled: bool, "PROSODY_MONOPOLIZATION_ENABLED", Some("true"), LATER;
+    /// Fraction of the window above which a key is rejected.
+    monopolization_threshold: f64, "PROSODY_MONOPOLIZATION_THRESHOLD", Some("0.9"), LATER;
+    /// Measurement window.
+    monopolization_window: Duration, "PROSODY_MONOPOLIZATION_WINDOW", Some("5m"), LATER;
+    /// Keys tracked.
+    monopolization_cache_size: u64, "PROSODY_MONOPOLIZATION_CACHE_SIZE", Some("8192"), LATER;
+
+    // --- Fair scheduling
+    /// Share of handler time for retries while fresh work waits.
+    scheduler_failure_weight: f64, "PROSODY_SCHEDULER_FAILURE_WEIGHT", Some("0.3"), LATER;
+    /// Wait after which an event gets the maximum boost.
+    scheduler_max_wait: Duration, "PROSODY_SCHEDULER_MAX_WAIT", Some("2m"), LATER;
+    /// Size of the maximum wait boost.
+    scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0"), LATER;
+    /// Keys tracked by the scheduler.
+    scheduler_cache_size: u64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), LATER;
+
+    // --- Cassandra
+    /// Cassandra contact points (host:port).
+    cassandra_nodes: Vec<String>, "PROSODY_CASSANDRA_NODES", None, LATER;
+    /// Keyspace.
+    cassandra_keyspace: String, "PROSODY_CASSANDRA_KEYSPACE", Some("prosody"), LATER;
+    /// User name.
+    cassandra_user: Option<String>, "PROSODY_CASSANDRA_USER", None, LATER;
+    /// Password (never logged).
+    cassandra_password: Option<Secret>, "PROSODY_CASSANDRA_PASSWORD", None, LATER;
+    /// Preferred datacenter.
+    cassandra_datacenter: Option<String>, "PROSODY_CASSANDRA_DATACENTER", None, LATER;
+    /// Preferred rack.
+    cassandra_rack: Option<String>, "PROSODY_CASSANDRA_RACK", None, LATER;
+    /// Retention of stored rows.
+    cassandra_retention: Duration, "PROSODY_CASSANDRA_RETENTION", Some("1y"), LATER;
+
+    // --- Telemetry emitter
+    /// Topic for internal telemetry events.
+    telemetry_topic: String, "PROSODY_TELEMETRY_TOPIC", Some("prosody.telemetry-events"), LATER;
+    /// Whether the telemetry emitter runs.
+    telemetry_enabled: bool, "PROSODY_TELEMETRY_ENABLED", Some("true"), LATER;
+}
+
+/// A string that never shows in `Debug` output, logs or errors.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl OptionType for Secret {
+    fn expected() -> String {
+        "a String".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Str(s) => Some(Secret(s.clone())),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        Some(Secret(s.to_owned()))
+    }
+}
+
+impl Config {
+    /// Resolves the configuration from explicit values and the process environment.
+    pub fn resolve(explicit: Vec<(String, RawValue)>) -> Result<Self, ConfigError> {
+        Self::resolve_with_env(explicit, &|name| std::env::var(name).ok())
+    }
+
+    /// Resolves with a custom environment lookup (tests use this).
+    pub fn resolve_with_env(
+        explicit: Vec<(String, RawValue)>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut map = BTreeMap::new();
+        for (key, value) in explicit {
+            if !OPTIONS.iter().any(|o| o.name == key) {
+                let valid: Vec<&str> = OPTIONS.iter().map(|o| o.name).collect();
+                return Err(ConfigError::UnknownOption {
+                    name: key,
+                    valid: valid.join(", "),
+                });
+            }
+            map.insert(key, value);
+        }
+        let mut sources = Sources {
+            explicit: map,
+            env,
+            set: Vec::new(),
+        };
+        let config = Self::from_sources(&mut sources)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |name: &'static str, value: u64, min: u64| {
+            if value < min {
+                Err(ConfigError::InvalidOption {
+                    name,
+                    expected: format!("an Integer >= {min}"),
+                    got: value.to_string(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        at_least("max_concurrency", self.max_concurrency, 1)?;
+        at_least("max_uncommitted", self.max_uncommitted, 1)?;
+        at_least("mock_partitions", self.mock_partitions, 1)?;
+        let positive = |name: &'static str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::InvalidOption {
+                    name,
+                    expected: "a duration > 0".into(),
+                    got: "0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("commit_interval", self.commit_interval)?;
+        positive("poll_interval", self.poll_interval)?;
+        positive("send_timeout", self.send_timeout)?;
+        for (name, value) in [
+            ("defer_failure_threshold", self.defer_failure_threshold),
+            ("monopolization_threshold", self.monopolization_threshold),
+            ("scheduler_failure_weight", self.scheduler_failure_weight),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(ConfigError::InvalidOption {
+                    name,
+                    expected: "a fraction from 0.0 to 1.0".into(),
+                    got: value.to_string(),
+                });
+            }
+        }
+        if !self.mock && self.bootstrap_servers.as_ref().is_none_or(Vec::is_empty) {
+            return Err(ConfigError::Missing {
+                name: "bootstrap_servers",
+                env: "PROSODY_BOOTSTRAP_SERVERS",
+                why: "Kafka servers are needed unless mock: true",
+            });
+        }
+        Ok(())
+    }
+
+    /// The `source-system` header value: `source_system`, else `group_id`, else `"prosody"`.
+    pub fn effective_source_system(&self) -> &str {
+        self.source_system
+            .as_deref()
+            .or(self.group_id.as_deref())
+            .unwrap_or("prosody")
+    }
+
+    /// Options set by the application or environment that the engine does not act on yet.
+    pub fn unimplemented_options(&self) -> Vec<&'static str> {
+        self.set_options
+            .iter()
+            .copied()
+            .filter(|name| OPTIONS.iter().any(|o| o.name == *name && !o.implemented))
+            .collect()
+    }
+
+    /// Whether this client can consume: it needs a group and at least one topic.
+    pub fn can_consume(&self) -> bool {
+        self.group_id.is_some() && !self.subscribed_topics.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(explicit: &[(&str, RawValue)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        Config::resolve_with_env(
+            explicit
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            &lookup,
+        )
+    }
+
+    fn mock() -> (&'static str, RawValue) {
+        ("mock", RawValue::Bool(true))
+    }
+
+    #[test]
+    fn explicit_beats_env_beats_default() {
+        let c = resolve(&[mock()], &[]).unwrap();
+        assert_eq!(c.max_concurrency, 32);
+        assert_eq!(c.commit_interval, Duration::from_secs(1));
+        let c = resolve(&[mock()], &[("PROSODY_MAX_CONCURRENCY", "7")]).unwrap();
+        assert_eq!(c.max_concurrency, 7);
+        let c = resolve(
+            &[mock(), ("max_concurrency", RawValue::Int(3))],
+            &[("PROSODY_MAX_CONCURRENCY", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.max_concurrency, 3);
+        let c = resolve(
+            &[mock(), ("max_concurrency", RawValue::Nil)],
+            &[("PROSODY_MAX_CONCURRENCY", "7")],
+        )
+        .unwrap();
+        assert_eq!(c.max_concurrency, 7, "nil means unset");
+    }
+
+    #[test]
+    fn durations_and_lists() {
+        assert_eq!(parse_duration("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("604800"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("5 parsecs"), None);
+        let c = resolve(
+            &[
+                mock(),
+                ("poll_interval", RawValue::Float(0.25)),
+                ("subscribed_topics", RawValue::Str("a, b,,c".into())),
+            ],
+            &[("PROSODY_SHUTDOWN_TIMEOUT", "2m")],
+        )
+        .unwrap();
+        assert_eq!(c.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(120));
+        assert_eq!(c.subscribed_topics, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn errors_name_the_option_or_variable() {
+        let e = resolve(&[mock(), ("max_concurency", RawValue::Int(1))], &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown option :max_concurency"), "{e}");
+        assert!(e.to_string().contains("max_concurrency"), "{e}");
+        let e = resolve(&[mock(), ("max_concurrency", RawValue::Int(0))], &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid :max_concurrency, expected an Integer >= 1, got 0"
+        );
+        let e = resolve(&[mock()], &[("PROSODY_COMMIT_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.to_string().starts_with("invalid PROSODY_COMMIT_INTERVAL"), "{e}");
+        let e = resolve(&[mock(), ("mode", RawValue::Str("fast".into()))], &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid :mode, expected one of :pipeline, :low_latency, :best_effort, got \"fast\""
+        );
+        let e = resolve(&[], &[]).unwrap_err();
+        assert!(e.to_string().contains("bootstrap_servers"), "{e}");
+    }
+
+    #[test]
+    fn secrets_stay_hidden_and_unimplemented_options_are_reported() {
+        let c = resolve(
+            &[
+                mock(),
+                ("cassandra_password", RawValue::Str("hunter2".into())),
+                ("probe_port", RawValue::Bool(false)),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.probe_port, Port(None));
+        assert_eq!(
+            c.unimplemented_options(),
+            vec!["probe_port", "cassandra_password"]
+        );
+        assert_eq!(c.effective_source_system(), "prosody");
+    }
+}

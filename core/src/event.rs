@@ -1,0 +1,92 @@
+//! What a handler receives: a decoded Kafka message (timers join in a later feature).
+
+use std::sync::Arc;
+
+use rdkafka::message::{Headers, Message as _, OwnedMessage};
+use serde_json::Value;
+
+/// Header that names the system which produced a record.
+pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
+
+/// A consumed record with its payload decoded from JSON.
+#[derive(Debug, Clone)]
+pub struct ConsumedMessage {
+    /// Topic it was read from.
+    pub topic: Arc<str>,
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// Milliseconds since the epoch (create or log-append time), when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    /// The record key; `None` for records produced without a key (they share one queue per
+    /// partition and so keep their offset order among themselves).
+    pub key: Option<Arc<str>>,
+    /// The decoded JSON payload; a record with no value (a tombstone) decodes to `null`.
+    pub payload: Value,
+    /// Headers as UTF-8 strings (invalid UTF-8 replaced, a header without value is `""`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// A record whose payload could not be decoded, with enough context to report it.
+#[derive(Debug)]
+pub struct Undecodable {
+    /// Offset of the record.
+    pub offset: i64,
+    /// Key of the record.
+    pub key: Option<Arc<str>>,
+    /// Why decoding failed.
+    pub reason: String,
+}
+
+impl ConsumedMessage {
+    /// Decodes a record read by the poll thread. Fails only on an invalid JSON payload.
+    pub fn decode(topic: Arc<str>, record: &OwnedMessage) -> Result<Self, Undecodable> {
+        let key = record
+            .key()
+            .map(|k| Arc::<str>::from(String::from_utf8_lossy(k).as_ref()));
+        let payload = match record.payload() {
+            None => Value::Null,
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| Undecodable {
+                offset: record.offset(),
+                key: key.clone(),
+                reason: format!("payload is not valid JSON ({e})"),
+            })?,
+        };
+        let headers = record
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                        (h.key.to_owned(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            topic,
+            partition: record.partition(),
+            offset: record.offset(),
+            timestamp_ms: record.timestamp().to_millis(),
+            key,
+            payload,
+            headers,
+        })
+    }
+
+    /// The value of the first header with this name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An event a handler runs for.
+#[derive(Debug)]
+pub enum Event {
+    /// A Kafka message.
+    Message(ConsumedMessage),
+}

@@ -1,0 +1,433 @@
+//! The poll thread and rebalance handling.
+//!
+//! One plain OS thread per subscription owns the librdkafka consumer. Each assigned partition is
+//! read from its own queue (`split_partition_queue`) and only while its worker has room
+//! (`max_uncommitted`); a full partition is simply not read, and librdkafka's bounded prefetch
+//! queue stops fetching it. Pause/resume is not used for routine flow control: on librdkafka each
+//! pause+resume idles a partition for about a second.
+//!
+//! Rebalance callbacks run on this thread inside `poll`. On revoke the partition's worker drains
+//! (in-flight handlers finish or are cancelled near `shutdown_timeout`) and its offsets are
+//! committed before the partition is released, so a key never runs on two clients at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance,
+};
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot};
+
+use super::KafkaError;
+use crate::engine::Engine;
+use crate::partition::{spawn_worker, PartitionShared, WorkerInput};
+use crate::waker::Waker;
+
+type TopicPartition = (Arc<str>, i32);
+
+/// Messages read from one partition queue per round, so one busy partition cannot starve others.
+const READ_BATCH: usize = 1024;
+
+/// A running subscription: the poll thread and what it shares.
+pub struct Subscription {
+    /// Set to ask the poll thread to stop.
+    stop: Arc<AtomicBool>,
+    /// Wakes the poll thread.
+    waker: Arc<Waker>,
+    /// Partitions currently assigned.
+    assigned: Arc<AtomicUsize>,
+    /// The poll thread; joined by `shutdown`.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Subscription {
+    /// Creates the consumer, subscribes, and starts the poll thread.
+    pub fn start(engine: Arc<Engine>, bootstrap: &str) -> Result<Self, KafkaError> {
+        let config = &engine.config;
+        let group = config
+            .group_id
+            .clone()
+            .ok_or(KafkaError::NotConsumer("group_id is not set"))?;
+        if config.subscribed_topics.is_empty() {
+            return Err(KafkaError::NotConsumer("subscribed_topics is empty"));
+        }
+        let waker = Arc::new(Waker::new());
+        let assigned = Arc::new(AtomicUsize::new(0));
+        let context = PollContext {
+            engine: engine.clone(),
+            consumer: OnceLock::new(),
+            partitions: Mutex::new(HashMap::new()),
+            waker: waker.clone(),
+            assigned: assigned.clone(),
+        };
+        let mut consumer: BaseConsumer<PollContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", &group)
+            .set("group.protocol", "consumer")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Bounded prefetch per partition; a full queue backs off only briefly (librdkafka
+            // otherwise waits fetch.queue.backoff.ms = 1 s before fetching again).
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.queue.backoff.ms", "10")
+            .create_with_context(context)
+            .map_err(|source| KafkaError::Create {
+                what: "consumer",
+                source,
+            })?;
+        let wake = waker.clone();
+        consumer.set_nonempty_callback(move || wake.wake());
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        let topics: Vec<&str> = config.subscribed_topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| KafkaError::Subscribe {
+                topics: config.subscribed_topics.clone(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let poll = PollLoop {
+            consumer,
+            stop: stop.clone(),
+            waker: waker.clone(),
+            commit_interval: config.commit_interval,
+            poll_interval: config.poll_interval,
+        };
+        let thread = std::thread::Builder::new()
+            .name("prosody-poll".into())
+            .spawn(move || poll.run())
+            .map_err(|source| KafkaError::Thread {
+                what: "poll",
+                source,
+            })?;
+        Ok(Self {
+            stop,
+            waker,
+            assigned,
+            thread: Some(thread),
+        })
+    }
+
+    /// Partitions currently assigned to this subscription.
+    pub fn assigned_partitions(&self) -> usize {
+        self.assigned.load(Ordering::Acquire)
+    }
+
+    /// Drains in-flight work (within `shutdown_timeout`), commits, leaves the group, and joins the
+    /// poll thread. Blocks.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the poll thread panicked during shutdown");
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// An assigned partition as the poll thread sees it.
+struct Assigned {
+    /// The partition's own message queue.
+    queue: PartitionQueue<PollContext>,
+    /// Room and committable position, shared with the worker.
+    shared: Arc<PartitionShared>,
+    /// Input of the partition's worker.
+    worker: mpsc::UnboundedSender<WorkerInput>,
+    /// Last position committed, to skip commits that would change nothing.
+    committed: Option<i64>,
+}
+
+/// librdkafka callbacks, run on the poll thread.
+struct PollContext {
+    /// The subscription's engine.
+    engine: Arc<Engine>,
+    /// The consumer itself, to split partition queues inside the assign callback.
+    consumer: OnceLock<Weak<BaseConsumer<PollContext>>>,
+    /// Assigned partitions. Locked by the poll loop between polls and by rebalance callbacks
+    /// (which run inside `poll`), never across a `poll` call.
+    partitions: Mutex<HashMap<TopicPartition, Assigned>>,
+    /// Wakes the poll thread.
+    waker: Arc<Waker>,
+    /// Count published for `assigned_partitions`.
+    assigned: Arc<AtomicUsize>,
+}
+
+impl ClientContext for PollContext {}
+
+impl ConsumerContext for PollContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<TopicPartition> = tpl
+                .elements()
+                .iter()
+                .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
+                .collect();
+            self.release(consumer, &revoked, !consumer.assignment_lost());
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                let Ok(mut partitions) = self.partitions.lock() else {
+                    return;
+                };
+                for element in tpl.elements() {
+                    let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
+                    if partitions.contains_key(&tp) {
+                        continue;
+                    }
+                    let Some(mut queue) = consumer.split_partition_queue(&tp.0, tp.1) else {
+                        log::error!(
+                            "could not read topic={} partition={} from its own queue",
+                            tp.0,
+                            tp.1
+                        );
+                        continue;
+                    };
+                    let wake = self.waker.clone();
+                    queue.set_nonempty_callback(move || wake.wake());
+                    let max = usize::try_from(self.engine.config.max_uncommitted).unwrap_or(usize::MAX);
+                    let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
+                    let worker =
+                        spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());
+                    log::info!("assigned topic={} partition={}", tp.0, tp.1);
+                    partitions.insert(
+                        tp,
+                        Assigned {
+                            queue,
+                            shared,
+                            worker,
+                            committed: None,
+                        },
+                    );
+                }
+                self.assigned.store(partitions.len(), Ordering::Release);
+                self.waker.wake();
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => log::error!("rebalance failed: {e}"),
+        }
+    }
+}
+
+impl PollContext {
+    /// Stops reading the partitions, drains their workers, and commits their final positions.
+    fn release(&self, consumer: &BaseConsumer<Self>, revoked: &[TopicPartition], commit: bool) {
+        let removed: Vec<(TopicPartition, Assigned)> = {
+            let Ok(mut partitions) = self.partitions.lock() else {
+                return;
+            };
+            let removed = revoked
+                .iter()
+                .filter_map(|tp| partitions.remove_entry(tp))
+                .collect();
+            self.assigned.store(partitions.len(), Ordering::Release);
+            removed
+        };
+        if removed.is_empty() {
+            return;
+        }
+        let timeout = self.engine.config.shutdown_timeout;
+        let start = Instant::now();
+        // Handlers run freely for most of the budget; cancellation fires near its end.
+        let cancel_at = start + timeout.mul_f64(0.9);
+        let give_up_at = start + timeout;
+        let mut acks = Vec::with_capacity(removed.len());
+        for (tp, assigned) in removed {
+            let Assigned {
+                queue,
+                worker,
+                committed,
+                ..
+            } = assigned;
+            drop(queue);
+            let (ack, rx) = oneshot::channel();
+            let _ = worker.send(WorkerInput::Drain {
+                cancel_at,
+                give_up_at,
+                ack,
+            });
+            acks.push((tp, rx, committed));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, rx, committed) in acks {
+            let position = self
+                .engine
+                .runtime
+                .block_on(async { tokio::time::timeout(timeout + Duration::from_secs(1), rx).await })
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            log::info!("revoked topic={} partition={}", tp.0, tp.1);
+            if let Some(position) = position.filter(|p| Some(*p) != committed) {
+                if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
+                    log::warn!("could not record the offset of {}/{}: {e}", tp.0, tp.1);
+                }
+            }
+        }
+        if commit && tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                log::warn!("final commit on revoke failed: {e}; the uncommitted tail will be re-delivered");
+            }
+        }
+    }
+}
+
+struct PollLoop {
+    /// The consumer; partition queues hold clones of it.
+    consumer: Arc<BaseConsumer<PollContext>>,
+    /// Set by `Subscription::shutdown`.
+    stop: Arc<AtomicBool>,
+    /// Woken by queue callbacks, workers regaining room, and shutdown.
+    waker: Arc<Waker>,
+    /// How often positions are committed.
+    commit_interval: Duration,
+    /// Longest idle wait.
+    poll_interval: Duration,
+}
+
+impl PollLoop {
+    fn run(self) {
+        let mut next_commit = Instant::now() + self.commit_interval;
+        while !self.stop.load(Ordering::Acquire) {
+            // Serves rebalance callbacks and errors; messages arrive here only for a partition
+            // fetched before its queue was split.
+            while let Some(result) = self.consumer.poll(Duration::ZERO) {
+                match result {
+                    Ok(message) => self.route_stray(message.detach()),
+                    Err(e) => log::warn!("Kafka consumer error: {e}"),
+                }
+            }
+            let read = self.read_partitions();
+            if Instant::now() >= next_commit {
+                self.commit(CommitMode::Async);
+                next_commit = Instant::now() + self.commit_interval;
+            }
+            if read == 0 {
+                let until_commit = next_commit.saturating_duration_since(Instant::now());
+                self.waker.wait(self.poll_interval.min(until_commit));
+            }
+        }
+        self.close();
+    }
+
+    /// Reads every partition that has room; returns how many messages were read.
+    fn read_partitions(&self) -> usize {
+        let context = self.consumer.context();
+        let Ok(partitions) = context.partitions.lock() else {
+            return 0;
+        };
+        let mut read = 0;
+        for ((topic, partition), assigned) in partitions.iter() {
+            let budget = assigned.shared.room().min(READ_BATCH);
+            for _ in 0..budget {
+                match assigned.queue.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        assigned.shared.took();
+                        let _ = assigned.worker.send(WorkerInput::Record(message.detach()));
+                        read += 1;
+                    }
+                    Some(Err(e)) => {
+                        log::warn!("error reading topic={topic} partition={partition}: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        read
+    }
+
+    fn route_stray(&self, message: rdkafka::message::OwnedMessage) {
+        let context = self.consumer.context();
+        let Ok(partitions) = context.partitions.lock() else {
+            return;
+        };
+        let tp: TopicPartition = (Arc::from(message.topic()), message.partition());
+        match partitions.get(&tp) {
+            Some(assigned) => {
+                assigned.shared.took();
+                let _ = assigned.worker.send(WorkerInput::Record(message));
+            }
+            None => log::debug!(
+                "dropping a record of unassigned topic={} partition={} offset={}; it stays uncommitted",
+                tp.0,
+                tp.1,
+                message.offset()
+            ),
+        }
+    }
+
+    fn commit(&self, mode: CommitMode) {
+        let context = self.consumer.context();
+        let Ok(mut partitions) = context.partitions.lock() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), assigned) in partitions.iter_mut() {
+            let Some(position) = assigned.shared.committable() else {
+                continue;
+            };
+            if assigned.committed == Some(position) {
+                continue;
+            }
+            if tpl
+                .add_partition_offset(topic, *partition, Offset::Offset(position))
+                .is_ok()
+            {
+                assigned.committed = Some(position);
+            }
+        }
+        drop(partitions);
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, mode) {
+                log::warn!("offset commit failed: {e}; it is retried at the next interval");
+                // Forget what we believed committed so the next round tries again.
+                if let Ok(mut partitions) = context.partitions.lock() {
+                    for assigned in partitions.values_mut() {
+                        assigned.committed = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drains every partition, commits, and leaves the group.
+    fn close(self) {
+        let context = self.consumer.context();
+        let all: Vec<TopicPartition> = match context.partitions.lock() {
+            Ok(partitions) => partitions.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        context.release(&self.consumer, &all, true);
+        self.consumer.unsubscribe();
+        // Serve the final callbacks; dropping the consumer then closes it.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && !self.consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+            let _ = self.consumer.poll(Duration::from_millis(20));
+        }
+        log::info!("consumer stopped");
+    }
+}

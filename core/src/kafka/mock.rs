@@ -1,0 +1,76 @@
+//! The in-process librdkafka mock cluster used when `mock: true`.
+//!
+//! One cluster per process, created on first use and shared by every client, so that a producer
+//! and consumers of the same process see the same topics. Topics are created on first use.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use super::KafkaError;
+
+/// The mock cluster and the topics created on it.
+pub struct MockKafka {
+    /// librdkafka's mock brokers, listening on loopback.
+    cluster: SyncMock,
+    /// `bootstrap.servers` for clients of the mock.
+    bootstrap: String,
+    /// Topics already created (creation is idempotent but costs a round trip).
+    created: Mutex<HashSet<String>>,
+}
+
+struct SyncMock(MockCluster<'static, DefaultProducerContext>);
+
+// SAFETY: the mock cluster runs on its own librdkafka thread; the `rd_kafka_mock_*` calls we make
+// (create topic, read bootstrap servers) enqueue operations to that thread under librdkafka's own
+// locks and are documented as thread-safe. The handle itself is never moved out or freed: the
+// cluster lives in a static for the life of the process.
+unsafe impl Send for SyncMock {}
+// SAFETY: see `Send` above; shared references only call thread-safe mock operations.
+unsafe impl Sync for SyncMock {}
+
+/// Created once and kept for the process (a documented static).
+static MOCK: OnceLock<Result<MockKafka, String>> = OnceLock::new();
+
+/// The process's mock cluster, created on first use.
+pub fn shared() -> Result<&'static MockKafka, KafkaError> {
+    MOCK.get_or_init(|| {
+        let cluster = MockCluster::new(1).map_err(|e| format!("could not create: {e}"))?;
+        let bootstrap = cluster.bootstrap_servers();
+        log::debug!("started the mock Kafka cluster at {bootstrap}");
+        Ok(MockKafka {
+            cluster: SyncMock(cluster),
+            bootstrap,
+            created: Mutex::new(HashSet::new()),
+        })
+    })
+    .as_ref()
+    .map_err(|e| KafkaError::Mock(e.clone()))
+}
+
+impl MockKafka {
+    /// `bootstrap.servers` of the mock brokers.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Creates `topic` with `partitions` partitions unless it exists already.
+    pub fn ensure_topic(&self, topic: &str, partitions: u64) -> Result<(), KafkaError> {
+        let mut created = self
+            .created
+            .lock()
+            .map_err(|_| KafkaError::Mock("topic registry poisoned".into()))?;
+        if created.contains(topic) {
+            return Ok(());
+        }
+        let partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
+        self.cluster
+            .0
+            .create_topic(topic, partitions, 1)
+            .map_err(|e| KafkaError::Mock(format!("could not create topic {topic:?}: {e}")))?;
+        created.insert(topic.to_owned());
+        Ok(())
+    }
+}

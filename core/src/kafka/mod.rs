@@ -1,0 +1,42 @@
+//! Kafka: the poll thread and rebalance handling, the producer, and the in-process mock cluster.
+
+pub mod consumer;
+pub mod mock;
+pub mod producer;
+
+use thiserror::Error;
+
+/// Failures talking to Kafka, each tied to the operation that failed.
+#[derive(Debug, Error)]
+pub enum KafkaError {
+    /// The client configuration was rejected by librdkafka.
+    #[error("could not create the Kafka {what}: {source}; check bootstrap_servers and the other Kafka options")]
+    Create {
+        what: &'static str,
+        source: rdkafka::error::KafkaError,
+    },
+    /// Subscribing failed.
+    #[error("could not subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        source: rdkafka::error::KafkaError,
+    },
+    /// The mock cluster could not be created or changed.
+    #[error("mock cluster: {0}")]
+    Mock(String),
+    /// Subscribing needs a group and topics.
+    #[error("cannot subscribe: {0}")]
+    NotConsumer(&'static str),
+    /// A second subscribe on the same client.
+    #[error("already subscribed; call unsubscribe first")]
+    AlreadySubscribed,
+    /// A thread could not be started.
+    #[error("could not start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The shared runtime is unavailable.
+    #[error("{0}")]
+    Runtime(String),
+}

@@ -1,0 +1,31 @@
+//! # prosody-core
+//!
+//! The engine of the Prosody gem: Kafka consumption with per-key order and cross-key
+//! concurrency, exact offset tracking, bounded memory, and an idempotent producer. No Ruby here;
+//! the binding (`ext/prosody`) implements [`handler::Dispatcher`] to run handlers.
+//!
+//! | concept | module |
+//! | --- | --- |
+//! | options, env vars, defaults, validation | [`config`] |
+//! | client facade: send, subscribe, state | [`client`] |
+//! | poll thread, rebalance, commits | [`kafka::consumer`] |
+//! | idempotent producer | [`kafka::producer`] |
+//! | in-process mock cluster | [`kafka::mock`] |
+//! | per-partition worker, key queues, offset tracker | [`partition`] |
+//! | concurrency permits | [`scheduler`] |
+//! | what a handler receives | [`event`] |
+//! | engine ⇄ runner contract (jobs, outcomes) | [`handler`] |
+//! | cancellation signal | [`cancel`] |
+//! | shared tokio runtime | [`runtime`] |
+
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod event;
+pub mod handler;
+pub mod kafka;
+pub mod partition;
+pub mod runtime;
+pub mod scheduler;
+pub mod waker;

@@ -1,0 +1,7 @@
+//! Per-partition processing: key queues, offset tracking, and the worker task that owns them.
+
+pub mod keys;
+pub mod offsets;
+mod worker;
+
+pub(crate) use worker::{spawn_worker, PartitionShared, WorkerInput};
