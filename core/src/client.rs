@@ -112,7 +112,9 @@ impl Client {
         }
         let engine = Arc::new(Engine {
             config: self.config.clone(),
-            scheduler: Scheduler::new(usize::try_from(self.config.max_concurrency).unwrap_or(usize::MAX)),
+            scheduler: Scheduler::new(
+                usize::try_from(self.config.max_concurrency).unwrap_or(usize::MAX),
+            ),
             dispatcher,
             runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
         });

@@ -270,7 +270,10 @@ impl OptionType for Port {
     fn from_raw(raw: &RawValue) -> Option<Self> {
         match raw {
             RawValue::Nil | RawValue::Bool(false) => Some(Port(None)),
-            RawValue::Int(i) => u16::try_from(*i).ok().filter(|p| *p > 0).map(|p| Port(Some(p))),
+            RawValue::Int(i) => u16::try_from(*i)
+                .ok()
+                .filter(|p| *p > 0)
+                .map(|p| Port(Some(p))),
             RawValue::Str(s) => Self::from_env(s),
             _ => None,
         }
@@ -278,7 +281,11 @@ impl OptionType for Port {
     fn from_env(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "none" | "false" | "off" => Some(Port(None)),
-            other => other.parse::<u16>().ok().filter(|p| *p > 0).map(|p| Port(Some(p))),
+            other => other
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .map(|p| Port(Some(p))),
         }
     }
     fn nil_is_value() -> bool {
@@ -767,7 +774,10 @@ mod tests {
     #[test]
     fn errors_name_the_option_or_variable() {
         let e = resolve(&[mock(), ("max_concurency", RawValue::Int(1))], &[]).unwrap_err();
-        assert!(e.to_string().contains("unknown option :max_concurency"), "{e}");
+        assert!(
+            e.to_string().contains("unknown option :max_concurency"),
+            "{e}"
+        );
         assert!(e.to_string().contains("max_concurrency"), "{e}");
         let e = resolve(&[mock(), ("max_concurrency", RawValue::Int(0))], &[]).unwrap_err();
         assert_eq!(
@@ -775,7 +785,10 @@ mod tests {
             "invalid :max_concurrency, expected an Integer >= 1, got 0"
         );
         let e = resolve(&[mock()], &[("PROSODY_COMMIT_INTERVAL", "soon")]).unwrap_err();
-        assert!(e.to_string().starts_with("invalid PROSODY_COMMIT_INTERVAL"), "{e}");
+        assert!(
+            e.to_string().starts_with("invalid PROSODY_COMMIT_INTERVAL"),
+            "{e}"
+        );
         let e = resolve(&[mock(), ("mode", RawValue::Str("fast".into()))], &[]).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -17,6 +17,7 @@
 //! | engine ⇄ runner contract (jobs, outcomes) | [`handler`] |
 //! | cancellation signal | [`cancel`] |
 //! | shared tokio runtime | [`runtime`] |
+//! | raw producer for tests and benchmarks | [`testing`] |
 
 pub mod cancel;
 pub mod client;
@@ -28,4 +29,5 @@ pub mod kafka;
 pub mod partition;
 pub mod runtime;
 pub mod scheduler;
+pub mod testing;
 pub mod waker;

@@ -74,7 +74,10 @@ fn config(topic: &str, group: &str, max_concurrency: i64) -> Config {
     Config::resolve(vec![
         ("mock".into(), RawValue::Bool(true)),
         ("group_id".into(), RawValue::Str(group.into())),
-        ("source_system".into(), RawValue::Str("test-producer".into())),
+        (
+            "source_system".into(),
+            RawValue::Str("test-producer".into()),
+        ),
         ("subscribed_topics".into(), RawValue::Str(topic.into())),
         ("max_concurrency".into(), RawValue::Int(max_concurrency)),
         ("commit_interval".into(), RawValue::Float(0.05)),
@@ -112,7 +115,8 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     client.subscribe(Arc::new(Dispatch(rec.clone()))).unwrap();
     let total = keys * per_key;
     assert!(
-        wait_until(Duration::from_secs(30), || rec.seen.lock().unwrap().len() >= total as usize),
+        wait_until(Duration::from_secs(30), || rec.seen.lock().unwrap().len()
+            >= total as usize),
         "handled {} of {total}",
         rec.seen.lock().unwrap().len()
     );
@@ -120,17 +124,32 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     client.unsubscribe();
 
     let seen = rec.seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), total as usize, "each message exactly once in one run");
+    assert_eq!(
+        seen.len(),
+        total as usize,
+        "each message exactly once in one run"
+    );
     let mut by_key: HashMap<Option<String>, Vec<u64>> = HashMap::new();
     for (key, _, seq) in &seen {
         by_key.entry(key.clone()).or_default().push(*seq);
     }
     for (key, seqs) in by_key {
-        assert_eq!(seqs, (0..per_key as u64).collect::<Vec<_>>(), "order of key {key:?}");
+        assert_eq!(
+            seqs,
+            (0..per_key as u64).collect::<Vec<_>>(),
+            "order of key {key:?}"
+        );
     }
-    assert_eq!(rec.overlap.load(Ordering::SeqCst), 0, "two events of one key overlapped");
+    assert_eq!(
+        rec.overlap.load(Ordering::SeqCst),
+        0,
+        "two events of one key overlapped"
+    );
     let peak = rec.peak.load(Ordering::SeqCst);
-    assert!(peak > 1 && peak <= 8, "peak concurrency {peak} should be in 2..=8");
+    assert!(
+        peak > 1 && peak <= 8,
+        "peak concurrency {peak} should be in 2..=8"
+    );
 
     // A new subscription of the same group resumes after the committed offsets.
     for k in 0..keys {
@@ -140,11 +159,20 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     }
     let rec2 = Recorder::new();
     client.subscribe(Arc::new(Dispatch(rec2.clone()))).unwrap();
-    assert!(wait_until(Duration::from_secs(30), || rec2.seen.lock().unwrap().len() >= keys as usize));
+    assert!(wait_until(Duration::from_secs(30), || rec2
+        .seen
+        .lock()
+        .unwrap()
+        .len()
+        >= keys as usize));
     // Give a moment for anything unexpected (re-deliveries) to show up.
     std::thread::sleep(Duration::from_millis(300));
     client.unsubscribe();
     let seen2 = rec2.seen.lock().unwrap().clone();
-    assert_eq!(seen2.len(), keys as usize, "only the new messages: {seen2:?}");
+    assert_eq!(
+        seen2.len(),
+        keys as usize,
+        "only the new messages: {seen2:?}"
+    );
     assert!(seen2.iter().all(|(_, _, seq)| *seq == per_key as u64));
 }

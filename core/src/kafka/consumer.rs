@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance,
+    base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
+    Rebalance,
 };
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
@@ -85,7 +86,11 @@ impl Subscription {
         consumer.set_nonempty_callback(move || wake.wake());
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-        let topics: Vec<&str> = config.subscribed_topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = config
+            .subscribed_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
         consumer
             .subscribe(&topics)
             .map_err(|source| KafkaError::Subscribe {
@@ -208,7 +213,8 @@ impl ConsumerContext for PollContext {
                     };
                     let wake = self.waker.clone();
                     queue.set_nonempty_callback(move || wake.wake());
-                    let max = usize::try_from(self.engine.config.max_uncommitted).unwrap_or(usize::MAX);
+                    let max =
+                        usize::try_from(self.engine.config.max_uncommitted).unwrap_or(usize::MAX);
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
                     let worker =
                         spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());
@@ -276,7 +282,9 @@ impl PollContext {
             let position = self
                 .engine
                 .runtime
-                .block_on(async { tokio::time::timeout(timeout + Duration::from_secs(1), rx).await })
+                .block_on(async {
+                    tokio::time::timeout(timeout + Duration::from_secs(1), rx).await
+                })
                 .ok()
                 .and_then(Result::ok)
                 .flatten();
@@ -289,7 +297,9 @@ impl PollContext {
         }
         if commit && tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                log::warn!("final commit on revoke failed: {e}; the uncommitted tail will be re-delivered");
+                log::warn!(
+                    "final commit on revoke failed: {e}; the uncommitted tail will be re-delivered"
+                );
             }
         }
     }
@@ -425,7 +435,13 @@ impl PollLoop {
         self.consumer.unsubscribe();
         // Serve the final callbacks; dropping the consumer then closes it.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline && !self.consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+        while Instant::now() < deadline
+            && !self
+                .consumer
+                .assignment()
+                .map(|a| a.count() == 0)
+                .unwrap_or(true)
+        {
             let _ = self.consumer.poll(Duration::from_millis(20));
         }
         log::info!("consumer stopped");

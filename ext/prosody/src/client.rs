@@ -1,0 +1,158 @@
+//! `Prosody::Native::Client`: the engine's client. `lib/prosody/client.rb` wraps it with the
+//! public `Prosody::Client` API (argument checks, JSON encoding, the Ruby processor).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use magnus::{function, method, prelude::*, Error, RHash, RModule, RString, Ruby, Symbol, Value};
+use prosody_core::client::{Client as CoreClient, ConsumerState};
+use prosody_core::config::Config;
+
+use crate::bridge::Bridge;
+use crate::ruby::{convert, errors, gvl::without_gvl};
+
+#[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
+pub struct Client(Arc<CoreClient>);
+
+impl Client {
+    /// Resolves options (a Hash with String keys) against env vars and defaults.
+    fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
+        let mut explicit = Vec::with_capacity(options.len());
+        options.foreach(|k: Value, v: Value| {
+            let key = convert::string_like(ruby, "option name", k)?;
+            let value = convert::raw_value(ruby, &key, v)?;
+            explicit.push((key, value));
+            Ok(magnus::r_hash::ForEach::Continue)
+        })?;
+        let config = Config::resolve(explicit).map_err(|e| errors::config(ruby, e))?;
+        crate::logging::ensure_installed();
+        let client = without_gvl(ruby, move |_| CoreClient::new(config))?
+            .map_err(|e| errors::kafka(ruby, e))?;
+        Ok(Self(Arc::new(client)))
+    }
+
+    /// Sends JSON bytes and blocks (GVL released) until acknowledged or `send_timeout`.
+    fn send_message(
+        ruby: &Ruby,
+        rb_self: &Self,
+        topic: RString,
+        key: RString,
+        payload: RString,
+        headers: Option<RHash>,
+    ) -> Result<Value, Error> {
+        let topic = topic.to_string()?;
+        let key = key.to_string()?;
+        // SAFETY: the bytes are copied before any other Ruby code can run.
+        let payload = unsafe { payload.as_slice() }.to_vec();
+        let headers = convert::headers(ruby, headers)?;
+        let client = rb_self.0.clone();
+        let runtime =
+            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, "ClientError", e))?;
+        let result = without_gvl(ruby, move |interrupted| {
+            runtime.block_on(async {
+                let send = client.send(&topic, &key, &payload, &headers);
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        result = &mut send => return Some(result),
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                            if interrupted.load(Ordering::Acquire) {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            })
+        })?;
+        match result {
+            Some(Ok(delivery)) => {
+                let hash = ruby.hash_new();
+                hash.aset(ruby.to_symbol("partition"), delivery.partition)?;
+                hash.aset(ruby.to_symbol("offset"), delivery.offset)?;
+                Ok(hash.as_value())
+            }
+            Some(Err(e)) => Err(errors::send(ruby, e)),
+            None => {
+                ruby.thread_check_ints()?;
+                Err(errors::prosody(
+                    ruby,
+                    "SendError",
+                    "send_message was interrupted",
+                ))
+            }
+        }
+    }
+
+    /// Starts consuming; jobs go to `bridge`.
+    fn subscribe(ruby: &Ruby, rb_self: &Self, bridge: &Bridge) -> Result<(), Error> {
+        let client = rb_self.0.clone();
+        let dispatcher = bridge.dispatcher();
+        without_gvl(ruby, move |_| client.subscribe(dispatcher))?
+            .map_err(|e| errors::kafka(ruby, e))
+    }
+
+    /// Drains, commits and stops consuming. Blocks up to about `shutdown_timeout` with the GVL
+    /// released (handlers keep running on the processor thread meanwhile); not interruptible, so
+    /// that the final commit is not lost.
+    fn unsubscribe(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        let client = rb_self.0.clone();
+        without_gvl(ruby, move |_| client.unsubscribe())
+    }
+
+    fn consumer_state(ruby: &Ruby, rb_self: &Self) -> Symbol {
+        ruby.to_symbol(match rb_self.0.consumer_state() {
+            ConsumerState::Unconfigured => "unconfigured",
+            ConsumerState::Configured => "configured",
+            ConsumerState::Running => "running",
+        })
+    }
+
+    fn source_system(&self) -> String {
+        self.0.config().effective_source_system().to_owned()
+    }
+
+    fn group_id(&self) -> Option<String> {
+        self.0.config().group_id.clone()
+    }
+
+    fn assigned_partitions(&self) -> usize {
+        self.0.assigned_partitions()
+    }
+
+    fn max_concurrency(&self) -> u64 {
+        self.0.config().max_concurrency
+    }
+
+    fn shutdown_timeout(&self) -> f64 {
+        self.0.config().shutdown_timeout.as_secs_f64()
+    }
+
+    fn bootstrap_servers(&self) -> String {
+        self.0.bootstrap_servers().to_owned()
+    }
+
+    fn mock(&self) -> bool {
+        self.0.config().mock
+    }
+}
+
+pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    let class = native.define_class("Client", ruby.class_object())?;
+    class.define_singleton_method("new", function!(Client::new, 1))?;
+    class.define_method("send_message", method!(Client::send_message, 4))?;
+    class.define_method("subscribe", method!(Client::subscribe, 1))?;
+    class.define_method("unsubscribe", method!(Client::unsubscribe, 0))?;
+    class.define_method("consumer_state", method!(Client::consumer_state, 0))?;
+    class.define_method("source_system", method!(Client::source_system, 0))?;
+    class.define_method("group_id", method!(Client::group_id, 0))?;
+    class.define_method(
+        "assigned_partitions",
+        method!(Client::assigned_partitions, 0),
+    )?;
+    class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
+    class.define_method("shutdown_timeout", method!(Client::shutdown_timeout, 0))?;
+    class.define_method("bootstrap_servers", method!(Client::bootstrap_servers, 0))?;
+    class.define_method("mock?", method!(Client::mock, 0))?;
+    Ok(())
+}

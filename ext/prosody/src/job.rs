@@ -1,0 +1,88 @@
+//! `Prosody::Native::Job`: one handler call as the Ruby processor sees it.
+
+use std::sync::Mutex;
+
+use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
+use prosody_core::cancel::CancelToken;
+use prosody_core::event::Event;
+use prosody_core::handler::{Completion, Job, Outcome};
+
+use crate::context::Context;
+use crate::message::Message;
+
+#[magnus::wrap(class = "Prosody::Native::Job", free_immediately, size)]
+pub struct JobObj {
+    /// Id used by cancellation requests.
+    id: u64,
+    /// The event, moved into a Ruby object on first access.
+    event: Mutex<Option<Event>>,
+    /// The job's cancellation signal.
+    cancel: CancelToken,
+    /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
+    completion: Mutex<Option<Completion>>,
+}
+
+impl JobObj {
+    pub fn new(id: u64, job: Job) -> Self {
+        let (event, cancel, completion) = job.into_parts();
+        Self {
+            id,
+            event: Mutex::new(Some(event)),
+            cancel,
+            completion: Mutex::new(Some(completion)),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The event as a `Prosody::Message`; nil after the first call.
+    fn message(ruby: &Ruby, rb_self: &Self) -> Value {
+        let event = rb_self.event.lock().ok().and_then(|mut e| e.take());
+        match event {
+            Some(Event::Message(m)) => ruby.into_value(Message::new(m)),
+            None => ruby.qnil().as_value(),
+        }
+    }
+
+    fn context(&self) -> Context {
+        Context::new(self.cancel.clone())
+    }
+
+    fn finish(&self, outcome: Outcome) -> bool {
+        let completion = self.completion.lock().ok().and_then(|mut c| c.take());
+        match completion {
+            Some(c) => {
+                c.complete(outcome);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The handler returned. False if the job was already finished.
+    fn succeed(&self) -> bool {
+        self.finish(Outcome::Success)
+    }
+
+    /// The handler raised `error_class: message`.
+    fn fail(&self, error_class: String, message: String, permanent: bool) -> bool {
+        self.finish(Outcome::Failure {
+            error_class,
+            message,
+            permanent,
+        })
+    }
+}
+
+pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    let class = native.define_class("Job", ruby.class_object())?;
+    class.undef_default_alloc_func();
+    class.define_method("id", method!(JobObj::id, 0))?;
+    class.define_method("message", method!(JobObj::message, 0))?;
+    class.define_method("context", method!(JobObj::context, 0))?;
+    class.define_method("succeed", method!(JobObj::succeed, 0))?;
+    class.define_method("fail", method!(JobObj::fail, 3))?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Conversions between Ruby values and engine data.
+
+use magnus::{
+    value::ReprValue, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value,
+};
+use prosody_core::config::RawValue;
+use serde_json::Value as Json;
+
+/// An option value as the configuration table reads it. `name` words the error.
+pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Error> {
+    if value.is_nil() {
+        return Ok(RawValue::Nil);
+    }
+    if value.is_kind_of(ruby.class_true_class()) {
+        return Ok(RawValue::Bool(true));
+    }
+    if value.is_kind_of(ruby.class_false_class()) {
+        return Ok(RawValue::Bool(false));
+    }
+    if let Some(i) = Integer::from_value(value) {
+        return Ok(i
+            .to_i64()
+            .map(RawValue::Int)
+            .unwrap_or_else(|_| RawValue::Str(i.to_string())));
+    }
+    if let Some(f) = Float::from_value(value) {
+        return Ok(RawValue::Float(f.to_f64()));
+    }
+    if let Some(s) = RString::from_value(value) {
+        return Ok(RawValue::Str(s.to_string()?));
+    }
+    if let Some(s) = Symbol::from_value(value) {
+        return Ok(RawValue::Str(s.name()?.into_owned()));
+    }
+    if let Some(a) = RArray::from_value(value) {
+        return a
+            .into_iter()
+            .map(|v| raw_value(ruby, name, v))
+            .collect::<Result<_, _>>()
+            .map(RawValue::List);
+    }
+    if value.is_kind_of(ruby.class_numeric()) {
+        let f: f64 = value.funcall("to_f", ())?;
+        return Ok(RawValue::Float(f));
+    }
+    Err(Error::new(
+        ruby.exception_arg_error(),
+        format!(
+            "invalid :{name}, got an instance of {}: {}",
+            unsafe { value.classname() },
+            value.inspect()
+        ),
+    ))
+}
+
+/// A decoded JSON value as Ruby objects (Hash keys are Strings).
+pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Value {
+    match json {
+        Json::Null => ruby.qnil().as_value(),
+        Json::Bool(b) => {
+            if *b {
+                ruby.qtrue().as_value()
+            } else {
+                ruby.qfalse().as_value()
+            }
+        }
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ruby.integer_from_i64(i).as_value()
+            } else if let Some(u) = n.as_u64() {
+                ruby.integer_from_u64(u).as_value()
+            } else {
+                ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN))
+                    .as_value()
+            }
+        }
+        Json::String(s) => ruby.str_new(s).as_value(),
+        Json::Array(items) => {
+            let array = ruby.ary_new_capa(items.len());
+            for item in items {
+                let _ = array.push(json_to_ruby(ruby, item));
+            }
+            array.as_value()
+        }
+        Json::Object(map) => {
+            let hash = ruby.hash_new();
+            for (k, v) in map {
+                let _ = hash.aset(ruby.str_new(k), json_to_ruby(ruby, v));
+            }
+            hash.as_value()
+        }
+    }
+}
+
+/// A Hash of String (or Symbol) keys and values as header pairs.
+pub fn headers(ruby: &Ruby, hash: Option<RHash>) -> Result<Vec<(String, String)>, Error> {
+    let Some(hash) = hash else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(hash.len());
+    hash.foreach(|k: Value, v: Value| {
+        let key = string_like(ruby, "header name", k)?;
+        let value = string_like(ruby, &format!("value of header {key:?}"), v)?;
+        out.push((key, value));
+        Ok(magnus::r_hash::ForEach::Continue)
+    })?;
+    Ok(out)
+}
+
+/// A String or Symbol as a Rust string; anything else is an `ArgumentError` naming `what`.
+pub fn string_like(ruby: &Ruby, what: &str, value: Value) -> Result<String, Error> {
+    if let Some(s) = RString::from_value(value) {
+        return s.to_string();
+    }
+    if let Some(s) = Symbol::from_value(value) {
+        return Ok(s.name()?.into_owned());
+    }
+    Err(Error::new(
+        ruby.exception_arg_error(),
+        format!("{what} must be a String, got {}", value.inspect()),
+    ))
+}

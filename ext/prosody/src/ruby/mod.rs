@@ -1,0 +1,6 @@
+//! The only place that knows about the GVL, Ruby threads, exceptions and wake-up pipes.
+
+pub mod convert;
+pub mod errors;
+pub mod gvl;
+pub mod pipe;

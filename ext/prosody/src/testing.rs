@@ -1,0 +1,80 @@
+//! `Prosody::Native::RawProducer` and mock helpers, for the gem's specs and benchmarks.
+
+use std::time::Duration;
+
+use magnus::{function, method, prelude::*, Error, RHash, RModule, RString, Ruby};
+use prosody_core::kafka::mock;
+use prosody_core::testing::RawProducer as CoreRawProducer;
+
+use crate::ruby::{convert, errors, gvl::without_gvl};
+
+#[magnus::wrap(class = "Prosody::Native::RawProducer", free_immediately, size)]
+struct RawProducer(CoreRawProducer);
+
+impl RawProducer {
+    fn new(ruby: &Ruby, bootstrap: String) -> Result<Self, Error> {
+        CoreRawProducer::new(&bootstrap)
+            .map(Self)
+            .map_err(|e| errors::kafka(ruby, e))
+    }
+
+    /// `produce(topic, partition_or_nil, key_or_nil, payload_bytes_or_nil, headers_hash)`.
+    fn produce(
+        ruby: &Ruby,
+        rb_self: &Self,
+        topic: String,
+        partition: Option<i32>,
+        key: Option<RString>,
+        payload: Option<RString>,
+        headers: Option<RHash>,
+    ) -> Result<(), Error> {
+        let headers = convert::headers(ruby, headers)?;
+        // SAFETY: the slices are used before any other Ruby code runs (no GVL release here).
+        let key = key.map(|k| unsafe { k.as_slice() }.to_vec());
+        let payload = payload.map(|p| unsafe { p.as_slice() }.to_vec());
+        rb_self
+            .0
+            .produce(
+                &topic,
+                partition,
+                key.as_deref(),
+                payload.as_deref(),
+                &headers,
+            )
+            .map_err(|e| errors::prosody(ruby, "SendError", e))
+    }
+
+    fn flush(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<(), Error> {
+        let producer = &rb_self.0;
+        let timeout = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(30));
+        without_gvl(ruby, |_| producer.flush(timeout))?
+            .map_err(|e| errors::prosody(ruby, "SendError", e))
+    }
+}
+
+/// Bootstrap servers of the process's mock cluster (started if needed).
+fn mock_bootstrap_servers(ruby: &Ruby) -> Result<String, Error> {
+    mock::shared()
+        .map(|m| m.bootstrap_servers().to_owned())
+        .map_err(|e| errors::kafka(ruby, e))
+}
+
+/// Creates a mock topic with `partitions` partitions (no-op if it exists).
+fn mock_create_topic(ruby: &Ruby, topic: String, partitions: u64) -> Result<(), Error> {
+    mock::shared()
+        .and_then(|m| m.ensure_topic(&topic, partitions))
+        .map_err(|e| errors::kafka(ruby, e))
+}
+
+pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    let class = native.define_class("RawProducer", ruby.class_object())?;
+    class.define_singleton_method("new", function!(RawProducer::new, 1))?;
+    class.define_method("produce", method!(RawProducer::produce, 5))?;
+    class.define_method("flush", method!(RawProducer::flush, 1))?;
+    native.define_module_function(
+        "mock_bootstrap_servers",
+        function!(mock_bootstrap_servers, 0),
+    )?;
+    native.define_module_function("mock_create_topic", function!(mock_create_topic, 2))?;
+    Ok(())
+}

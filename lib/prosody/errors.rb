@@ -1,0 +1,18 @@
+# frozen_string_literal: true
+
+module Prosody
+  # Base class of every error Prosody raises (configuration errors are ArgumentError).
+  class Error < StandardError; end
+
+  # Raised when a record could not be delivered: broker unreachable, `send_timeout` elapsed,
+  # or the broker refused it.
+  class SendError < Error; end
+
+  # Raised when subscribing fails: no `group_id` or `subscribed_topics`, already subscribed,
+  # or the consumer could not be created.
+  class SubscriptionError < Error; end
+
+  # Raised when the client itself cannot be created or used (librdkafka rejected the settings,
+  # the engine could not start).
+  class ClientError < Error; end
+end
