@@ -1,0 +1,110 @@
+# frozen_string_literal: true
+
+RSpec.describe Prosody::Client do
+  describe "options" do
+    it "rejects unknown options and names the valid ones" do
+      expect { described_class.new(mock: true, max_concurency: 3) }
+        .to raise_error(ArgumentError, /unknown option :max_concurency; valid options are: .*max_concurrency/)
+    end
+
+    it "rejects bad values naming the option, the accepted values and the value given" do
+      expect { described_class.new(mock: true, max_concurrency: 0) }
+        .to raise_error(ArgumentError, "invalid :max_concurrency, expected an Integer >= 1, got 0")
+      expect { described_class.new(mock: true, commit_interval: "soon") }
+        .to raise_error(ArgumentError, /invalid :commit_interval, expected a duration/)
+      expect { described_class.new(mock: true, mode: :fast) }
+        .to raise_error(ArgumentError,
+                        'invalid :mode, expected one of :pipeline, :low_latency, :best_effort, got "fast"')
+      expect { described_class.new(mock: true, subscribed_topics: 42) }
+        .to raise_error(ArgumentError, /invalid :subscribed_topics, expected an Array of Strings/)
+      expect { described_class.new(mock: true, group_id: Object.new) }
+        .to raise_error(ArgumentError, /invalid :group_id, got an instance of Object/)
+    end
+
+    it "requires bootstrap_servers unless mock" do
+      expect { described_class.new(group_id: "g") }
+        .to raise_error(ArgumentError, /missing :bootstrap_servers.*PROSODY_BOOTSTRAP_SERVERS/)
+    end
+
+    it "accepts a Hash as well as keywords, and lists as Arrays or comma-separated Strings" do
+      client = described_class.new({ "mock" => true, :group_id => "g" }, subscribed_topics: %w[a b])
+      expect(client.consumer_state).to eq(:configured)
+      expect(described_class.new(mock: true, group_id: "g", subscribed_topics: "a,b").consumer_state)
+        .to eq(:configured)
+    end
+
+    it "falls back to PROSODY_* variables, which explicit options override" do
+      ENV["PROSODY_GROUP_ID"] = "from-env"
+      ENV["PROSODY_MAX_UNCOMMITTED"] = "abc"
+      expect { described_class.new(mock: true) }
+        .to raise_error(ArgumentError, 'invalid PROSODY_MAX_UNCOMMITTED, expected an Integer >= 0, got "abc"')
+      ENV["PROSODY_MAX_UNCOMMITTED"] = "10"
+      expect(described_class.new(mock: true).source_system).to eq("from-env")
+      expect(described_class.new(mock: true, group_id: "explicit").source_system).to eq("explicit")
+      ENV["PROSODY_SHUTDOWN_TIMEOUT"] = "100ms"
+      expect(described_class.new(mock: true)).to be_a(described_class)
+    ensure
+      %w[PROSODY_GROUP_ID PROSODY_MAX_UNCOMMITTED PROSODY_SHUTDOWN_TIMEOUT].each { |k| ENV.delete(k) }
+    end
+
+    it "warns about options that are accepted but not implemented yet" do
+      described_class.new(mock: true, probe_port: false)
+      expect(wait_for { log_output[/probe_port is accepted but not implemented yet/] }).to be_truthy
+    end
+
+    it "reports source_system (defaulting to group_id) and the consumer state" do
+      expect(described_class.new(mock: true).consumer_state).to eq(:unconfigured)
+      client = described_class.new(mock: true, group_id: "my-group", subscribed_topics: "t")
+      expect(client.source_system).to eq("my-group")
+      expect(client.consumer_state).to eq(:configured)
+      expect(client.assigned_partitions).to eq(0)
+    end
+  end
+
+  describe "#send_message" do
+    it "rejects a bad topic, key, payload or headers with ArgumentError" do
+      client = described_class.new(mock: true)
+      expect { client.send_message("", "k", {}) }.to raise_error(ArgumentError, /topic must be a non-empty String/)
+      expect { client.send_message("t", nil, {}) }.to raise_error(ArgumentError, /key must be a String, got nil/)
+      expect { client.send_message("t", "k", Float::NAN) }
+        .to raise_error(ArgumentError, /payload cannot be encoded as JSON/)
+      expect { client.send_message("t", "k", {}, headers: [1]) }
+        .to raise_error(ArgumentError, /headers must be a Hash/)
+      expect { client.send_message("t", "k", {}, headers: { "a" => 1 }) }
+        .to raise_error(ArgumentError, /value of header "a" must be a String/)
+    end
+
+    it "raises Prosody::SendError after send_timeout when no broker answers" do
+      client = described_class.new(bootstrap_servers: "127.0.0.1:1", send_timeout: 0.3)
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      expect { client.send_message("nowhere", "k", { "a" => 1 }) }
+        .to raise_error(Prosody::SendError, /could not send to topic "nowhere".*send_timeout/)
+      elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+      expect(elapsed).to be < 5
+    end
+
+    it "releases the GVL while it waits" do
+      client = described_class.new(bootstrap_servers: "127.0.0.1:1", send_timeout: 0.5)
+      ticks = 0
+      ticker = Thread.new { loop { ticks += 1; sleep 0.01 } }
+      expect { client.send_message("nowhere", "k", 1) }.to raise_error(Prosody::SendError)
+      ticker.kill
+      expect(ticks).to be > 10
+    end
+  end
+
+  describe "#subscribe" do
+    it "refuses a client without group or topics, a handler without on_message, and a second subscribe" do
+      expect { described_class.new(mock: true).subscribe(SpecHelpers::RecordingHandler.new) }
+        .to raise_error(Prosody::SubscriptionError, /group_id is not set/)
+      client = mock_client(unique("topic"))
+      expect { client.subscribe(Object.new) }.to raise_error(ArgumentError, /must respond to on_message/)
+      client.subscribe(SpecHelpers::RecordingHandler.new)
+      expect(client.consumer_state).to eq(:running)
+      expect { client.subscribe(SpecHelpers::RecordingHandler.new) }
+        .to raise_error(Prosody::SubscriptionError, /already subscribed/)
+    ensure
+      client&.unsubscribe
+    end
+  end
+end

@@ -1,0 +1,21 @@
+# frozen_string_literal: true
+
+$LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
+require "prosody"
+require "securerandom"
+require "stringio"
+
+Dir[File.join(__dir__, "support", "*.rb")].sort.each { |f| require f }
+
+RSpec.configure do |config|
+  config.include SpecHelpers
+  config.disable_monkey_patching!
+  config.order = :random
+  Kernel.srand config.seed
+
+  # Engine and handler logs go to a buffer that specs can inspect; printed for failures.
+  config.before do
+    @log_io = StringIO.new
+    Prosody.logger = Logger.new(@log_io, level: Logger::INFO)
+  end
+end

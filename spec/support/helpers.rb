@@ -1,0 +1,66 @@
+# frozen_string_literal: true
+
+# Helpers shared by the specs: unique names, waiting on a condition with a deadline, a handler
+# that records what it saw.
+module SpecHelpers
+  def unique(prefix)
+    "#{prefix}-#{SecureRandom.hex(6)}"
+  end
+
+  # Waits until the block is truthy, failing after +timeout+ seconds (no fixed sleeps).
+  def wait_for(timeout: 20, message: "condition")
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+    loop do
+      value = yield
+      return value if value
+      if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+        raise "timed out after #{timeout}s waiting for #{message}"
+      end
+
+      sleep 0.01
+    end
+  end
+
+  def log_output
+    Prosody.flush_logs
+    @log_io.string
+  end
+
+  def mock_client(topic, group: unique("group"), **options)
+    Prosody::Client.new(mock: true, group_id: group, source_system: "spec-producer",
+                        subscribed_topics: topic, commit_interval: 0.05, **options)
+  end
+
+  def raw_producer
+    Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
+  end
+
+  def prosody_threads
+    Thread.list.select { |t| t.name&.start_with?("prosody-processor") }
+  end
+
+  # Records every call; optional block runs inside the handler.
+  class RecordingHandler < Prosody::EventHandler
+    attr_reader :calls
+
+    def initialize(&block)
+      super()
+      @calls = []
+      @lock = Mutex.new
+      @block = block
+    end
+
+    def on_message(context, message)
+      @block&.call(context, message)
+      @lock.synchronize { @calls << message }
+    end
+
+    def count
+      @lock.synchronize { @calls.size }
+    end
+
+    def payloads
+      @lock.synchronize { @calls.map(&:payload) }
+    end
+  end
+end
