@@ -3,7 +3,8 @@
 require "json"
 require "logger"
 require "async"
-require "async/queue"
+require "async/notification"
+require "nio"
 
 require_relative "prosody/version"
 require_relative "prosody/errors"

@@ -4,7 +4,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::handler::Dispatcher;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Producer, SendError};
@@ -98,8 +97,9 @@ impl Client {
         self.producer.send(topic, key, payload, headers).await
     }
 
-    /// Subscribes the configured topics, running events through `dispatcher`.
-    pub fn subscribe(&self, dispatcher: Arc<dyn Dispatcher>) -> Result<(), KafkaError> {
+    /// Subscribes the configured topics. Ready events go to `scheduler`, from which the caller's
+    /// runners pull them; the caller closes it after `unsubscribe`.
+    pub fn subscribe(&self, scheduler: Arc<Scheduler>) -> Result<(), KafkaError> {
         let mut slot = self
             .subscription
             .lock()
@@ -112,10 +112,7 @@ impl Client {
         }
         let engine = Arc::new(Engine {
             config: self.config.clone(),
-            scheduler: Scheduler::new(
-                usize::try_from(self.config.max_concurrency).unwrap_or(usize::MAX),
-            ),
-            dispatcher,
+            scheduler,
             runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);

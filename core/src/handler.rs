@@ -1,8 +1,9 @@
 //! The contract between the engine and whatever runs handler code (the Ruby binding).
 //!
-//! The engine hands a [`Job`] to a [`Dispatcher`] and awaits the job's reply on a one-shot
-//! channel. Sending the reply needs no lock and no runtime, so the runner (a Ruby thread) can
-//! complete a job without touching the engine's threads.
+//! The engine submits a [`Job`] to the subscription's [`Scheduler`](crate::scheduler::Scheduler),
+//! a runner takes it from there, and the engine awaits the job's reply on a one-shot channel.
+//! Sending the reply needs no lock and no runtime, so the runner (a Ruby thread) can complete a
+//! job without touching the engine's threads.
 
 use tokio::sync::oneshot;
 
@@ -34,17 +35,25 @@ pub struct Job {
     pub event: Event,
     /// Cancelled on timeout, revoke or shutdown.
     pub cancel: CancelToken,
+    /// Cancelled when the job's partition is released before the job started; the scheduler
+    /// then drops it instead of running it.
+    pub abort: CancelToken,
     reply: oneshot::Sender<Outcome>,
 }
 
 impl Job {
     /// A job and the receiver its outcome arrives on.
-    pub fn new(event: Event, cancel: CancelToken) -> (Self, oneshot::Receiver<Outcome>) {
+    pub fn new(
+        event: Event,
+        cancel: CancelToken,
+        abort: CancelToken,
+    ) -> (Self, oneshot::Receiver<Outcome>) {
         let (reply, rx) = oneshot::channel();
         (
             Self {
                 event,
                 cancel,
+                abort,
                 reply,
             },
             rx,
@@ -67,10 +76,4 @@ impl Completion {
     pub fn complete(self, outcome: Outcome) {
         let _ = self.0.send(outcome);
     }
-}
-
-/// Runs jobs somewhere (the Ruby binding implements this with a Ruby processor thread).
-pub trait Dispatcher: Send + Sync + 'static {
-    /// Takes a job; must eventually complete it or drop it. Must not block.
-    fn dispatch(&self, job: Job);
 }

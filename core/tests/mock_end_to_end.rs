@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use prosody_core::client::Client;
 use prosody_core::config::{Config, RawValue};
 use prosody_core::event::Event;
-use prosody_core::handler::{Dispatcher, Job, Outcome};
+use prosody_core::handler::{Job, Outcome};
+use prosody_core::scheduler::{Scheduler, Take};
 
-/// Completes each job after a short async delay on the runtime, recording what it saw.
+/// What the runners saw.
 struct Recorder {
     seen: Mutex<Vec<(Option<String>, i64, u64)>>,
     running: Mutex<HashMap<Option<String>, usize>>,
@@ -33,33 +34,52 @@ impl Recorder {
     }
 }
 
-struct Dispatch(Arc<Recorder>);
-
-impl Dispatcher for Dispatch {
-    fn dispatch(&self, job: Job) {
-        let rec = self.0.clone();
-        tokio::runtime::Handle::current().spawn(async move {
-            let (event, _cancel, done) = job.into_parts();
-            let Event::Message(m) = event;
-            let key = m.key.as_deref().map(str::to_owned);
-            {
-                let mut running = rec.running.lock().unwrap();
-                let n = running.entry(key.clone()).or_default();
-                *n += 1;
-                if *n > 1 {
-                    rec.overlap.fetch_add(1, Ordering::SeqCst);
+/// Starts `n` runners that pull jobs from `scheduler`, as the Ruby processor's workers do.
+fn runners(n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
+    let scheduler = Arc::new(Scheduler::new());
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let wake = notify.clone();
+    scheduler.set_notify(move || wake.notify_waiters());
+    let rt = prosody_core::runtime::handle().unwrap();
+    for _ in 0..n {
+        let (scheduler, notify, rec) = (scheduler.clone(), notify.clone(), rec.clone());
+        rt.spawn(async move {
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match scheduler.take() {
+                    Take::Job(job) => handle(job, &rec).await,
+                    Take::Empty => notified.await,
+                    Take::Closed => return,
                 }
             }
-            let now = rec.active.fetch_add(1, Ordering::SeqCst) + 1;
-            rec.peak.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            rec.active.fetch_sub(1, Ordering::SeqCst);
-            *rec.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
-            let seq = m.payload["seq"].as_u64().unwrap();
-            rec.seen.lock().unwrap().push((key, m.offset, seq));
-            done.complete(Outcome::Success);
         });
     }
+    scheduler
+}
+
+/// Records what the job saw, after a short async delay.
+async fn handle(job: Job, rec: &Recorder) {
+    let (event, _cancel, done) = job.into_parts();
+    let Event::Message(m) = event;
+    let key = m.key.as_deref().map(str::to_owned);
+    {
+        let mut running = rec.running.lock().unwrap();
+        let n = running.entry(key.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            rec.overlap.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let now = rec.active.fetch_add(1, Ordering::SeqCst) + 1;
+    rec.peak.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    rec.active.fetch_sub(1, Ordering::SeqCst);
+    *rec.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+    let seq = m.payload["seq"].as_u64().unwrap();
+    rec.seen.lock().unwrap().push((key, m.offset, seq));
+    done.complete(Outcome::Success);
 }
 
 fn unique(prefix: &str) -> String {
@@ -112,7 +132,8 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         }
     }
     let rec = Recorder::new();
-    client.subscribe(Arc::new(Dispatch(rec.clone()))).unwrap();
+    let scheduler = runners(8, rec.clone());
+    client.subscribe(scheduler.clone()).unwrap();
     let total = keys * per_key;
     assert!(
         wait_until(Duration::from_secs(30), || rec.seen.lock().unwrap().len()
@@ -122,6 +143,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     );
     assert!(client.assigned_partitions() > 0);
     client.unsubscribe();
+    scheduler.close();
 
     let seen = rec.seen.lock().unwrap().clone();
     assert_eq!(
@@ -158,7 +180,8 @@ fn per_key_order_concurrency_and_resume_after_commit() {
             .unwrap();
     }
     let rec2 = Recorder::new();
-    client.subscribe(Arc::new(Dispatch(rec2.clone()))).unwrap();
+    let scheduler = runners(8, rec2.clone());
+    client.subscribe(scheduler.clone()).unwrap();
     assert!(wait_until(Duration::from_secs(30), || rec2
         .seen
         .lock()
@@ -168,6 +191,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     // Give a moment for anything unexpected (re-deliveries) to show up.
     std::thread::sleep(Duration::from_millis(300));
     client.unsubscribe();
+    scheduler.close();
     let seen2 = rec2.seen.lock().unwrap().clone();
     assert_eq!(
         seen2.len(),

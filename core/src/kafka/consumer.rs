@@ -66,7 +66,13 @@ impl Subscription {
             waker: waker.clone(),
             assigned: assigned.clone(),
         };
-        let mut consumer: BaseConsumer<PollContext> = ClientConfig::new()
+        let mut settings = ClientConfig::new();
+        if config.mock {
+            // The mock broker does not answer a long-poll fetch early when data arrives, so the
+            // default 500 ms wait would add up to half a second of latency in tests.
+            settings.set("fetch.wait.max.ms", "10");
+        }
+        let mut consumer: BaseConsumer<PollContext> = settings
             .set("bootstrap.servers", bootstrap)
             .set("group.id", &group)
             .set("group.protocol", "consumer")

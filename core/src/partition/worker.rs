@@ -111,7 +111,7 @@ struct Worker {
     tracker: OffsetTracker,
     /// Cancellation of each in-flight event, by offset.
     in_flight: HashMap<i64, CancelToken>,
-    /// Cancelled on drain so events still waiting for a permit never start.
+    /// Cancelled on drain so events still waiting for a runner never start.
     abort: CancelToken,
 }
 
@@ -240,30 +240,18 @@ impl Worker {
         }
     }
 
-    /// Starts the key's in-flight event: waits for a permit, hands the job to the dispatcher and
-    /// reports the outcome back to this worker.
+    /// Starts the key's in-flight event: submits it to the scheduler and reports the outcome
+    /// back to this worker when the runner replies.
     fn start(&mut self, message: ConsumedMessage) {
         let cancel = CancelToken::new();
         self.in_flight.insert(message.offset, cancel.clone());
-        let engine = self.engine.clone();
         let tx = self.tx.clone();
-        let abort = self.abort.clone();
+        let key = message.key.clone();
+        let offset = message.offset;
+        let (job, reply) = Job::new(Event::Message(message), cancel, self.abort.clone());
+        self.engine.scheduler.submit(job);
         self.engine.runtime.spawn(async move {
-            let key = message.key.clone();
-            let offset = message.offset;
-            let permit = tokio::select! {
-                biased;
-                _ = abort.cancelled() => None,
-                permit = engine.scheduler.acquire() => permit,
-            };
-            let outcome = match permit {
-                None => Outcome::Abandoned,
-                Some(_permit) => {
-                    let (job, reply) = Job::new(Event::Message(message), cancel);
-                    engine.dispatcher.dispatch(job);
-                    reply.await.unwrap_or(Outcome::Abandoned)
-                }
-            };
+            let outcome = reply.await.unwrap_or(Outcome::Abandoned);
             let _ = tx.send(WorkerInput::Finished {
                 key,
                 offset,
@@ -279,6 +267,7 @@ impl Worker {
         give_up_at: Instant,
     ) {
         self.abort.cancel();
+        self.engine.scheduler.purge_aborted();
         let dropped = self.keys.take_waiting().len();
         let mut cancelled = false;
         let started = Instant::now();

@@ -1,84 +1,36 @@
-//! `Prosody::Native::Bridge`: the queue between the engine and one Ruby processor thread.
+//! `Prosody::Native::Bridge`: how one Ruby processor thread pulls jobs from a subscription.
 //!
-//! Engine threads push jobs without touching Ruby. The processor drains the whole queue in one
-//! call with the GVL held and waits on a pipe only when the queue is empty, so it is woken once
-//! per batch, never once per message.
+//! Each Ruby worker fiber calls `take` the moment it is free, with the GVL held and no engine
+//! round trip. Only when the ready queue is empty does a worker wait; the engine then wakes the
+//! processor through a pipe (which `IO#wait_readable` turns into a fiber-scheduler wait, not a
+//! frozen reactor), once per idle period, never once per message.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
-use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby};
-use prosody_core::handler::{Dispatcher, Job};
+use magnus::{function, method, prelude::*, Error, IntoValue, RModule, Ruby, Value};
+use prosody_core::scheduler::{Scheduler, Take};
 
 use crate::job::JobObj;
 use crate::ruby::pipe::WakePipe;
 
-enum Item {
-    /// Run this job.
-    Run(u64, Job),
-    /// Stop the handler running the job with this id.
-    Cancel(u64),
-}
-
-#[derive(Default)]
-struct Queue {
-    /// Items not yet drained by Ruby.
-    items: VecDeque<Item>,
-    /// Ruby found the queue empty and is (about to be) waiting on the pipe.
-    sleeping: bool,
-    /// No more items will be accepted; `drain` returns nil once empty.
-    closed: bool,
-}
-
-/// Shared by the Ruby object and the engine's dispatcher.
-pub struct BridgeInner {
-    /// Pending items; the lock is held only to push or to swap the whole deque out.
-    queue: Mutex<Queue>,
-    /// Wakes the processor when it sleeps.
+/// Shared by the Ruby object and the cancellation hooks on engine threads.
+struct BridgeInner {
+    /// Wakes the processor's main fiber.
     pipe: WakePipe,
-    /// Job ids, for cancellation.
-    next_id: AtomicU64,
-}
-
-impl BridgeInner {
-    fn push(&self, item: Item) {
-        let wake = {
-            let Ok(mut q) = self.queue.lock() else {
-                return;
-            };
-            if q.closed {
-                // Dropping a job reports it abandoned: it stays uncommitted.
-                return;
-            }
-            q.items.push_back(item);
-            std::mem::take(&mut q.sleeping)
-        };
-        if wake {
-            self.pipe.wake();
-        }
-    }
-}
-
-/// The dispatcher the engine calls from its threads.
-pub struct BridgeDispatcher(Arc<BridgeInner>);
-
-impl Dispatcher for BridgeDispatcher {
-    fn dispatch(&self, job: Job) {
-        let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = job.cancel.clone();
-        self.0.push(Item::Run(id, job));
-        let weak: Weak<BridgeInner> = Arc::downgrade(&self.0);
-        cancel.on_cancel(move || {
-            if let Some(inner) = weak.upgrade() {
-                inner.push(Item::Cancel(id));
-            }
-        });
-    }
+    /// Ids of running jobs whose cancellation was requested, not yet seen by Ruby.
+    cancels: Mutex<Vec<u64>>,
 }
 
 #[magnus::wrap(class = "Prosody::Native::Bridge", free_immediately, size)]
-pub struct Bridge(Arc<BridgeInner>);
+pub struct Bridge {
+    /// The subscription's ready queue.
+    scheduler: Arc<Scheduler>,
+    /// Pipe and pending cancellations.
+    inner: Arc<BridgeInner>,
+    /// Ids handed to jobs, so cancellations can name them.
+    next_id: AtomicU64,
+}
 
 impl Bridge {
     fn new(ruby: &Ruby) -> Result<Self, Error> {
@@ -88,64 +40,76 @@ impl Bridge {
                 format!("could not open a wake-up pipe: {e}"),
             )
         })?;
-        Ok(Self(Arc::new(BridgeInner {
-            queue: Mutex::new(Queue::default()),
+        let inner = Arc::new(BridgeInner {
             pipe,
+            cancels: Mutex::new(Vec::new()),
+        });
+        let scheduler = Arc::new(Scheduler::new());
+        let notify = inner.clone();
+        scheduler.set_notify(move || notify.pipe.wake());
+        Ok(Self {
+            scheduler,
+            inner,
             next_id: AtomicU64::new(1),
-        })))
+        })
     }
 
-    /// The dispatcher to hand to the engine.
-    pub fn dispatcher(&self) -> Arc<dyn Dispatcher> {
-        Arc::new(BridgeDispatcher(self.0.clone()))
+    /// The ready queue to hand to the engine.
+    pub fn scheduler(&self) -> Arc<Scheduler> {
+        self.scheduler.clone()
     }
 
-    /// File descriptor to wait on with `IO#wait_readable` when `drain` returned an empty batch.
+    /// File descriptor the main fiber waits on with `IO#wait_readable`.
     fn fd(&self) -> i32 {
-        self.0.pipe.read_fd()
+        self.inner.pipe.read_fd()
     }
 
-    /// Everything queued: `Job`s to run and Integer ids of jobs to cancel. Empty when nothing is
-    /// queued (wait on `fd` then), nil once closed and empty.
-    fn drain(ruby: &Ruby, rb_self: &Self) -> Result<Option<RArray>, Error> {
-        rb_self.0.pipe.clear();
-        let items = {
-            let Ok(mut q) = rb_self.0.queue.lock() else {
-                return Ok(None);
-            };
-            if q.items.is_empty() {
-                if q.closed {
-                    return Ok(None);
-                }
-                q.sleeping = true;
-                return Ok(Some(ruby.ary_new()));
+    /// The next job, nil when none is ready (wait for the main fiber's signal), false once closed.
+    fn take(ruby: &Ruby, rb_self: &Self) -> Value {
+        match rb_self.scheduler.take() {
+            Take::Job(job) => {
+                let id = rb_self.next_id.fetch_add(1, Ordering::Relaxed);
+                let weak = Arc::downgrade(&rb_self.inner);
+                job.cancel.on_cancel(move || {
+                    if let Some(inner) = weak.upgrade() {
+                        if let Ok(mut cancels) = inner.cancels.lock() {
+                            cancels.push(id);
+                        }
+                        inner.pipe.wake();
+                    }
+                });
+                JobObj::new(id, job).into_value_with(ruby)
             }
-            std::mem::take(&mut q.items)
-        };
-        let batch = ruby.ary_new_capa(items.len());
-        for item in items {
-            match item {
-                Item::Run(id, job) => batch.push(JobObj::new(id, job).into_value_with(ruby))?,
-                Item::Cancel(id) => batch.push(id)?,
-            }
+            Take::Empty => ruby.qnil().as_value(),
+            Take::Closed => ruby.qfalse().as_value(),
         }
-        Ok(Some(batch))
     }
 
-    /// Stops accepting work and wakes the processor so `drain` returns nil. Queued jobs are
-    /// dropped, which reports them abandoned (uncommitted).
+    /// Called by the main fiber after the pipe became readable: clears it and returns the ids of
+    /// jobs to cancel, or nil once the bridge is closed (the workers then finish).
+    fn cancellations(&self) -> Option<Vec<u64>> {
+        self.inner.pipe.clear();
+        if self.scheduler.is_closed() {
+            return None;
+        }
+        Some(
+            self.inner
+                .cancels
+                .lock()
+                .map(|mut c| std::mem::take(&mut *c))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Jobs ready and waiting for a worker (for diagnostics).
+    fn ready(&self) -> usize {
+        self.scheduler.ready()
+    }
+
+    /// Stops handing out jobs: queued ones are reported abandoned (uncommitted) and `take`
+    /// returns false.
     fn close(&self) {
-        let dropped = self
-            .0
-            .queue
-            .lock()
-            .map(|mut q| {
-                q.closed = true;
-                std::mem::take(&mut q.items)
-            })
-            .unwrap_or_default();
-        drop(dropped);
-        self.0.pipe.wake();
+        self.scheduler.close();
     }
 }
 
@@ -153,7 +117,9 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Bridge", ruby.class_object())?;
     class.define_singleton_method("new", function!(Bridge::new, 0))?;
     class.define_method("fd", method!(Bridge::fd, 0))?;
-    class.define_method("drain", method!(Bridge::drain, 0))?;
+    class.define_method("take", method!(Bridge::take, 0))?;
+    class.define_method("cancellations", method!(Bridge::cancellations, 0))?;
+    class.define_method("ready", method!(Bridge::ready, 0))?;
     class.define_method("close", method!(Bridge::close, 0))?;
     Ok(())
 }

@@ -84,11 +84,11 @@ impl Client {
         }
     }
 
-    /// Starts consuming; jobs go to `bridge`.
+    /// Starts consuming; the processor pulls jobs through `bridge`.
     fn subscribe(ruby: &Ruby, rb_self: &Self, bridge: &Bridge) -> Result<(), Error> {
         let client = rb_self.0.clone();
-        let dispatcher = bridge.dispatcher();
-        without_gvl(ruby, move |_| client.subscribe(dispatcher))?
+        let scheduler = bridge.scheduler();
+        without_gvl(ruby, move |_| client.subscribe(scheduler))?
             .map_err(|e| errors::kafka(ruby, e))
     }
 

@@ -1,0 +1,93 @@
+# frozen_string_literal: true
+
+# Consume benchmark on the in-process librdkafka mock cluster. Prints, from one run:
+#   - Prosody with a Ruby handler that reads message.payload vs a raw rdkafka consumer in Rust
+#     (no handler) on the same mock cluster, with 1 and 4 partitions, and the ratio;
+#   - a handler doing 1 ms of I/O (sleep 0.001) with max_concurrency 32 over 1,000 keys, against
+#     the bound of 32 / 1 ms = 32k msg/s.
+#
+# Usage: ruby -Ilib bench/consume.rb [MESSAGES]   (make bench builds everything first)
+
+require "prosody"
+require "securerandom"
+
+MESSAGES = Integer(ARGV[0] || 200_000)
+# librdkafka's mock keeps at most 100,000 messages (and 5 MB) per partition and silently drops the
+# oldest beyond that (rdkafka_mock.c), so a single-partition run uses the most it can hold.
+MOCK_PARTITION_CAP = 99_000
+IO_MESSAGES = Integer(ENV.fetch("IO_MESSAGES", 20_000))
+RAW = ENV.fetch("RAW_CONSUMER") { File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_consumer") }
+
+Prosody.logger = Logger.new($stderr, level: Logger::WARN)
+
+# Counts handled messages; the last one signals the waiting thread.
+class CountingHandler < Prosody::EventHandler
+  def initialize(target, io: false)
+    super()
+    @target = target
+    @io = io
+    @count = 0
+    @done = Queue.new
+  end
+
+  def on_message(_context, message)
+    message.payload
+    sleep 0.001 if @io
+    @count += 1
+    @done << true if @count == @target
+  end
+
+  def wait
+    @done.pop
+  end
+end
+
+def monotonic
+  Process.clock_gettime(Process::CLOCK_MONOTONIC)
+end
+
+def fill(topic, partitions, count, keys)
+  Prosody::Native.mock_create_topic(topic, partitions)
+  producer = Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
+  count.times do |i|
+    producer.produce(topic, nil, "k#{i % keys}", %({"id":#{i},"ok":true}), {})
+  end
+  producer.flush(120)
+end
+
+def prosody_rate(topic, count, io: false, max_concurrency: 32)
+  handler = CountingHandler.new(count, io: io)
+  client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
+                               max_concurrency: max_concurrency)
+  GC.start # every measurement starts from a collected heap, whatever ran before it
+  started = monotonic
+  client.subscribe(handler)
+  handler.wait
+  elapsed = monotonic - started
+  client.unsubscribe
+  count / elapsed
+end
+
+def raw_rate(topic, count)
+  out = IO.popen([RAW, Prosody::Native.mock_bootstrap_servers, topic, count.to_s], &:read)
+  raise "raw consumer failed: #{out}" unless $?.success?
+
+  Float(out[/messages_per_second=([\d.]+)/, 1])
+end
+
+puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY_VERSION}, #{Etc.nprocessors} cores)"
+[1, 4].each do |partitions|
+  count = [MESSAGES, MOCK_PARTITION_CAP * partitions].min
+  topic = "bench-#{partitions}p-#{SecureRandom.hex(4)}"
+  fill(topic, partitions, count, 10_000)
+  raw = raw_rate(topic, count)
+  ours = prosody_rate(topic, count)
+  puts format("%d partition(s), %d messages: prosody %8.0f msg/s | raw rdkafka %8.0f msg/s | ratio %.2f",
+              partitions, count, ours, raw, ours / raw)
+end
+
+topic = "bench-io-#{SecureRandom.hex(4)}"
+fill(topic, 4, IO_MESSAGES, 1_000)
+io_rate = prosody_rate(topic, IO_MESSAGES, io: true, max_concurrency: 32)
+puts format("1 ms I/O handler, max_concurrency 32, 1000 keys: %8.0f msg/s | bound 32000 msg/s | %.0f%% of bound",
+            io_rate, io_rate / 32_000 * 100)
