@@ -8,6 +8,8 @@
 #
 # Usage: ruby -Ilib bench/consume.rb [MESSAGES]   (make bench builds everything first)
 
+require "English"
+require "etc"
 require "prosody"
 require "securerandom"
 
@@ -15,8 +17,10 @@ MESSAGES = Integer(ARGV[0] || 200_000)
 # librdkafka's mock keeps at most 100,000 messages (and 5 MB) per partition and silently drops the
 # oldest beyond that (rdkafka_mock.c), so a single-partition run uses the most it can hold.
 MOCK_PARTITION_CAP = 99_000
-IO_MESSAGES = Integer(ENV.fetch("IO_MESSAGES", 20_000))
-RAW = ENV.fetch("RAW_CONSUMER") { File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_consumer") }
+IO_MESSAGES = Integer(ENV.fetch("IO_MESSAGES", 64_000))
+RAW = ENV.fetch("RAW_CONSUMER") do
+  File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_consumer")
+end
 
 Prosody.logger = Logger.new($stderr, level: Logger::WARN)
 
@@ -56,9 +60,9 @@ def fill(topic, partitions, count, keys)
 end
 
 def prosody_rate(topic, count, io: false, max_concurrency: 32)
-  handler = CountingHandler.new(count, io: io)
+  handler = CountingHandler.new(count, io:)
   client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
-                               max_concurrency: max_concurrency)
+                               max_concurrency:)
   GC.start # every measurement starts from a collected heap, whatever ran before it
   started = monotonic
   client.subscribe(handler)
@@ -70,7 +74,7 @@ end
 
 def raw_rate(topic, count)
   out = IO.popen([RAW, Prosody::Native.mock_bootstrap_servers, topic, count.to_s], &:read)
-  raise "raw consumer failed: #{out}" unless $?.success?
+  raise "raw consumer failed: #{out}" unless $CHILD_STATUS.success?
 
   Float(out[/messages_per_second=([\d.]+)/, 1])
 end
@@ -82,12 +86,14 @@ puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY
   fill(topic, partitions, count, 10_000)
   raw = raw_rate(topic, count)
   ours = prosody_rate(topic, count)
-  puts format("%d partition(s), %d messages: prosody %8.0f msg/s | raw rdkafka %8.0f msg/s | ratio %.2f",
-              partitions, count, ours, raw, ours / raw)
+  puts format("%<partitions>d partition(s), %<count>d messages: prosody %<ours>8.0f msg/s | " \
+              "raw rdkafka %<raw>8.0f msg/s | ratio %<ratio>.2f",
+              partitions:, count:, ours:, raw:, ratio: ours / raw)
 end
 
 topic = "bench-io-#{SecureRandom.hex(4)}"
 fill(topic, 4, IO_MESSAGES, 1_000)
 io_rate = prosody_rate(topic, IO_MESSAGES, io: true, max_concurrency: 32)
-puts format("1 ms I/O handler, max_concurrency 32, 1000 keys: %8.0f msg/s | bound 32000 msg/s | %.0f%% of bound",
-            io_rate, io_rate / 32_000 * 100)
+puts format("1 ms I/O handler, max_concurrency 32, 1000 keys, %<count>d messages: %<rate>8.0f msg/s | " \
+            "bound 32000 msg/s | %<share>.0f%% of bound",
+            count: IO_MESSAGES, rate: io_rate, share: io_rate / 32_000 * 100)

@@ -86,7 +86,12 @@ RSpec.describe Prosody::Client do
     it "releases the GVL while it waits" do
       client = described_class.new(bootstrap_servers: "127.0.0.1:1", send_timeout: 0.5)
       ticks = 0
-      ticker = Thread.new { loop { ticks += 1; sleep 0.01 } }
+      ticker = Thread.new do
+        loop do
+          ticks += 1
+          sleep 0.01
+        end
+      end
       expect { client.send_message("nowhere", "k", 1) }.to raise_error(Prosody::SendError)
       ticker.kill
       expect(ticks).to be > 10

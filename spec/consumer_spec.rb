@@ -82,7 +82,9 @@ RSpec.describe "consuming in mock mode" do
     client = start(handler)
     %w[boom not-implemented fine].each { |p| client.send_message(topic, "k", p) }
     client.send_message(topic, "other", "also fine")
-    wait_for(message: "the later messages") { handler.payloads.include?("also fine") && handler.payloads.include?("fine") }
+    wait_for(message: "the later messages") do
+      handler.payloads.include?("also fine") && handler.payloads.include?("fine")
+    end
     logs = wait_for(message: "failure logs") { (l = log_output)[/NotImplementedError/] && l }
     expect(logs).to match(/handler failed topic=#{topic} partition=\d offset=0 key="k": ArgumentError: bad thing/)
     expect(logs).to match(/offset=1 key="k": NotImplementedError: missing/)
@@ -125,7 +127,7 @@ RSpec.describe "consuming in mock mode" do
       started << true
       sleep 0.3
     end
-    client = mock_client(topic, group: group)
+    client = mock_client(topic, group:)
     client.subscribe(handler)
     5.times { |i| client.send_message(topic, "key-#{i}", i) }
     5.times { started.pop }
@@ -135,7 +137,7 @@ RSpec.describe "consuming in mock mode" do
 
     client.send_message(topic, "key-0", "later")
     second = SpecHelpers::RecordingHandler.new
-    start(second, group: group)
+    start(second, group:)
     wait_for(message: "the later message") { second.count == 1 }
     expect(second.payloads).to eq(["later"])
   end
@@ -181,15 +183,19 @@ RSpec.describe "consuming in mock mode" do
     end
     first = make_handler.call
     second = make_handler.call
-    a = start(first, group: group)
+    a = start(first, group:)
     wait_for(message: "first assignment") { a.assigned_partitions == 4 }
     producer = raw_producer
     half = per_key / 2
     half.times { |seq| keys.times { |k| producer.produce(topic, nil, "key-#{k}", JSON.generate("seq" => seq), {}) } }
     producer.flush(10)
-    b = start(second, group: group)
+    b = start(second, group:)
     wait_for(message: "partitions to spread") { a.assigned_partitions.positive? && b.assigned_partitions.positive? }
-    (half...per_key).each { |seq| keys.times { |k| producer.produce(topic, nil, "key-#{k}", JSON.generate("seq" => seq), {}) } }
+    (half...per_key).each do |seq|
+      keys.times do |k|
+        producer.produce(topic, nil, "key-#{k}", JSON.generate("seq" => seq), {})
+      end
+    end
     producer.flush(10)
     wait_for(timeout: 60, message: "every message") { order.values.sum { |v| v.uniq.size } == keys * per_key }
     expect(a.assigned_partitions + b.assigned_partitions).to eq(4)
@@ -223,7 +229,9 @@ RSpec.describe "consuming in mock mode" do
     io = StringIO.new
     Prosody.logger = Logger.new(io, level: Logger::INFO)
     client = start(SpecHelpers::RecordingHandler.new)
-    wait_for(message: "assignment logs") { Prosody.flush_logs || io.string[/assigned topic=#{topic}/] }
+    wait_for(message: "assignment logs") do
+      Prosody.flush_logs || io.string[%r{assigned 4 partition\(s\): #{topic}/0, #{topic}/1}]
+    end
     client.unsubscribe
     @clients.delete(client)
     expect(wait_for { Prosody.flush_logs || io.string[/consumer stopped/] }).to be_truthy

@@ -5,7 +5,7 @@ require "prosody"
 require "securerandom"
 require "stringio"
 
-Dir[File.join(__dir__, "support", "*.rb")].sort.each { |f| require f }
+Dir[File.join(__dir__, "support", "*.rb")].each { |f| require f }
 
 RSpec.configure do |config|
   config.include SpecHelpers

@@ -1,6 +1,9 @@
 //! End to end on the librdkafka mock cluster: messages sent through the client reach a
-//! dispatcher with per-key order and cross-key concurrency, offsets are committed, and a
+//! runner with per-key order and cross-key concurrency, offsets are committed, and a
 //! restarted subscription resumes after the committed position.
+
+// A test: a failed unwrap is a failed assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+# Module-level logging: Prosody.logger and the thread that delivers engine records to it.
 module Prosody
   class << self
     # The logger that receives Prosody's log lines, engine lines included.

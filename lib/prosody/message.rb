@@ -7,8 +7,8 @@ module Prosody
   class Message
     # @return [Hash] the message's fields
     def to_h
-      { topic: topic, partition: partition, offset: offset, timestamp: timestamp, key: key,
-        payload: payload, headers: headers }
+      { topic:, partition:, offset:, timestamp:, key:,
+        payload:, headers: }
     end
   end
 

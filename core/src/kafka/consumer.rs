@@ -204,6 +204,7 @@ impl ConsumerContext for PollContext {
                 let Ok(mut partitions) = self.partitions.lock() else {
                     return;
                 };
+                let mut added = Vec::new();
                 for element in tpl.elements() {
                     let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
                     if partitions.contains_key(&tp) {
@@ -224,7 +225,7 @@ impl ConsumerContext for PollContext {
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
                     let worker =
                         spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());
-                    log::info!("assigned topic={} partition={}", tp.0, tp.1);
+                    added.push(format!("{}/{}", tp.0, tp.1));
                     partitions.insert(
                         tp,
                         Assigned {
@@ -236,6 +237,14 @@ impl ConsumerContext for PollContext {
                     );
                 }
                 self.assigned.store(partitions.len(), Ordering::Release);
+                if !added.is_empty() {
+                    added.sort();
+                    log::info!(
+                        "assigned {} partition(s): {}",
+                        added.len(),
+                        added.join(", ")
+                    );
+                }
                 self.waker.wake();
             }
             Rebalance::Revoke(_) => {}
@@ -284,6 +293,7 @@ impl PollContext {
             acks.push((tp, rx, committed));
         }
         let mut tpl = TopicPartitionList::new();
+        let mut names = Vec::with_capacity(acks.len());
         for (tp, rx, committed) in acks {
             let position = self
                 .engine
@@ -294,13 +304,20 @@ impl PollContext {
                 .ok()
                 .and_then(Result::ok)
                 .flatten();
-            log::info!("revoked topic={} partition={}", tp.0, tp.1);
+            names.push(format!("{}/{}", tp.0, tp.1));
             if let Some(position) = position.filter(|p| Some(*p) != committed) {
                 if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
                     log::warn!("could not record the offset of {}/{}: {e}", tp.0, tp.1);
                 }
             }
         }
+        names.sort();
+        log::info!(
+            "released {} partition(s) after {:?}: {}",
+            names.len(),
+            start.elapsed(),
+            names.join(", ")
+        );
         if commit && tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 log::warn!(

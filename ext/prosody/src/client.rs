@@ -88,8 +88,7 @@ impl Client {
     fn subscribe(ruby: &Ruby, rb_self: &Self, bridge: &Bridge) -> Result<(), Error> {
         let client = rb_self.0.clone();
         let scheduler = bridge.scheduler();
-        without_gvl(ruby, move |_| client.subscribe(scheduler))?
-            .map_err(|e| errors::kafka(ruby, e))
+        without_gvl(ruby, move |_| client.subscribe(scheduler))?.map_err(|e| errors::kafka(ruby, e))
     }
 
     /// Drains, commits and stops consuming. Blocks up to about `shutdown_timeout` with the GVL

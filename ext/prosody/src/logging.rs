@@ -47,7 +47,9 @@ impl Log for RubyLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = format!("[{}] {}", record.target(), record.args());
+        let target = record.target();
+        let target = target.strip_prefix("prosody_core::").unwrap_or(target);
+        let line = format!("[{target}] {}", record.args());
         let wake = {
             let Ok(mut buffer) = self.buffer.lock() else {
                 return;

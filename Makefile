@@ -1,0 +1,53 @@
+# The two commands a fresh machine needs: `make demo` (the quick start, mock mode) and
+# `make test` (lint, Rust tests, RSpec, the gem's offline build). Both install what is missing.
+
+CARGO_TARGET_DIR ?= /var/cache/prosody/target
+export CARGO_TARGET_DIR
+CARGO := cargo
+RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
+
+.PHONY: setup build demo test lint test-rust test-ruby test-gem bench gem clean
+
+setup:
+	@dev/setup
+
+build: setup
+	rake compile
+
+demo: build
+	ruby -Ilib examples/quick_start.rb
+
+test: lint test-rust test-ruby test-gem
+
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	@for f in $(RUBY_FILES); do ruby -wc $$f >/dev/null || exit 1; done
+	rubocop
+	$$(command -v rbs || command -v rbs3.1) -r logger -r monitor -I sig validate >/dev/null
+
+test-rust: setup
+	$(CARGO) test --release -p prosody-core
+
+test-ruby: build
+	rspec
+
+# Builds the gem and installs it offline into a scratch directory, then loads it from there.
+test-gem: build
+	rm -rf /tmp/prosody-gem-check && mkdir -p /tmp/prosody-gem-check
+	gem build prosody.gemspec -o /tmp/prosody-gem-check/prosody.gem
+	gem install --local --no-document --ignore-dependencies --install-dir /tmp/prosody-gem-check/home \
+	  /tmp/prosody-gem-check/prosody.gem
+	cd /tmp && GEM_HOME=/tmp/prosody-gem-check/home \
+	  GEM_PATH="/tmp/prosody-gem-check/home:$$(ruby -e 'print Gem.path.join(":")')" ruby -e \
+	  'require "prosody"; c = Prosody::Client.new(mock: true); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
+
+bench: build
+	$(CARGO) build --release -p prosody-core --example raw_consumer
+	ruby -Ilib -retc bench/consume.rb
+
+gem:
+	gem build prosody.gemspec
+
+clean:
+	rm -f lib/prosody/prosody.so prosody-*.gem
