@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` (the quick start, mock mode) and
-# `make test` (lint, Rust tests, RSpec, the gem's offline build). Both install what is missing.
+# `make test` (lint, the offline gem build, Rust tests, RSpec last). Both install what is missing.
 
 CARGO_TARGET_DIR ?= /var/cache/prosody/target
 export CARGO_TARGET_DIR
@@ -17,7 +17,7 @@ build: setup
 demo: build
 	ruby -Ilib examples/quick_start.rb
 
-test: lint test-rust test-ruby test-gem
+test: lint test-gem test-rust test-ruby
 
 lint: setup
 	$(CARGO) fmt --all --check
