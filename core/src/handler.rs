@@ -1,11 +1,13 @@
 //! The contract between the engine and whatever runs handler code (the Ruby binding).
 //!
-//! The engine submits a [`Job`] to the subscription's [`Scheduler`](crate::scheduler::Scheduler),
-//! a runner takes it from there, and the engine awaits the job's reply on a one-shot channel.
-//! Sending the reply needs no lock and no runtime, so the runner (a Ruby thread) can complete a
-//! job without touching the engine's threads.
+//! The engine submits a [`Job`] to the subscription's [`Scheduler`](crate::scheduler::Scheduler)
+//! and a runner takes it from there. The job's [`Completion`] sends the outcome straight into
+//! the channel of the partition worker that owns the event: no lock, no runtime, no task per
+//! event, so the runner (a Ruby thread) completes a job without touching the engine's threads.
 
-use tokio::sync::oneshot;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use crate::cancel::CancelToken;
 use crate::event::Event;
@@ -38,42 +40,75 @@ pub struct Job {
     /// Cancelled when the job's partition is released before the job started; the scheduler
     /// then drops it instead of running it.
     pub abort: CancelToken,
-    reply: oneshot::Sender<Outcome>,
+    /// Reports the outcome to the partition worker.
+    completion: Completion,
+}
+
+/// An event's outcome, as its partition worker receives it.
+#[derive(Debug)]
+pub struct Finished {
+    /// Key of the event (its queue).
+    pub key: Option<Arc<str>>,
+    /// Offset of the event.
+    pub offset: i64,
+    /// How the handler call ended.
+    pub outcome: Outcome,
 }
 
 impl Job {
-    /// A job and the receiver its outcome arrives on.
+    /// A job whose outcome is sent to `done` as a [`Finished`] for `key` and `offset`.
     pub fn new(
         event: Event,
         cancel: CancelToken,
         abort: CancelToken,
-    ) -> (Self, oneshot::Receiver<Outcome>) {
-        let (reply, rx) = oneshot::channel();
-        (
-            Self {
-                event,
-                cancel,
-                abort,
-                reply,
+        done: mpsc::UnboundedSender<Finished>,
+        key: Option<Arc<str>>,
+        offset: i64,
+    ) -> Self {
+        Self {
+            event,
+            cancel,
+            abort,
+            completion: Completion {
+                target: Some((done, key, offset)),
             },
-            rx,
-        )
+        }
     }
 
-    /// Splits the job so the event can be moved to the runner while the reply stays with the
-    /// completion handle.
+    /// Splits the job so the event can be moved to the runner while the completion handle
+    /// stays with whoever reports the outcome.
     pub fn into_parts(self) -> (Event, CancelToken, Completion) {
-        (self.event, self.cancel, Completion(self.reply))
+        (self.event, self.cancel, self.completion)
     }
 }
 
-/// Sends a job's outcome. Dropping it unsent reports [`Outcome::Abandoned`].
+/// Sends a job's outcome once. Dropping it unsent reports [`Outcome::Abandoned`], so a job lost
+/// on the way (a runner that went away) is never mistaken for a finished one.
 #[derive(Debug)]
-pub struct Completion(oneshot::Sender<Outcome>);
+pub struct Completion {
+    /// Where the outcome goes, and for which event; taken when sent.
+    target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, i64)>,
+}
 
 impl Completion {
-    /// Reports the outcome; a receiver that went away is ignored.
-    pub fn complete(self, outcome: Outcome) {
-        let _ = self.0.send(outcome);
+    /// Reports the outcome; a worker that went away is ignored.
+    pub fn complete(mut self, outcome: Outcome) {
+        self.send(outcome);
+    }
+
+    fn send(&mut self, outcome: Outcome) {
+        if let Some((done, key, offset)) = self.target.take() {
+            let _ = done.send(Finished {
+                key,
+                offset,
+                outcome,
+            });
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.send(Outcome::Abandoned);
     }
 }

@@ -53,8 +53,23 @@ module Prosody
 
     private
 
+    # Sends buffered outcomes when the reactor resumes it (it quacks like a fiber for
+    # Async::Reactor#<<, as Async::Notification's signal does).
+    Flusher = Struct.new(:bridge) do
+      def alive?
+        true
+      end
+
+      def resume
+        bridge.flush
+      end
+    end
+    private_constant :Flusher
+
     def run
       reactor = Async::Reactor.new(selector: self.class.selector)
+      @reactor = reactor
+      @flusher = Flusher.new(@bridge)
       reactor.run do |task|
         serve(task)
       rescue Exception => e # rubocop:disable Lint/RescueException
@@ -107,16 +122,23 @@ module Prosody
       context = job.context
       begin
         @handler.on_message(context, message)
-        job.succeed
+        completed(job.succeed)
       rescue Async::Stop
-        job.fail("Async::Stop", "cancelled", false)
+        completed(job.fail("Async::Stop", "cancelled", false))
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
         report(e, message)
-        job.fail(e.class.name.to_s, e.message.to_s, false)
+        completed(job.fail(e.class.name.to_s, e.message.to_s, false))
       end
     ensure
       running.delete(job.id)
+    end
+
+    # Outcomes are buffered natively and sent in batches (each send may wake an engine thread).
+    # The first buffered outcome schedules a flush for the reactor's next turn, which comes as
+    # soon as the running fiber yields.
+    def completed(first)
+      @reactor << @flusher if first
     end
 
     def report(error, message)

@@ -17,7 +17,7 @@ use super::offsets::OffsetTracker;
 use crate::cancel::CancelToken;
 use crate::engine::Engine;
 use crate::event::{ConsumedMessage, Event, SOURCE_SYSTEM_HEADER};
-use crate::handler::{Job, Outcome};
+use crate::handler::{Finished, Job, Outcome};
 use crate::waker::Waker;
 
 type Key = Option<Arc<str>>;
@@ -79,12 +79,6 @@ impl PartitionShared {
 pub(crate) enum WorkerInput {
     /// A record the poll thread read.
     Record(OwnedMessage),
-    /// An event's handler call ended.
-    Finished {
-        key: Key,
-        offset: i64,
-        outcome: Outcome,
-    },
     /// Stop: drop waiting events, let in-flight ones finish (cancelling them at `cancel_at`,
     /// giving up at `give_up_at`), then report the final committable position.
     Drain {
@@ -103,8 +97,8 @@ struct Worker {
     engine: Arc<Engine>,
     /// Shared with the poll thread.
     shared: Arc<PartitionShared>,
-    /// Where completions are sent; cloned into each event task.
-    tx: mpsc::UnboundedSender<WorkerInput>,
+    /// Where outcomes are sent; cloned into each job's completion.
+    done: mpsc::UnboundedSender<Finished>,
     /// Per-key FIFO of events waiting behind the key's in-flight event.
     keys: KeyQueues<Key, ConsumedMessage>,
     /// Taken offsets and the commit watermark.
@@ -123,40 +117,42 @@ pub(crate) fn spawn_worker(
     shared: Arc<PartitionShared>,
 ) -> mpsc::UnboundedSender<WorkerInput> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (done, done_rx) = mpsc::unbounded_channel();
     let worker = Worker {
         topic,
         partition,
         engine: engine.clone(),
         shared,
-        tx: tx.clone(),
+        done,
         keys: KeyQueues::new(),
         tracker: OffsetTracker::new(),
         in_flight: HashMap::new(),
         abort: CancelToken::new(),
     };
-    engine.runtime.spawn(worker.run(rx));
+    engine.runtime.spawn(worker.run(rx, done_rx));
     tx
 }
 
 impl Worker {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<WorkerInput>) {
-        while let Some(input) = rx.recv().await {
-            match input {
-                WorkerInput::Record(record) => self.on_record(record),
-                WorkerInput::Finished {
-                    key,
-                    offset,
-                    outcome,
-                } => self.on_finished(key, offset, outcome),
-                WorkerInput::Drain {
-                    cancel_at,
-                    give_up_at,
-                    ack,
-                } => {
-                    self.drain(&mut rx, cancel_at, give_up_at).await;
-                    let _ = ack.send(self.tracker.committable());
-                    return;
-                }
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<WorkerInput>,
+        mut done_rx: mpsc::UnboundedReceiver<Finished>,
+    ) {
+        loop {
+            tokio::select! {
+                // Outcomes first: they free room and release the keys' next events.
+                biased;
+                Some(finished) = done_rx.recv() => self.on_finished(finished),
+                input = rx.recv() => match input {
+                    Some(WorkerInput::Record(record)) => self.on_record(record),
+                    Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
+                        self.drain(&mut rx, &mut done_rx, cancel_at, give_up_at).await;
+                        let _ = ack.send(self.tracker.committable());
+                        return;
+                    }
+                    None => return,
+                },
             }
         }
     }
@@ -200,7 +196,12 @@ impl Worker {
         }
     }
 
-    fn on_finished(&mut self, key: Key, offset: i64, outcome: Outcome) {
+    fn on_finished(&mut self, finished: Finished) {
+        let Finished {
+            key,
+            offset,
+            outcome,
+        } = finished;
         self.in_flight.remove(&offset);
         match outcome {
             Outcome::Success => self.retire(offset),
@@ -240,29 +241,28 @@ impl Worker {
         }
     }
 
-    /// Starts the key's in-flight event: submits it to the scheduler and reports the outcome
-    /// back to this worker when the runner replies.
+    /// Starts the key's in-flight event: submits it to the scheduler; the runner's completion
+    /// sends the outcome back to this worker.
     fn start(&mut self, message: ConsumedMessage) {
         let cancel = CancelToken::new();
         self.in_flight.insert(message.offset, cancel.clone());
-        let tx = self.tx.clone();
         let key = message.key.clone();
         let offset = message.offset;
-        let (job, reply) = Job::new(Event::Message(message), cancel, self.abort.clone());
+        let job = Job::new(
+            Event::Message(message),
+            cancel,
+            self.abort.clone(),
+            self.done.clone(),
+            key,
+            offset,
+        );
         self.engine.scheduler.submit(job);
-        self.engine.runtime.spawn(async move {
-            let outcome = reply.await.unwrap_or(Outcome::Abandoned);
-            let _ = tx.send(WorkerInput::Finished {
-                key,
-                offset,
-                outcome,
-            });
-        });
     }
 
     async fn drain(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<WorkerInput>,
+        done_rx: &mut mpsc::UnboundedReceiver<Finished>,
         cancel_at: Instant,
         give_up_at: Instant,
     ) {
@@ -270,15 +270,18 @@ impl Worker {
         self.engine.scheduler.purge_aborted();
         let dropped = self.keys.take_waiting().len();
         let mut cancelled = false;
+        // The poll thread drops its sender right after `Drain`; outcomes keep arriving on
+        // `done_rx` (this worker holds a sender of it, so it never closes here).
+        let mut input_open = true;
         let started = Instant::now();
         while !self.in_flight.is_empty() {
             let deadline = if cancelled { give_up_at } else { cancel_at };
             tokio::select! {
-                input = rx.recv() => match input {
-                    Some(WorkerInput::Finished { key, offset, outcome }) => self.on_finished(key, offset, outcome),
+                Some(finished) = done_rx.recv() => self.on_finished(finished),
+                input = rx.recv(), if input_open => match input {
                     Some(WorkerInput::Record(_)) => {}
                     Some(WorkerInput::Drain { ack, .. }) => { let _ = ack.send(None); }
-                    None => break,
+                    None => input_open = false,
                 },
                 _ = sleep_until(deadline.into()) => {
                     if cancelled {

@@ -1,12 +1,13 @@
 //! `Prosody::Native::Job`: one handler call as the Ruby processor sees it.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
 use prosody_core::cancel::CancelToken;
 use prosody_core::event::Event;
 use prosody_core::handler::{Completion, Job, Outcome};
 
+use crate::bridge::BridgeInner;
 use crate::context::Context;
 use crate::message::Message;
 
@@ -20,16 +21,19 @@ pub struct JobObj {
     cancel: CancelToken,
     /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
     completion: Mutex<Option<Completion>>,
+    /// Buffers the outcome until the bridge flushes.
+    bridge: Arc<BridgeInner>,
 }
 
 impl JobObj {
-    pub fn new(id: u64, job: Job) -> Self {
+    pub fn new(id: u64, job: Job, bridge: Arc<BridgeInner>) -> Self {
         let (event, cancel, completion) = job.into_parts();
         Self {
             id,
             event: Mutex::new(Some(event)),
             cancel,
             completion: Mutex::new(Some(completion)),
+            bridge,
         }
     }
 
@@ -50,23 +54,22 @@ impl JobObj {
         Context::new(self.cancel.clone())
     }
 
+    /// Hands the outcome to the bridge. True when the caller must schedule a flush (this was the
+    /// first outcome buffered since the last one).
     fn finish(&self, outcome: Outcome) -> bool {
         let completion = self.completion.lock().ok().and_then(|mut c| c.take());
         match completion {
-            Some(c) => {
-                c.complete(outcome);
-                true
-            }
+            Some(c) => self.bridge.complete(c, outcome),
             None => false,
         }
     }
 
-    /// The handler returned. False if the job was already finished.
+    /// The handler returned. True when a flush must be scheduled.
     fn succeed(&self) -> bool {
         self.finish(Outcome::Success)
     }
 
-    /// The handler raised `error_class: message`.
+    /// The handler raised `error_class: message`. True when a flush must be scheduled.
     fn fail(&self, error_class: String, message: String, permanent: bool) -> bool {
         self.finish(Outcome::Failure {
             error_class,
