@@ -1,12 +1,13 @@
 # The two commands a fresh machine needs: `make demo` (the quick start, mock mode) and
-# `make test` (lint, the offline gem build, Rust tests, RSpec last). Both install what is missing.
+# `make test` (lint, the offline gem build, local Kafka and Cassandra, Rust tests, RSpec last).
+# Both install what is missing.
 
 CARGO_TARGET_DIR ?= /var/cache/prosody/target
 export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint test-rust test-ruby test-gem bench gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gem bench gem clean
 
 setup:
 	@dev/setup
@@ -17,7 +18,15 @@ build: setup
 demo: build
 	ruby -Ilib examples/quick_start.rb
 
-test: lint test-gem test-rust test-ruby
+test: lint test-gem services test-rust test-ruby
+
+# Apache Kafka and Apache Cassandra on 127.0.0.1 from Maven Central jars (reused when running).
+services: setup
+	dev/services start all
+	dev/services wait all
+
+services-stop:
+	dev/services stop all
 
 lint: setup
 	$(CARGO) fmt --all --check
@@ -26,8 +35,10 @@ lint: setup
 	rubocop
 	$$(command -v rbs || command -v rbs3.1) -r logger -r monitor -I sig validate >/dev/null
 
+# The real-service tests are marked #[ignore] so a bare `cargo test` names them as not run;
+# here they run, after `services`, and fail if a service is down.
 test-rust: setup
-	$(CARGO) test --release -p prosody-core
+	$(CARGO) test --release -p prosody-core -- --include-ignored
 
 test-ruby: build
 	rspec
@@ -40,7 +51,7 @@ test-gem: build
 	  /tmp/prosody-gem-check/prosody.gem
 	cd /tmp && GEM_HOME=/tmp/prosody-gem-check/home \
 	  GEM_PATH="/tmp/prosody-gem-check/home:$$(ruby -e 'print Gem.path.join(":")')" ruby -e \
-	  'require "prosody"; c = Prosody::Client.new(mock: true); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
+	  'require "prosody"; c = Prosody::Client.new(mock: true, send_timeout: 10); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
 
 bench: build
 	$(CARGO) build --release -p prosody-core --example raw_consumer

@@ -110,11 +110,11 @@ RSpec.describe "consuming in mock mode" do
   it "skips records this group produced itself (source-system equals group_id)" do
     group = unique("group")
     handler = SpecHelpers::RecordingHandler.new
-    client = Prosody::Client.new(mock: true, group_id: group, subscribed_topics: topic)
+    client = Prosody::Client.new(mock: true, group_id: group, subscribed_topics: topic, send_timeout: 10)
     (@clients ||= []) << client
     client.subscribe(handler)
     client.send_message(topic, "k", "own") # source-system = group_id
-    other = Prosody::Client.new(mock: true, source_system: "someone-else")
+    other = Prosody::Client.new(mock: true, source_system: "someone-else", send_timeout: 10)
     other.send_message(topic, "k", "foreign")
     wait_for(message: "the foreign record") { handler.count == 1 }
     expect(handler.payloads).to eq(["foreign"])

@@ -6,6 +6,7 @@ require "securerandom"
 require "stringio"
 
 Dir[File.join(__dir__, "support", "*.rb")].each { |f| require f }
+require_relative "integration/kafka_helper"
 
 RSpec.configure do |config|
   config.include SpecHelpers

@@ -53,6 +53,7 @@ impl Client {
             config.effective_source_system(),
             config.send_timeout,
         )?;
+        producer.warm_up(&crate::runtime::handle().map_err(KafkaError::Runtime)?);
         Ok(Self {
             config: Arc::new(config),
             bootstrap,

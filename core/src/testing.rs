@@ -76,3 +76,55 @@ impl RawProducer {
             .map_err(|e| format!("flush failed: {e}"))
     }
 }
+
+/// Creates `topic` with `partitions` partitions (replication 1) on the cluster at `bootstrap`
+/// and waits until its metadata shows every partition with a leader. An existing topic is fine.
+pub fn create_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    let runtime = crate::runtime::handle()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| format!("could not create an admin client: {e}"))?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = runtime
+        .block_on(admin.create_topics([&new], &options))
+        .map_err(|e| format!("could not create topic {topic:?}: {e}"))?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("could not create topic {name:?}: {code}")),
+        }
+    }
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| format!("could not create a metadata client: {e}"))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(metadata) = probe.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            let ready = metadata.topics().iter().any(|t| {
+                t.error().is_none()
+                    && t.partitions().len() == usize::try_from(partitions).unwrap_or(0)
+                    && t.partitions().iter().all(|p| p.leader() >= 0)
+            });
+            if ready {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("topic {topic:?} has no leaders after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -27,8 +27,10 @@ module SpecHelpers
   end
 
   def mock_client(topic, group: unique("group"), **options)
+    # A generous send_timeout: these specs prove behaviour, and a busy CI machine must not turn a
+    # slow first send (librdkafka's producer-id handshake) into a failure.
     Prosody::Client.new(mock: true, group_id: group, source_system: "spec-producer",
-                        subscribed_topics: topic, commit_interval: 0.05, **options)
+                        subscribed_topics: topic, commit_interval: 0.05, send_timeout: 10, **options)
   end
 
   def raw_producer

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use thiserror::Error;
 
 use super::KafkaError;
@@ -64,6 +64,20 @@ impl Producer {
             source_system: source_system.to_owned(),
             send_timeout,
         })
+    }
+
+    /// Connects in the background so the first send does not pay for it. librdkafka's idempotent
+    /// producer waits a fixed 500 ms for a broker connection before it asks for its producer id;
+    /// a metadata request brings connections up early, so the id is usually ready before the
+    /// application's first `send_message`.
+    pub fn warm_up(&self, runtime: &tokio::runtime::Handle) {
+        let producer = self.inner.clone();
+        let timeout = self.send_timeout.max(Duration::from_secs(5));
+        runtime.spawn_blocking(move || {
+            if let Err(e) = producer.client().fetch_metadata(None, timeout) {
+                log::debug!("producer warm-up: no metadata yet ({e})");
+            }
+        });
     }
 
     /// Sends one record and waits for the broker's acknowledgement or `send_timeout`.

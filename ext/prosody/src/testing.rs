@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use magnus::{function, method, prelude::*, Error, RHash, RModule, RString, Ruby};
 use prosody_core::kafka::mock;
-use prosody_core::testing::RawProducer as CoreRawProducer;
+use prosody_core::testing::{create_topic as core_create_topic, RawProducer as CoreRawProducer};
 
 use crate::ruby::{convert, errors, gvl::without_gvl};
 
@@ -66,6 +66,19 @@ fn mock_create_topic(ruby: &Ruby, topic: String, partitions: u64) -> Result<(), 
         .map_err(|e| errors::kafka(ruby, e))
 }
 
+/// Creates a topic on a real cluster and waits for its leaders (GVL released).
+fn create_topic(
+    ruby: &Ruby,
+    bootstrap: String,
+    topic: String,
+    partitions: i32,
+) -> Result<(), Error> {
+    without_gvl(ruby, |_| {
+        core_create_topic(&bootstrap, &topic, partitions, Duration::from_secs(30))
+    })?
+    .map_err(|e| errors::prosody(ruby, "ClientError", e))
+}
+
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("RawProducer", ruby.class_object())?;
     class.define_singleton_method("new", function!(RawProducer::new, 1))?;
@@ -76,5 +89,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         function!(mock_bootstrap_servers, 0),
     )?;
     native.define_module_function("mock_create_topic", function!(mock_create_topic, 2))?;
+    native.define_module_function("create_topic", function!(create_topic, 3))?;
     Ok(())
 }

@@ -1,0 +1,129 @@
+//! Helpers shared by the integration tests: runners that pull jobs the way the Ruby processor's
+//! workers do, and a recorder of what they saw.
+
+// A test helper: a failed unwrap is a failed assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prosody_core::config::{Config, RawValue};
+use prosody_core::event::Event;
+use prosody_core::handler::{Job, Outcome};
+use prosody_core::scheduler::{Scheduler, Take};
+
+/// What the runners saw.
+pub struct Recorder {
+    pub seen: Mutex<Vec<(Option<String>, i64, u64)>>,
+    pub running: Mutex<HashMap<Option<String>, usize>>,
+    pub active: AtomicUsize,
+    pub peak: AtomicUsize,
+    pub overlap: AtomicUsize,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            seen: Mutex::new(Vec::new()),
+            running: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            overlap: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Starts `n` runners that pull jobs from `scheduler`, as the Ruby processor's workers do.
+pub fn runners(n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
+    let scheduler = Arc::new(Scheduler::new());
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let wake = notify.clone();
+    scheduler.set_notify(move || wake.notify_waiters());
+    let rt = prosody_core::runtime::handle().unwrap();
+    for _ in 0..n {
+        let (scheduler, notify, rec) = (scheduler.clone(), notify.clone(), rec.clone());
+        rt.spawn(async move {
+            loop {
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match scheduler.take() {
+                    Take::Job(job) => handle(job, &rec).await,
+                    Take::Empty => notified.await,
+                    Take::Closed => return,
+                }
+            }
+        });
+    }
+    scheduler
+}
+
+/// Records what the job saw, after a short async delay.
+async fn handle(job: Job, rec: &Recorder) {
+    let (event, _cancel, done) = job.into_parts();
+    let Event::Message(m) = event;
+    let key = m.key.as_deref().map(str::to_owned);
+    {
+        let mut running = rec.running.lock().unwrap();
+        let n = running.entry(key.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            rec.overlap.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let now = rec.active.fetch_add(1, Ordering::SeqCst) + 1;
+    rec.peak.fetch_max(now, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    rec.active.fetch_sub(1, Ordering::SeqCst);
+    *rec.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
+    let seq = m.payload["seq"].as_u64().unwrap();
+    rec.seen.lock().unwrap().push((key, m.offset, seq));
+    done.complete(Outcome::Success);
+}
+
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A consumer configuration: mock mode when `bootstrap` is `None`.
+pub fn config(topic: &str, group: &str, max_concurrency: i64, bootstrap: Option<&str>) -> Config {
+    let server = match bootstrap {
+        Some(b) => ("bootstrap_servers".to_owned(), RawValue::Str(b.into())),
+        None => ("mock".to_owned(), RawValue::Bool(true)),
+    };
+    Config::resolve(vec![
+        server,
+        ("send_timeout".into(), RawValue::Float(15.0)),
+        ("group_id".into(), RawValue::Str(group.into())),
+        (
+            "source_system".into(),
+            RawValue::Str("test-producer".into()),
+        ),
+        ("subscribed_topics".into(), RawValue::Str(topic.into())),
+        ("max_concurrency".into(), RawValue::Int(max_concurrency)),
+        ("commit_interval".into(), RawValue::Float(0.05)),
+    ])
+    .unwrap()
+}
+
+pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}

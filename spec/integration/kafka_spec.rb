@@ -1,0 +1,127 @@
+# frozen_string_literal: true
+
+require "rbconfig"
+require "tmpdir"
+
+RSpec.describe "consuming from a real Kafka broker", :kafka do
+  let(:topic) { create_topic(unique("it-topic")) }
+
+  after { @clients&.each(&:unsubscribe) }
+
+  def start(handler, **options)
+    client = kafka_client(topic, **options)
+    (@clients ||= []) << client
+    client.subscribe(handler)
+    client
+  end
+
+  # Proves that a message sent with headers reaches a subscribed handler with them.
+  it "round-trips a message with headers through send_message and a subscribed handler" do
+    handler = SpecHelpers::RecordingHandler.new
+    client = start(handler)
+    client.send_message(topic, "key-1", { "hello" => ["kafka", 1, nil] }, headers: { "trace" => "abc" })
+    wait_for(timeout: 30, message: "the message") { handler.count == 1 }
+    message = handler.calls.first
+    expect(message.payload).to eq("hello" => ["kafka", 1, nil])
+    expect(message.headers).to eq("source-system" => "spec-producer", "trace" => "abc")
+    expect(message.key).to eq("key-1")
+    expect(message.topic).to eq(topic)
+  end
+
+  # Proves at-least-once delivery, per-key order and no overlap of a key across clients while
+  # a third client joins mid-stream and one leaves.
+  it "keeps order per key and never overlaps a key while clients join and leave" do
+    group = unique("group")
+    keys = 100
+    per_key = 100
+    lock = Mutex.new
+    running = Hash.new(0)
+    overlaps = []
+    order = Hash.new { |h, k| h[k] = [] }
+    make_handler = lambda do
+      SpecHelpers::RecordingHandler.new do |_context, message|
+        key = message.key
+        lock.synchronize { overlaps << key if (running[key] += 1) > 1 }
+        sleep 0.0005 # yield to other handlers
+        lock.synchronize do
+          order[key] << message.payload["seq"]
+          running[key] -= 1
+        end
+      end
+    end
+    seen = -> { lock.synchronize { order.values.sum { |seqs| seqs.uniq.size } } }
+    producer = raw_kafka_producer
+    produce = lambda do |range|
+      range.each do |seq|
+        keys.times { |k| producer.produce(topic, nil, "key-#{k}", JSON.generate("seq" => seq), {}) }
+      end
+      producer.flush(30)
+    end
+
+    first = start(make_handler.call, group:)
+    second = start(make_handler.call, group:)
+    produce.call(0...40)
+    wait_for(timeout: 60, message: "a share of the first batch") { seen.call >= 2_000 }
+    third = start(make_handler.call, group:)
+    produce.call(40...70)
+    wait_for(timeout: 60, message: "partitions to reach the third client") { third.assigned_partitions.positive? }
+    first.unsubscribe
+    @clients.delete(first)
+    produce.call(70...per_key)
+    wait_for(timeout: 90, message: "every message") { seen.call == keys * per_key }
+
+    expect(overlaps).to be_empty
+    expect(second.assigned_partitions + third.assigned_partitions).to eq(4)
+    order.each do |key, seqs|
+      expect(seqs.uniq.sort).to eq((0...per_key).to_a), "key #{key} missed messages"
+      bad_steps = seqs.each_cons(2).reject { |x, y| y == x + 1 || y <= x }
+      expect(bad_steps).to be_empty, "key #{key} out of order: #{seqs.inspect}"
+    end
+  end
+
+  # Proves that committed offsets survive a killed process: the replacement resumes from the
+  # last commit, re-delivers at most the uncommitted tail, and skips nothing.
+  it "resumes after a killed consumer from its last commit without skipping anything" do
+    group = unique("group")
+    total = 400
+    producer = raw_kafka_producer
+    total.times { |i| producer.produce(topic, nil, "key-#{i % 40}", JSON.generate("i" => i), {}) }
+    producer.flush(30)
+
+    out_path = File.join(Dir.tmpdir, "#{unique('killed')}.log")
+    script = File.expand_path("kill_consumer.rb", __dir__)
+    pid = Process.spawn(RbConfig.ruby, script, KafkaHelpers::BOOTSTRAP, topic, group, out_path, "150")
+    begin
+      wait_for(timeout: 60, message: "the child to pause") do
+        File.exist?(out_path) && File.read(out_path).include?("PAUSED")
+      end
+    ensure
+      Process.kill(:KILL, pid)
+      Process.wait(pid)
+    end
+    handled_before = File.readlines(out_path, chomp: true).reject { |l| l == "PAUSED" }.map { |l| l.split.map(&:to_i) }
+    # Handlers that passed the pause check before the 150th finished may add a few more.
+    expect(handled_before.size).to be >= 150
+
+    # Per partition, the finished prefix the child must have committed before it paused.
+    committed = Hash.new(0)
+    handled_before.group_by(&:first).each do |partition, pairs|
+      offsets = pairs.map(&:last).sort
+      committed[partition] += 1 while offsets.include?(committed[partition])
+    end
+
+    handler = SpecHelpers::RecordingHandler.new
+    start(handler, group:)
+    remaining = total - committed.values.sum
+    wait_for(timeout: 60, message: "the uncommitted rest") { handler.count >= remaining }
+    after = handler.calls.map { |m| [m.partition, m.offset] }
+
+    expect((handled_before + after).uniq.size).to eq(total), "a message was skipped"
+    after.group_by(&:first).each do |partition, pairs|
+      expect(pairs.map(&:last).min).to eq(committed[partition]),
+                                       "partition #{partition} did not resume at its commit"
+    end
+    redelivered = after & handled_before
+    expect(redelivered.size).to be < handled_before.size
+  end
+end
