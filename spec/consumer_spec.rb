@@ -3,13 +3,8 @@
 RSpec.describe "consuming in mock mode" do
   let(:topic) { unique("topic") }
 
-  after { @clients&.each(&:unsubscribe) }
-
   def start(handler, **options)
-    client = mock_client(topic, **options)
-    (@clients ||= []) << client
-    client.subscribe(handler)
-    client
+    subscribe_tracked(mock_client(topic, **options), handler)
   end
 
   it "round-trips every JSON type and headers, with the message's metadata" do
@@ -111,8 +106,7 @@ RSpec.describe "consuming in mock mode" do
     group = unique("group")
     handler = SpecHelpers::RecordingHandler.new
     client = Prosody::Client.new(mock: true, group_id: group, subscribed_topics: topic, send_timeout: 10)
-    (@clients ||= []) << client
-    client.subscribe(handler)
+    subscribe_tracked(client, handler)
     client.send_message(topic, "k", "own") # source-system = group_id
     other = Prosody::Client.new(mock: true, source_system: "someone-else", send_timeout: 10)
     other.send_message(topic, "k", "foreign")
@@ -233,7 +227,6 @@ RSpec.describe "consuming in mock mode" do
       Prosody.flush_logs || io.string[%r{assigned 4 partition\(s\): #{topic}/0, #{topic}/1}]
     end
     client.unsubscribe
-    @clients.delete(client)
     expect(wait_for { Prosody.flush_logs || io.string[/consumer stopped/] }).to be_truthy
     Prosody.logger = nil
     expect(Prosody.logger.level).to eq(Logger::INFO)

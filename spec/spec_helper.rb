@@ -19,4 +19,5 @@ RSpec.configure do |config|
     @log_io = StringIO.new
     Prosody.logger = Logger.new(@log_io, level: Logger::INFO)
   end
+  config.after { @clients&.each(&:unsubscribe) }
 end

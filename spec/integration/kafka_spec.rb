@@ -6,13 +6,8 @@ require "tmpdir"
 RSpec.describe "consuming from a real Kafka broker", :kafka do
   let(:topic) { create_topic(unique("it-topic")) }
 
-  after { @clients&.each(&:unsubscribe) }
-
   def start(handler, **options)
-    client = kafka_client(topic, **options)
-    (@clients ||= []) << client
-    client.subscribe(handler)
-    client
+    subscribe_tracked(kafka_client(topic, **options), handler)
   end
 
   # Proves that a message sent with headers reaches a subscribed handler with them.
@@ -66,7 +61,6 @@ RSpec.describe "consuming from a real Kafka broker", :kafka do
     produce.call(40...70)
     wait_for(timeout: 60, message: "partitions to reach the third client") { third.assigned_partitions.positive? }
     first.unsubscribe
-    @clients.delete(first)
     produce.call(70...per_key)
     wait_for(timeout: 90, message: "every message") { seen.call == keys * per_key }
 

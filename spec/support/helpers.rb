@@ -33,6 +33,14 @@ module SpecHelpers
                         subscribed_topics: topic, commit_interval: 0.05, send_timeout: 10, **options)
   end
 
+  # Subscribes +client+ with +handler+ and remembers it, so the example's clients are
+  # unsubscribed after it (see spec_helper).
+  def subscribe_tracked(client, handler)
+    (@clients ||= []) << client
+    client.subscribe(handler)
+    client
+  end
+
   def raw_producer
     Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
   end
