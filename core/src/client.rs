@@ -9,6 +9,8 @@ use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Producer, SendError};
 use crate::kafka::KafkaError;
 use crate::scheduler::Scheduler;
+use crate::timers::memory::MemoryStore;
+use crate::timers::TimerStore;
 
 /// Lifecycle of the consumer side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,9 +117,19 @@ impl Client {
             config: self.config.clone(),
             scheduler,
             runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
+            timers: self.timer_store(),
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);
         Ok(())
+    }
+
+    /// The timer store: in memory in mock mode; `None` otherwise until the Cassandra store lands.
+    pub fn timer_store(&self) -> Option<Arc<dyn TimerStore>> {
+        if self.config.mock {
+            Some(MemoryStore::shared())
+        } else {
+            None
+        }
     }
 
     /// Stops the subscription (drains, commits, leaves the group). A no-op when not subscribed.

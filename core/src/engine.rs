@@ -6,6 +6,7 @@ use tokio::runtime::Handle;
 
 use crate::config::Config;
 use crate::scheduler::Scheduler;
+use crate::timers::TimerStore;
 
 /// The per-subscription engine: configuration, the ready queue, the runtime.
 pub struct Engine {
@@ -15,4 +16,6 @@ pub struct Engine {
     pub scheduler: Arc<Scheduler>,
     /// The runtime workers and event tasks run on.
     pub runtime: Handle,
+    /// Where timers live (memory in mock mode); `None` when timers are unavailable.
+    pub timers: Option<Arc<dyn TimerStore>>,
 }

@@ -84,9 +84,24 @@ impl ConsumedMessage {
     }
 }
 
+/// A timer that came due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerEvent {
+    /// Topic of the partition the timer belongs to.
+    pub topic: Arc<str>,
+    /// Partition the timer belongs to.
+    pub partition: i32,
+    /// The key the timer belongs to.
+    pub key: Arc<str>,
+    /// When it was scheduled for, in seconds since the epoch.
+    pub time: i64,
+}
+
 /// An event a handler runs for.
 #[derive(Debug)]
 pub enum Event {
     /// A Kafka message.
     Message(ConsumedMessage),
+    /// A timer that came due.
+    Timer(TimerEvent),
 }

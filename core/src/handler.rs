@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::cancel::CancelToken;
 use crate::event::Event;
+use crate::timers::KeyTimers;
 
 /// How a handler call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +41,19 @@ pub struct Job {
     /// Cancelled when the job's partition is released before the job started; the scheduler
     /// then drops it instead of running it.
     pub abort: CancelToken,
+    /// The event key's timers, when a timer store is configured and the event has a key.
+    pub timers: Option<KeyTimers>,
     /// Reports the outcome to the partition worker.
     completion: Completion,
+}
+
+/// Which event of a partition an outcome is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// The message at this offset.
+    Offset(i64),
+    /// The key's timer at this time (seconds since the epoch).
+    Timer(i64),
 }
 
 /// An event's outcome, as its partition worker receives it.
@@ -49,36 +61,38 @@ pub struct Job {
 pub struct Finished {
     /// Key of the event (its queue).
     pub key: Option<Arc<str>>,
-    /// Offset of the event.
-    pub offset: i64,
+    /// Which event.
+    pub slot: Slot,
     /// How the handler call ended.
     pub outcome: Outcome,
 }
 
 impl Job {
-    /// A job whose outcome is sent to `done` as a [`Finished`] for `key` and `offset`.
+    /// A job whose outcome is sent to `done` as a [`Finished`] for `key` and `slot`.
     pub fn new(
         event: Event,
         cancel: CancelToken,
         abort: CancelToken,
+        timers: Option<KeyTimers>,
         done: mpsc::UnboundedSender<Finished>,
         key: Option<Arc<str>>,
-        offset: i64,
+        slot: Slot,
     ) -> Self {
         Self {
             event,
             cancel,
             abort,
+            timers,
             completion: Completion {
-                target: Some((done, key, offset)),
+                target: Some((done, key, slot)),
             },
         }
     }
 
     /// Splits the job so the event can be moved to the runner while the completion handle
     /// stays with whoever reports the outcome.
-    pub fn into_parts(self) -> (Event, CancelToken, Completion) {
-        (self.event, self.cancel, self.completion)
+    pub fn into_parts(self) -> (Event, CancelToken, Option<KeyTimers>, Completion) {
+        (self.event, self.cancel, self.timers, self.completion)
     }
 }
 
@@ -87,7 +101,7 @@ impl Job {
 #[derive(Debug)]
 pub struct Completion {
     /// Where the outcome goes, and for which event; taken when sent.
-    target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, i64)>,
+    target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, Slot)>,
 }
 
 impl Completion {
@@ -97,12 +111,8 @@ impl Completion {
     }
 
     fn send(&mut self, outcome: Outcome) {
-        if let Some((done, key, offset)) = self.target.take() {
-            let _ = done.send(Finished {
-                key,
-                offset,
-                outcome,
-            });
+        if let Some((done, key, slot)) = self.target.take() {
+            let _ = done.send(Finished { key, slot, outcome });
         }
     }
 }

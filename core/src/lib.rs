@@ -18,6 +18,7 @@
 //! | cancellation signal | [`cancel`] |
 //! | shared tokio runtime | [`runtime`] |
 //! | raw producer for tests and benchmarks | [`testing`] |
+//! | per-key timers: store contract, memory store, context handle | [`timers`] |
 
 pub mod cancel;
 pub mod client;
@@ -30,4 +31,5 @@ pub mod partition;
 pub mod runtime;
 pub mod scheduler;
 pub mod testing;
+pub mod timers;
 pub mod waker;

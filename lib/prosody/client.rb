@@ -62,6 +62,11 @@ module Prosody
         raise ArgumentError, "handler must respond to on_message(context, message), got #{handler.class}"
       end
 
+      if uses_timers?(handler) && !@native.timers_available?
+        raise SubscriptionError, "#{handler.class} defines on_timer, and timers need a store: set " \
+                                 "cassandra_nodes (or PROSODY_CASSANDRA_NODES), or use mock: true in tests"
+      end
+
       @lock.synchronize do
         raise SubscriptionError, "already subscribed; call unsubscribe first" if @processor
 
@@ -121,6 +126,10 @@ module Prosody
     end
 
     private
+
+    def uses_timers?(handler)
+      handler.respond_to?(:uses_timers?) ? handler.uses_timers? : handler.respond_to?(:on_timer)
+    end
 
     def string_arg(name, value, allow_empty: false)
       value = value.to_s if value.is_a?(Symbol)

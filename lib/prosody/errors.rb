@@ -12,6 +12,10 @@ module Prosody
   # or the consumer could not be created.
   class SubscriptionError < Error; end
 
+  # Raised when a timer operation cannot be done: the event has no key, the client has no timer
+  # store, or the store failed.
+  class TimerError < Error; end
+
   # Raised when the client itself cannot be created or used (librdkafka rejected the settings,
   # the engine could not start).
   class ClientError < Error; end

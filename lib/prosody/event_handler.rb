@@ -13,5 +13,22 @@ module Prosody
     def on_message(context, message)
       raise NotImplementedError, "#{self.class} must implement on_message(context, message)"
     end
+
+    # Handles a timer of a key, scheduled earlier with {Context#schedule}. It runs in the key's
+    # order with its messages, never at the same time as one. An exception marks the timer
+    # failed; it stays stored and is retried with backoff.
+    #
+    # @param context [Prosody::Context]
+    # @param timer [Prosody::Timer]
+    # @return [void]
+    def on_timer(context, timer)
+      raise NotImplementedError, "#{self.class} scheduled a timer but does not implement on_timer(context, timer)"
+    end
+
+    # @api private
+    # @return [Boolean] whether this handler defines its own on_timer
+    def uses_timers?
+      method(:on_timer).owner != Prosody::EventHandler
+    end
   end
 end

@@ -11,15 +11,4 @@ module Prosody
         payload:, headers: }
     end
   end
-
-  # What a handler can ask about the event it handles (defined natively).
-  class Context
-    # Waits until cancellation is requested (timeout, revoke or shutdown). Inside a handler it
-    # yields to other handlers while it waits.
-    #
-    # @return [void]
-    def on_cancel
-      sleep(0.01) until should_cancel?
-    end
-  end
 end

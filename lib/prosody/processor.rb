@@ -118,16 +118,24 @@ module Prosody
 
     def run_job(job, worker, running)
       running[job.id] = worker
-      message = job.message
       context = job.context
+      if (timer = job.timer)
+        event = Timer.new(timer[0], Time.at(timer[1]))
+      else
+        message = event = job.message
+      end
       begin
-        @handler.on_message(context, message)
+        if message
+          @handler.on_message(context, message)
+        else
+          @handler.on_timer(context, event)
+        end
         completed(job.succeed)
       rescue Async::Stop
         completed(job.fail("Async::Stop", "cancelled", false))
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
-        report(e, message)
+        report(e, event)
         completed(job.fail(e.class.name.to_s, e.message.to_s, false))
       end
     ensure
@@ -141,12 +149,12 @@ module Prosody
       @reactor << @flusher if first
     end
 
-    def report(error, message)
-      where = if message
-                "topic=#{message.topic} partition=#{message.partition} offset=#{message.offset} " \
-                  "key=#{message.key.inspect}"
-              else
-                "unknown event"
+    def report(error, event)
+      where = case event
+              when Message
+                "topic=#{event.topic} partition=#{event.partition} offset=#{event.offset} key=#{event.key.inspect}"
+              when Timer then "timer key=#{event.key.inspect} time=#{event.time.utc}"
+              else "unknown event"
               end
       trace = (error.backtrace || []).first(10).join("\n  ")
       Prosody.logger.error("handler failed #{where}: #{error.class}: #{error.message}\n  #{trace}")

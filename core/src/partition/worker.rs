@@ -3,10 +3,10 @@
 //! ran each event. Everything that mutates the queues or the tracker happens on this one task, so
 //! neither needs a lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::OwnedMessage;
 use tokio::sync::{mpsc, oneshot};
@@ -16,11 +16,88 @@ use super::keys::KeyQueues;
 use super::offsets::OffsetTracker;
 use crate::cancel::CancelToken;
 use crate::engine::Engine;
-use crate::event::{ConsumedMessage, Event, SOURCE_SYSTEM_HEADER};
-use crate::handler::{Finished, Job, Outcome};
+use crate::event::{ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
+use crate::handler::{Finished, Job, Outcome, Slot};
+use crate::timers::{self, KeyTimers, Scope, Seconds, TimerChange, TimerStore};
 use crate::waker::Waker;
 
 type Key = Option<Arc<str>>;
+
+/// An event waiting in (or at the head of) its key's queue.
+#[derive(Debug)]
+enum Pending {
+    /// A consumed message.
+    Message(ConsumedMessage),
+    /// A due timer of the key, by its time.
+    Timer(Arc<str>, Seconds),
+}
+
+/// The partition's timers as the worker schedules them.
+struct PartitionTimers {
+    /// Where they are stored.
+    store: Arc<dyn TimerStore>,
+    /// This partition, for the store.
+    scope: Scope,
+    /// Stored timers not yet handed to their key's queue, earliest first.
+    pending: BTreeSet<(Seconds, Arc<str>)>,
+    /// Timers in a key queue or running; removed from the store only after success.
+    firing: HashSet<(Arc<str>, Seconds)>,
+    /// Firing timers that their key scheduled again meanwhile (e.g. `on_timer` re-arming for the
+    /// same second): kept and fired again instead of deleted after success.
+    rearmed: HashSet<(Arc<str>, Seconds)>,
+    /// Failed attempts per timer, for the retry backoff.
+    attempts: HashMap<(Arc<str>, Seconds), u32>,
+    /// Changes from handler contexts and retry timers.
+    changes: mpsc::UnboundedSender<TimerChange>,
+}
+
+impl PartitionTimers {
+    fn apply(&mut self, change: TimerChange) {
+        match change {
+            TimerChange::Added(key, time) => {
+                if self.firing.contains(&(key.clone(), time)) {
+                    self.rearmed.insert((key, time));
+                } else {
+                    self.pending.insert((time, key));
+                }
+            }
+            TimerChange::Removed(key, time) => {
+                self.rearmed.remove(&(key.clone(), time));
+                self.pending.remove(&(time, key));
+            }
+            TimerChange::Cleared(key) => {
+                self.rearmed.retain(|(k, _)| *k != key);
+                self.pending.retain(|(_, k)| *k != key);
+            }
+        }
+    }
+
+    /// When the earliest pending timer is due, as a monotonic instant.
+    fn next_due(&self) -> Option<Instant> {
+        let (time, _) = self.pending.first()?;
+        let wall = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(*time).unwrap_or(0));
+        let wait = wall
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Some(Instant::now() + wait)
+    }
+
+    /// Takes every pending timer whose time has come (never early: whole seconds elapsed).
+    fn take_due(&mut self) -> Vec<(Arc<str>, Seconds)> {
+        let now = timers::now();
+        let mut due = Vec::new();
+        while let Some((time, _)) = self.pending.first() {
+            if *time > now {
+                break;
+            }
+            if let Some((time, key)) = self.pending.pop_first() {
+                self.firing.insert((key.clone(), time));
+                due.push((key, time));
+            }
+        }
+        due
+    }
+}
 
 /// State of a partition shared between its worker and the poll thread.
 #[derive(Debug)]
@@ -99,12 +176,14 @@ struct Worker {
     shared: Arc<PartitionShared>,
     /// Where outcomes are sent; cloned into each job's completion.
     done: mpsc::UnboundedSender<Finished>,
-    /// Per-key FIFO of events waiting behind the key's in-flight event.
-    keys: KeyQueues<Key, ConsumedMessage>,
+    /// Per-key FIFO of events (messages and due timers) waiting behind the key's in-flight one.
+    keys: KeyQueues<Key, Pending>,
     /// Taken offsets and the commit watermark.
     tracker: OffsetTracker,
-    /// Cancellation of each in-flight event, by offset.
-    in_flight: HashMap<i64, CancelToken>,
+    /// Cancellation of each in-flight event.
+    in_flight: HashMap<Slot, CancelToken>,
+    /// The partition's timers, when a store is configured.
+    timers: Option<PartitionTimers>,
     /// Cancelled on drain so events still waiting for a runner never start.
     abort: CancelToken,
 }
@@ -118,6 +197,20 @@ pub(crate) fn spawn_worker(
 ) -> mpsc::UnboundedSender<WorkerInput> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done, done_rx) = mpsc::unbounded_channel();
+    let (changes, changes_rx) = mpsc::unbounded_channel();
+    let timers = engine.timers.clone().map(|store| PartitionTimers {
+        store,
+        scope: Scope {
+            group: Arc::from(engine.config.group_id.as_deref().unwrap_or_default()),
+            topic: topic.clone(),
+            partition,
+        },
+        pending: BTreeSet::new(),
+        firing: HashSet::new(),
+        rearmed: HashSet::new(),
+        attempts: HashMap::new(),
+        changes,
+    });
     let worker = Worker {
         topic,
         partition,
@@ -127,9 +220,10 @@ pub(crate) fn spawn_worker(
         keys: KeyQueues::new(),
         tracker: OffsetTracker::new(),
         in_flight: HashMap::new(),
+        timers,
         abort: CancelToken::new(),
     };
-    engine.runtime.spawn(worker.run(rx, done_rx));
+    engine.runtime.spawn(worker.run(rx, done_rx, changes_rx));
     tx
 }
 
@@ -138,12 +232,22 @@ impl Worker {
         mut self,
         mut rx: mpsc::UnboundedReceiver<WorkerInput>,
         mut done_rx: mpsc::UnboundedReceiver<Finished>,
+        mut changes_rx: mpsc::UnboundedReceiver<TimerChange>,
     ) {
+        self.load_timers().await;
         loop {
+            let next_due = self.timers.as_ref().and_then(PartitionTimers::next_due);
             tokio::select! {
                 // Outcomes first: they free room and release the keys' next events.
                 biased;
-                Some(finished) = done_rx.recv() => self.on_finished(finished),
+                Some(finished) = done_rx.recv() => self.on_finished(finished).await,
+                Some(change) = changes_rx.recv() => {
+                    if let Some(timers) = self.timers.as_mut() {
+                        timers.apply(change);
+                    }
+                    self.fire_due();
+                }
+                _ = sleep_until(next_due.unwrap_or_else(Instant::now).into()), if next_due.is_some() => self.fire_due(),
                 input = rx.recv() => match input {
                     Some(WorkerInput::Record(record)) => self.on_record(record),
                     Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
@@ -191,43 +295,126 @@ impl Worker {
                 return;
             }
         }
-        if let Some(ready) = self.keys.push(message.key.clone(), message) {
+        if let Some(ready) = self
+            .keys
+            .push(message.key.clone(), Pending::Message(message))
+        {
             self.start(ready);
         }
     }
 
-    fn on_finished(&mut self, finished: Finished) {
-        let Finished {
-            key,
-            offset,
-            outcome,
-        } = finished;
-        self.in_flight.remove(&offset);
-        match outcome {
-            Outcome::Success => self.retire(offset),
-            Outcome::Failure {
-                error_class,
-                message,
-                ..
-            } => {
-                // The runner logged the exception in full; until retries exist a failed event
-                // is committed so that it does not block its partition.
-                log::debug!(
-                    "committing failed event topic={} partition={} offset={} ({error_class}: {message})",
-                    self.topic,
-                    self.partition,
-                    offset
-                );
-                self.retire(offset);
+    /// Loads the partition's stored timers into the schedule.
+    async fn load_timers(&mut self) {
+        let Some(timers) = self.timers.as_mut() else {
+            return;
+        };
+        match timers.store.load(&timers.scope, timers::MAX_TIME).await {
+            Ok(loaded) => {
+                for (key, time) in loaded {
+                    timers.pending.insert((time, key));
+                }
             }
-            // Not finished: the offset stays uncommitted and is re-delivered after a restart.
-            Outcome::Abandoned => {}
+            Err(e) => log::error!(
+                "could not load the timers of topic={} partition={}: {e}; they fire after the next assignment",
+                self.topic,
+                self.partition
+            ),
+        }
+        self.fire_due();
+    }
+
+    /// Hands every due timer to its key's queue.
+    fn fire_due(&mut self) {
+        if self.abort.is_cancelled() {
+            return;
+        }
+        let due = match self.timers.as_mut() {
+            Some(timers) => timers.take_due(),
+            None => return,
+        };
+        for (key, time) in due {
+            if let Some(ready) = self.keys.push(Some(key.clone()), Pending::Timer(key, time)) {
+                self.start(ready);
+            }
+        }
+    }
+
+    async fn on_finished(&mut self, finished: Finished) {
+        let Finished { key, slot, outcome } = finished;
+        self.in_flight.remove(&slot);
+        match slot {
+            Slot::Offset(offset) => match outcome {
+                Outcome::Success => self.retire(offset),
+                Outcome::Failure {
+                    error_class,
+                    message,
+                    ..
+                } => {
+                    // The runner logged the exception in full; until retries exist a failed
+                    // message is committed so that it does not block its partition.
+                    log::debug!(
+                        "committing failed event topic={} partition={} offset={offset} ({error_class}: {message})",
+                        self.topic,
+                        self.partition,
+                    );
+                    self.retire(offset);
+                }
+                // Not finished: the offset stays uncommitted and is re-delivered after a restart.
+                Outcome::Abandoned => {}
+            },
+            Slot::Timer(time) => {
+                if let Some(timer_key) = key.clone() {
+                    self.timer_finished(timer_key, time, outcome).await;
+                }
+            }
         }
         if self.abort.is_cancelled() {
             return;
         }
         if let Some(next) = self.keys.finish(&key) {
             self.start(next);
+        }
+    }
+
+    /// A timer's handler ended: delete it after success; retry it with backoff after a failure
+    /// (it stays stored, so it is never silently dropped); leave it stored when abandoned.
+    async fn timer_finished(&mut self, key: Arc<str>, time: Seconds, outcome: Outcome) {
+        let Some(timers) = self.timers.as_mut() else {
+            return;
+        };
+        timers.firing.remove(&(key.clone(), time));
+        match outcome {
+            Outcome::Success => {
+                timers.attempts.remove(&(key.clone(), time));
+                if timers.rearmed.remove(&(key.clone(), time)) {
+                    // Scheduled again while it ran: it stays stored and fires once more.
+                    timers.pending.insert((time, key));
+                    return;
+                }
+                if let Err(e) = timers.store.unschedule(&timers.scope, &key, time).await {
+                    log::warn!("could not delete fired timer key={key:?} time={time}: {e}; it may fire again");
+                }
+            }
+            Outcome::Failure { .. } => {
+                let attempts = timers.attempts.entry((key.clone(), time)).or_default();
+                *attempts += 1;
+                // 1 s, 2 s, 4 s, ... capped at one minute.
+                let delay = Duration::from_secs(1u64 << (*attempts - 1).min(6))
+                    .min(Duration::from_secs(60));
+                log::warn!(
+                    "on_timer failed for key={key:?} time={time} (attempt {attempts}); retrying in {delay:?}"
+                );
+                let changes = timers.changes.clone();
+                self.engine.runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = changes.send(TimerChange::Added(key, time));
+                });
+            }
+            Outcome::Abandoned => {
+                if !self.abort.is_cancelled() {
+                    timers.pending.insert((time, key));
+                }
+            }
         }
     }
 
@@ -243,18 +430,43 @@ impl Worker {
 
     /// Starts the key's in-flight event: submits it to the scheduler; the runner's completion
     /// sends the outcome back to this worker.
-    fn start(&mut self, message: ConsumedMessage) {
+    fn start(&mut self, pending: Pending) {
         let cancel = CancelToken::new();
-        self.in_flight.insert(message.offset, cancel.clone());
-        let key = message.key.clone();
-        let offset = message.offset;
+        let (key, slot, event) = match pending {
+            Pending::Message(message) => (
+                message.key.clone(),
+                Slot::Offset(message.offset),
+                Event::Message(message),
+            ),
+            Pending::Timer(key, time) => (
+                Some(key.clone()),
+                Slot::Timer(time),
+                Event::Timer(TimerEvent {
+                    topic: self.topic.clone(),
+                    partition: self.partition,
+                    key,
+                    time,
+                }),
+            ),
+        };
+        self.in_flight.insert(slot, cancel.clone());
+        let timers = match (&self.timers, &key) {
+            (Some(t), Some(k)) => Some(KeyTimers::new(
+                t.store.clone(),
+                t.scope.clone(),
+                k.clone(),
+                t.changes.clone(),
+            )),
+            _ => None,
+        };
         let job = Job::new(
-            Event::Message(message),
+            event,
             cancel,
             self.abort.clone(),
+            timers,
             self.done.clone(),
             key,
-            offset,
+            slot,
         );
         self.engine.scheduler.submit(job);
     }
@@ -277,7 +489,7 @@ impl Worker {
         while !self.in_flight.is_empty() {
             let deadline = if cancelled { give_up_at } else { cancel_at };
             tokio::select! {
-                Some(finished) = done_rx.recv() => self.on_finished(finished),
+                Some(finished) = done_rx.recv() => self.on_finished(finished).await,
                 input = rx.recv(), if input_open => match input {
                     Some(WorkerInput::Record(_)) => {}
                     Some(WorkerInput::Drain { ack, .. }) => { let _ = ack.send(None); }

@@ -36,8 +36,8 @@ pub struct Scheduler {
 /// What a runner gets from [`Scheduler::take`].
 #[derive(Debug)]
 pub enum Take {
-    /// Run this job.
-    Job(Job),
+    /// Run this job (boxed: a job is much larger than the other variants).
+    Job(Box<Job>),
     /// Nothing ready; the notifier fires when something arrives.
     Empty,
     /// The subscription ended.
@@ -78,7 +78,7 @@ impl Scheduler {
             return Take::Closed;
         };
         match state.ready.pop_front() {
-            Some(job) => Take::Job(job),
+            Some(job) => Take::Job(Box::new(job)),
             None if state.closed => Take::Closed,
             None => {
                 state.idle = true;

@@ -134,6 +134,10 @@ impl Client {
     fn mock(&self) -> bool {
         self.0.config().mock
     }
+
+    fn timers_available(&self) -> bool {
+        self.0.timer_store().is_some()
+    }
 }
 
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
@@ -153,5 +157,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("shutdown_timeout", method!(Client::shutdown_timeout, 0))?;
     class.define_method("bootstrap_servers", method!(Client::bootstrap_servers, 0))?;
     class.define_method("mock?", method!(Client::mock, 0))?;
+    class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! `Prosody::Native::Job`: one handler call as the Ruby processor sees it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
 use prosody_core::cancel::CancelToken;
 use prosody_core::event::Event;
 use prosody_core::handler::{Completion, Job, Outcome};
+use prosody_core::timers::KeyTimers;
 
 use crate::bridge::BridgeInner;
 use crate::context::Context;
@@ -19,6 +21,12 @@ pub struct JobObj {
     event: Mutex<Option<Event>>,
     /// The job's cancellation signal.
     cancel: CancelToken,
+    /// The event key's timers, if any.
+    timers: Option<KeyTimers>,
+    /// Whether the handler is still running; a context refuses to work once it is false.
+    active: Arc<AtomicBool>,
+    /// `[key, seconds]` when the event is a timer.
+    timer: Option<(String, i64)>,
     /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
     completion: Mutex<Option<Completion>>,
     /// Buffers the outcome until the bridge flushes.
@@ -27,11 +35,18 @@ pub struct JobObj {
 
 impl JobObj {
     pub fn new(id: u64, job: Job, bridge: Arc<BridgeInner>) -> Self {
-        let (event, cancel, completion) = job.into_parts();
+        let (event, cancel, timers, completion) = job.into_parts();
+        let timer = match &event {
+            Event::Timer(t) => Some((t.key.to_string(), t.time)),
+            Event::Message(_) => None,
+        };
         Self {
             id,
             event: Mutex::new(Some(event)),
             cancel,
+            timers,
+            active: Arc::new(AtomicBool::new(true)),
+            timer,
             completion: Mutex::new(Some(completion)),
             bridge,
         }
@@ -41,22 +56,38 @@ impl JobObj {
         self.id
     }
 
-    /// The event as a `Prosody::Message`; nil after the first call.
+    /// The event as a `Prosody::Message`; nil for a timer, and after the first call.
     fn message(ruby: &Ruby, rb_self: &Self) -> Value {
-        let event = rb_self.event.lock().ok().and_then(|mut e| e.take());
-        match event {
+        let mut slot = match rb_self.event.lock() {
+            Ok(slot) => slot,
+            Err(_) => return ruby.qnil().as_value(),
+        };
+        match slot.take() {
             Some(Event::Message(m)) => ruby.into_value(Message::new(m)),
-            None => ruby.qnil().as_value(),
+            other => {
+                *slot = other;
+                ruby.qnil().as_value()
+            }
         }
     }
 
+    /// `[key, seconds since the epoch]` when the event is a timer, else nil.
+    fn timer(&self) -> Option<(String, i64)> {
+        self.timer.clone()
+    }
+
     fn context(&self) -> Context {
-        Context::new(self.cancel.clone())
+        Context::new(
+            self.cancel.clone(),
+            self.timers.clone(),
+            self.active.clone(),
+        )
     }
 
     /// Hands the outcome to the bridge. True when the caller must schedule a flush (this was the
     /// first outcome buffered since the last one).
     fn finish(&self, outcome: Outcome) -> bool {
+        self.active.store(false, Ordering::Release);
         let completion = self.completion.lock().ok().and_then(|mut c| c.take());
         match completion {
             Some(c) => self.bridge.complete(c, outcome),
@@ -84,6 +115,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.undef_default_alloc_func();
     class.define_method("id", method!(JobObj::id, 0))?;
     class.define_method("message", method!(JobObj::message, 0))?;
+    class.define_method("timer", method!(JobObj::timer, 0))?;
     class.define_method("context", method!(JobObj::context, 0))?;
     class.define_method("succeed", method!(JobObj::succeed, 0))?;
     class.define_method("fail", method!(JobObj::fail, 3))?;

@@ -1,0 +1,126 @@
+//! Timers kept in process memory (mock mode). They belong to the scope and key, not to one
+//! assignment, so they survive a rebalance within the process; they do not survive the process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
+
+/// Each key's timers within one scope.
+type KeyTimes = BTreeMap<Arc<str>, BTreeSet<Seconds>>;
+
+/// The timers of every scope, by scope then key.
+#[derive(Default)]
+pub struct MemoryStore {
+    /// Per scope: each key's timers.
+    timers: Mutex<BTreeMap<Scope, KeyTimes>>,
+}
+
+/// Shared by every mock-mode client of the process (a documented static), as the mock cluster is.
+static SHARED: OnceLock<Arc<MemoryStore>> = OnceLock::new();
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process-wide store used in mock mode.
+    pub fn shared() -> Arc<MemoryStore> {
+        SHARED.get_or_init(|| Arc::new(MemoryStore::new())).clone()
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<Scope, KeyTimes>) -> T,
+    ) -> Result<T, TimerError> {
+        self.timers
+            .lock()
+            .map(|mut t| f(&mut t))
+            .map_err(|_| TimerError::Store("memory store poisoned".into()))
+    }
+}
+
+impl TimerStore for MemoryStore {
+    fn schedule<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+        time: Seconds,
+    ) -> BoxFuture<'a, Result<(), TimerError>> {
+        let result = self.with(|t| {
+            t.entry(scope.clone())
+                .or_default()
+                .entry(Arc::from(key))
+                .or_default()
+                .insert(time);
+        });
+        Box::pin(async move { result })
+    }
+
+    fn unschedule<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+        time: Seconds,
+    ) -> BoxFuture<'a, Result<(), TimerError>> {
+        let result = self.with(|t| {
+            if let Some(keys) = t.get_mut(scope) {
+                if let Some(times) = keys.get_mut(key) {
+                    times.remove(&time);
+                    if times.is_empty() {
+                        keys.remove(key);
+                    }
+                }
+            }
+        });
+        Box::pin(async move { result })
+    }
+
+    fn clear<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<(), TimerError>> {
+        let result = self.with(|t| {
+            if let Some(keys) = t.get_mut(scope) {
+                keys.remove(key);
+            }
+        });
+        Box::pin(async move { result })
+    }
+
+    fn scheduled<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Seconds>, TimerError>> {
+        let result = self.with(|t| {
+            t.get(scope)
+                .and_then(|keys| keys.get(key))
+                .map(|times| times.iter().copied().collect())
+                .unwrap_or_default()
+        });
+        Box::pin(async move { result })
+    }
+
+    fn load<'a>(
+        &'a self,
+        scope: &'a Scope,
+        until: Seconds,
+    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Seconds)>, TimerError>> {
+        let result = self.with(|t| {
+            let mut due: Due = t
+                .get(scope)
+                .map(|keys| {
+                    keys.iter()
+                        .flat_map(|(k, times)| times.range(..=until).map(move |s| (k.clone(), *s)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            due.sort_by_key(|(_, s)| *s);
+            due
+        });
+        Box::pin(async move { result })
+    }
+}

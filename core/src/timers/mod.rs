@@ -1,0 +1,190 @@
+//! Durable per-key timers.
+//!
+//! A timer belongs to a key of a partition of a topic, for one consumer group ([`Scope`] plus
+//! key), is stored with second precision, and is kept until its `on_timer` handler succeeded. The
+//! partition worker keeps the partition's pending timers in memory and fires each due one as an
+//! event in its key's queue, so a key's timers and messages never overlap. Stores implement
+//! [`TimerStore`]; [`memory::MemoryStore`] serves mock mode.
+
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+/// Seconds since the Unix epoch: the unit timers are stored in.
+pub type Seconds = i64;
+
+/// Earliest time a timer can have: 1970-01-01T00:00:00Z.
+pub const MIN_TIME: Seconds = 0;
+/// Latest time a timer can have: 9999-12-31T23:59:59Z.
+pub const MAX_TIME: Seconds = 253_402_300_799;
+
+/// Where timers live: one consumer group's view of one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope {
+    /// Consumer group.
+    pub group: Arc<str>,
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+}
+
+/// Why a timer operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TimerError {
+    /// The time is outside what the stores can hold.
+    #[error(
+        "timer time {0} is outside the supported range 1970-01-01T00:00:00Z..9999-12-31T23:59:59Z"
+    )]
+    OutOfRange(Seconds),
+    /// The store failed.
+    #[error("timer store: {0}")]
+    Store(String),
+}
+
+/// Timers as `(key, time)`, earliest first.
+pub type Due = Vec<(Arc<str>, Seconds)>;
+
+/// A boxed future, so the trait stays object-safe without extra crates.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Persistent timers. Every operation is acknowledged only once durable.
+pub trait TimerStore: Send + Sync + 'static {
+    /// Adds a timer; an existing one at the same second stays a single timer.
+    fn schedule<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+        time: Seconds,
+    ) -> BoxFuture<'a, Result<(), TimerError>>;
+    /// Removes the timer at `time`, if any.
+    fn unschedule<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+        time: Seconds,
+    ) -> BoxFuture<'a, Result<(), TimerError>>;
+    /// Removes every timer of the key.
+    fn clear<'a>(&'a self, scope: &'a Scope, key: &'a str)
+        -> BoxFuture<'a, Result<(), TimerError>>;
+    /// The key's timers, earliest first.
+    fn scheduled<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Seconds>, TimerError>>;
+    /// Every timer of the scope at or before `until`, earliest first.
+    fn load<'a>(
+        &'a self,
+        scope: &'a Scope,
+        until: Seconds,
+    ) -> BoxFuture<'a, Result<Due, TimerError>>;
+}
+
+/// Checks that `time` is within the supported range.
+pub fn check_range(time: Seconds) -> Result<Seconds, TimerError> {
+    if (MIN_TIME..=MAX_TIME).contains(&time) {
+        Ok(time)
+    } else {
+        Err(TimerError::OutOfRange(time))
+    }
+}
+
+/// The current time in [`Seconds`].
+pub fn now() -> Seconds {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(MAX_TIME))
+        .unwrap_or(MIN_TIME)
+}
+
+/// A change to a partition's timers, sent to its worker so its in-memory schedule follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerChange {
+    /// A timer was stored.
+    Added(Arc<str>, Seconds),
+    /// A timer was removed.
+    Removed(Arc<str>, Seconds),
+    /// Every timer of the key was removed.
+    Cleared(Arc<str>),
+}
+
+/// What a handler's context uses to manage its own key's timers.
+#[derive(Clone)]
+pub struct KeyTimers {
+    /// Where timers are stored.
+    store: Arc<dyn TimerStore>,
+    /// The event's partition.
+    scope: Scope,
+    /// The event's key.
+    key: Arc<str>,
+    /// The partition worker's schedule.
+    changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
+}
+
+impl std::fmt::Debug for KeyTimers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyTimers({:?}, {:?})", self.scope, self.key)
+    }
+}
+
+impl KeyTimers {
+    /// Timers of `key` in `scope`.
+    pub fn new(
+        store: Arc<dyn TimerStore>,
+        scope: Scope,
+        key: Arc<str>,
+        changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
+    ) -> Self {
+        Self {
+            store,
+            scope,
+            key,
+            changes,
+        }
+    }
+
+    fn tell(&self, change: TimerChange) {
+        // A worker that is gone (partition released) reloads from the store on the next assign.
+        let _ = self.changes.send(change);
+    }
+
+    /// Stores a timer at `time` (idempotent per second).
+    pub async fn schedule(&self, time: Seconds) -> Result<(), TimerError> {
+        check_range(time)?;
+        self.store.schedule(&self.scope, &self.key, time).await?;
+        self.tell(TimerChange::Added(self.key.clone(), time));
+        Ok(())
+    }
+
+    /// Removes the timer at `time`, if any.
+    pub async fn unschedule(&self, time: Seconds) -> Result<(), TimerError> {
+        check_range(time)?;
+        self.store.unschedule(&self.scope, &self.key, time).await?;
+        self.tell(TimerChange::Removed(self.key.clone(), time));
+        Ok(())
+    }
+
+    /// Removes every timer of the key.
+    pub async fn clear(&self) -> Result<(), TimerError> {
+        self.store.clear(&self.scope, &self.key).await?;
+        self.tell(TimerChange::Cleared(self.key.clone()));
+        Ok(())
+    }
+
+    /// Removes every timer of the key, then stores one at `time`.
+    pub async fn clear_and_schedule(&self, time: Seconds) -> Result<(), TimerError> {
+        check_range(time)?;
+        self.clear().await?;
+        self.schedule(time).await
+    }
+
+    /// The key's timers, earliest first.
+    pub async fn scheduled(&self) -> Result<Vec<Seconds>, TimerError> {
+        self.store.scheduled(&self.scope, &self.key).await
+    }
+}
