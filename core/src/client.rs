@@ -9,6 +9,7 @@ use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Producer, SendError};
 use crate::kafka::KafkaError;
 use crate::scheduler::Scheduler;
+use crate::timers::cassandra::CassandraStore;
 use crate::timers::memory::MemoryStore;
 use crate::timers::TimerStore;
 
@@ -33,6 +34,8 @@ pub struct Client {
     producer: Producer,
     /// The running subscription, if any.
     subscription: Mutex<Option<Subscription>>,
+    /// The Cassandra timer store, set up on the first subscribe and kept for later ones.
+    cassandra: Mutex<Option<Arc<dyn TimerStore>>>,
 }
 
 impl Client {
@@ -61,6 +64,7 @@ impl Client {
             bootstrap,
             producer,
             subscription: Mutex::new(None),
+            cassandra: Mutex::new(None),
         })
     }
 
@@ -117,19 +121,60 @@ impl Client {
             config: self.config.clone(),
             scheduler,
             runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
-            timers: self.timer_store(),
+            timers: self.timer_store()?,
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);
         Ok(())
     }
 
-    /// The timer store: in memory in mock mode; `None` otherwise until the Cassandra store lands.
-    pub fn timer_store(&self) -> Option<Arc<dyn TimerStore>> {
+    /// Whether timers can be used: in mock mode (memory) or with `cassandra_nodes`.
+    pub fn timers_available(&self) -> bool {
+        self.config.mock || !self.config.cassandra_nodes.is_empty()
+    }
+
+    /// The timer store: in memory in mock mode; in Cassandra when `cassandra_nodes` is set
+    /// (connecting and migrating on first use; blocks); `None` otherwise.
+    pub fn timer_store(&self) -> Result<Option<Arc<dyn TimerStore>>, KafkaError> {
         if self.config.mock {
-            Some(MemoryStore::shared())
-        } else {
-            None
+            return Ok(Some(MemoryStore::shared()));
         }
+        if self.config.cassandra_nodes.is_empty() {
+            return Ok(None);
+        }
+        let mut cached = self
+            .cassandra
+            .lock()
+            .map_err(|_| KafkaError::Timers("timer store state poisoned".into()))?;
+        if let Some(store) = cached.as_ref() {
+            return Ok(Some(store.clone()));
+        }
+        let config = self.config.clone();
+        let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+        let store: Arc<dyn TimerStore> = runtime.block_on(async move {
+            let session = crate::cassandra::connect(&config)
+                .await
+                .map_err(|e| KafkaError::Timers(e.to_string()))?;
+            crate::cassandra::migrate(
+                &session,
+                &config.cassandra_keyspace,
+                &config.cassandra_replication,
+                crate::timers::cassandra::MIGRATIONS,
+            )
+            .await
+            .map_err(|e| KafkaError::Timers(e.to_string()))?;
+            let seconds = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let store = CassandraStore::new(
+                session,
+                &config.cassandra_keyspace,
+                seconds(config.slab_size),
+                seconds(config.cassandra_retention),
+            )
+            .await
+            .map_err(|e| KafkaError::Timers(e.to_string()))?;
+            Ok::<_, KafkaError>(Arc::new(store))
+        })?;
+        *cached = Some(store.clone());
+        Ok(Some(store))
     }
 
     /// Stops the subscription (drains, commits, leaves the group). A no-op when not subscribed.

@@ -494,7 +494,7 @@ options! {
     /// Retention of dedup records in Cassandra.
     idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d"), LATER;
     /// Timer storage granularity.
-    slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), LATER;
+    slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), YES;
     /// Span linking for message execution.
     message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child"), LATER;
     /// Span linking for timer execution.
@@ -552,19 +552,21 @@ options! {
 
     // --- Cassandra
     /// Cassandra contact points (host:port).
-    cassandra_nodes: Vec<String>, "PROSODY_CASSANDRA_NODES", None, LATER;
+    cassandra_nodes: Vec<String>, "PROSODY_CASSANDRA_NODES", None, YES;
     /// Keyspace.
-    cassandra_keyspace: String, "PROSODY_CASSANDRA_KEYSPACE", Some("prosody"), LATER;
+    cassandra_keyspace: String, "PROSODY_CASSANDRA_KEYSPACE", Some("prosody"), YES;
     /// User name.
-    cassandra_user: Option<String>, "PROSODY_CASSANDRA_USER", None, LATER;
+    cassandra_user: Option<String>, "PROSODY_CASSANDRA_USER", None, YES;
     /// Password (never logged).
-    cassandra_password: Option<Secret>, "PROSODY_CASSANDRA_PASSWORD", None, LATER;
+    cassandra_password: Option<Secret>, "PROSODY_CASSANDRA_PASSWORD", None, YES;
     /// Preferred datacenter.
-    cassandra_datacenter: Option<String>, "PROSODY_CASSANDRA_DATACENTER", None, LATER;
+    cassandra_datacenter: Option<String>, "PROSODY_CASSANDRA_DATACENTER", None, YES;
     /// Preferred rack.
-    cassandra_rack: Option<String>, "PROSODY_CASSANDRA_RACK", None, LATER;
+    cassandra_rack: Option<String>, "PROSODY_CASSANDRA_RACK", None, YES;
     /// Retention of stored rows.
-    cassandra_retention: Duration, "PROSODY_CASSANDRA_RETENTION", Some("1y"), LATER;
+    cassandra_retention: Duration, "PROSODY_CASSANDRA_RETENTION", Some("1y"), YES;
+    /// Replication of the keyspace when Prosody creates it, as a CQL map.
+    cassandra_replication: String, "PROSODY_CASSANDRA_REPLICATION", Some("{'class': 'SimpleStrategy', 'replication_factor': 1}"), YES;
 
     // --- Telemetry emitter
     /// Topic for internal telemetry events.
@@ -659,6 +661,7 @@ impl Config {
         positive("commit_interval", self.commit_interval)?;
         positive("poll_interval", self.poll_interval)?;
         positive("send_timeout", self.send_timeout)?;
+        positive("slab_size", self.slab_size)?;
         for (name, value) in [
             ("defer_failure_threshold", self.defer_failure_threshold),
             ("monopolization_threshold", self.monopolization_threshold),
@@ -811,10 +814,7 @@ mod tests {
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.probe_port, Port(None));
-        assert_eq!(
-            c.unimplemented_options(),
-            vec!["probe_port", "cassandra_password"]
-        );
+        assert_eq!(c.unimplemented_options(), vec!["probe_port"]);
         assert_eq!(c.effective_source_system(), "prosody");
     }
 }

@@ -18,9 +18,11 @@
 //! | cancellation signal | [`cancel`] |
 //! | shared tokio runtime | [`runtime`] |
 //! | raw producer for tests and benchmarks | [`testing`] |
-//! | per-key timers: store contract, memory store, context handle | [`timers`] |
+//! | per-key timers: store contract, memory and Cassandra stores, context handle | [`timers`] |
+//! | Cassandra session and versioned schema migrations | [`cassandra`] |
 
 pub mod cancel;
+pub mod cassandra;
 pub mod client;
 pub mod config;
 pub mod engine;

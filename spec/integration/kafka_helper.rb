@@ -4,6 +4,7 @@
 # 127.0.0.1:9092 (make test starts it). Examples tagged :kafka fail, never pass, when it is down.
 module KafkaHelpers
   BOOTSTRAP = ENV.fetch("PROSODY_TEST_KAFKA", "127.0.0.1:9092")
+  CASSANDRA = ENV.fetch("PROSODY_TEST_CASSANDRA", "127.0.0.1:9042")
 
   def self.ensure_kafka!
     probe = File.expand_path("../../dev/probe.py", __dir__)
@@ -11,6 +12,14 @@ module KafkaHelpers
 
     raise "Kafka is not answering on #{BOOTSTRAP}; start it with `dev/services start kafka && " \
           "dev/services wait kafka` (make test does this)"
+  end
+
+  def self.ensure_cassandra!
+    probe = File.expand_path("../../dev/probe.py", __dir__)
+    return if system("python3", probe, "cassandra", CASSANDRA, out: File::NULL, err: File::NULL)
+
+    raise "Cassandra is not answering on #{CASSANDRA}; start it with `dev/services start cassandra && " \
+          "dev/services wait cassandra` (make test does this)"
   end
 
   def kafka_client(topic, group: unique("group"), **options)
@@ -32,4 +41,5 @@ end
 RSpec.configure do |config|
   config.include KafkaHelpers, :kafka
   config.before(:context, :kafka) { KafkaHelpers.ensure_kafka! }
+  config.before(:context, :cassandra) { KafkaHelpers.ensure_cassandra! }
 end

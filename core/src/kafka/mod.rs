@@ -39,4 +39,7 @@ pub enum KafkaError {
     /// The shared runtime is unavailable.
     #[error("{0}")]
     Runtime(String),
+    /// The timer store could not be set up.
+    #[error("could not set up the timer store: {0}")]
+    Timers(String),
 }

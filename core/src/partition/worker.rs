@@ -49,6 +49,10 @@ struct PartitionTimers {
     attempts: HashMap<(Arc<str>, Seconds), u32>,
     /// Changes from handler contexts and retry timers.
     changes: mpsc::UnboundedSender<TimerChange>,
+    /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
+    horizon: Duration,
+    /// When to load the next window of stored timers.
+    next_load: Instant,
 }
 
 impl PartitionTimers {
@@ -210,6 +214,8 @@ pub(crate) fn spawn_worker(
         rearmed: HashSet::new(),
         attempts: HashMap::new(),
         changes,
+        horizon: engine.config.slab_size,
+        next_load: Instant::now(),
     });
     let worker = Worker {
         topic,
@@ -237,6 +243,7 @@ impl Worker {
         self.load_timers().await;
         loop {
             let next_due = self.timers.as_ref().and_then(PartitionTimers::next_due);
+            let next_load = self.timers.as_ref().map(|t| t.next_load);
             tokio::select! {
                 // Outcomes first: they free room and release the keys' next events.
                 biased;
@@ -248,6 +255,7 @@ impl Worker {
                     self.fire_due();
                 }
                 _ = sleep_until(next_due.unwrap_or_else(Instant::now).into()), if next_due.is_some() => self.fire_due(),
+                _ = sleep_until(next_load.unwrap_or_else(Instant::now).into()), if next_load.is_some() => self.load_timers().await,
                 input = rx.recv() => match input {
                     Some(WorkerInput::Record(record)) => self.on_record(record),
                     Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
@@ -303,15 +311,21 @@ impl Worker {
         }
     }
 
-    /// Loads the partition's stored timers into the schedule.
+    /// Loads the partition's overdue and near-future stored timers (up to `horizon` ahead) into
+    /// the schedule; called on assignment and every half horizon after.
     async fn load_timers(&mut self) {
         let Some(timers) = self.timers.as_mut() else {
             return;
         };
-        match timers.store.load(&timers.scope, timers::MAX_TIME).await {
+        let horizon = i64::try_from(timers.horizon.as_secs()).unwrap_or(timers::MAX_TIME);
+        let until = timers::now().saturating_add(horizon).min(timers::MAX_TIME);
+        timers.next_load = Instant::now() + (timers.horizon / 2).max(Duration::from_secs(1));
+        match timers.store.load(&timers.scope, until).await {
             Ok(loaded) => {
                 for (key, time) in loaded {
-                    timers.pending.insert((time, key));
+                    if !timers.firing.contains(&(key.clone(), time)) {
+                        timers.pending.insert((time, key));
+                    }
                 }
             }
             Err(e) => log::error!(

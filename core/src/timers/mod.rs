@@ -4,8 +4,9 @@
 //! key), is stored with second precision, and is kept until its `on_timer` handler succeeded. The
 //! partition worker keeps the partition's pending timers in memory and fires each due one as an
 //! event in its key's queue, so a key's timers and messages never overlap. Stores implement
-//! [`TimerStore`]; [`memory::MemoryStore`] serves mock mode.
+//! [`TimerStore`]: [`memory::MemoryStore`] serves mock mode, [`cassandra::CassandraStore`] production.
 
+pub mod cassandra;
 pub mod memory;
 
 use std::future::Future;

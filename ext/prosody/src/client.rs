@@ -136,7 +136,7 @@ impl Client {
     }
 
     fn timers_available(&self) -> bool {
-        self.0.timer_store().is_some()
+        self.0.timers_available()
     }
 }
 

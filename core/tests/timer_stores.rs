@@ -1,0 +1,216 @@
+//! One compliance suite for every timer store (memory always; Cassandra in the integration
+//! tier, against the Cassandra that `dev/services` starts), plus random operation sequences
+//! checked against a simple model.
+
+// A test: a failed unwrap is a failed assertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use common::unique;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use prosody_core::config::{Config, RawValue};
+use prosody_core::timers::cassandra::{CassandraStore, MIGRATIONS};
+use prosody_core::timers::memory::MemoryStore;
+use prosody_core::timers::{Scope, Seconds, TimerStore};
+
+fn scope(partition: i32) -> Scope {
+    Scope {
+        group: Arc::from(unique("group").as_str()),
+        topic: Arc::from("topic"),
+        partition,
+    }
+}
+
+/// The behaviour every store must have.
+async fn compliance(store: &dyn TimerStore) {
+    let s = scope(0);
+    let other = Scope {
+        partition: 1,
+        ..s.clone()
+    };
+    store.schedule(&s, "a", 100).await.unwrap();
+    store.schedule(&s, "a", 100).await.unwrap(); // same second: one timer
+    store.schedule(&s, "a", 50).await.unwrap();
+    store.schedule(&s, "b", 75).await.unwrap();
+    store.schedule(&other, "a", 60).await.unwrap();
+    let after_2038: Seconds = 4_102_444_800; // 2100-01-01
+    store.schedule(&s, "c", after_2038).await.unwrap();
+    assert_eq!(store.scheduled(&s, "a").await.unwrap(), vec![50, 100]);
+    assert_eq!(store.scheduled(&s, "c").await.unwrap(), vec![after_2038]);
+    assert_eq!(
+        store.scheduled(&s, "nobody").await.unwrap(),
+        Vec::<Seconds>::new()
+    );
+    let keyed = |v: Vec<(Arc<str>, Seconds)>| -> Vec<(String, Seconds)> {
+        v.into_iter().map(|(k, t)| (k.to_string(), t)).collect()
+    };
+    assert_eq!(
+        keyed(store.load(&s, 99).await.unwrap()),
+        vec![("a".into(), 50), ("b".into(), 75)],
+        "load returns what is due by `until`, earliest first, only for its scope"
+    );
+    assert_eq!(keyed(store.load(&s, after_2038).await.unwrap()).len(), 4);
+    store.unschedule(&s, "a", 50).await.unwrap();
+    store.unschedule(&s, "a", 51).await.unwrap(); // absent: fine
+    assert_eq!(store.scheduled(&s, "a").await.unwrap(), vec![100]);
+    store.clear(&s, "a").await.unwrap();
+    assert!(store.scheduled(&s, "a").await.unwrap().is_empty());
+    assert_eq!(
+        keyed(store.load(&s, 1_000).await.unwrap()),
+        vec![("b".into(), 75)]
+    );
+    assert_eq!(
+        store.scheduled(&other, "a").await.unwrap(),
+        vec![60],
+        "scopes are separate"
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Schedule(u8, i64),
+    Unschedule(u8, i64),
+    Clear(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..4, 0i64..40).prop_map(|(k, t)| Op::Schedule(k, t)),
+        1 => (0u8..4, 0i64..40).prop_map(|(k, t)| Op::Unschedule(k, t)),
+        1 => (0u8..4).prop_map(Op::Clear),
+    ]
+}
+
+/// Applies `ops` to the store and to a model, checking them against each other after each step.
+async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCaseError> {
+    let s = scope(0);
+    let mut model: BTreeMap<String, BTreeSet<Seconds>> = BTreeMap::new();
+    for op in ops {
+        let key = match op {
+            Op::Schedule(k, t) => {
+                let key = format!("k{k}");
+                store.schedule(&s, &key, *t).await.unwrap();
+                model.entry(key.clone()).or_default().insert(*t);
+                key
+            }
+            Op::Unschedule(k, t) => {
+                let key = format!("k{k}");
+                store.unschedule(&s, &key, *t).await.unwrap();
+                model.entry(key.clone()).or_default().remove(t);
+                key
+            }
+            Op::Clear(k) => {
+                let key = format!("k{k}");
+                store.clear(&s, &key).await.unwrap();
+                model.remove(&key);
+                key
+            }
+        };
+        let expected: Vec<Seconds> = model
+            .get(&key)
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default();
+        prop_assert_eq!(store.scheduled(&s, &key).await.unwrap(), expected);
+    }
+    let mut expected: Vec<(String, Seconds)> = model
+        .iter()
+        .flat_map(|(k, ts)| {
+            ts.iter()
+                .filter(|t| **t <= 20)
+                .map(move |t| (k.clone(), *t))
+        })
+        .collect();
+    expected.sort_by_key(|(k, t)| (*t, k.clone()));
+    let mut loaded: Vec<(String, Seconds)> = store
+        .load(&s, 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k.to_string(), t))
+        .collect();
+    loaded.sort_by_key(|(k, t)| (*t, k.clone()));
+    prop_assert_eq!(loaded, expected);
+    Ok(())
+}
+
+#[test]
+fn memory_store_compliance() {
+    prosody_core::runtime::handle()
+        .unwrap()
+        .block_on(compliance(&MemoryStore::new()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Random schedule / unschedule / clear sequences agree with a model.
+    #[test]
+    fn memory_store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let store = MemoryStore::new();
+        prosody_core::runtime::handle().unwrap().block_on(against_model(&store, &ops))?;
+    }
+}
+
+async fn cassandra_store() -> CassandraStore {
+    let keyspace = unique("prosody_it").replace('-', "_");
+    let config = Config::resolve(vec![
+        ("mock".into(), RawValue::Bool(true)),
+        (
+            "cassandra_nodes".into(),
+            RawValue::Str("127.0.0.1:9042".into()),
+        ),
+        ("cassandra_keyspace".into(), RawValue::Str(keyspace.clone())),
+    ])
+    .unwrap();
+    let session = prosody_core::cassandra::connect(&config)
+        .await
+        .expect("Cassandra must run on 127.0.0.1:9042 (dev/services start cassandra)");
+    prosody_core::cassandra::migrate(
+        &session,
+        &keyspace,
+        &config.cassandra_replication,
+        MIGRATIONS,
+    )
+    .await
+    .unwrap();
+    // Migrations are recorded: applying them again is a no-op.
+    prosody_core::cassandra::migrate(
+        &session,
+        &keyspace,
+        &config.cassandra_replication,
+        MIGRATIONS,
+    )
+    .await
+    .unwrap();
+    CassandraStore::new(session, &keyspace, 10, 3_600)
+        .await
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs Cassandra on 127.0.0.1:9042: dev/services start cassandra"]
+fn cassandra_store_compliance() {
+    prosody_core::runtime::handle().unwrap().block_on(async {
+        let store = cassandra_store().await;
+        compliance(&store).await;
+    });
+}
+
+#[test]
+#[ignore = "needs Cassandra on 127.0.0.1:9042: dev/services start cassandra"]
+fn cassandra_store_matches_model() {
+    prosody_core::runtime::handle().unwrap().block_on(async {
+        let store = cassandra_store().await;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(4));
+        let ops = proptest::collection::vec(op(), 1..80);
+        // Each sequence runs in a fresh scope (`scope` makes a unique group).
+        for _ in 0..4 {
+            let ops = ops.new_tree(&mut runner).unwrap().current();
+            against_model(&store, &ops).await.unwrap();
+        }
+    });
+}

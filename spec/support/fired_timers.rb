@@ -1,0 +1,20 @@
+# frozen_string_literal: true
+
+# Records each fired timer with the moment it fired.
+class FiredTimers < Prosody::EventHandler
+  def initialize
+    super()
+    @fired = []
+    @lock = Mutex.new
+  end
+
+  def on_message(_context, _message); end
+
+  def on_timer(_context, timer)
+    @lock.synchronize { @fired << [timer.key, timer.time.to_i, Time.now.to_f] }
+  end
+
+  def fired
+    @lock.synchronize { @fired.dup }
+  end
+end
