@@ -35,7 +35,7 @@ module Prosody
     # @param time [Time, #to_time] stored with second precision (rounded)
     # @return [void]
     def schedule(time)
-      native_schedule(Context.timer_seconds(time))
+      await(start_schedule(Context.timer_seconds(time)))
       nil
     end
 
@@ -44,7 +44,7 @@ module Prosody
     # @param time [Time, #to_time]
     # @return [void]
     def clear_and_schedule(time)
-      native_clear_and_schedule(Context.timer_seconds(time))
+      await(start_clear_and_schedule(Context.timer_seconds(time)))
       nil
     end
 
@@ -53,7 +53,7 @@ module Prosody
     # @param time [Time, #to_time]
     # @return [void]
     def unschedule(time)
-      native_unschedule(Context.timer_seconds(time))
+      await(start_unschedule(Context.timer_seconds(time)))
       nil
     end
 
@@ -61,14 +61,29 @@ module Prosody
     #
     # @return [void]
     def clear_scheduled
-      native_clear_scheduled
+      await(start_clear_scheduled)
       nil
     end
 
     # @return [Array<Time>] the key's scheduled timers, earliest first
     def scheduled
-      native_scheduled.map { |seconds| Time.at(seconds) }
+      await(start_scheduled).map { |seconds| Time.at(seconds) }
     end
+
+    private
+
+    # Timer operations run on the engine; the handler's fiber waits for the result while the
+    # other handlers keep running.
+    def await(operation)
+      processor = Thread.current.thread_variable_get(:prosody_processor)
+      unless processor
+        raise Prosody::Error, "timer methods work only inside the handler call that received this context"
+      end
+
+      processor.await_operation(operation)
+    end
+
+    public
 
     # Waits until cancellation is requested (timeout, revoke or shutdown). Inside a handler it
     # yields to other handlers while it waits.

@@ -39,6 +39,23 @@ module Prosody
       nil
     end
 
+    # Waits (yielding to other handlers) for the result of a context operation started on the
+    # engine, and returns its value or raises its error.
+    #
+    # @param id [Integer] the operation id returned by the native start call
+    def await_operation(id)
+      result = @operation_results.delete(id)
+      unless result
+        waiter = Async::Notification.new
+        @operation_waiters[id] = waiter
+        result = waiter.wait
+      end
+      value, error_class, message = result
+      raise(error_class == "ArgumentError" ? ArgumentError : Prosody.const_get(error_class), message) if error_class
+
+      value
+    end
+
     # The reactor's I/O selector: libev's select backend unless ASYNC_BACKEND names another.
     # epoll rounds every wait up to a whole millisecond, so timers a few microseconds apart
     # (handlers that started one after another) cost an extra millisecond each round; select
@@ -67,6 +84,9 @@ module Prosody
     private_constant :Flusher
 
     def run
+      Thread.current.thread_variable_set(:prosody_processor, self)
+      @operation_waiters = {}
+      @operation_results = {}
       reactor = Async::Reactor.new(selector: self.class.selector)
       @reactor = reactor
       @flusher = Flusher.new(@bridge)
@@ -89,8 +109,20 @@ module Prosody
         io.wait_readable
         ids = @bridge.cancellations
         ids&.each { |id| workers = cancel(id, running, workers, task, work) }
+        deliver_operations
         work.signal
         break unless ids
+      end
+    end
+
+    def deliver_operations
+      @bridge.finished_ops.each do |id, *result|
+        waiter = @operation_waiters.delete(id)
+        if waiter
+          waiter.signal(result)
+        else
+          @operation_results[id] = result
+        end
       end
     end
 

@@ -156,14 +156,14 @@ impl CassandraStore {
 
     async fn delete(&self, scope: &Scope, key: &str, time: Seconds) -> Result<(), TimerError> {
         let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
-        self.session
-            .execute_unpaged(&self.delete_slab, (g, t, p, self.slab(time), key, time))
-            .await
-            .map_err(store_error)?;
-        self.session
-            .execute_unpaged(&self.delete_key, (g, t, p, key, time))
-            .await
-            .map_err(store_error)?;
+        let (slab_row, key_row) = tokio::join!(
+            self.session
+                .execute_unpaged(&self.delete_slab, (g, t, p, self.slab(time), key, time)),
+            self.session
+                .execute_unpaged(&self.delete_key, (g, t, p, key, time)),
+        );
+        slab_row.map_err(store_error)?;
+        key_row.map_err(store_error)?;
         Ok(())
     }
 }
@@ -178,19 +178,19 @@ impl TimerStore for CassandraStore {
         Box::pin(async move {
             let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
             let (slab, ttl) = (self.slab(time), self.ttl(time));
-            // The key row last: `scheduled` never lists a timer whose slab row is missing.
-            self.session
-                .execute_unpaged(&self.insert_index, (g, t, p, slab, ttl))
-                .await
-                .map_err(store_error)?;
-            self.session
-                .execute_unpaged(&self.insert_slab, (g, t, p, slab, key, time, ttl))
-                .await
-                .map_err(store_error)?;
-            self.session
-                .execute_unpaged(&self.insert_key, (g, t, p, key, time, ttl))
-                .await
-                .map_err(store_error)?;
+            // The three rows go out together (one round trip of latency); the timer counts as
+            // stored, and `schedule` returns, only once all three are written.
+            let (index, slab_row, key_row) = tokio::join!(
+                self.session
+                    .execute_unpaged(&self.insert_index, (g, t, p, slab, ttl)),
+                self.session
+                    .execute_unpaged(&self.insert_slab, (g, t, p, slab, key, time, ttl)),
+                self.session
+                    .execute_unpaged(&self.insert_key, (g, t, p, key, time, ttl)),
+            );
+            index.map_err(store_error)?;
+            slab_row.map_err(store_error)?;
+            key_row.map_err(store_error)?;
             Ok(())
         })
     }

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{function, method, prelude::*, Error, IntoValue, RModule, Ruby, Value};
+use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby, Value};
 use prosody_core::handler::{Completion, Outcome};
 use prosody_core::scheduler::{Scheduler, Take};
 
@@ -30,9 +30,35 @@ pub struct BridgeInner {
     /// at the reactor's next turn (the processor schedules a flush on the first buffered outcome,
     /// which runs as soon as the running fiber yields).
     pending: Mutex<Vec<(Completion, Outcome)>>,
+    /// Results of asynchronous context operations (timer calls), by operation id, not yet
+    /// handed to the fibers waiting for them.
+    finished_ops: Mutex<Vec<(u64, OpResult)>>,
+    /// Ids for asynchronous operations.
+    next_op: AtomicU64,
+}
+
+/// The result of an asynchronous context operation.
+pub enum OpResult {
+    /// Done; the times, for `scheduled`.
+    Ok(Option<Vec<i64>>),
+    /// Failed: the Ruby exception class name under `Prosody` (or `ArgumentError`) and message.
+    Err(&'static str, String),
 }
 
 impl BridgeInner {
+    /// A fresh operation id.
+    pub fn next_op(&self) -> u64 {
+        self.next_op.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records an operation's result and wakes the processor to deliver it.
+    pub fn op_finished(&self, id: u64, result: OpResult) {
+        if let Ok(mut ops) = self.finished_ops.lock() {
+            ops.push((id, result));
+        }
+        self.pipe.wake();
+    }
+
     /// Buffers an outcome; returns true if it is the first one since the last flush (the caller
     /// then schedules a flush).
     pub fn complete(&self, completion: Completion, outcome: Outcome) -> bool {
@@ -89,6 +115,8 @@ impl Bridge {
             pipe,
             cancels: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
+            finished_ops: Mutex::new(Vec::new()),
+            next_op: AtomicU64::new(1),
         });
         let scheduler = Arc::new(Scheduler::new());
         let notify = inner.clone();
@@ -160,6 +188,36 @@ impl Bridge {
         self.inner.flush();
     }
 
+    /// Finished asynchronous operations as `[id, value, error_class, message]`, for the main
+    /// fiber to hand to the fibers waiting on them.
+    fn finished_ops(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
+        let ops = rb_self
+            .inner
+            .finished_ops
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default();
+        let out = ruby.ary_new_capa(ops.len());
+        for (id, result) in ops {
+            let row = match result {
+                OpResult::Ok(times) => ruby.ary_new_from_values(&[
+                    id.into_value_with(ruby),
+                    times.into_value_with(ruby),
+                    ruby.qnil().as_value(),
+                    ruby.qnil().as_value(),
+                ]),
+                OpResult::Err(class, message) => ruby.ary_new_from_values(&[
+                    id.into_value_with(ruby),
+                    ruby.qnil().as_value(),
+                    class.into_value_with(ruby),
+                    message.into_value_with(ruby),
+                ]),
+            };
+            out.push(row)?;
+        }
+        Ok(out)
+    }
+
     /// Jobs ready and waiting for a worker (for diagnostics).
     fn ready(&self) -> usize {
         self.scheduler.ready()
@@ -181,6 +239,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("cancellations", method!(Bridge::cancellations, 0))?;
     class.define_method("ready", method!(Bridge::ready, 0))?;
     class.define_method("flush", method!(Bridge::flush, 0))?;
+    class.define_method("finished_ops", method!(Bridge::finished_ops, 0))?;
     class.define_method("close", method!(Bridge::close, 0))?;
     Ok(())
 }

@@ -8,7 +8,8 @@ use magnus::{method, prelude::*, Error, RModule, Ruby};
 use prosody_core::cancel::CancelToken;
 use prosody_core::timers::{KeyTimers, TimerError};
 
-use crate::ruby::{errors, gvl::without_gvl};
+use crate::bridge::{BridgeInner, OpResult};
+use crate::ruby::errors;
 
 #[magnus::wrap(class = "Prosody::Context", free_immediately, size)]
 pub struct Context {
@@ -18,14 +19,31 @@ pub struct Context {
     timers: Option<KeyTimers>,
     /// False once the handler returned.
     active: Arc<AtomicBool>,
+    /// Where results of timer operations are delivered.
+    bridge: Arc<BridgeInner>,
+}
+
+/// A timer operation, started on the engine's runtime.
+enum Op {
+    Schedule(i64),
+    Unschedule(i64),
+    Clear,
+    ClearAndSchedule(i64),
+    Scheduled,
 }
 
 impl Context {
-    pub fn new(cancel: CancelToken, timers: Option<KeyTimers>, active: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        cancel: CancelToken,
+        timers: Option<KeyTimers>,
+        active: Arc<AtomicBool>,
+        bridge: Arc<BridgeInner>,
+    ) -> Self {
         Self {
             cancel,
             timers,
             active,
+            bridge,
         }
     }
 
@@ -41,12 +59,10 @@ impl Context {
         )
     }
 
-    /// Runs a timer operation with the GVL released, after checking the context may be used.
-    fn with_timers<T: Send>(
-        ruby: &Ruby,
-        rb_self: &Self,
-        op: impl FnOnce(&KeyTimers) -> Result<T, TimerError> + Send,
-    ) -> Result<T, Error> {
+    /// Starts a timer operation on the engine and returns its id; the processor hands the result
+    /// to the waiting fiber, so other handlers keep running while the store works. Checks first
+    /// that the context may be used.
+    fn start(ruby: &Ruby, rb_self: &Self, op: Op) -> Result<u64, Error> {
         if !rb_self.active.load(Ordering::Acquire) {
             return Err(errors::prosody(
                 ruby,
@@ -55,7 +71,7 @@ impl Context {
                  passed to the current on_message or on_timer",
             ));
         }
-        let Some(timers) = rb_self.timers.as_ref() else {
+        let Some(timers) = rb_self.timers.clone() else {
             return Err(errors::prosody(
                 ruby,
                 "TimerError",
@@ -63,40 +79,50 @@ impl Context {
                  or the client has no timer store (set cassandra_nodes, or mock: true in tests)",
             ));
         };
-        without_gvl(ruby, |_| op(timers))?.map_err(|e| match e {
-            TimerError::OutOfRange(_) => Error::new(ruby.exception_arg_error(), e.to_string()),
-            TimerError::Store(_) => errors::prosody(ruby, "TimerError", e.to_string()),
-        })
+        let runtime =
+            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, "TimerError", e))?;
+        let bridge = rb_self.bridge.clone();
+        let id = bridge.next_op();
+        runtime.spawn(async move {
+            let result = match op {
+                Op::Schedule(s) => timers.schedule(s).await.map(|()| None),
+                Op::Unschedule(s) => timers.unschedule(s).await.map(|()| None),
+                Op::Clear => timers.clear().await.map(|()| None),
+                Op::ClearAndSchedule(s) => timers.clear_and_schedule(s).await.map(|()| None),
+                Op::Scheduled => timers.scheduled().await.map(Some),
+            };
+            bridge.op_finished(
+                id,
+                match result {
+                    Ok(value) => OpResult::Ok(value),
+                    Err(e @ TimerError::OutOfRange(_)) => {
+                        OpResult::Err("ArgumentError", e.to_string())
+                    }
+                    Err(e @ TimerError::Store(_)) => OpResult::Err("TimerError", e.to_string()),
+                },
+            );
+        });
+        Ok(id)
     }
 
-    fn block_on<T>(
-        f: impl std::future::Future<Output = Result<T, TimerError>>,
-    ) -> Result<T, TimerError> {
-        prosody_core::runtime::handle()
-            .map_err(TimerError::Store)?
-            .block_on(f)
+    fn schedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<u64, Error> {
+        Self::start(ruby, rb_self, Op::Schedule(seconds))
     }
 
-    fn schedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<(), Error> {
-        Self::with_timers(ruby, rb_self, |t| Self::block_on(t.schedule(seconds)))
+    fn unschedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<u64, Error> {
+        Self::start(ruby, rb_self, Op::Unschedule(seconds))
     }
 
-    fn unschedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<(), Error> {
-        Self::with_timers(ruby, rb_self, |t| Self::block_on(t.unschedule(seconds)))
+    fn clear_scheduled(ruby: &Ruby, rb_self: &Self) -> Result<u64, Error> {
+        Self::start(ruby, rb_self, Op::Clear)
     }
 
-    fn clear_scheduled(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
-        Self::with_timers(ruby, rb_self, |t| Self::block_on(t.clear()))
+    fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<u64, Error> {
+        Self::start(ruby, rb_self, Op::ClearAndSchedule(seconds))
     }
 
-    fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, seconds: i64) -> Result<(), Error> {
-        Self::with_timers(ruby, rb_self, |t| {
-            Self::block_on(t.clear_and_schedule(seconds))
-        })
-    }
-
-    fn scheduled(ruby: &Ruby, rb_self: &Self) -> Result<Vec<i64>, Error> {
-        Self::with_timers(ruby, rb_self, |t| Self::block_on(t.scheduled()))
+    fn scheduled(ruby: &Ruby, rb_self: &Self) -> Result<u64, Error> {
+        Self::start(ruby, rb_self, Op::Scheduled)
     }
 }
 
@@ -105,16 +131,16 @@ pub fn init(ruby: &Ruby, prosody: RModule) -> Result<(), Error> {
     class.undef_default_alloc_func();
     class.define_method("should_cancel?", method!(Context::should_cancel, 0))?;
     class.define_method("inspect", method!(Context::inspect, 0))?;
-    class.define_private_method("native_schedule", method!(Context::schedule, 1))?;
-    class.define_private_method("native_unschedule", method!(Context::unschedule, 1))?;
+    class.define_private_method("start_schedule", method!(Context::schedule, 1))?;
+    class.define_private_method("start_unschedule", method!(Context::unschedule, 1))?;
     class.define_private_method(
-        "native_clear_scheduled",
+        "start_clear_scheduled",
         method!(Context::clear_scheduled, 0),
     )?;
     class.define_private_method(
-        "native_clear_and_schedule",
+        "start_clear_and_schedule",
         method!(Context::clear_and_schedule, 1),
     )?;
-    class.define_private_method("native_scheduled", method!(Context::scheduled, 0))?;
+    class.define_private_method("start_scheduled", method!(Context::scheduled, 0))?;
     Ok(())
 }

@@ -81,6 +81,7 @@ impl JobObj {
             self.cancel.clone(),
             self.timers.clone(),
             self.active.clone(),
+            self.bridge.clone(),
         )
     }
 
