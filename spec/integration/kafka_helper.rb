@@ -1,5 +1,8 @@
 # frozen_string_literal: true
 
+require "rbconfig"
+require "tmpdir"
+
 # The integration tier runs against the real Apache Kafka that `dev/services` starts on
 # 127.0.0.1:9092 (make test starts it). Examples tagged :kafka fail, never pass, when it is down.
 module KafkaHelpers
@@ -31,6 +34,23 @@ module KafkaHelpers
   def create_topic(topic, partitions: 4)
     Prosody::Native.create_topic(BOOTSTRAP, topic, partitions)
     topic
+  end
+
+  # Runs spec/integration/<script> in a child Ruby process with +args+ followed by the path of
+  # its output file, waits until that file contains +marker+, SIGKILLs the child (no clean
+  # shutdown, as in a crash), and returns the file's lines.
+  def run_child_until_killed(script, args, marker, timeout: 60)
+    out_path = File.join(Dir.tmpdir, "#{unique(File.basename(script, '.rb'))}.log")
+    pid = Process.spawn(RbConfig.ruby, File.expand_path(script, __dir__), *args.map(&:to_s), out_path)
+    begin
+      wait_for(timeout:, message: "#{script} to write #{marker}") do
+        File.exist?(out_path) && File.read(out_path).include?(marker)
+      end
+    ensure
+      Process.kill(:KILL, pid)
+      Process.wait(pid)
+    end
+    File.readlines(out_path, chomp: true)
   end
 
   def raw_kafka_producer

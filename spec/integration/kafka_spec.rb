@@ -1,8 +1,5 @@
 # frozen_string_literal: true
 
-require "rbconfig"
-require "tmpdir"
-
 RSpec.describe "consuming from a real Kafka broker", :kafka do
   let(:topic) { create_topic(unique("it-topic")) }
 
@@ -82,18 +79,8 @@ RSpec.describe "consuming from a real Kafka broker", :kafka do
     total.times { |i| producer.produce(topic, nil, "key-#{i % 40}", JSON.generate("i" => i), {}) }
     producer.flush(30)
 
-    out_path = File.join(Dir.tmpdir, "#{unique('killed')}.log")
-    script = File.expand_path("kill_consumer.rb", __dir__)
-    pid = Process.spawn(RbConfig.ruby, script, KafkaHelpers::BOOTSTRAP, topic, group, out_path, "150")
-    begin
-      wait_for(timeout: 60, message: "the child to pause") do
-        File.exist?(out_path) && File.read(out_path).include?("PAUSED")
-      end
-    ensure
-      Process.kill(:KILL, pid)
-      Process.wait(pid)
-    end
-    handled_before = File.readlines(out_path, chomp: true).reject { |l| l == "PAUSED" }.map { |l| l.split.map(&:to_i) }
+    lines = run_child_until_killed("kill_consumer.rb", [KafkaHelpers::BOOTSTRAP, topic, group, 150], "PAUSED")
+    handled_before = lines.reject { |l| l == "PAUSED" }.map { |l| l.split.map(&:to_i) }
     # Handlers that passed the pause check before the 150th finished may add a few more.
     expect(handled_before.size).to be >= 150
 

@@ -6,7 +6,7 @@
 $LOAD_PATH.unshift(File.expand_path("../../lib", __dir__))
 require "prosody"
 
-bootstrap, topic, group, out_path, pause_after = ARGV
+bootstrap, topic, group, pause_after, out_path = ARGV
 pause_after = Integer(pause_after)
 Prosody.logger = Logger.new(File::NULL)
 

@@ -6,7 +6,7 @@
 $LOAD_PATH.unshift(File.expand_path("../../lib", __dir__))
 require "prosody"
 
-bootstrap, cassandra, keyspace, topic, group, out_path, expected = ARGV
+bootstrap, cassandra, keyspace, topic, group, expected, out_path = ARGV
 expected = Integer(expected)
 Prosody.logger = Logger.new(File::NULL)
 

@@ -1,8 +1,5 @@
 # frozen_string_literal: true
 
-require "rbconfig"
-require "tmpdir"
-
 RSpec.describe "timers stored in a real Cassandra", :kafka, :cassandra do
   let(:topic) { create_topic(unique("timer-it")) }
   let(:keyspace) { unique("prosody_it").tr("-", "_") }
@@ -25,19 +22,10 @@ RSpec.describe "timers stored in a real Cassandra", :kafka, :cassandra do
     end
     producer.flush(30)
 
-    out_path = File.join(Dir.tmpdir, "#{unique('timers')}.log")
-    script = File.expand_path("timer_child.rb", __dir__)
-    pid = Process.spawn(RbConfig.ruby, script, KafkaHelpers::BOOTSTRAP, KafkaHelpers::CASSANDRA, keyspace, topic,
-                        group, out_path, (keys * per_key).to_s)
-    begin
-      wait_for(timeout: 60, message: "the child to store every timer") do
-        File.exist?(out_path) && File.read(out_path).include?("DONE")
-      end
-    ensure
-      Process.kill(:KILL, pid)
-      Process.wait(pid)
-    end
-    log = File.readlines(out_path, chomp: true)
+    log = run_child_until_killed(
+      "timer_child.rb",
+      [KafkaHelpers::BOOTSTRAP, KafkaHelpers::CASSANDRA, keyspace, topic, group, keys * per_key], "DONE"
+    )
     expect(log.grep(/FIRED-EARLY/)).to be_empty
     acknowledged = log.grep(/\Akey-/).map { |l| l.split.then { |k, t| [k, Integer(t)] } }.uniq
     expect(acknowledged.size).to eq(keys * per_key)
