@@ -206,17 +206,19 @@ RSpec.describe "consuming in mock mode" do
 
   it "leaks no threads over 50 subscribe/unsubscribe cycles" do
     client = mock_client(topic)
-    baseline = Thread.list.size
-    50.times do
+    cycle = lambda do
       client.subscribe(SpecHelpers::RecordingHandler.new)
       client.unsubscribe
     end
-    expect(Thread.list.size).to eq(baseline)
+    cycle.call # starts what is shared for the process (runtime, log thread)
+    ruby_threads = Thread.list.size
+    native_threads = Dir.children("/proc/self/task").size
+    50.times { cycle.call }
+    expect(Thread.list.size).to eq(ruby_threads)
     expect(prosody_threads).to be_empty
-    native = Dir.children("/proc/self/task").size
-    client.subscribe(SpecHelpers::RecordingHandler.new)
-    client.unsubscribe
-    expect(Dir.children("/proc/self/task").size).to eq(native)
+    # A thread just joined can linger in /proc for a moment, and idle pool threads come and go;
+    # a leak would add one or more per cycle (50+).
+    expect(Dir.children("/proc/self/task").size).to be <= native_threads + 2
   end
 
   it "delivers engine log lines to the logger assigned at any time" do
