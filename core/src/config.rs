@@ -335,6 +335,16 @@ word_enum! {
 }
 
 word_enum! {
+    /// The consumer-group protocol.
+    GroupProtocol {
+        /// KIP-848 (Kafka 4.0+): the broker assigns partitions incrementally.
+        Consumer = "consumer",
+        /// The classic protocol with the cooperative-sticky assignor, for older brokers.
+        Classic = "classic",
+    }
+}
+
+word_enum! {
     /// How an execution span relates to the span that caused it.
     SpanLinking {
         /// The execution span is a child of the producer's span.
@@ -467,6 +477,8 @@ options! {
     mock_partitions: u64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
     /// Failure handling mode.
     mode: Mode, "PROSODY_MODE", Some("pipeline"), LATER;
+    /// Consumer-group protocol: `consumer` (KIP-848) or `classic` (cooperative-sticky).
+    group_protocol: GroupProtocol, "PROSODY_GROUP_PROTOCOL", Some("consumer"), YES;
 
     // --- Consumer
     /// Handler calls running at once, across all partitions.

@@ -20,6 +20,30 @@ RSpec.describe "consuming from a real Kafka broker", :kafka do
     expect(message.topic).to eq(topic)
   end
 
+  # Proves that the classic group protocol (cooperative-sticky, for brokers without KIP-848)
+  # consumes and shares partitions between two clients too.
+  it "works with the classic group protocol for brokers without KIP-848" do
+    group = unique("group")
+    first = SpecHelpers::RecordingHandler.new
+    second = SpecHelpers::RecordingHandler.new
+    a = start(first, group:, group_protocol: :classic)
+    wait_for(timeout: 30, message: "the first assignment") { a.assigned_partitions == 4 }
+    b = start(second, group:, group_protocol: "classic")
+    wait_for(timeout: 30, message: "partitions to spread") do
+      a.assigned_partitions.positive? && b.assigned_partitions.positive?
+    end
+    producer = raw_kafka_producer
+    200.times { |i| producer.produce(topic, nil, "key-#{i % 20}", JSON.generate("i" => i), {}) }
+    producer.flush(30)
+    wait_for(timeout: 60, message: "every message") do
+      (first.payloads + second.payloads).map do |p|
+        p["i"]
+      end.uniq.size == 200
+    end
+    expect(first.count).to be_positive
+    expect(second.count).to be_positive
+  end
+
   # Proves at-least-once delivery, per-key order and no overlap of a key across clients while
   # a third client joins mid-stream and one leaves.
   it "keeps order per key and never overlaps a key while clients join and leave" do

@@ -25,6 +25,7 @@ use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
 use super::KafkaError;
+use crate::config::GroupProtocol;
 use crate::engine::Engine;
 use crate::partition::{spawn_worker, PartitionShared, WorkerInput};
 use crate::waker::Waker;
@@ -67,6 +68,12 @@ impl Subscription {
             assigned: assigned.clone(),
         };
         let mut settings = ClientConfig::new();
+        match config.group_protocol {
+            GroupProtocol::Consumer => settings.set("group.protocol", "consumer"),
+            GroupProtocol::Classic => settings
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky"),
+        };
         if config.mock {
             // The mock broker does not answer a long-poll fetch early when data arrives, so the
             // default 500 ms wait would add up to half a second of latency in tests.
@@ -75,7 +82,6 @@ impl Subscription {
         let mut consumer: BaseConsumer<PollContext> = settings
             .set("bootstrap.servers", bootstrap)
             .set("group.id", &group)
-            .set("group.protocol", "consumer")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
