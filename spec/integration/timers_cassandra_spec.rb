@@ -15,7 +15,7 @@ RSpec.describe "timers stored in a real Cassandra", :kafka, :cassandra do
     group = unique("group")
     keys = 100
     per_key = 10
-    base = Time.now.to_i + 20
+    base = Time.now.to_i + 30
     producer = raw_kafka_producer
     keys.times do |k|
       per_key.times { |i| producer.produce(topic, nil, "key-#{k}", JSON.generate("at" => base + i), {}) }
@@ -50,7 +50,7 @@ RSpec.describe "timers stored in a real Cassandra", :kafka, :cassandra do
   # Proves that timers survive a rebalance between clients: one leaves, the other fires them.
   it "loses no timer when one of two clients sharing the topic leaves" do
     group = unique("group")
-    base = Time.now.to_i + 6
+    base = Time.now.to_i + 20
     scheduled = Queue.new
     scheduler = Class.new(FiredTimers) do
       define_method(:on_message) do |context, message|
