@@ -3,14 +3,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
-
 type Hook = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct Inner {
     cancelled: AtomicBool,
-    notify: Notify,
     /// Run once on cancellation; the binding uses it to stop the handler's fiber.
     hook: Mutex<Option<Hook>>,
 }
@@ -36,7 +33,6 @@ impl CancelToken {
         if self.0.cancelled.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.0.notify.notify_waiters();
         let hook = self.0.hook.lock().ok().and_then(|mut h| h.take());
         if let Some(hook) = hook {
             hook();
@@ -46,17 +42,6 @@ impl CancelToken {
     /// Whether cancellation was signalled.
     pub fn is_cancelled(&self) -> bool {
         self.0.cancelled.load(Ordering::Acquire)
-    }
-
-    /// Resolves once cancelled.
-    pub async fn cancelled(&self) {
-        loop {
-            let notified = self.0.notify.notified();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Sets the hook run on cancellation; runs it at once if already cancelled.

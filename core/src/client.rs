@@ -73,11 +73,6 @@ impl Client {
         &self.config
     }
 
-    /// The bootstrap servers in use.
-    pub fn bootstrap_servers(&self) -> &str {
-        &self.bootstrap
-    }
-
     /// In mock mode, creates the topic on first use.
     pub fn prepare_topic(&self, topic: &str) -> Result<(), KafkaError> {
         if self.config.mock {

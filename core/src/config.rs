@@ -84,17 +84,6 @@ pub enum ConfigError {
     },
 }
 
-/// Where an option's value came from; used to word errors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// Given by the application.
-    Explicit,
-    /// Read from the option's environment variable.
-    Env,
-    /// The table's default.
-    Default,
-}
-
 /// One row of the options table, for listings and documentation.
 #[derive(Clone, Copy, Debug)]
 pub struct OptionInfo {
@@ -389,45 +378,37 @@ impl Sources<'_> {
         name: &'static str,
         env: &'static str,
         default: Option<&'static str>,
-    ) -> Result<(T, Source), ConfigError> {
+    ) -> Result<T, ConfigError> {
         if let Some(raw) = self.explicit.remove(name) {
             if raw != RawValue::Nil || T::nil_is_value() {
                 self.set.push(name);
-                return T::from_raw(&raw)
-                    .map(|v| (v, Source::Explicit))
-                    .ok_or_else(|| ConfigError::InvalidOption {
-                        name,
-                        expected: T::expected(),
-                        got: raw.to_string(),
-                    });
+                return T::from_raw(&raw).ok_or_else(|| ConfigError::InvalidOption {
+                    name,
+                    expected: T::expected(),
+                    got: raw.to_string(),
+                });
             }
         }
         if let Some(value) = (self.env)(env) {
             self.set.push(name);
-            return T::from_env(&value)
-                .map(|v| (v, Source::Env))
-                .ok_or_else(|| ConfigError::InvalidEnv {
-                    env,
-                    expected: T::expected(),
-                    got: value,
-                });
+            return T::from_env(&value).ok_or_else(|| ConfigError::InvalidEnv {
+                env,
+                expected: T::expected(),
+                got: value,
+            });
         }
         if let Some(default) = default {
-            return T::from_env(default)
-                .map(|v| (v, Source::Default))
-                .ok_or_else(|| ConfigError::InvalidEnv {
-                    env,
-                    expected: T::expected(),
-                    got: format!("built-in default {default}"),
-                });
-        }
-        T::absent()
-            .map(|v| (v, Source::Default))
-            .ok_or(ConfigError::Missing {
-                name,
+            return T::from_env(default).ok_or_else(|| ConfigError::InvalidEnv {
                 env,
-                why: "no default",
-            })
+                expected: T::expected(),
+                got: format!("built-in default {default}"),
+            });
+        }
+        T::absent().ok_or(ConfigError::Missing {
+            name,
+            env,
+            why: "no default",
+        })
     }
 }
 
@@ -449,7 +430,7 @@ macro_rules! options {
 
         impl Config {
             fn from_sources(sources: &mut Sources<'_>) -> Result<Self, ConfigError> {
-                $( let $name: $ty = sources.take(stringify!($name), $env, $default)?.0; )*
+                $( let $name: $ty = sources.take(stringify!($name), $env, $default)?; )*
                 Ok(Config { $( $name, )* set_options: std::mem::take(&mut sources.set) })
             }
         }

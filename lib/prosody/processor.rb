@@ -151,16 +151,13 @@ module Prosody
     def run_job(job, worker, running)
       running[job.id] = worker
       context = job.context
-      if (timer = job.timer)
-        event = Timer.new(timer[0], Time.at(timer[1]))
-      else
-        message = event = job.message
-      end
+      timer = job.timer
+      event = timer ? Timer.new(timer[0], Time.at(timer[1])) : job.message
       begin
-        if message
-          @handler.on_message(context, message)
-        else
+        if timer
           @handler.on_timer(context, event)
+        else
+          @handler.on_message(context, event)
         end
         completed(job.succeed)
       rescue Async::Stop

@@ -63,11 +63,6 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
     pub fn in_flight(&self) -> usize {
         self.active.len()
     }
-
-    /// Events waiting behind an in-flight event of their key.
-    pub fn waiting(&self) -> usize {
-        self.active.values().map(VecDeque::len).sum()
-    }
 }
 
 #[cfg(test)]

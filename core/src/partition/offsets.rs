@@ -61,11 +61,6 @@ impl OffsetTracker {
     pub fn uncommitted(&self) -> usize {
         self.window.len()
     }
-
-    /// The oldest offset still unfinished, if any.
-    pub fn oldest_unfinished(&self) -> Option<i64> {
-        self.window.iter().find(|(_, done)| !done).map(|(o, _)| *o)
-    }
 }
 
 #[cfg(test)]

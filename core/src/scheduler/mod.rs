@@ -121,11 +121,6 @@ impl Scheduler {
         self.state.lock().map(|s| s.closed).unwrap_or(true)
     }
 
-    /// Jobs waiting for a runner.
-    pub fn ready(&self) -> usize {
-        self.state.lock().map(|s| s.ready.len()).unwrap_or(0)
-    }
-
     fn wake(&self) {
         if let Some(notify) = self.notify.get() {
             notify();

@@ -41,6 +41,11 @@ impl MemoryStore {
     }
 }
 
+/// A future already resolved: the memory store never waits.
+fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(value))
+}
+
 impl TimerStore for MemoryStore {
     fn schedule<'a>(
         &'a self,
@@ -55,7 +60,7 @@ impl TimerStore for MemoryStore {
                 .or_default()
                 .insert(time);
         });
-        Box::pin(async move { result })
+        ready(result)
     }
 
     fn unschedule<'a>(
@@ -74,7 +79,7 @@ impl TimerStore for MemoryStore {
                 }
             }
         });
-        Box::pin(async move { result })
+        ready(result)
     }
 
     fn clear<'a>(
@@ -87,7 +92,7 @@ impl TimerStore for MemoryStore {
                 keys.remove(key);
             }
         });
-        Box::pin(async move { result })
+        ready(result)
     }
 
     fn scheduled<'a>(
@@ -101,7 +106,7 @@ impl TimerStore for MemoryStore {
                 .map(|times| times.iter().copied().collect())
                 .unwrap_or_default()
         });
-        Box::pin(async move { result })
+        ready(result)
     }
 
     fn load<'a>(
@@ -121,6 +126,6 @@ impl TimerStore for MemoryStore {
             due.sort_by_key(|(_, s)| *s);
             due
         });
-        Box::pin(async move { result })
+        ready(result)
     }
 }

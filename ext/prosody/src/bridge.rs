@@ -218,11 +218,6 @@ impl Bridge {
         Ok(out)
     }
 
-    /// Jobs ready and waiting for a worker (for diagnostics).
-    fn ready(&self) -> usize {
-        self.scheduler.ready()
-    }
-
     /// Stops handing out jobs: queued ones are reported abandoned (uncommitted) and `take`
     /// returns false.
     fn close(&self) {
@@ -237,7 +232,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("fd", method!(Bridge::fd, 0))?;
     class.define_method("take", method!(Bridge::take, 0))?;
     class.define_method("cancellations", method!(Bridge::cancellations, 0))?;
-    class.define_method("ready", method!(Bridge::ready, 0))?;
     class.define_method("flush", method!(Bridge::flush, 0))?;
     class.define_method("finished_ops", method!(Bridge::finished_ops, 0))?;
     class.define_method("close", method!(Bridge::close, 0))?;

@@ -123,18 +123,6 @@ impl Client {
         self.0.config().max_concurrency
     }
 
-    fn shutdown_timeout(&self) -> f64 {
-        self.0.config().shutdown_timeout.as_secs_f64()
-    }
-
-    fn bootstrap_servers(&self) -> String {
-        self.0.bootstrap_servers().to_owned()
-    }
-
-    fn mock(&self) -> bool {
-        self.0.config().mock
-    }
-
     fn timers_available(&self) -> bool {
         self.0.timers_available()
     }
@@ -154,9 +142,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         method!(Client::assigned_partitions, 0),
     )?;
     class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
-    class.define_method("shutdown_timeout", method!(Client::shutdown_timeout, 0))?;
-    class.define_method("bootstrap_servers", method!(Client::bootstrap_servers, 0))?;
-    class.define_method("mock?", method!(Client::mock, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     Ok(())
 }

@@ -25,8 +25,6 @@ pub struct JobObj {
     timers: Option<KeyTimers>,
     /// Whether the handler is still running; a context refuses to work once it is false.
     active: Arc<AtomicBool>,
-    /// `[key, seconds]` when the event is a timer.
-    timer: Option<(String, i64)>,
     /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
     completion: Mutex<Option<Completion>>,
     /// Buffers the outcome until the bridge flushes.
@@ -36,17 +34,12 @@ pub struct JobObj {
 impl JobObj {
     pub fn new(id: u64, job: Job, bridge: Arc<BridgeInner>) -> Self {
         let (event, cancel, timers, completion) = job.into_parts();
-        let timer = match &event {
-            Event::Timer(t) => Some((t.key.to_string(), t.time)),
-            Event::Message(_) => None,
-        };
         Self {
             id,
             event: Mutex::new(Some(event)),
             cancel,
             timers,
             active: Arc::new(AtomicBool::new(true)),
-            timer,
             completion: Mutex::new(Some(completion)),
             bridge,
         }
@@ -73,7 +66,10 @@ impl JobObj {
 
     /// `[key, seconds since the epoch]` when the event is a timer, else nil.
     fn timer(&self) -> Option<(String, i64)> {
-        self.timer.clone()
+        match self.event.lock().ok()?.as_ref()? {
+            Event::Timer(t) => Some((t.key.to_string(), t.time)),
+            Event::Message(_) => None,
+        }
     }
 
     fn context(&self) -> Context {
