@@ -152,7 +152,7 @@ impl Bridge {
                         inner.pipe.wake();
                     }
                 });
-                JobObj::new(id, *job, rb_self.inner.clone()).into_value_with(ruby)
+                JobObj::new(id, job, rb_self.inner.clone()).into_value_with(ruby)
             }
             Take::Empty => {
                 // About to wait: the engine must hear about everything finished first.
