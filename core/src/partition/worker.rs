@@ -18,7 +18,7 @@ use crate::cancel::CancelToken;
 use crate::engine::Engine;
 use crate::event::{ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
 use crate::handler::{Finished, Job, Outcome, Slot};
-use crate::timers::{self, KeyTimers, Scope, Seconds, TimerChange, TimerStore};
+use crate::timers::{self, KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
 use crate::waker::Waker;
 
 type Key = Option<Arc<str>>;
@@ -34,10 +34,8 @@ enum Pending {
 
 /// The partition's timers as the worker schedules them.
 struct PartitionTimers {
-    /// Where they are stored.
-    store: Arc<dyn TimerStore>,
-    /// This partition, for the store.
-    scope: Scope,
+    /// Store, scope and change channel, shared with the contexts of this partition's jobs.
+    handle: Arc<PartitionTimerHandle>,
     /// Stored timers not yet handed to their key's queue, earliest first.
     pending: BTreeSet<(Seconds, Arc<str>)>,
     /// Timers in a key queue or running; removed from the store only after success.
@@ -47,8 +45,6 @@ struct PartitionTimers {
     rearmed: HashSet<(Arc<str>, Seconds)>,
     /// Failed attempts per timer, for the retry backoff.
     attempts: HashMap<(Arc<str>, Seconds), u32>,
-    /// Changes from handler contexts and retry timers.
-    changes: mpsc::UnboundedSender<TimerChange>,
     /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
     horizon: Duration,
     /// When to load the next window of stored timers.
@@ -203,17 +199,19 @@ pub(crate) fn spawn_worker(
     let (done, done_rx) = mpsc::unbounded_channel();
     let (changes, changes_rx) = mpsc::unbounded_channel();
     let timers = engine.timers.clone().map(|store| PartitionTimers {
-        store,
-        scope: Scope {
-            group: Arc::from(engine.config.group_id.as_deref().unwrap_or_default()),
-            topic: topic.clone(),
-            partition,
-        },
+        handle: Arc::new(PartitionTimerHandle {
+            store,
+            scope: Scope {
+                group: Arc::from(engine.config.group_id.as_deref().unwrap_or_default()),
+                topic: topic.clone(),
+                partition,
+            },
+            changes,
+        }),
         pending: BTreeSet::new(),
         firing: HashSet::new(),
         rearmed: HashSet::new(),
         attempts: HashMap::new(),
-        changes,
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
     });
@@ -241,9 +239,26 @@ impl Worker {
         mut changes_rx: mpsc::UnboundedReceiver<TimerChange>,
     ) {
         self.load_timers().await;
+        // One sleep for the timer schedule, re-armed only when the plan (earliest pending timer,
+        // next load) changes: building a fresh sleep per loop turn would register and drop a
+        // timer-wheel entry for every message.
+        let wake = sleep_until(Instant::now().into());
+        tokio::pin!(wake);
+        let mut armed: Option<(Option<Seconds>, Instant)> = None;
         loop {
-            let next_due = self.timers.as_ref().and_then(PartitionTimers::next_due);
-            let next_load = self.timers.as_ref().map(|t| t.next_load);
+            let plan = self
+                .timers
+                .as_ref()
+                .map(|t| (t.pending.first().map(|(s, _)| *s), t.next_load));
+            if plan != armed {
+                if let Some(timers) = self.timers.as_ref() {
+                    let at = timers
+                        .next_due()
+                        .map_or(timers.next_load, |due| due.min(timers.next_load));
+                    wake.as_mut().reset(at.into());
+                }
+                armed = plan;
+            }
             tokio::select! {
                 // Outcomes first: they free room and release the keys' next events.
                 biased;
@@ -254,8 +269,13 @@ impl Worker {
                     }
                     self.fire_due();
                 }
-                _ = sleep_until(next_due.unwrap_or_else(Instant::now).into()), if next_due.is_some() => self.fire_due(),
-                _ = sleep_until(next_load.unwrap_or_else(Instant::now).into()), if next_load.is_some() => self.load_timers().await,
+                () = &mut wake, if armed.is_some() => {
+                    armed = None;
+                    if self.timers.as_ref().is_some_and(|t| Instant::now() >= t.next_load) {
+                        self.load_timers().await;
+                    }
+                    self.fire_due();
+                }
                 input = rx.recv() => match input {
                     Some(WorkerInput::Record(record)) => self.on_record(record),
                     Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
@@ -320,7 +340,7 @@ impl Worker {
         let horizon = i64::try_from(timers.horizon.as_secs()).unwrap_or(timers::MAX_TIME);
         let until = timers::now().saturating_add(horizon).min(timers::MAX_TIME);
         timers.next_load = Instant::now() + (timers.horizon / 2).max(Duration::from_secs(1));
-        match timers.store.load(&timers.scope, until).await {
+        match timers.handle.store.load(&timers.handle.scope, until).await {
             Ok(loaded) => {
                 for (key, time) in loaded {
                     if !timers.firing.contains(&(key.clone(), time)) {
@@ -405,7 +425,12 @@ impl Worker {
                     timers.pending.insert((time, key));
                     return;
                 }
-                if let Err(e) = timers.store.unschedule(&timers.scope, &key, time).await {
+                if let Err(e) = timers
+                    .handle
+                    .store
+                    .unschedule(&timers.handle.scope, &key, time)
+                    .await
+                {
                     log::warn!("could not delete fired timer key={key:?} time={time}: {e}; it may fire again");
                 }
             }
@@ -418,7 +443,7 @@ impl Worker {
                 log::warn!(
                     "on_timer failed for key={key:?} time={time} (attempt {attempts}); retrying in {delay:?}"
                 );
-                let changes = timers.changes.clone();
+                let changes = timers.handle.changes.clone();
                 self.engine.runtime.spawn(async move {
                     tokio::time::sleep(delay).await;
                     let _ = changes.send(TimerChange::Added(key, time));
@@ -465,12 +490,7 @@ impl Worker {
         };
         self.in_flight.insert(slot, cancel.clone());
         let timers = match (&self.timers, &key) {
-            (Some(t), Some(k)) => Some(KeyTimers::new(
-                t.store.clone(),
-                t.scope.clone(),
-                k.clone(),
-                t.changes.clone(),
-            )),
+            (Some(t), Some(k)) => Some(KeyTimers::new(t.handle.clone(), k.clone())),
             _ => None,
         };
         let job = Job::new(

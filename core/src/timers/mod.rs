@@ -114,50 +114,50 @@ pub enum TimerChange {
     Cleared(Arc<str>),
 }
 
+/// One partition's timers: where they are stored, and the worker that schedules them. Shared
+/// by every job of the partition, so a job carries one `Arc` rather than copies of each part.
+pub struct PartitionTimerHandle {
+    /// Where timers are stored.
+    pub store: Arc<dyn TimerStore>,
+    /// The partition.
+    pub scope: Scope,
+    /// The partition worker's schedule.
+    pub changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
+}
+
 /// What a handler's context uses to manage its own key's timers.
 #[derive(Clone)]
 pub struct KeyTimers {
-    /// Where timers are stored.
-    store: Arc<dyn TimerStore>,
     /// The event's partition.
-    scope: Scope,
+    partition: Arc<PartitionTimerHandle>,
     /// The event's key.
     key: Arc<str>,
-    /// The partition worker's schedule.
-    changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
 }
 
 impl std::fmt::Debug for KeyTimers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyTimers({:?}, {:?})", self.scope, self.key)
+        write!(f, "KeyTimers({:?}, {:?})", self.partition.scope, self.key)
     }
 }
 
 impl KeyTimers {
-    /// Timers of `key` in `scope`.
-    pub fn new(
-        store: Arc<dyn TimerStore>,
-        scope: Scope,
-        key: Arc<str>,
-        changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
-    ) -> Self {
-        Self {
-            store,
-            scope,
-            key,
-            changes,
-        }
+    /// Timers of `key` in `partition`.
+    pub fn new(partition: Arc<PartitionTimerHandle>, key: Arc<str>) -> Self {
+        Self { partition, key }
     }
 
     fn tell(&self, change: TimerChange) {
         // A worker that is gone (partition released) reloads from the store on the next assign.
-        let _ = self.changes.send(change);
+        let _ = self.partition.changes.send(change);
     }
 
     /// Stores a timer at `time` (idempotent per second).
     pub async fn schedule(&self, time: Seconds) -> Result<(), TimerError> {
         check_range(time)?;
-        self.store.schedule(&self.scope, &self.key, time).await?;
+        self.partition
+            .store
+            .schedule(&self.partition.scope, &self.key, time)
+            .await?;
         self.tell(TimerChange::Added(self.key.clone(), time));
         Ok(())
     }
@@ -165,14 +165,20 @@ impl KeyTimers {
     /// Removes the timer at `time`, if any.
     pub async fn unschedule(&self, time: Seconds) -> Result<(), TimerError> {
         check_range(time)?;
-        self.store.unschedule(&self.scope, &self.key, time).await?;
+        self.partition
+            .store
+            .unschedule(&self.partition.scope, &self.key, time)
+            .await?;
         self.tell(TimerChange::Removed(self.key.clone(), time));
         Ok(())
     }
 
     /// Removes every timer of the key.
     pub async fn clear(&self) -> Result<(), TimerError> {
-        self.store.clear(&self.scope, &self.key).await?;
+        self.partition
+            .store
+            .clear(&self.partition.scope, &self.key)
+            .await?;
         self.tell(TimerChange::Cleared(self.key.clone()));
         Ok(())
     }
@@ -186,6 +192,9 @@ impl KeyTimers {
 
     /// The key's timers, earliest first.
     pub async fn scheduled(&self) -> Result<Vec<Seconds>, TimerError> {
-        self.store.scheduled(&self.scope, &self.key).await
+        self.partition
+            .store
+            .scheduled(&self.partition.scope, &self.key)
+            .await
     }
 }
