@@ -67,22 +67,22 @@ RSpec.describe "consuming in mock mode" do
     expect(peak).to eq(8)
   end
 
-  it "keeps the client running when handlers raise, including non-StandardError exceptions" do
+  it "keeps the client running when handlers raise, including non-StandardError exceptions (best_effort)" do
     handler = SpecHelpers::RecordingHandler.new do |_context, message|
       case message.payload
       when "boom" then raise ArgumentError, "bad thing"
       when "not-implemented" then raise NotImplementedError, "missing"
       end
     end
-    client = start(handler)
+    client = start(handler, mode: :best_effort)
     %w[boom not-implemented fine].each { |p| client.send_message(topic, "k", p) }
     client.send_message(topic, "other", "also fine")
     wait_for(message: "the later messages") do
       handler.payloads.include?("also fine") && handler.payloads.include?("fine")
     end
     logs = wait_for(message: "failure logs") { (l = log_output)[/NotImplementedError/] && l }
-    expect(logs).to match(/handler failed topic=#{topic} partition=\d offset=0 key="k": ArgumentError: bad thing/)
-    expect(logs).to match(/offset=1 key="k": NotImplementedError: missing/)
+    expect(logs).to match(/handler failed topic=#{topic} partition=\d offset=0 key="k" \(transient\): ArgumentError: bad thing/)
+    expect(logs).to match(/offset=1 key="k" \(transient\): NotImplementedError: missing/)
     expect(client.consumer_state).to eq(:running)
   end
 

@@ -1,14 +1,17 @@
 //! The client facade the binding wraps: producer, subscription lifecycle, and state.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::failure::deadletter::DeadLetters;
+use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Producer, SendError};
 use crate::kafka::KafkaError;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{FairConfig, Scheduler};
 use crate::timers::cassandra::CassandraStore;
 use crate::timers::memory::MemoryStore;
 use crate::timers::TimerStore;
@@ -30,8 +33,8 @@ pub struct Client {
     config: Arc<Config>,
     /// `bootstrap.servers` in use (the mock cluster's when `mock`).
     bootstrap: String,
-    /// Created with the client; connects lazily.
-    producer: Producer,
+    /// Created with the client; connects lazily. Shared with the dead-letter sender.
+    producer: Arc<Producer>,
     /// The running subscription, if any.
     subscription: Mutex<Option<Subscription>>,
     /// The Cassandra timer store, set up on the first subscribe and kept for later ones.
@@ -62,7 +65,7 @@ impl Client {
         Ok(Self {
             config: Arc::new(config),
             bootstrap,
-            producer,
+            producer: Arc::new(producer),
             subscription: Mutex::new(None),
             cassandra: Mutex::new(None),
         })
@@ -112,13 +115,30 @@ impl Client {
         for topic in &self.config.subscribed_topics {
             self.prepare_topic(topic)?;
         }
+        let dead_letters = match &self.config.failure_topic {
+            Some(topic) => {
+                self.prepare_topic(topic)?;
+                Some(Arc::new(DeadLetters {
+                    topic: topic.clone(),
+                    group: self.config.group_id.clone().unwrap_or_default(),
+                    producer: self.producer.clone(),
+                }))
+            }
+            None => None,
+        };
+        let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+        scheduler.configure(FairConfig::from_config(&self.config));
         let engine = Arc::new(Engine {
             config: self.config.clone(),
-            scheduler,
-            runtime: crate::runtime::handle().map_err(KafkaError::Runtime)?,
+            scheduler: scheduler.clone(),
+            runtime: runtime.clone(),
             timers: self.timer_store()?,
+            policy: Policy::from_config(&self.config),
+            dead_letters,
+            partitions: Mutex::new(HashMap::new()),
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);
+        scheduler.watch(&runtime);
         Ok(())
     }
 
@@ -194,6 +214,16 @@ impl Client {
         } else {
             ConsumerState::Unconfigured
         }
+    }
+
+    /// Whether an assigned partition has an unfinished message older than `stall_threshold`
+    /// (false when not subscribed).
+    pub fn is_stalled(&self) -> bool {
+        self.subscription
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(Subscription::is_stalled))
+            .unwrap_or(false)
     }
 
     /// Partitions currently assigned (0 when not subscribed).

@@ -457,7 +457,7 @@ options! {
     /// Partitions of topics the mock cluster creates on first use.
     mock_partitions: u64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
     /// Failure handling mode.
-    mode: Mode, "PROSODY_MODE", Some("pipeline"), LATER;
+    mode: Mode, "PROSODY_MODE", Some("pipeline"), YES;
     /// Consumer-group protocol: `consumer` (KIP-848) or `classic` (cooperative-sticky).
     group_protocol: GroupProtocol, "PROSODY_GROUP_PROTOCOL", Some("consumer"), YES;
 
@@ -467,7 +467,7 @@ options! {
     /// Messages per partition held by the engine before it stops reading that partition.
     max_uncommitted: u64, "PROSODY_MAX_UNCOMMITTED", Some("64"), YES;
     /// Handler deadline; defaults to 80% of `stall_threshold`.
-    timeout: Option<Duration>, "PROSODY_TIMEOUT", None, LATER;
+    timeout: Option<Duration>, "PROSODY_TIMEOUT", None, YES;
     /// How often finished offsets are committed.
     commit_interval: Duration, "PROSODY_COMMIT_INTERVAL", Some("1s"), YES;
     /// Longest the poll thread waits for news before checking its duties again.
@@ -475,11 +475,11 @@ options! {
     /// Budget for draining in-flight handlers on unsubscribe and revoke.
     shutdown_timeout: Duration, "PROSODY_SHUTDOWN_TIMEOUT", Some("30s"), YES;
     /// A partition whose oldest unfinished event is older than this is stalled.
-    stall_threshold: Duration, "PROSODY_STALL_THRESHOLD", Some("5m"), LATER;
+    stall_threshold: Duration, "PROSODY_STALL_THRESHOLD", Some("5m"), YES;
     /// Port of the HTTP probe server.
     probe_port: Port, "PROSODY_PROBE_PORT", Some("8000"), LATER;
     /// Dead-letter topic.
-    failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None, LATER;
+    failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None, YES;
     /// Dedup cache capacity (0 disables deduplication).
     idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192"), LATER;
     /// Version mixed into dedup hashes.
@@ -499,11 +499,11 @@ options! {
 
     // --- Retry
     /// Retries after the first attempt.
-    max_retries: u64, "PROSODY_MAX_RETRIES", Some("3"), LATER;
+    max_retries: u64, "PROSODY_MAX_RETRIES", Some("3"), YES;
     /// First retry delay.
-    retry_base: Duration, "PROSODY_RETRY_BASE", Some("20ms"), LATER;
+    retry_base: Duration, "PROSODY_RETRY_BASE", Some("20ms"), YES;
     /// Longest retry delay.
-    max_retry_delay: Duration, "PROSODY_RETRY_MAX_DELAY", Some("5m"), LATER;
+    max_retry_delay: Duration, "PROSODY_RETRY_MAX_DELAY", Some("5m"), YES;
 
     // --- Deferral
     /// Defer failing keys to timers.
@@ -535,13 +535,13 @@ options! {
 
     // --- Fair scheduling
     /// Share of handler time for retries while fresh work waits.
-    scheduler_failure_weight: f64, "PROSODY_SCHEDULER_FAILURE_WEIGHT", Some("0.3"), LATER;
+    scheduler_failure_weight: f64, "PROSODY_SCHEDULER_FAILURE_WEIGHT", Some("0.3"), YES;
     /// Wait after which an event gets the maximum boost.
-    scheduler_max_wait: Duration, "PROSODY_SCHEDULER_MAX_WAIT", Some("2m"), LATER;
+    scheduler_max_wait: Duration, "PROSODY_SCHEDULER_MAX_WAIT", Some("2m"), YES;
     /// Size of the maximum wait boost.
-    scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0"), LATER;
+    scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0"), YES;
     /// Keys tracked by the scheduler.
-    scheduler_cache_size: u64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), LATER;
+    scheduler_cache_size: u64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), YES;
 
     // --- Cassandra
     /// Cassandra contact points (host:port).
@@ -655,6 +655,28 @@ impl Config {
         positive("poll_interval", self.poll_interval)?;
         positive("send_timeout", self.send_timeout)?;
         positive("slab_size", self.slab_size)?;
+        positive("stall_threshold", self.stall_threshold)?;
+        positive("retry_base", self.retry_base)?;
+        positive("max_retry_delay", self.max_retry_delay)?;
+        positive("scheduler_max_wait", self.scheduler_max_wait)?;
+        if let Some(timeout) = self.timeout {
+            positive("timeout", timeout)?;
+        }
+        at_least("scheduler_cache_size", self.scheduler_cache_size, 1)?;
+        if !(self.scheduler_wait_weight.is_finite() && self.scheduler_wait_weight >= 0.0) {
+            return Err(ConfigError::InvalidOption {
+                name: "scheduler_wait_weight",
+                expected: "a number >= 0".into(),
+                got: self.scheduler_wait_weight.to_string(),
+            });
+        }
+        if self.mode == Mode::LowLatency && self.failure_topic.is_none() {
+            return Err(ConfigError::Missing {
+                name: "failure_topic",
+                env: "PROSODY_FAILURE_TOPIC",
+                why: "mode :low_latency sends messages that keep failing to the failure topic",
+            });
+        }
         for (name, value) in [
             ("defer_failure_threshold", self.defer_failure_threshold),
             ("monopolization_threshold", self.monopolization_threshold),
@@ -684,6 +706,13 @@ impl Config {
             .as_deref()
             .or(self.group_id.as_deref())
             .unwrap_or("prosody")
+    }
+
+    /// The handler timeout: `timeout`, else 80% of `stall_threshold`.
+    pub fn effective_timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or_else(|| self.stall_threshold.mul_f64(0.8))
+            .max(Duration::from_millis(1))
     }
 
     /// Options set by the application or environment that the engine does not act on yet.

@@ -8,6 +8,11 @@ use serde_json::Value;
 /// Header that names the system which produced a record.
 pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
 
+/// A key for log lines: `"the-key"` (quoted, as Ruby shows it), or `nil` for a keyless record.
+pub fn show_key(key: Option<&str>) -> String {
+    key.map_or_else(|| "nil".to_owned(), |k| format!("{k:?}"))
+}
+
 /// A consumed record with its payload decoded from JSON.
 #[derive(Debug, Clone)]
 pub struct ConsumedMessage {
@@ -26,6 +31,8 @@ pub struct ConsumedMessage {
     pub payload: Value,
     /// Headers as UTF-8 strings (invalid UTF-8 replaced, a header without value is `""`).
     pub headers: Vec<(String, String)>,
+    /// The record as read, for the dead-letter topic (its exact key, payload and headers).
+    pub raw: OwnedMessage,
 }
 
 /// A record whose payload could not be decoded, with enough context to report it.
@@ -37,21 +44,29 @@ pub struct Undecodable {
     pub key: Option<Arc<str>>,
     /// Why decoding failed.
     pub reason: String,
+    /// The record as read.
+    pub raw: OwnedMessage,
 }
 
 impl ConsumedMessage {
     /// Decodes a record read by the poll thread. Fails only on an invalid JSON payload.
-    pub fn decode(topic: Arc<str>, record: &OwnedMessage) -> Result<Self, Undecodable> {
+    pub fn decode(topic: Arc<str>, record: OwnedMessage) -> Result<Self, Box<Undecodable>> {
         let key = record
             .key()
             .map(|k| Arc::<str>::from(String::from_utf8_lossy(k).as_ref()));
         let payload = match record.payload() {
             None => Value::Null,
-            Some(bytes) => serde_json::from_slice(bytes).map_err(|e| Undecodable {
-                offset: record.offset(),
-                key: key.clone(),
-                reason: format!("payload is not valid JSON ({e})"),
-            })?,
+            Some(bytes) => match serde_json::from_slice(bytes) {
+                Ok(value) => value,
+                Err(e) => {
+                    return Err(Box::new(Undecodable {
+                        offset: record.offset(),
+                        key,
+                        reason: format!("payload is not valid JSON ({e})"),
+                        raw: record,
+                    }))
+                }
+            },
         };
         let headers = record
             .headers()
@@ -72,6 +87,7 @@ impl ConsumedMessage {
             key,
             payload,
             headers,
+            raw: record,
         })
     }
 
@@ -100,8 +116,9 @@ pub struct TimerEvent {
 /// An event a handler runs for.
 #[derive(Debug)]
 pub enum Event {
-    /// A Kafka message.
-    Message(ConsumedMessage),
+    /// A Kafka message, shared with its partition worker (which keeps it for retries and the
+    /// dead-letter topic).
+    Message(Arc<ConsumedMessage>),
     /// A timer that came due.
     Timer(TimerEvent),
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::cancel::CancelToken;
 use crate::event::Event;
+use crate::scheduler::Class;
 use crate::timers::KeyTimers;
 
 /// How a handler call ended.
@@ -19,16 +20,45 @@ pub enum Outcome {
     /// The handler returned normally.
     Success,
     /// The handler raised; the runner already reported the exception in full.
-    Failure {
-        /// Class of the exception.
-        error_class: String,
-        /// Its message.
-        message: String,
-        /// Whether retrying cannot help.
-        permanent: bool,
-    },
+    Failure(Failure),
     /// The runner went away before the handler finished (shutdown); the event is not committed.
     Abandoned,
+    /// Sent by the scheduler's watchdog, not by the runner: the handler ignored its cancellation
+    /// past the grace period. Its permit is released; its real outcome still follows.
+    Quarantined,
+}
+
+/// Why a handler call failed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Failure {
+    /// Class of the exception.
+    pub error_class: String,
+    /// Its message.
+    pub message: String,
+    /// The first lines of its backtrace, newline-separated (may be empty).
+    pub backtrace: String,
+    /// Whether retrying cannot help.
+    pub permanent: bool,
+}
+
+impl Failure {
+    /// A transient failure with this class and message.
+    pub fn transient(error_class: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error_class: error_class.into(),
+            message: message.into(),
+            backtrace: String::new(),
+            permanent: false,
+        }
+    }
+
+    /// A permanent failure with this class and message.
+    pub fn permanent(error_class: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            permanent: true,
+            ..Self::transient(error_class, message)
+        }
+    }
 }
 
 /// One handler call: the event, its cancellation signal, and where the outcome goes.
@@ -43,6 +73,8 @@ pub struct Job {
     pub abort: CancelToken,
     /// The event key's timers, when a timer store is configured and the event has a key.
     pub timers: Option<KeyTimers>,
+    /// First attempt or retry: which pool of handler time it is charged to.
+    pub class: Class,
     /// Reports the outcome to the partition worker.
     completion: Completion,
 }
@@ -83,10 +115,34 @@ impl Job {
             cancel,
             abort,
             timers,
+            class: Class::Fresh,
             completion: Completion {
                 target: Some((done, key, slot)),
+                key_for_scheduler: None,
             },
         }
+    }
+
+    /// The same job charged as a retry.
+    pub fn retry(mut self) -> Self {
+        self.class = Class::Retry;
+        self
+    }
+
+    /// The event's key (its scheduling identity).
+    pub fn key(&self) -> &Option<Arc<str>> {
+        match &self.completion.target {
+            Some((_, key, _)) => key,
+            None => &self.completion.key_for_scheduler,
+        }
+    }
+
+    /// Where the scheduler's watchdog reports a quarantine for this job.
+    pub(crate) fn notice_target(&self) -> Option<(mpsc::UnboundedSender<Finished>, Slot)> {
+        self.completion
+            .target
+            .as_ref()
+            .map(|(done, _, slot)| (done.clone(), *slot))
     }
 
     /// Splits the job so the event can be moved to the runner while the completion handle
@@ -102,6 +158,8 @@ impl Job {
 pub struct Completion {
     /// Where the outcome goes, and for which event; taken when sent.
     target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, Slot)>,
+    /// Always `None`; what [`Job::key`] returns once the target is gone.
+    key_for_scheduler: Option<Arc<str>>,
 }
 
 impl Completion {

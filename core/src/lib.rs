@@ -2,7 +2,7 @@
 //!
 //! The engine of the Prosody gem: Kafka consumption with per-key order and cross-key
 //! concurrency, exact offset tracking, bounded memory, and an idempotent producer. No Ruby here;
-//! the binding (`ext/prosody`) implements [`handler::Dispatcher`] to run handlers.
+//! the binding (`ext/prosody`) pulls jobs from the [`scheduler`] to run handlers.
 //!
 //! | concept | module |
 //! | --- | --- |
@@ -12,7 +12,8 @@
 //! | idempotent producer | [`kafka::producer`] |
 //! | in-process mock cluster | [`kafka::mock`] |
 //! | per-partition worker, key queues, offset tracker | [`partition`] |
-//! | concurrency permits | [`scheduler`] |
+//! | fair scheduler: permits, virtual time, retry share, wait boost, timeouts, quarantine | [`scheduler`] |
+//! | failure policy by mode, retry backoff, dead-letter records | [`failure`] |
 //! | what a handler receives | [`event`] |
 //! | engine ⇄ runner contract (jobs, outcomes) | [`handler`] |
 //! | cancellation signal | [`cancel`] |
@@ -27,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod failure;
 pub mod handler;
 pub mod kafka;
 pub mod partition;

@@ -120,6 +120,14 @@ module Prosody
       @native.assigned_partitions
     end
 
+    # Whether an assigned partition has a message that has been waiting to finish (queued,
+    # running or retrying) for longer than +stall_threshold+. False when not subscribed.
+    #
+    # @return [Boolean]
+    def is_stalled? # rubocop:disable Naming/PredicateName -- the reference API's name
+      @native.stalled?
+    end
+
     # @return [String] a short description
     def inspect
       "#<#{self.class.name} group_id=#{@native.group_id.inspect} state=#{consumer_state.inspect}>"

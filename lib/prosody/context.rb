@@ -85,11 +85,17 @@ module Prosody
 
     public
 
-    # Waits until cancellation is requested (timeout, revoke or shutdown). Inside a handler it
-    # yields to other handlers while it waits.
+    # Waits until cancellation is requested (timeout, revoke or shutdown), yielding to other
+    # handlers meanwhile, and returns. The handler then receives Async::Stop at its next yield
+    # point (so clean up in +ensure+, or return promptly).
     #
     # @return [void]
     def on_cancel
+      return if should_cancel?
+
+      processor = Thread.current.thread_variable_get(:prosody_processor)
+      return processor.await_cancel(job_id) if processor
+
       sleep(0.01) until should_cancel?
     end
   end

@@ -19,4 +19,12 @@ module Prosody
   # Raised when the client itself cannot be created or used (librdkafka rejected the settings,
   # the engine could not start).
   class ClientError < Error; end
+
+  # Raise it from a handler to mark the failure permanent: retrying cannot help. In every mode
+  # the event is not retried; it goes to the failure topic when one is set, and is committed.
+  class PermanentError < Error; end
+
+  # Raise it from a handler to mark the failure transient: a retry may succeed. This is also
+  # what every unclassified exception counts as.
+  class TransientError < Error; end
 end

@@ -56,6 +56,18 @@ module Prosody
       value
     end
 
+    # Waits (yielding to other handlers) until job +id+ is cancelled. Returns before the handler
+    # receives Async::Stop, which comes at its next yield point.
+    #
+    # @param id [Integer] the job id of the context
+    def await_cancel(id)
+      waiter = Async::Notification.new
+      @cancel_waiters[id] = waiter
+      waiter.wait
+    ensure
+      @cancel_waiters.delete(id)
+    end
+
     # The reactor's I/O selector: libev's select backend unless ASYNC_BACKEND names another.
     # epoll rounds every wait up to a whole millisecond, so timers a few microseconds apart
     # (handlers that started one after another) cost an extra millisecond each round; select
@@ -87,6 +99,8 @@ module Prosody
       Thread.current.thread_variable_set(:prosody_processor, self)
       @operation_waiters = {}
       @operation_results = {}
+      @cancel_waiters = {}
+      @retiring = {}
       reactor = Async::Reactor.new(selector: self.class.selector)
       @reactor = reactor
       @flusher = Flusher.new(@bridge)
@@ -131,6 +145,9 @@ module Prosody
         while (job = @bridge.take) != false
           if job
             run_job(job, worker, running)
+            # A cancelled job's worker was replaced; if its handler swallowed Async::Stop and
+            # returned, this worker ends here instead of pulling more jobs.
+            break if @retiring.delete(worker)
           else
             work.wait
           end
@@ -138,13 +155,16 @@ module Prosody
       end
     end
 
-    # Stops the worker running job +id+ (it receives Async::Stop at its yield point) and starts a
-    # replacement. A job already finished is left alone.
+    # Cancels job +id+: its context's on_cancel returns first, then the worker running it
+    # receives Async::Stop at its next yield point, and a replacement worker starts at once.
+    # A job already finished is left alone.
     def cancel(id, running, workers, task, work)
       worker = running[id]
       return workers unless worker
 
-      worker.stop
+      @cancel_waiters[id]&.signal
+      @retiring[worker] = true
+      @reactor << Async::Stop::Later.new(worker)
       workers - [worker] + [spawn_worker(task, work, running)]
     end
 
@@ -160,15 +180,29 @@ module Prosody
           @handler.on_message(context, event)
         end
         completed(job.succeed)
-      rescue Async::Stop
-        completed(job.fail("Async::Stop", "cancelled", false))
+      rescue Async::Stop => e
+        # Re-raised by the handler (or never caught): a transient failure; the task stops.
+        completed(job.fail("Async::Stop", "cancelled (timeout, revoke or shutdown)", backtrace(e), false))
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
-        report(e, event)
-        completed(job.fail(e.class.name.to_s, e.message.to_s, false))
+        failed(job, e, event, timer ? :on_timer : :on_message)
       end
     ensure
       running.delete(job.id)
+    end
+
+    def failed(job, error, event, method_name)
+      kind = @handler.class.failure_kind(method_name, error)
+      report(error, event, kind)
+      completed(job.fail(error.class.name.to_s, error.message.to_s, backtrace(error), kind == :permanent))
+    rescue StandardError => e
+      # Classification itself failed (a broken override): count the failure as transient.
+      Prosody.logger.error("could not classify #{error.class}: #{e.class}: #{e.message}")
+      completed(job.fail(error.class.name.to_s, error.message.to_s, backtrace(error), false))
+    end
+
+    def backtrace(error)
+      (error.backtrace || []).first(20).join("\n")
     end
 
     # Outcomes are buffered natively and sent in batches (each send may wake an engine thread).
@@ -178,7 +212,7 @@ module Prosody
       @reactor << @flusher if first
     end
 
-    def report(error, event)
+    def report(error, event, kind)
       where = case event
               when Message
                 "topic=#{event.topic} partition=#{event.partition} offset=#{event.offset} key=#{event.key.inspect}"
@@ -186,7 +220,7 @@ module Prosody
               else "unknown event"
               end
       trace = (error.backtrace || []).first(10).join("\n  ")
-      Prosody.logger.error("handler failed #{where}: #{error.class}: #{error.message}\n  #{trace}")
+      Prosody.logger.error("handler failed #{where} (#{kind}): #{error.class}: #{error.message}\n  #{trace}")
     end
   end
 end

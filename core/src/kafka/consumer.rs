@@ -45,6 +45,8 @@ pub struct Subscription {
     assigned: Arc<AtomicUsize>,
     /// The poll thread; joined by `shutdown`.
     thread: Option<JoinHandle<()>>,
+    /// The subscription's engine, for health checks.
+    engine: Arc<Engine>,
 }
 
 impl Subscription {
@@ -129,7 +131,13 @@ impl Subscription {
             waker,
             assigned,
             thread: Some(thread),
+            engine,
         })
+    }
+
+    /// Whether an assigned partition has an unfinished message older than `stall_threshold`.
+    pub fn is_stalled(&self) -> bool {
+        self.engine.is_stalled()
     }
 
     /// Partitions currently assigned to this subscription.
@@ -231,6 +239,9 @@ impl ConsumerContext for PollContext {
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
                     let worker =
                         spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());
+                    if let Ok(mut health) = self.engine.partitions.lock() {
+                        health.insert(tp.clone(), shared.clone());
+                    }
                     added.push(format!("{}/{}", tp.0, tp.1));
                     partitions.insert(
                         tp,
@@ -266,10 +277,15 @@ impl PollContext {
             let Ok(mut partitions) = self.partitions.lock() else {
                 return;
             };
-            let removed = revoked
+            let removed: Vec<(TopicPartition, Assigned)> = revoked
                 .iter()
                 .filter_map(|tp| partitions.remove_entry(tp))
                 .collect();
+            if let Ok(mut health) = self.engine.partitions.lock() {
+                for (tp, _) in &removed {
+                    health.remove(tp);
+                }
+            }
             self.assigned.store(partitions.len(), Ordering::Release);
             removed
         };

@@ -73,4 +73,18 @@ impl MockKafka {
         created.insert(topic.to_owned());
         Ok(())
     }
+
+    /// Makes the mock broker answer metadata requests for `topic` with an authorization error
+    /// (`fail`), or normally again; for tests of sends that fail.
+    pub fn fail_topic(&self, topic: &str, fail: bool) -> Result<(), KafkaError> {
+        let error = if fail {
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED
+        } else {
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        };
+        self.cluster
+            .0
+            .topic_error(topic, error)
+            .map_err(|e| KafkaError::Mock(format!("could not set an error on {topic:?}: {e}")))
+    }
 }

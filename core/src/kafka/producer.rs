@@ -88,26 +88,48 @@ impl Producer {
         payload: &[u8],
         headers: &[(String, String)],
     ) -> Result<Delivery, SendError> {
+        let headers: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .collect();
+        self.send_raw(topic, Some(key.as_bytes()), Some(payload), &headers)
+            .await
+    }
+
+    /// Sends a record given as bytes (a missing key or payload stays missing). Every header is
+    /// kept except `source-system`, which this producer sets itself.
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, SendError> {
         let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_bytes()),
         });
         for (k, v) in headers {
-            if k == SOURCE_SYSTEM_HEADER {
+            if *k == SOURCE_SYSTEM_HEADER {
                 continue;
             }
             owned = owned.insert(Header {
                 key: k,
-                value: Some(v.as_bytes()),
+                value: Some(*v),
             });
         }
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .headers(owned);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         let fail = |reason: String| SendError {
             topic: topic.to_owned(),
-            key: key.to_owned(),
+            key: key
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
             reason,
         };
         let sending = self.inner.send(record, self.send_timeout);

@@ -4,4 +4,5 @@ pub mod keys;
 pub mod offsets;
 mod worker;
 
-pub(crate) use worker::{spawn_worker, PartitionShared, WorkerInput};
+pub use worker::PartitionShared;
+pub(crate) use worker::{spawn_worker, WorkerInput};

@@ -5,12 +5,14 @@
 //! unfinished tail and loses nothing (at-least-once).
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Taken offsets of one partition, in the order they were taken (which is offset order).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    /// Taken offsets not yet below the watermark, each with whether its event finished.
-    window: VecDeque<(i64, bool)>,
+    /// Taken offsets not yet below the watermark, each with whether its event finished and when
+    /// it was taken.
+    window: VecDeque<(i64, bool, Instant)>,
     /// One past the last retired offset: the position to commit. `None` until one retires.
     position: Option<i64>,
 }
@@ -28,23 +30,23 @@ impl OffsetTracker {
         let last = self
             .window
             .back()
-            .map(|(o, _)| *o)
+            .map(|(o, _, _)| *o)
             .or(self.position.map(|p| p - 1));
         if last.is_some_and(|last| offset <= last) {
             return false;
         }
-        self.window.push_back((offset, false));
+        self.window.push_back((offset, false, Instant::now()));
         true
     }
 
     /// Marks `offset` finished and returns how many offsets retired below the new watermark.
     /// Unknown offsets are ignored.
     pub fn finish(&mut self, offset: i64) -> usize {
-        if let Ok(i) = self.window.binary_search_by_key(&offset, |(o, _)| *o) {
+        if let Ok(i) = self.window.binary_search_by_key(&offset, |(o, _, _)| *o) {
             self.window[i].1 = true;
         }
         let mut retired = 0;
-        while let Some(&(o, true)) = self.window.front() {
+        while let Some(&(o, true, _)) = self.window.front() {
             self.window.pop_front();
             self.position = Some(o + 1);
             retired += 1;
@@ -55,6 +57,11 @@ impl OffsetTracker {
     /// The position to commit: one past the highest offset below which everything finished.
     pub fn committable(&self) -> Option<i64> {
         self.position
+    }
+
+    /// When the oldest unfinished offset was taken (the front of the window is never finished).
+    pub fn oldest_unfinished_since(&self) -> Option<Instant> {
+        self.window.front().map(|(_, _, at)| *at)
     }
 
     /// Taken offsets not yet retired (finished ones stuck behind an unfinished one included).

@@ -1,11 +1,16 @@
 //! The worker of one assigned partition: a tokio task that owns the partition's key queues and
-//! offset tracker. Messages arrive from the poll thread; completions arrive from the tasks that
-//! ran each event. Everything that mutates the queues or the tracker happens on this one task, so
-//! neither needs a lock.
+//! offset tracker. Messages arrive from the poll thread; completions arrive from the runners that
+//! ran each event; retry and dead-letter results arrive from small tasks this worker spawned.
+//! Everything that mutates the queues or the tracker happens on this one task, so neither needs
+//! a lock.
+//!
+//! A failed event stays its key's in-flight event until the failure policy is done with it: a
+//! retry waits in place (blocking only that key), a dead-letter send must be acknowledged before
+//! the offset retires. Other keys keep flowing meanwhile.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::OwnedMessage;
@@ -16,20 +21,60 @@ use super::keys::KeyQueues;
 use super::offsets::OffsetTracker;
 use crate::cancel::CancelToken;
 use crate::engine::Engine;
-use crate::event::{ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
-use crate::handler::{Finished, Job, Outcome, Slot};
+use crate::event::{show_key, ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
+use crate::failure::{Decision, Reason};
+use crate::handler::{Failure, Finished, Job, Outcome, Slot};
 use crate::timers::{self, KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
 use crate::waker::Waker;
 
 type Key = Option<Arc<str>>;
 
+/// Error class reported for a handler that ignored its cancellation.
+const QUARANTINED: &str = "Prosody::HandlerQuarantined";
+/// Error class reported for a payload that is not JSON.
+const UNDECODABLE: &str = "Prosody::UndecodablePayload";
+
 /// An event waiting in (or at the head of) its key's queue.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Pending {
     /// A consumed message.
-    Message(ConsumedMessage),
+    Message(Arc<ConsumedMessage>),
     /// A due timer of the key, by its time.
     Timer(Arc<str>, Seconds),
+}
+
+/// Where a key's in-flight event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// With the scheduler or a runner.
+    Running,
+    /// Running, but it ignored its cancellation: whatever it returns counts as a failure.
+    Quarantined,
+    /// Failed; waiting for its retry delay.
+    Waiting,
+    /// Being sent to the failure topic.
+    DeadLettering,
+}
+
+/// A key's in-flight event.
+#[derive(Debug)]
+struct Flight {
+    event: Pending,
+    cancel: CancelToken,
+    /// Handler runs so far.
+    attempts: u32,
+    stage: Stage,
+}
+
+/// What the worker's own helper tasks report.
+#[derive(Debug)]
+enum Internal {
+    /// The retry delay of this in-flight event passed.
+    RetryDue(Key, Slot),
+    /// This in-flight event reached the failure topic.
+    DeadLettered(Key, Slot),
+    /// This undecodable record reached the failure topic.
+    UndecodableSent(i64),
 }
 
 /// The partition's timers as the worker schedules them.
@@ -43,8 +88,6 @@ struct PartitionTimers {
     /// Firing timers that their key scheduled again meanwhile (e.g. `on_timer` re-arming for the
     /// same second): kept and fired again instead of deleted after success.
     rearmed: HashSet<(Arc<str>, Seconds)>,
-    /// Failed attempts per timer, for the retry backoff.
-    attempts: HashMap<(Arc<str>, Seconds), u32>,
     /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
     horizon: Duration,
     /// When to load the next window of stored timers.
@@ -99,9 +142,16 @@ impl PartitionTimers {
     }
 }
 
-/// State of a partition shared between its worker and the poll thread.
+/// Milliseconds on a process-wide monotonic clock, plus one (so 0 can mean "none").
+fn mono_ms(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// State of a partition shared between its worker, the poll thread and health checks.
 #[derive(Debug)]
-pub(crate) struct PartitionShared {
+pub struct PartitionShared {
     /// Messages taken from Kafka and not yet retired below the commit watermark. The poll thread
     /// only reads the partition while this is below `max_uncommitted`.
     held: AtomicUsize,
@@ -109,6 +159,8 @@ pub(crate) struct PartitionShared {
     max: usize,
     /// Position the worker allows to commit; -1 until something finished.
     committable: AtomicI64,
+    /// When the oldest unfinished message was taken ([`mono_ms`]); 0 when none is unfinished.
+    oldest_unfinished: AtomicU64,
     /// Wakes the poll thread when the partition regains room.
     waker: Arc<Waker>,
 }
@@ -119,6 +171,7 @@ impl PartitionShared {
             held: AtomicUsize::new(0),
             max: max.max(1),
             committable: AtomicI64::new(-1),
+            oldest_unfinished: AtomicU64::new(0),
             waker,
         }
     }
@@ -149,6 +202,12 @@ impl PartitionShared {
         let p = self.committable.load(Ordering::Acquire);
         (p >= 0).then_some(p)
     }
+
+    /// Whether the oldest unfinished message has waited longer than `threshold`.
+    pub(crate) fn stalled(&self, threshold: Duration) -> bool {
+        let since = self.oldest_unfinished.load(Ordering::Acquire);
+        since != 0 && mono_ms(Instant::now()).saturating_sub(since) > threshold.as_millis() as u64
+    }
 }
 
 /// What the worker receives.
@@ -170,21 +229,26 @@ struct Worker {
     topic: Arc<str>,
     /// Partition number.
     partition: i32,
-    /// Client-wide engine: config, scheduler, dispatcher.
+    /// Client-wide engine: config, scheduler, failure policy.
     engine: Arc<Engine>,
     /// Shared with the poll thread.
     shared: Arc<PartitionShared>,
     /// Where outcomes are sent; cloned into each job's completion.
     done: mpsc::UnboundedSender<Finished>,
+    /// Where this worker's helper tasks report.
+    internal: mpsc::UnboundedSender<Internal>,
     /// Per-key FIFO of events (messages and due timers) waiting behind the key's in-flight one.
     keys: KeyQueues<Key, Pending>,
     /// Taken offsets and the commit watermark.
     tracker: OffsetTracker,
-    /// Cancellation of each in-flight event.
-    in_flight: HashMap<Slot, CancelToken>,
+    /// Each key's in-flight event.
+    in_flight: HashMap<(Key, Slot), Flight>,
+    /// Undecodable records being dead-lettered.
+    undecodable: usize,
     /// The partition's timers, when a store is configured.
     timers: Option<PartitionTimers>,
-    /// Cancelled on drain so events still waiting for a runner never start.
+    /// Cancelled on drain so events still waiting for a runner never start, and helper tasks
+    /// (retry delays, dead-letter sends) stop.
     abort: CancelToken,
 }
 
@@ -197,6 +261,7 @@ pub(crate) fn spawn_worker(
 ) -> mpsc::UnboundedSender<WorkerInput> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done, done_rx) = mpsc::unbounded_channel();
+    let (internal, internal_rx) = mpsc::unbounded_channel();
     let (changes, changes_rx) = mpsc::unbounded_channel();
     let timers = engine.timers.clone().map(|store| PartitionTimers {
         handle: Arc::new(PartitionTimerHandle {
@@ -211,7 +276,6 @@ pub(crate) fn spawn_worker(
         pending: BTreeSet::new(),
         firing: HashSet::new(),
         rearmed: HashSet::new(),
-        attempts: HashMap::new(),
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
     });
@@ -221,13 +285,17 @@ pub(crate) fn spawn_worker(
         engine: engine.clone(),
         shared,
         done,
+        internal,
         keys: KeyQueues::new(),
         tracker: OffsetTracker::new(),
         in_flight: HashMap::new(),
+        undecodable: 0,
         timers,
         abort: CancelToken::new(),
     };
-    engine.runtime.spawn(worker.run(rx, done_rx, changes_rx));
+    engine
+        .runtime
+        .spawn(worker.run(rx, done_rx, internal_rx, changes_rx));
     tx
 }
 
@@ -236,6 +304,7 @@ impl Worker {
         mut self,
         mut rx: mpsc::UnboundedReceiver<WorkerInput>,
         mut done_rx: mpsc::UnboundedReceiver<Finished>,
+        mut internal_rx: mpsc::UnboundedReceiver<Internal>,
         mut changes_rx: mpsc::UnboundedReceiver<TimerChange>,
     ) {
         self.load_timers().await;
@@ -263,6 +332,7 @@ impl Worker {
                 // Outcomes first: they free room and release the keys' next events.
                 biased;
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,
+                Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 Some(change) = changes_rx.recv() => {
                     if let Some(timers) = self.timers.as_mut() {
                         timers.apply(change);
@@ -279,7 +349,7 @@ impl Worker {
                 input = rx.recv() => match input {
                     Some(WorkerInput::Record(record)) => self.on_record(record),
                     Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
-                        self.drain(&mut rx, &mut done_rx, cancel_at, give_up_at).await;
+                        self.drain(&mut rx, &mut done_rx, &mut internal_rx, cancel_at, give_up_at).await;
                         let _ = ack.send(self.tracker.committable());
                         return;
                     }
@@ -296,18 +366,13 @@ impl Worker {
             self.shared.release(1);
             return;
         }
-        let message = match ConsumedMessage::decode(self.topic.clone(), &record) {
+        if self.tracker.uncommitted() == 1 {
+            self.publish_oldest();
+        }
+        let message = match ConsumedMessage::decode(self.topic.clone(), record) {
             Ok(message) => message,
             Err(bad) => {
-                log::error!(
-                    "skipping undecodable record topic={} partition={} offset={} key={:?}: {}",
-                    self.topic,
-                    self.partition,
-                    bad.offset,
-                    bad.key.as_deref(),
-                    bad.reason
-                );
-                self.retire(offset);
+                self.on_undecodable(*bad);
                 return;
             }
         };
@@ -323,12 +388,44 @@ impl Worker {
                 return;
             }
         }
-        if let Some(ready) = self
-            .keys
-            .push(message.key.clone(), Pending::Message(message))
-        {
+        let key = message.key.clone();
+        if let Some(ready) = self.keys.push(key, Pending::Message(Arc::new(message))) {
             self.start(ready);
         }
+    }
+
+    /// A record whose payload is not JSON: dead-lettered with its raw bytes when a failure topic
+    /// is set (committed once the send is acknowledged), otherwise logged and committed.
+    fn on_undecodable(&mut self, bad: crate::event::Undecodable) {
+        let crate::event::Undecodable {
+            offset,
+            key,
+            reason,
+            raw,
+        } = bad;
+        let Some(dead_letters) = self.engine.dead_letters.clone() else {
+            log::error!(
+                "skipping undecodable record topic={} partition={} offset={offset} key={}: {reason} \
+                 (set failure_topic to keep such records)",
+                self.topic,
+                self.partition,
+                show_key(key.as_deref()),
+            );
+            self.retire(offset);
+            return;
+        };
+        log::error!(
+            "sending undecodable record topic={} partition={} offset={offset} key={} to {}: {reason}",
+            self.topic,
+            self.partition,
+            show_key(key.as_deref()),
+            dead_letters.topic
+        );
+        self.undecodable += 1;
+        let failure = Failure::permanent(UNDECODABLE, reason);
+        self.spawn_dead_letter(raw, Reason::Undecodable, failure, 0, move || {
+            Internal::UndecodableSent(offset)
+        });
     }
 
     /// Loads the partition's overdue and near-future stored timers (up to `horizon` ahead) into
@@ -375,85 +472,257 @@ impl Worker {
 
     async fn on_finished(&mut self, finished: Finished) {
         let Finished { key, slot, outcome } = finished;
-        self.in_flight.remove(&slot);
-        match slot {
-            Slot::Offset(offset) => match outcome {
-                Outcome::Success => self.retire(offset),
-                Outcome::Failure {
-                    error_class,
-                    message,
-                    ..
-                } => {
-                    // The runner logged the exception in full; until retries exist a failed
-                    // message is committed so that it does not block its partition.
-                    log::debug!(
-                        "committing failed event topic={} partition={} offset={offset} ({error_class}: {message})",
-                        self.topic,
-                        self.partition,
-                    );
-                    self.retire(offset);
+        let id = (key, slot);
+        let Some(stage) = self.in_flight.get(&id).map(|f| f.stage) else {
+            return;
+        };
+        let quarantined = stage == Stage::Quarantined;
+        match outcome {
+            Outcome::Quarantined => {
+                if let Some(flight) = self.in_flight.get_mut(&id) {
+                    flight.stage = Stage::Quarantined;
                 }
-                // Not finished: the offset stays uncommitted and is re-delivered after a restart.
-                Outcome::Abandoned => {}
-            },
+            }
+            Outcome::Abandoned => {
+                // Not finished: the offset stays uncommitted and is re-delivered after a
+                // restart; a timer stays stored.
+                self.in_flight.remove(&id);
+                if let (Slot::Timer(time), Some(key)) = (id.1, id.0.clone()) {
+                    if let Some(timers) = self.timers.as_mut() {
+                        timers.firing.remove(&(key.clone(), time));
+                        if !self.abort.is_cancelled() {
+                            timers.pending.insert((time, key));
+                        }
+                    }
+                }
+                self.next_of(&id.0);
+            }
+            Outcome::Success if !quarantined => self.succeeded(id).await,
+            Outcome::Success | Outcome::Failure(_) if quarantined => {
+                let timeout = self.engine.config.effective_timeout();
+                let failure = Failure::transient(
+                    QUARANTINED,
+                    format!(
+                        "the handler ignored its cancellation after the {timeout:?} timeout and \
+                         was quarantined; its result does not count"
+                    ),
+                );
+                self.failed(id, failure).await;
+            }
+            Outcome::Failure(failure) => self.failed(id, failure).await,
+            Outcome::Success => {}
+        }
+    }
+
+    /// The event is done: retire its offset, or delete its timer; start the key's next event.
+    async fn succeeded(&mut self, id: (Key, Slot)) {
+        self.in_flight.remove(&id);
+        match id.1 {
+            Slot::Offset(offset) => self.retire(offset),
             Slot::Timer(time) => {
-                if let Some(timer_key) = key.clone() {
-                    self.timer_finished(timer_key, time, outcome).await;
+                if let Some(key) = id.0.clone() {
+                    self.timer_done(key, time).await;
                 }
             }
         }
+        self.next_of(&id.0);
+    }
+
+    /// Applies the failure policy to a failed event.
+    async fn failed(&mut self, id: (Key, Slot), failure: Failure) {
+        let what = self.describe(&id);
+        let Some(flight) = self.in_flight.get_mut(&id) else {
+            return;
+        };
+        let attempts = flight.attempts;
+        let decision = self.engine.policy.decide(&failure, attempts);
+        match decision {
+            Decision::Retry(delay) => {
+                flight.stage = Stage::Waiting;
+                log::warn!(
+                    "{what} failed (attempt {attempts}, {}: {}); retrying in {delay:?}",
+                    failure.error_class,
+                    failure.message
+                );
+                let internal = self.internal.clone();
+                let abort = self.abort.clone();
+                let (key, slot) = id;
+                self.engine.runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if !abort.is_cancelled() {
+                        let _ = internal.send(Internal::RetryDue(key, slot));
+                    }
+                });
+            }
+            Decision::DeadLetter(reason) => {
+                let Pending::Message(message) = &flight.event else {
+                    // Timers have no record to dead-letter: they are given up like below.
+                    self.give_up(id, &failure, attempts).await;
+                    return;
+                };
+                let Some(dead_letters) = self.engine.dead_letters.as_ref() else {
+                    self.give_up(id, &failure, attempts).await;
+                    return;
+                };
+                log::error!(
+                    "{what} failed (attempt {attempts}, {}: {}); sending it to {} ({})",
+                    failure.error_class,
+                    failure.message,
+                    dead_letters.topic,
+                    reason.as_str()
+                );
+                flight.stage = Stage::DeadLettering;
+                let raw = message.raw.clone();
+                let (key, slot) = id;
+                self.spawn_dead_letter(raw, reason, failure, attempts, move || {
+                    Internal::DeadLettered(key, slot)
+                });
+            }
+            Decision::GiveUp => self.give_up(id, &failure, attempts).await,
+        }
+    }
+
+    /// Logs the failure and lets the event go (commits its offset, deletes its timer).
+    async fn give_up(&mut self, id: (Key, Slot), failure: &Failure, attempts: u32) {
+        log::error!(
+            "{} failed (attempt {attempts}, {}: {}); giving up on it and moving on",
+            self.describe(&id),
+            failure.error_class,
+            failure.message
+        );
+        self.succeeded(id).await;
+    }
+
+    fn describe(&self, id: &(Key, Slot)) -> String {
+        match id.1 {
+            Slot::Offset(offset) => format!(
+                "message topic={} partition={} offset={offset} key={}",
+                self.topic,
+                self.partition,
+                show_key(id.0.as_deref())
+            ),
+            Slot::Timer(time) => format!(
+                "timer topic={} partition={} key={} time={time}",
+                self.topic,
+                self.partition,
+                show_key(id.0.as_deref())
+            ),
+        }
+    }
+
+    /// Sends `raw` to the failure topic, retrying with backoff until it is acknowledged (the
+    /// record is never dropped); reports `done()` to this worker once sent. Stops when the
+    /// partition is released (the offset then stays uncommitted).
+    fn spawn_dead_letter(
+        &self,
+        raw: OwnedMessage,
+        reason: Reason,
+        failure: Failure,
+        attempts: u32,
+        done: impl FnOnce() -> Internal + Send + 'static,
+    ) {
+        let Some(dead_letters) = self.engine.dead_letters.clone() else {
+            return;
+        };
+        let internal = self.internal.clone();
+        let abort = self.abort.clone();
+        let policy = self.engine.policy.clone();
+        self.engine.runtime.spawn(async move {
+            let mut tries = 0u32;
+            loop {
+                match dead_letters.send(&raw, reason, &failure, attempts).await {
+                    Ok(()) => {
+                        let _ = internal.send(done());
+                        return;
+                    }
+                    Err(e) => {
+                        tries = tries.saturating_add(1);
+                        let delay = policy.ceiling(tries);
+                        log::error!(
+                            "could not send topic={} partition={} offset={} to the failure topic ({}); retrying in {delay:?}",
+                            rdkafka::Message::topic(&raw),
+                            rdkafka::Message::partition(&raw),
+                            rdkafka::Message::offset(&raw),
+                            e.reason
+                        );
+                        tokio::time::sleep(delay).await;
+                        if abort.is_cancelled() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::RetryDue(key, slot) => {
+                if self.abort.is_cancelled() {
+                    return;
+                }
+                let id = (key, slot);
+                let Some(flight) = self.in_flight.get_mut(&id) else {
+                    return;
+                };
+                if flight.stage != Stage::Waiting {
+                    return;
+                }
+                flight.stage = Stage::Running;
+                flight.attempts += 1;
+                flight.cancel = CancelToken::new();
+                let event = flight.event.clone();
+                let cancel = flight.cancel.clone();
+                let job = self.job(id.0, id.1, event, cancel).retry();
+                self.engine.scheduler.submit(job);
+            }
+            Internal::DeadLettered(key, slot) => {
+                let id = (key, slot);
+                if self
+                    .in_flight
+                    .get(&id)
+                    .is_some_and(|f| f.stage == Stage::DeadLettering)
+                {
+                    self.succeeded(id).await;
+                }
+            }
+            Internal::UndecodableSent(offset) => {
+                self.undecodable = self.undecodable.saturating_sub(1);
+                self.retire(offset);
+            }
+        }
+    }
+
+    /// Starts the key's next waiting event, if any.
+    fn next_of(&mut self, key: &Key) {
         if self.abort.is_cancelled() {
             return;
         }
-        if let Some(next) = self.keys.finish(&key) {
+        if let Some(next) = self.keys.finish(key) {
             self.start(next);
         }
     }
 
-    /// A timer's handler ended: delete it after success; retry it with backoff after a failure
-    /// (it stays stored, so it is never silently dropped); leave it stored when abandoned.
-    async fn timer_finished(&mut self, key: Arc<str>, time: Seconds, outcome: Outcome) {
+    /// A timer is done (succeeded or given up): delete it, unless its key scheduled it again
+    /// while it ran (then it fires once more).
+    async fn timer_done(&mut self, key: Arc<str>, time: Seconds) {
         let Some(timers) = self.timers.as_mut() else {
             return;
         };
         timers.firing.remove(&(key.clone(), time));
-        match outcome {
-            Outcome::Success => {
-                timers.attempts.remove(&(key.clone(), time));
-                if timers.rearmed.remove(&(key.clone(), time)) {
-                    // Scheduled again while it ran: it stays stored and fires once more.
-                    timers.pending.insert((time, key));
-                    return;
-                }
-                if let Err(e) = timers
-                    .handle
-                    .store
-                    .unschedule(&timers.handle.scope, &key, time)
-                    .await
-                {
-                    log::warn!("could not delete fired timer key={key:?} time={time}: {e}; it may fire again");
-                }
-            }
-            Outcome::Failure { .. } => {
-                let attempts = timers.attempts.entry((key.clone(), time)).or_default();
-                *attempts += 1;
-                // 1 s, 2 s, 4 s, ... capped at one minute.
-                let delay = Duration::from_secs(1u64 << (*attempts - 1).min(6))
-                    .min(Duration::from_secs(60));
-                log::warn!(
-                    "on_timer failed for key={key:?} time={time} (attempt {attempts}); retrying in {delay:?}"
-                );
-                let changes = timers.handle.changes.clone();
-                self.engine.runtime.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = changes.send(TimerChange::Added(key, time));
-                });
-            }
-            Outcome::Abandoned => {
-                if !self.abort.is_cancelled() {
-                    timers.pending.insert((time, key));
-                }
-            }
+        if timers.rearmed.remove(&(key.clone(), time)) {
+            timers.pending.insert((time, key));
+            return;
+        }
+        if let Err(e) = timers
+            .handle
+            .store
+            .unschedule(&timers.handle.scope, &key, time)
+            .await
+        {
+            log::warn!(
+                "could not delete fired timer key={key:?} time={time}: {e}; it may fire again"
+            );
         }
     }
 
@@ -463,37 +732,34 @@ impl Worker {
             if let Some(position) = self.tracker.committable() {
                 self.shared.committable.store(position, Ordering::Release);
             }
+            self.publish_oldest();
             self.shared.release(retired);
         }
     }
 
-    /// Starts the key's in-flight event: submits it to the scheduler; the runner's completion
-    /// sends the outcome back to this worker.
-    fn start(&mut self, pending: Pending) {
-        let cancel = CancelToken::new();
-        let (key, slot, event) = match pending {
-            Pending::Message(message) => (
-                message.key.clone(),
-                Slot::Offset(message.offset),
-                Event::Message(message),
-            ),
-            Pending::Timer(key, time) => (
-                Some(key.clone()),
-                Slot::Timer(time),
-                Event::Timer(TimerEvent {
-                    topic: self.topic.clone(),
-                    partition: self.partition,
-                    key,
-                    time,
-                }),
-            ),
+    /// Publishes when the oldest unfinished message was taken, for stall detection.
+    fn publish_oldest(&self) {
+        let value = self.tracker.oldest_unfinished_since().map_or(0, mono_ms);
+        self.shared
+            .oldest_unfinished
+            .store(value, Ordering::Release);
+    }
+
+    fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {
+        let event = match event {
+            Pending::Message(message) => Event::Message(message),
+            Pending::Timer(key, time) => Event::Timer(TimerEvent {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                key,
+                time,
+            }),
         };
-        self.in_flight.insert(slot, cancel.clone());
         let timers = match (&self.timers, &key) {
             (Some(t), Some(k)) => Some(KeyTimers::new(t.handle.clone(), k.clone())),
             _ => None,
         };
-        let job = Job::new(
+        Job::new(
             event,
             cancel,
             self.abort.clone(),
@@ -501,6 +767,26 @@ impl Worker {
             self.done.clone(),
             key,
             slot,
+        )
+    }
+
+    /// Starts the key's in-flight event: submits it to the scheduler; the runner's completion
+    /// sends the outcome back to this worker.
+    fn start(&mut self, pending: Pending) {
+        let cancel = CancelToken::new();
+        let (key, slot) = match &pending {
+            Pending::Message(message) => (message.key.clone(), Slot::Offset(message.offset)),
+            Pending::Timer(key, time) => (Some(key.clone()), Slot::Timer(*time)),
+        };
+        let job = self.job(key.clone(), slot, pending.clone(), cancel.clone());
+        self.in_flight.insert(
+            (key, slot),
+            Flight {
+                event: pending,
+                cancel,
+                attempts: 1,
+                stage: Stage::Running,
+            },
         );
         self.engine.scheduler.submit(job);
     }
@@ -509,21 +795,25 @@ impl Worker {
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<WorkerInput>,
         done_rx: &mut mpsc::UnboundedReceiver<Finished>,
+        internal_rx: &mut mpsc::UnboundedReceiver<Internal>,
         cancel_at: Instant,
         give_up_at: Instant,
     ) {
         self.abort.cancel();
         self.engine.scheduler.purge_aborted();
         let dropped = self.keys.take_waiting().len();
+        // Events waiting for a retry are left for the next owner, uncommitted.
+        self.in_flight.retain(|_, f| f.stage != Stage::Waiting);
         let mut cancelled = false;
         // The poll thread drops its sender right after `Drain`; outcomes keep arriving on
         // `done_rx` (this worker holds a sender of it, so it never closes here).
         let mut input_open = true;
         let started = Instant::now();
-        while !self.in_flight.is_empty() {
+        while !self.in_flight.is_empty() || self.undecodable > 0 {
             let deadline = if cancelled { give_up_at } else { cancel_at };
             tokio::select! {
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,
+                Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 input = rx.recv(), if input_open => match input {
                     Some(WorkerInput::Record(_)) => {}
                     Some(WorkerInput::Drain { ack, .. }) => { let _ = ack.send(None); }
@@ -532,8 +822,8 @@ impl Worker {
                 _ = sleep_until(deadline.into()) => {
                     if cancelled {
                         log::warn!(
-                            "releasing topic={} partition={} with {} handler(s) still running after the shutdown timeout; their events stay uncommitted",
-                            self.topic, self.partition, self.in_flight.len()
+                            "releasing topic={} partition={} with {} event(s) still in flight after the shutdown timeout; they stay uncommitted",
+                            self.topic, self.partition, self.in_flight.len() + self.undecodable
                         );
                         break;
                     }
@@ -541,12 +831,14 @@ impl Worker {
                         "cancelling {} handler(s) of topic={} partition={} near the shutdown timeout",
                         self.in_flight.len(), self.topic, self.partition
                     );
-                    for token in self.in_flight.values() {
-                        token.cancel();
+                    for flight in self.in_flight.values() {
+                        flight.cancel.cancel();
                     }
                     cancelled = true;
                 }
             }
+            // Failures during the drain retry later, under the next owner.
+            self.in_flight.retain(|_, f| f.stage != Stage::Waiting);
         }
         log::debug!(
             "drained topic={} partition={} in {:?} ({} waiting event(s) left for the next owner)",

@@ -1,36 +1,353 @@
-//! The ready queue: events whose key is free, waiting for a runner.
+//! The fair scheduler: which ready event runs next, and how many run at once.
 //!
-//! Runners *pull*: each of the `max_concurrency` runner workers (Ruby worker fibers in the gem)
-//! takes its next job the moment it finishes the previous one, so a free slot never waits for a
-//! round trip through the engine, and the choice of the next event is made at the last possible
-//! moment. Concurrency is bounded by the number of runners. This first version serves events in
-//! arrival order; the fair scheduler (virtual time per key, separate pools for retries, wait
-//! boost) replaces the policy behind the same `submit`/`take` interface.
+//! Runners *pull*: each runner (a Ruby worker fiber in the gem) takes its next job the moment it
+//! finishes the previous one, so a free slot never waits for a round trip through the engine.
+//! A take is granted only while fewer than `max_concurrency` permits are out; a permit returns
+//! when its handler finishes ([`Grant`] is released or dropped), or when the handler ignored its
+//! cancellation for a grace period (quarantine, below).
+//!
+//! Which event goes next:
+//! - Each key has a virtual time: the handler time it used, halving every `max_wait / 2`.
+//! - Fresh events and failure retries are separate classes with their own pools of used handler
+//!   time. While both have work, the class whose use is lowest relative to its share goes next
+//!   (retries get `scheduler_failure_weight`, fresh events the rest).
+//! - Inside a class, the lowest virtual time minus a quadratic wait boost wins (see
+//!   [`ready`]); an event that waited `max_wait` has the whole boost, and such an event goes
+//!   before any that has not, whatever its class.
+//!
+//! Deadlines: [`Scheduler::watch`] runs a watchdog that cancels a handler running longer than
+//! `timeout`, and `grace` later, if it still runs, quarantines it: its permit is released, its
+//! partition worker is told (the event counts as a transient failure and its key stays blocked
+//! until the handler really returns), and a warning names the key.
 
-use std::collections::VecDeque;
-use std::sync::{Mutex, OnceLock};
+pub mod ready;
 
-use crate::handler::Job;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cancel::CancelToken;
+use crate::config::Config;
+use crate::event::show_key;
+use crate::handler::{Finished, Job, Outcome, Slot};
+use ready::{Decaying, ReadyQueue};
 
 type Notify = Box<dyn Fn() + Send + Sync>;
+type Key = Option<Arc<str>>;
 
-#[derive(Default)]
+/// Which pool an event's handler time is charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A first attempt.
+    Fresh,
+    /// A retry after a failure.
+    Retry,
+}
+
+impl Class {
+    fn index(self) -> usize {
+        match self {
+            Class::Fresh => 0,
+            Class::Retry => 1,
+        }
+    }
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone)]
+pub struct FairConfig {
+    /// Permits: handler calls running at once.
+    pub max_concurrency: usize,
+    /// Share of handler time retries get while fresh events also wait.
+    pub failure_weight: f64,
+    /// Wait after which an event has the whole boost.
+    pub max_wait: Duration,
+    /// The whole boost, in seconds of virtual time.
+    pub wait_weight: f64,
+    /// Keys whose virtual time is remembered.
+    pub cache_size: usize,
+    /// A handler running this long is cancelled.
+    pub timeout: Duration,
+    /// A cancelled handler still running this much later is quarantined.
+    pub grace: Duration,
+}
+
+impl Default for FairConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 32,
+            failure_weight: 0.3,
+            max_wait: Duration::from_secs(120),
+            wait_weight: 200.0,
+            cache_size: 8192,
+            timeout: Duration::from_secs(240),
+            grace: Duration::from_secs(24),
+        }
+    }
+}
+
+impl FairConfig {
+    /// The settings of a client configuration.
+    pub fn from_config(config: &Config) -> Self {
+        let timeout = config.effective_timeout();
+        Self {
+            max_concurrency: usize::try_from(config.max_concurrency)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            failure_weight: config.scheduler_failure_weight,
+            max_wait: config.scheduler_max_wait,
+            wait_weight: config.scheduler_wait_weight,
+            cache_size: usize::try_from(config.scheduler_cache_size)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            timeout,
+            grace: quarantine_grace(timeout),
+        }
+    }
+
+    fn half_life(&self) -> Duration {
+        (self.max_wait / 2).max(Duration::from_secs(1))
+    }
+}
+
+/// How long a handler may ignore its cancellation before it is quarantined: a tenth of the
+/// timeout, at least one second and at most thirty.
+pub fn quarantine_grace(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// A job handed to a runner and not yet released.
+struct Running {
+    started: Instant,
+    key: Key,
+    class: Class,
+    cancel: CancelToken,
+    /// Where to tell the partition worker that the handler was quarantined.
+    notice: Option<(mpsc::UnboundedSender<Finished>, Slot)>,
+    cancelled: bool,
+    quarantined: bool,
+}
+
 struct State {
-    /// Jobs ready to run, in arrival order.
-    ready: VecDeque<Job>,
-    /// A runner found the queue empty since the last notification.
+    config: FairConfig,
+    /// Ready events, fresh and retry.
+    classes: [ReadyQueue<Key, Job>; 2],
+    /// Handler time used per class by finished handlers, seconds.
+    usage: [Decaying; 2],
+    /// Running handlers per class, and the sum of their start times (seconds after `base`), so
+    /// that time spent by handlers still running counts too: `count * now - sum`.
+    running_class: [(u32, f64); 2],
+    /// Origin for `running_class` sums.
+    base: Instant,
+    /// Handler time used per key, seconds.
+    keys: HashMap<Key, Decaying>,
+    /// Jobs out with runners, by grant id.
+    running: HashMap<u64, Running>,
+    /// Permits out (running jobs not quarantined).
+    permits: usize,
+    /// Grant ids.
+    next_grant: u64,
+    /// A runner found nothing to do since the last notification.
     idle: bool,
     /// No more jobs are accepted; `take` reports `Closed` once empty.
     closed: bool,
 }
 
-/// One per subscription, shared by its partition workers and its runners.
-#[derive(Default)]
-pub struct Scheduler {
-    /// The queue; the lock is held only to push, pop or purge.
+impl State {
+    fn new(config: FairConfig) -> Self {
+        let now = Instant::now();
+        let queue = || ReadyQueue::new(config.max_wait, config.wait_weight);
+        Self {
+            classes: [queue(), queue()],
+            usage: [Decaying::new(now), Decaying::new(now)],
+            running_class: [(0, 0.0); 2],
+            base: now,
+            keys: HashMap::new(),
+            running: HashMap::new(),
+            permits: 0,
+            next_grant: 1,
+            idle: false,
+            closed: false,
+            config,
+        }
+    }
+
+    fn ready(&self) -> usize {
+        self.classes[0].len() + self.classes[1].len()
+    }
+
+    /// The class to serve next, if any event is ready.
+    fn pick_class(&mut self, now: Instant) -> Option<usize> {
+        for queue in &mut self.classes {
+            queue.promote(now);
+        }
+        let fresh = self.classes[0].best();
+        let retry = self.classes[1].best();
+        match (fresh, retry) {
+            (None, None) => None,
+            (Some(_), None) => Some(0),
+            (None, Some(_)) => Some(1),
+            (Some(f), Some(r)) => {
+                if f.starving != r.starving {
+                    return Some(if f.starving { 0 } else { 1 });
+                }
+                let w = self.config.failure_weight.clamp(0.0, 1.0);
+                let used_fresh = self.used(0, now);
+                let used_retry = self.used(1, now);
+                // Serve retries while their use relative to their share is the lower one:
+                // used_retry / w < used_fresh / (1 - w), written without dividing by zero.
+                Some(if used_retry * (1.0 - w) < used_fresh * w {
+                    1
+                } else if used_retry * (1.0 - w) > used_fresh * w {
+                    0
+                } else if w >= 0.5 {
+                    1
+                } else {
+                    0
+                })
+            }
+        }
+    }
+
+    /// Handler time used by a class: finished (decaying) plus running.
+    fn used(&self, class: usize, now: Instant) -> f64 {
+        let (count, sum) = self.running_class[class];
+        let now_s = now.saturating_duration_since(self.base).as_secs_f64();
+        self.usage[class].at(now, self.config.half_life())
+            + (f64::from(count) * now_s - sum).max(0.0)
+    }
+
+    fn started(&mut self, class: Class, at: Instant) {
+        let entry = &mut self.running_class[class.index()];
+        entry.0 += 1;
+        entry.1 += at.saturating_duration_since(self.base).as_secs_f64();
+    }
+
+    fn ended(&mut self, class: Class, started: Instant) {
+        let entry = &mut self.running_class[class.index()];
+        entry.0 = entry.0.saturating_sub(1);
+        entry.1 -= started.saturating_duration_since(self.base).as_secs_f64();
+        if entry.0 == 0 {
+            entry.1 = 0.0;
+        }
+    }
+
+    fn key_vt_us(&self, key: &Key, now: Instant) -> i64 {
+        self.keys
+            .get(key)
+            .map_or(0, |d| (d.at(now, self.config.half_life()) * 1e6) as i64)
+    }
+
+    fn charge(&mut self, key: Key, class: Class, now: Instant, used: Duration) {
+        let half_life = self.config.half_life();
+        let secs = used.as_secs_f64();
+        self.usage[class.index()].add(now, half_life, secs);
+        let vt = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Decaying::new(now));
+        vt.add(now, half_life, secs);
+        let vt_us = (vt.at(now, half_life) * 1e6) as i64;
+        for queue in &mut self.classes {
+            queue.set_vt(&key, vt_us);
+        }
+        if self.keys.len() > self.config.cache_size {
+            self.evict(now);
+        }
+    }
+
+    /// Forgets the keys with the least virtual time until a quarter of the cache is free; they
+    /// lose the least by being forgotten. Amortised O(log n) per charge.
+    fn evict(&mut self, now: Instant) {
+        let keep = self.config.cache_size - self.config.cache_size / 4;
+        let half_life = self.config.half_life();
+        let mut values: Vec<(f64, Key)> = self
+            .keys
+            .iter()
+            .map(|(k, d)| (d.at(now, half_life), k.clone()))
+            .collect();
+        let drop_count = values.len().saturating_sub(keep);
+        if drop_count == 0 {
+            return;
+        }
+        values.select_nth_unstable_by(drop_count - 1, |a, b| a.0.total_cmp(&b.0));
+        for (_, key) in values.into_iter().take(drop_count) {
+            self.keys.remove(&key);
+        }
+    }
+}
+
+struct Core {
     state: Mutex<State>,
-    /// Called (outside the lock) when a job arrives while runners are idle.
+    /// Called (outside the lock) when work is ready while runners are idle.
     notify: OnceLock<Notify>,
+}
+
+impl Core {
+    fn wake(&self) {
+        if let Some(notify) = self.notify.get() {
+            notify();
+        }
+    }
+
+    /// A grant ended: return its permit (unless quarantined) and charge its handler time.
+    fn release(&self, id: u64) {
+        let now = Instant::now();
+        let wake = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            let Some(running) = state.running.remove(&id) else {
+                return;
+            };
+            if !running.quarantined {
+                state.permits = state.permits.saturating_sub(1);
+            }
+            let used = now.saturating_duration_since(running.started);
+            state.ended(running.class, running.started);
+            state.charge(running.key, running.class, now, used);
+            let wake = state.idle && state.ready() > 0 && !running.quarantined;
+            if wake {
+                state.idle = false;
+            }
+            wake
+        };
+        if wake {
+            self.wake();
+        }
+    }
+}
+
+/// A runner's permit for one job. Release it when the handler returns (dropping it releases
+/// it too); the handler's time is charged to its key and class then.
+pub struct Grant {
+    core: Arc<Core>,
+    id: u64,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grant({})", self.id)
+    }
+}
+
+impl Grant {
+    /// The grant's id, unique within its scheduler.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Returns the permit now.
+    pub fn release(self) {}
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.core.release(self.id);
+    }
 }
 
 /// What a runner gets from [`Scheduler::take`].
@@ -39,67 +356,143 @@ pub struct Scheduler {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Take {
-    /// Run this job.
-    Job(Job),
-    /// Nothing ready; the notifier fires when something arrives.
+    /// Run this job; release the grant when its handler returns.
+    Job(Job, Grant),
+    /// Nothing to run now; the notifier fires when that changes.
     Empty,
     /// The subscription ended.
     Closed,
 }
 
+/// One per subscription, shared by its partition workers and its runners.
+pub struct Scheduler {
+    core: Arc<Core>,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Scheduler {
-    /// An empty scheduler with no notifier.
+    /// A scheduler with default settings and no notifier.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_config(FairConfig::default())
+    }
+
+    /// A scheduler with these settings.
+    pub fn with_config(config: FairConfig) -> Self {
+        Self {
+            core: Arc::new(Core {
+                state: Mutex::new(State::new(config)),
+                notify: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Replaces the settings; call before any job is submitted. Whether runners are idle (they
+    /// may have started pulling already) and whether it is closed are kept.
+    pub fn configure(&self, config: FairConfig) {
+        if let Ok(mut state) = self.core.state.lock() {
+            let (idle, closed) = (state.idle, state.closed);
+            *state = State::new(config);
+            state.idle = idle;
+            state.closed = closed;
+        }
     }
 
     /// Sets the function that wakes idle runners (once; later calls are ignored).
     pub fn set_notify(&self, notify: impl Fn() + Send + Sync + 'static) {
-        let _ = self.notify.set(Box::new(notify));
+        let _ = self.core.notify.set(Box::new(notify));
     }
 
     /// Adds a ready job. A closed scheduler drops it, which reports it abandoned.
     pub fn submit(&self, job: Job) {
+        let now = Instant::now();
+        let key = job.key().clone();
         let wake = {
-            let Ok(mut state) = self.state.lock() else {
+            let Ok(mut state) = self.core.state.lock() else {
                 return;
             };
             if state.closed {
                 return;
             }
-            state.ready.push_back(job);
-            std::mem::take(&mut state.idle)
+            let vt = state.key_vt_us(&key, now);
+            let class = job.class.index();
+            state.classes[class].push(now, key, vt, job);
+            state.idle && state.permits < state.config.max_concurrency && {
+                state.idle = false;
+                true
+            }
         };
         if wake {
-            self.wake();
+            self.core.wake();
         }
     }
 
-    /// Takes the next job to run.
+    /// Takes the next job to run, if a permit is free.
     pub fn take(&self) -> Take {
-        let Ok(mut state) = self.state.lock() else {
+        let now = Instant::now();
+        let Ok(mut state) = self.core.state.lock() else {
             return Take::Closed;
         };
-        match state.ready.pop_front() {
-            Some(job) => Take::Job(job),
-            None if state.closed => Take::Closed,
-            None => {
-                state.idle = true;
-                Take::Empty
-            }
+        if state.permits >= state.config.max_concurrency {
+            state.idle = true;
+            return Take::Empty;
         }
+        let picked = state
+            .pick_class(now)
+            .and_then(|class| Some((class, state.classes[class].best()?)));
+        let Some((class, best)) = picked else {
+            if state.closed {
+                return Take::Closed;
+            }
+            state.idle = true;
+            return Take::Empty;
+        };
+        let key = best.key;
+        let Some(job) = state.classes[class].take(&key, now) else {
+            state.idle = true;
+            return Take::Empty;
+        };
+        let id = state.next_grant;
+        state.next_grant += 1;
+        state.permits += 1;
+        state.started(job.class, now);
+        let notice = job.notice_target();
+        state.running.insert(
+            id,
+            Running {
+                started: now,
+                key,
+                class: job.class,
+                cancel: job.cancel.clone(),
+                notice,
+                cancelled: false,
+                quarantined: false,
+            },
+        );
+        drop(state);
+        Take::Job(
+            job,
+            Grant {
+                core: self.core.clone(),
+                id,
+            },
+        )
     }
 
     /// Drops ready jobs whose partition is being released (their `abort` was cancelled); each
     /// is reported abandoned to its partition.
     pub fn purge_aborted(&self) {
-        let dropped: Vec<Job> = match self.state.lock() {
+        let dropped: Vec<Job> = match self.core.state.lock() {
             Ok(mut state) => {
-                let (keep, drop): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut state.ready)
-                    .into_iter()
-                    .partition(|job| !job.abort.is_cancelled());
-                state.ready = keep;
-                drop.into_iter().collect()
+                let mut out = Vec::new();
+                for queue in &mut state.classes {
+                    out.extend(queue.remove_where(|job| job.abort.is_cancelled()));
+                }
+                out
             }
             Err(_) => Vec::new(),
         };
@@ -108,25 +501,116 @@ impl Scheduler {
 
     /// Stops accepting jobs, drops the queued ones (abandoned) and wakes the runners.
     pub fn close(&self) {
-        let dropped = match self.state.lock() {
+        let dropped: Vec<Job> = match self.core.state.lock() {
             Ok(mut state) => {
                 state.closed = true;
-                std::mem::take(&mut state.ready)
+                let mut out = Vec::new();
+                for queue in &mut state.classes {
+                    out.extend(queue.drain());
+                }
+                out
             }
-            Err(_) => VecDeque::new(),
+            Err(_) => Vec::new(),
         };
         drop(dropped);
-        self.wake();
+        self.core.wake();
     }
 
     /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
-        self.state.lock().map(|s| s.closed).unwrap_or(true)
+        self.core.state.lock().map(|s| s.closed).unwrap_or(true)
     }
 
-    fn wake(&self) {
-        if let Some(notify) = self.notify.get() {
-            notify();
+    /// Permits out and events ready, for tests and diagnostics.
+    pub fn load(&self) -> (usize, usize) {
+        self.core
+            .state
+            .lock()
+            .map(|s| (s.permits, s.ready()))
+            .unwrap_or_default()
+    }
+
+    /// Cancels handlers past their timeout and quarantines those past the grace period after it.
+    /// Called by [`watch`](Self::watch); public for deterministic tests.
+    pub fn check_deadlines(&self) {
+        let now = Instant::now();
+        let mut cancel = Vec::new();
+        let mut quarantined = Vec::new();
+        let wake = {
+            let Ok(mut state) = self.core.state.lock() else {
+                return;
+            };
+            let timeout = state.config.timeout;
+            let grace = state.config.grace;
+            let mut freed = 0;
+            for running in state.running.values_mut() {
+                let ran = now.saturating_duration_since(running.started);
+                if !running.cancelled && ran >= timeout {
+                    running.cancelled = true;
+                    cancel.push((running.cancel.clone(), running.key.clone(), ran));
+                }
+                if running.cancelled && !running.quarantined && ran >= timeout + grace {
+                    running.quarantined = true;
+                    freed += 1;
+                    quarantined.push((running.notice.take(), running.key.clone(), ran));
+                }
+            }
+            state.permits = state.permits.saturating_sub(freed);
+            let wake = freed > 0 && state.idle && state.ready() > 0;
+            if wake {
+                state.idle = false;
+            }
+            wake
+        };
+        for (token, key, ran) in cancel {
+            log::warn!(
+                "handler for key={} exceeded its timeout ({ran:?}); cancelling it",
+                show_key(key.as_deref())
+            );
+            token.cancel();
         }
+        for (notice, key, ran) in quarantined {
+            log::warn!(
+                "handler for key={} ignored its cancellation and is still running after {ran:?}; \
+                 its permit is released and the event counts as a transient failure, but the key \
+                 stays blocked until the handler returns",
+                show_key(key.as_deref())
+            );
+            if let Some((done, slot)) = notice {
+                let _ = done.send(Finished {
+                    key,
+                    slot,
+                    outcome: Outcome::Quarantined,
+                });
+            }
+        }
+        if wake {
+            self.core.wake();
+        }
+    }
+
+    /// Runs the deadline watchdog on the current runtime until the scheduler is closed or
+    /// dropped. It ticks at a twentieth of the timeout (between 10 ms and 1 s).
+    pub fn watch(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let tick = self
+            .core
+            .state
+            .lock()
+            .map(|s| s.config.timeout / 20)
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(scheduler) = weak.upgrade() else {
+                    return;
+                };
+                if scheduler.is_closed() {
+                    return;
+                }
+                scheduler.check_deadlines();
+            }
+        });
     }
 }

@@ -50,7 +50,10 @@ pub fn runners(n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 match scheduler.take() {
-                    Take::Job(job) => handle(job, &rec).await,
+                    Take::Job(job, grant) => {
+                        handle(job, &rec).await;
+                        grant.release();
+                    }
                     Take::Empty => notified.await,
                     Take::Closed => return,
                 }

@@ -99,8 +99,6 @@ pub struct Bridge {
     scheduler: Arc<Scheduler>,
     /// Pipe and pending cancellations.
     inner: Arc<BridgeInner>,
-    /// Ids handed to jobs, so cancellations can name them.
-    next_id: AtomicU64,
 }
 
 impl Bridge {
@@ -121,11 +119,7 @@ impl Bridge {
         let scheduler = Arc::new(Scheduler::new());
         let notify = inner.clone();
         scheduler.set_notify(move || notify.pipe.wake());
-        Ok(Self {
-            scheduler,
-            inner,
-            next_id: AtomicU64::new(1),
-        })
+        Ok(Self { scheduler, inner })
     }
 
     /// The ready queue to hand to the engine.
@@ -141,8 +135,8 @@ impl Bridge {
     /// The next job, nil when none is ready (wait for the main fiber's signal), false once closed.
     fn take(ruby: &Ruby, rb_self: &Self) -> Value {
         match rb_self.scheduler.take() {
-            Take::Job(job) => {
-                let id = rb_self.next_id.fetch_add(1, Ordering::Relaxed);
+            Take::Job(job, grant) => {
+                let id = grant.id();
                 let weak = Arc::downgrade(&rb_self.inner);
                 job.cancel.on_cancel(move || {
                     if let Some(inner) = weak.upgrade() {
@@ -152,7 +146,7 @@ impl Bridge {
                         inner.pipe.wake();
                     }
                 });
-                JobObj::new(id, job, rb_self.inner.clone()).into_value_with(ruby)
+                JobObj::new(id, job, grant, rb_self.inner.clone()).into_value_with(ruby)
             }
             Take::Empty => {
                 // About to wait: the engine must hear about everything finished first.

@@ -115,6 +115,10 @@ impl Client {
         self.0.config().group_id.clone()
     }
 
+    fn is_stalled(&self) -> bool {
+        self.0.is_stalled()
+    }
+
     fn assigned_partitions(&self) -> usize {
         self.0.assigned_partitions()
     }
@@ -142,6 +146,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         method!(Client::assigned_partitions, 0),
     )?;
     class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
+    class.define_method("stalled?", method!(Client::is_stalled, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     Ok(())
 }

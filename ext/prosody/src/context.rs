@@ -21,6 +21,8 @@ pub struct Context {
     active: Arc<AtomicBool>,
     /// Where results of timer operations are delivered.
     bridge: Arc<BridgeInner>,
+    /// The job this context belongs to (the id cancellations name).
+    job_id: u64,
 }
 
 /// A timer operation, started on the engine's runtime.
@@ -38,13 +40,19 @@ impl Context {
         timers: Option<KeyTimers>,
         active: Arc<AtomicBool>,
         bridge: Arc<BridgeInner>,
+        job_id: u64,
     ) -> Self {
         Self {
             cancel,
             timers,
             active,
             bridge,
+            job_id,
         }
+    }
+
+    fn job_id(&self) -> u64 {
+        self.job_id
     }
 
     /// Whether the handler should stop (shutdown, revoke or timeout).
@@ -131,6 +139,7 @@ pub fn init(ruby: &Ruby, prosody: RModule) -> Result<(), Error> {
     class.undef_default_alloc_func();
     class.define_method("should_cancel?", method!(Context::should_cancel, 0))?;
     class.define_method("inspect", method!(Context::inspect, 0))?;
+    class.define_private_method("job_id", method!(Context::job_id, 0))?;
     class.define_private_method("start_schedule", method!(Context::schedule, 1))?;
     class.define_private_method("start_unschedule", method!(Context::unschedule, 1))?;
     class.define_private_method(

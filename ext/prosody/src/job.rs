@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
 use prosody_core::cancel::CancelToken;
 use prosody_core::event::Event;
-use prosody_core::handler::{Completion, Job, Outcome};
+use prosody_core::handler::{Completion, Failure, Job, Outcome};
+use prosody_core::scheduler::Grant;
 use prosody_core::timers::KeyTimers;
 
 use crate::bridge::BridgeInner;
@@ -27,12 +28,14 @@ pub struct JobObj {
     active: Arc<AtomicBool>,
     /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
     completion: Mutex<Option<Completion>>,
+    /// The scheduler permit; returned the moment the handler returns.
+    grant: Mutex<Option<Grant>>,
     /// Buffers the outcome until the bridge flushes.
     bridge: Arc<BridgeInner>,
 }
 
 impl JobObj {
-    pub fn new(id: u64, job: Job, bridge: Arc<BridgeInner>) -> Self {
+    pub fn new(id: u64, job: Job, grant: Grant, bridge: Arc<BridgeInner>) -> Self {
         let (event, cancel, timers, completion) = job.into_parts();
         Self {
             id,
@@ -41,6 +44,7 @@ impl JobObj {
             timers,
             active: Arc::new(AtomicBool::new(true)),
             completion: Mutex::new(Some(completion)),
+            grant: Mutex::new(Some(grant)),
             bridge,
         }
     }
@@ -78,6 +82,7 @@ impl JobObj {
             self.timers.clone(),
             self.active.clone(),
             self.bridge.clone(),
+            self.id,
         )
     }
 
@@ -85,6 +90,9 @@ impl JobObj {
     /// first outcome buffered since the last one).
     fn finish(&self, outcome: Outcome) -> bool {
         self.active.store(false, Ordering::Release);
+        // The permit goes back at once (the runner takes its next job right after); the outcome
+        // travels to the partition worker with the next flush.
+        drop(self.grant.lock().ok().and_then(|mut g| g.take()));
         let completion = self.completion.lock().ok().and_then(|mut c| c.take());
         match completion {
             Some(c) => self.bridge.complete(c, outcome),
@@ -97,13 +105,21 @@ impl JobObj {
         self.finish(Outcome::Success)
     }
 
-    /// The handler raised `error_class: message`. True when a flush must be scheduled.
-    fn fail(&self, error_class: String, message: String, permanent: bool) -> bool {
-        self.finish(Outcome::Failure {
+    /// The handler raised `error_class: message` (with the first lines of its backtrace);
+    /// `permanent` when retrying cannot help. True when a flush must be scheduled.
+    fn fail(
+        &self,
+        error_class: String,
+        message: String,
+        backtrace: String,
+        permanent: bool,
+    ) -> bool {
+        self.finish(Outcome::Failure(Failure {
             error_class,
             message,
+            backtrace,
             permanent,
-        })
+        }))
     }
 }
 
@@ -115,6 +131,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("timer", method!(JobObj::timer, 0))?;
     class.define_method("context", method!(JobObj::context, 0))?;
     class.define_method("succeed", method!(JobObj::succeed, 0))?;
-    class.define_method("fail", method!(JobObj::fail, 3))?;
+    class.define_method("fail", method!(JobObj::fail, 4))?;
     Ok(())
 }

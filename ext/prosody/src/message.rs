@@ -1,7 +1,7 @@
 //! `Prosody::Message`: a consumed record. The payload was decoded from JSON on an engine thread;
 //! it becomes Ruby objects on first access and is kept (GC-marked) for later calls.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use magnus::{
     gc, method, prelude::*, value::Opaque, DataTypeFunctions, Error, RModule, Ruby, TypedData,
@@ -14,8 +14,8 @@ use crate::ruby::convert::json_to_ruby;
 #[derive(TypedData)]
 #[magnus(class = "Prosody::Message", free_immediately, size, mark)]
 pub struct Message {
-    /// The record.
-    inner: ConsumedMessage,
+    /// The record (shared with its partition worker, which keeps it for retries).
+    inner: Arc<ConsumedMessage>,
     /// `payload` as Ruby objects, built on first call.
     payload: OnceLock<Opaque<Value>>,
     /// `headers` as a Ruby Hash, built on first call.
@@ -33,7 +33,7 @@ impl DataTypeFunctions for Message {
 }
 
 impl Message {
-    pub fn new(inner: ConsumedMessage) -> Self {
+    pub fn new(inner: Arc<ConsumedMessage>) -> Self {
         Self {
             inner,
             payload: OnceLock::new(),

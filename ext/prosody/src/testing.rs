@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use magnus::{function, method, prelude::*, Error, RHash, RModule, RString, Ruby};
+use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, RString, Ruby};
 use prosody_core::kafka::mock;
 use prosody_core::testing::{create_topic as core_create_topic, RawProducer as CoreRawProducer};
 
@@ -79,6 +79,48 @@ fn create_topic(
     .map_err(|e| errors::prosody(ruby, "ClientError", e))
 }
 
+/// Reads up to `count` records of a mock topic from the beginning (waiting at most `seconds`):
+/// an Array of Hashes with "partition", "offset", "key", "payload" (binary Strings or nil) and
+/// "headers" (an Array of [name, value] pairs, in order).
+fn mock_read_topic(
+    ruby: &Ruby,
+    topic: String,
+    count: usize,
+    seconds: f64,
+) -> Result<RArray, Error> {
+    let bootstrap = mock_bootstrap_servers(ruby)?;
+    let timeout = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(10));
+    let records = without_gvl(ruby, |_| {
+        prosody_core::testing::read_topic(&bootstrap, &topic, count, timeout)
+    })?
+    .map_err(|e| errors::prosody(ruby, "ClientError", e))?;
+    let out = ruby.ary_new_capa(records.len());
+    for r in records {
+        let hash = ruby.hash_new();
+        hash.aset("partition", r.partition)?;
+        hash.aset("offset", r.offset)?;
+        hash.aset("key", r.key.map(|k| ruby.str_from_slice(&k)))?;
+        hash.aset("payload", r.payload.map(|p| ruby.str_from_slice(&p)))?;
+        let headers = ruby.ary_new_capa(r.headers.len());
+        for (k, v) in r.headers {
+            headers.push(ruby.ary_new_from_values(&[
+                ruby.str_new(&k).as_value(),
+                ruby.str_from_slice(&v).as_value(),
+            ]))?;
+        }
+        hash.aset("headers", headers)?;
+        out.push(hash)?;
+    }
+    Ok(out)
+}
+
+/// Makes sends to a mock topic fail (`true`) or work again (`false`).
+fn mock_fail_topic(ruby: &Ruby, topic: String, fail: bool) -> Result<(), Error> {
+    mock::shared()
+        .and_then(|m| m.fail_topic(&topic, fail))
+        .map_err(|e| errors::kafka(ruby, e))
+}
+
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("RawProducer", ruby.class_object())?;
     class.define_singleton_method("new", function!(RawProducer::new, 1))?;
@@ -90,5 +132,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     )?;
     native.define_module_function("mock_create_topic", function!(mock_create_topic, 2))?;
     native.define_module_function("create_topic", function!(create_topic, 3))?;
+    native.define_module_function("mock_read_topic", function!(mock_read_topic, 3))?;
+    native.define_module_function("mock_fail_topic", function!(mock_fail_topic, 2))?;
     Ok(())
 }

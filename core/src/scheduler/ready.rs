@@ -1,0 +1,401 @@
+//! The ready events of one class (fresh or retry), ordered for the fair scheduler.
+//!
+//! Events are grouped by key: a key's events wait in arrival order, and only the oldest one
+//! (the key's head) competes. The head's priority is its key's virtual time minus a boost that
+//! grows with the square of how long the head has waited. The boost changes with time while the
+//! virtual time does not, so a single heap ordered once would go stale. Instead the wait is
+//! quantised into [`LEVELS`] + 1 levels: level `i` holds heads that have waited at least
+//! `i / LEVELS` of `max_wait` and carries the boost `wait_weight * (i / LEVELS)^2`; the last
+//! level holds heads that waited `max_wait` or more and carries the whole `wait_weight`. Inside a
+//! level the boost is the same for everyone, so each level is a B-tree ordered by virtual time,
+//! plus a B-tree by arrival so that promotion to the next level looks only at the oldest.
+//! A grant looks at the first entry of each non-empty level: `O(LEVELS · log n)` per grant,
+//! never `O(n)`. When a key's virtual time changes (it was charged), its head is re-keyed in
+//! `O(log n)`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::Hash;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Wait levels below the maximum boost.
+pub const LEVELS: usize = 16;
+
+/// A head's place in its level: virtual time in microseconds, then its sequence number.
+type Rank = (i64, u64);
+
+struct Level<K> {
+    /// Heads by (virtual time, sequence).
+    by_vt: BTreeMap<Rank, K>,
+    /// Heads by (ready since, sequence), for promotion.
+    by_age: BTreeMap<(Instant, u64), K>,
+}
+
+impl<K> Default for Level<K> {
+    fn default() -> Self {
+        Self {
+            by_vt: BTreeMap::new(),
+            by_age: BTreeMap::new(),
+        }
+    }
+}
+
+/// A key with ready events.
+struct Waiting<T> {
+    /// Its ready events, oldest first, each with when it became ready.
+    events: VecDeque<(Instant, T)>,
+    /// The head's level, virtual time and sequence number.
+    level: usize,
+    vt: i64,
+    seq: u64,
+}
+
+/// Ready events of one class.
+pub struct ReadyQueue<K, T> {
+    keys: HashMap<K, Waiting<T>>,
+    levels: Vec<Level<K>>,
+    /// Boost of each level, in microseconds of virtual time.
+    boost_us: Vec<i64>,
+    /// Age at which a head enters each level.
+    threshold: Vec<Duration>,
+    /// Sequence numbers for heads (ties go in order).
+    seq: u64,
+    len: usize,
+}
+
+/// The best head of a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Best<K> {
+    /// Its key.
+    pub key: K,
+    /// Virtual time minus wait boost, microseconds; lower goes first.
+    pub priority: i64,
+    /// Sequence number (arrival order of heads), for ties.
+    pub seq: u64,
+    /// Whether the head has waited `max_wait` or longer.
+    pub starving: bool,
+}
+
+impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
+    /// An empty queue for the given `max_wait` and `wait_weight` (boost at `max_wait`, in
+    /// seconds of virtual time).
+    pub fn new(max_wait: Duration, wait_weight: f64) -> Self {
+        let levels = (0..=LEVELS).map(|_| Level::default()).collect();
+        let boost_us = (0..=LEVELS)
+            .map(|i| {
+                let share = i as f64 / LEVELS as f64;
+                (wait_weight * share * share * 1e6) as i64
+            })
+            .collect();
+        let threshold = (0..=LEVELS)
+            .map(|i| max_wait.mul_f64(i as f64 / LEVELS as f64))
+            .collect();
+        Self {
+            keys: HashMap::new(),
+            levels,
+            boost_us,
+            threshold,
+            seq: 0,
+            len: 0,
+        }
+    }
+
+    /// Number of ready events.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no event is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The level a head that became ready at `since` belongs in at `now`.
+    fn level_for(&self, since: Instant, now: Instant) -> usize {
+        let age = now.saturating_duration_since(since);
+        self.threshold.iter().rposition(|t| age >= *t).unwrap_or(0)
+    }
+
+    fn place_head(&mut self, key: &K, now: Instant) {
+        let Some(since) = self
+            .keys
+            .get(key)
+            .and_then(|w| w.events.front().map(|(at, _)| *at))
+        else {
+            return;
+        };
+        let level = self.level_for(since, now);
+        self.seq += 1;
+        let seq = self.seq;
+        let Some(waiting) = self.keys.get_mut(key) else {
+            return;
+        };
+        waiting.level = level;
+        waiting.seq = seq;
+        self.levels[level]
+            .by_vt
+            .insert((waiting.vt, seq), key.clone());
+        self.levels[level].by_age.insert((since, seq), key.clone());
+    }
+
+    fn unplace_head(&mut self, key: &K) {
+        let Some(waiting) = self.keys.get(key) else {
+            return;
+        };
+        let since = waiting.events.front().map(|(at, _)| *at);
+        let level = &mut self.levels[waiting.level];
+        level.by_vt.remove(&(waiting.vt, waiting.seq));
+        if let Some(since) = since {
+            level.by_age.remove(&(since, waiting.seq));
+        }
+    }
+
+    /// Adds an event of `key` that became ready at `now`; `vt_us` is the key's virtual time
+    /// (used when the key had no ready event).
+    pub fn push(&mut self, now: Instant, key: K, vt_us: i64, item: T) {
+        self.len += 1;
+        if let Some(waiting) = self.keys.get_mut(&key) {
+            waiting.events.push_back((now, item));
+            return;
+        }
+        self.keys.insert(
+            key.clone(),
+            Waiting {
+                events: VecDeque::from([(now, item)]),
+                level: 0,
+                vt: vt_us,
+                seq: 0,
+            },
+        );
+        self.place_head(&key, now);
+    }
+
+    /// The key's virtual time changed: re-ranks its head, if it has one here.
+    pub fn set_vt(&mut self, key: &K, vt_us: i64) {
+        let Some(waiting) = self.keys.get(key) else {
+            return;
+        };
+        if waiting.vt == vt_us {
+            return;
+        }
+        let level = waiting.level;
+        let seq = waiting.seq;
+        let old = waiting.vt;
+        if let Some(k) = self.levels[level].by_vt.remove(&(old, seq)) {
+            self.levels[level].by_vt.insert((vt_us, seq), k);
+        }
+        if let Some(waiting) = self.keys.get_mut(key) {
+            waiting.vt = vt_us;
+        }
+    }
+
+    /// Moves heads that have waited long enough into their next level.
+    pub fn promote(&mut self, now: Instant) {
+        if self.len == 0 {
+            return;
+        }
+        for i in 0..LEVELS {
+            let next_at = self.threshold[i + 1];
+            while let Some((&(since, seq), _)) = self.levels[i].by_age.first_key_value() {
+                if now.saturating_duration_since(since) < next_at {
+                    break;
+                }
+                let Some((_, key)) = self.levels[i].by_age.pop_first() else {
+                    break;
+                };
+                let Some(waiting) = self.keys.get_mut(&key) else {
+                    continue;
+                };
+                let rank = (waiting.vt, seq);
+                waiting.level = i + 1;
+                self.levels[i].by_vt.remove(&rank);
+                self.levels[i + 1].by_vt.insert(rank, key.clone());
+                self.levels[i + 1].by_age.insert((since, seq), key);
+            }
+        }
+    }
+
+    /// The head that should go next, after [`promote`](Self::promote).
+    pub fn best(&self) -> Option<Best<K>> {
+        let mut best: Option<Best<K>> = None;
+        for (level, l) in self.levels.iter().enumerate() {
+            let Some((&(vt, seq), key)) = l.by_vt.first_key_value() else {
+                continue;
+            };
+            let priority = vt.saturating_sub(self.boost_us[level]);
+            let better = match &best {
+                None => true,
+                Some(b) => (priority, seq) < (b.priority, b.seq),
+            };
+            if better {
+                best = Some(Best {
+                    key: key.clone(),
+                    priority,
+                    seq,
+                    starving: level == LEVELS,
+                });
+            }
+        }
+        best
+    }
+
+    /// Removes the head of `key`; the key's next event (if any) becomes its head, placed by its
+    /// own age.
+    pub fn take(&mut self, key: &K, now: Instant) -> Option<T> {
+        self.unplace_head(key);
+        let waiting = self.keys.get_mut(key)?;
+        let (_, item) = waiting.events.pop_front()?;
+        self.len -= 1;
+        if waiting.events.is_empty() {
+            self.keys.remove(key);
+        } else {
+            self.place_head(key, now);
+        }
+        Some(item)
+    }
+
+    /// Removes every event for which `drop` is true, returning them.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&T) -> bool) -> Vec<T> {
+        let now = Instant::now();
+        let keys: Vec<K> = self.keys.keys().cloned().collect();
+        let mut out = Vec::new();
+        for key in keys {
+            self.unplace_head(&key);
+            if let Some(waiting) = self.keys.get_mut(&key) {
+                let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut waiting.events)
+                    .into_iter()
+                    .partition(|(_, item)| drop(item));
+                waiting.events = kept;
+                out.extend(gone.into_iter().map(|(_, item)| item));
+                if waiting.events.is_empty() {
+                    self.keys.remove(&key);
+                    continue;
+                }
+            }
+            self.place_head(&key, now);
+        }
+        self.len -= out.len();
+        out
+    }
+
+    /// Removes every event.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.remove_where(|_| true)
+    }
+}
+
+/// A quantity that halves every `half_life` (handler time used by a key or a class).
+#[derive(Debug, Clone, Copy)]
+pub struct Decaying {
+    value: f64,
+    at: Instant,
+}
+
+impl Decaying {
+    /// Zero at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            value: 0.0,
+            at: now,
+        }
+    }
+
+    /// The value at `now`.
+    pub fn at(&self, now: Instant, half_life: Duration) -> f64 {
+        let age = now.saturating_duration_since(self.at).as_secs_f64();
+        self.value * (-age / half_life.as_secs_f64().max(1e-3) * std::f64::consts::LN_2).exp()
+    }
+
+    /// Adds `amount` at `now`.
+    pub fn add(&mut self, now: Instant, half_life: Duration, amount: f64) {
+        self.value = self.at(now, half_life) + amount;
+        self.at = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain_order(q: &mut ReadyQueue<&'static str, u32>, now: Instant) -> Vec<u32> {
+        let mut order = Vec::new();
+        while let Some(best) = q.best() {
+            order.extend(q.take(&best.key, now));
+        }
+        order
+    }
+
+    #[test]
+    fn lowest_virtual_time_first_then_arrival_and_key_order() {
+        let now = Instant::now();
+        let mut q = ReadyQueue::new(Duration::from_secs(120), 200.0);
+        q.push(now, "b", 500, 1);
+        q.push(now, "a", 0, 2);
+        q.push(now, "c", 500, 3);
+        q.push(now, "a", 0, 4);
+        // "a" has the lowest virtual time: both its events go first, in order.
+        assert_eq!(drain_order(&mut q, now), vec![2, 4, 1, 3]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_charged_key_is_re_ranked() {
+        let now = Instant::now();
+        let mut q = ReadyQueue::new(Duration::from_secs(120), 200.0);
+        q.push(now, "hot", 0, 1);
+        q.push(now, "hot", 0, 2);
+        q.push(now, "cold", 0, 3);
+        let best = q.best().map(|b| b.key);
+        assert_eq!(best, Some("hot"));
+        assert_eq!(q.take(&"hot", now), Some(1));
+        q.set_vt(&"hot", 1_000_000);
+        assert_eq!(drain_order(&mut q, now), vec![3, 2]);
+    }
+
+    #[test]
+    fn waiting_overrides_virtual_time() {
+        let start = Instant::now();
+        let max_wait = Duration::from_secs(120);
+        let mut q = ReadyQueue::new(max_wait, 200.0);
+        // A key that used 190 s of handler time (just under the whole boost of 200 s), waiting
+        // since `start`.
+        q.push(start, "heavy", 190_000_000, 1);
+        // A fresh key arriving just before the heavy one reached the full boost.
+        let later = start + max_wait - Duration::from_secs(1);
+        q.push(later, "fresh", 0, 2);
+        q.promote(later);
+        let best = q.best().map(|b| b.key);
+        assert_eq!(best, Some("fresh"));
+        q.take(&"fresh", later);
+        q.push(later, "fresh2", 0, 3);
+        q.promote(start + max_wait);
+        let best = q.best();
+        assert!(best.as_ref().is_some_and(|b| b.starving));
+        assert_eq!(best.map(|b| b.key), Some("heavy"));
+    }
+
+    #[test]
+    fn a_new_head_keeps_the_age_of_its_event() {
+        let start = Instant::now();
+        let max_wait = Duration::from_secs(16);
+        let mut q = ReadyQueue::new(max_wait, 200.0);
+        q.push(start, "k", 0, 1);
+        q.push(start, "k", 0, 2);
+        let now = start + max_wait;
+        q.take(&"k", now);
+        assert!(
+            q.best().is_some_and(|b| b.starving),
+            "event 2 waited max_wait"
+        );
+    }
+
+    #[test]
+    fn decay_halves_every_half_life() {
+        let now = Instant::now();
+        let mut d = Decaying::new(now);
+        d.add(now, Duration::from_secs(60), 8.0);
+        let later = now + Duration::from_secs(120);
+        assert!((d.at(later, Duration::from_secs(60)) - 2.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,318 @@
+//! Deterministic simulations of the fair scheduler on paused tokio time: runners take jobs,
+//! "run" them by sleeping for a simulated handler time, and release their permits. Nothing here
+//! depends on the machine's speed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prosody_core::cancel::CancelToken;
+use prosody_core::event::{Event, TimerEvent};
+use prosody_core::handler::{Finished, Job, Outcome, Slot};
+use prosody_core::scheduler::{Class, FairConfig, Scheduler, Take};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+fn job(key: &str, done: &mpsc::UnboundedSender<Finished>, class: Class) -> Job {
+    let key: Arc<str> = Arc::from(key);
+    let event = Event::Timer(TimerEvent {
+        topic: Arc::from("sim"),
+        partition: 0,
+        key: key.clone(),
+        time: 0,
+    });
+    let job = Job::new(
+        event,
+        CancelToken::new(),
+        CancelToken::new(),
+        None,
+        done.clone(),
+        Some(key),
+        Slot::Timer(0),
+    );
+    match class {
+        Class::Fresh => job,
+        Class::Retry => job.retry(),
+    }
+}
+
+/// One run of a job: its key, class, when it became ready (as the submitter recorded it) and when
+/// it was granted.
+#[derive(Debug, Clone)]
+struct Grant {
+    key: String,
+    class: Class,
+    granted: Instant,
+    ran: Duration,
+}
+
+/// Runs `runners` runners until `until`; a job of key `k` runs for `cost(k)`.
+async fn run_runners(
+    scheduler: Arc<Scheduler>,
+    runners: usize,
+    until: Instant,
+    cost: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+) -> Vec<Grant> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..runners {
+        let scheduler = scheduler.clone();
+        let log = log.clone();
+        let cost = cost.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                match scheduler.take() {
+                    Take::Job(job, grant) => {
+                        let key = job.key().as_deref().unwrap_or_default().to_owned();
+                        let ran = cost(&key);
+                        let granted = Instant::now();
+                        tokio::time::sleep(ran).await;
+                        drop(grant);
+                        log.lock().unwrap().push(Grant {
+                            key,
+                            class: job.class,
+                            granted,
+                            ran,
+                        });
+                    }
+                    Take::Empty => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Take::Closed => return,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let out = log.lock().unwrap().clone();
+    out
+}
+
+fn config(max_concurrency: usize) -> FairConfig {
+    FairConfig {
+        max_concurrency,
+        ..FairConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hot_key_cannot_starve_cold_keys() {
+    let scheduler = Arc::new(Scheduler::with_config(config(2)));
+    let (done, _rx) = mpsc::unbounded_channel();
+    for _ in 0..2_000 {
+        scheduler.submit(job("hot", &done, Class::Fresh));
+    }
+    let start = Instant::now();
+    let cost: Arc<dyn Fn(&str) -> Duration + Send + Sync> = Arc::new(|_| Duration::from_millis(10));
+    // The hot key has the runners to itself for a second, then 100 cold keys arrive.
+    let runners = tokio::spawn(run_runners(
+        scheduler.clone(),
+        2,
+        start + Duration::from_secs(4),
+        cost,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cold_at = Instant::now();
+    for i in 0..100 {
+        scheduler.submit(job(&format!("cold-{i}"), &done, Class::Fresh));
+    }
+    let grants = runners.await.unwrap();
+    let cold: Vec<&Grant> = grants.iter().filter(|g| g.key != "hot").collect();
+    assert_eq!(cold.len(), 100, "every cold key ran");
+    let longest = cold
+        .iter()
+        .map(|g| g.granted - cold_at)
+        .max()
+        .unwrap_or_default();
+    // 100 jobs of 10 ms on 2 runners take 500 ms; in arrival order they would wait behind
+    // ~1,900 hot jobs (9.5 s).
+    assert!(
+        longest <= Duration::from_millis(520),
+        "the last cold key waited {longest:?}"
+    );
+    let hot_during = grants
+        .iter()
+        .filter(|g| g.key == "hot" && g.granted >= cold_at && g.granted < cold_at + longest)
+        .count();
+    assert!(
+        hot_during <= 2,
+        "{hot_during} hot jobs went before the cold keys were served"
+    );
+    // And the hot key is not starved either: it runs again once the cold keys are done.
+    assert!(grants
+        .iter()
+        .any(|g| g.key == "hot" && g.granted > cold_at + longest));
+}
+
+#[tokio::test(start_paused = true)]
+async fn during_a_failure_storm_fresh_events_keep_about_70_percent() {
+    let scheduler = Arc::new(Scheduler::with_config(config(4)));
+    let (done, _rx) = mpsc::unbounded_channel();
+    // More of both than 20 s of 4 runners can serve: 100 s of fresh work, 250 s of retries.
+    for i in 0..20_000 {
+        if i < 5_000 {
+            scheduler.submit(job(&format!("retry-{i}"), &done, Class::Retry));
+        }
+        scheduler.submit(job(&format!("fresh-{i}"), &done, Class::Fresh));
+    }
+    let start = Instant::now();
+    // Retries are slow (a failing dependency times out); fresh events are quick.
+    let cost: Arc<dyn Fn(&str) -> Duration + Send + Sync> = Arc::new(|k: &str| {
+        if k.starts_with("retry") {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_millis(5)
+        }
+    });
+    let grants = run_runners(scheduler.clone(), 4, start + Duration::from_secs(20), cost).await;
+    let time = |class: Class| -> f64 {
+        grants
+            .iter()
+            .filter(|g| g.class == class)
+            .map(|g| g.ran.as_secs_f64())
+            .sum()
+    };
+    let fresh = time(Class::Fresh);
+    let retry = time(Class::Retry);
+    let share = fresh / (fresh + retry);
+    assert!(
+        (0.66..=0.74).contains(&share),
+        "fresh events got {:.1}% of handler time",
+        share * 100.0
+    );
+    // Retries still progress.
+    assert!(grants.iter().filter(|g| g.class == Class::Retry).count() > 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_get_everything_when_nothing_fresh_waits() {
+    let scheduler = Arc::new(Scheduler::with_config(config(4)));
+    let (done, _rx) = mpsc::unbounded_channel();
+    for i in 0..400 {
+        scheduler.submit(job(&format!("retry-{i}"), &done, Class::Retry));
+    }
+    let start = Instant::now();
+    let cost: Arc<dyn Fn(&str) -> Duration + Send + Sync> = Arc::new(|_| Duration::from_millis(10));
+    let grants = run_runners(scheduler.clone(), 4, start + Duration::from_secs(2), cost).await;
+    // 4 runners x 2 s / 10 ms = 800 possible; all 400 ran, back to back.
+    assert_eq!(grants.len(), 400);
+    let last = grants.iter().map(|g| g.granted - start).max().unwrap();
+    assert!(last <= Duration::from_millis(1_000), "{last:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_wait_stays_bounded_by_max_wait() {
+    let max_wait = Duration::from_secs(10);
+    let scheduler = Arc::new(Scheduler::with_config(FairConfig {
+        max_concurrency: 1,
+        max_wait,
+        ..FairConfig::default()
+    }));
+    let (done, _rx) = mpsc::unbounded_channel();
+    // The heavy key first uses 100 s of handler time: a large virtual time.
+    scheduler.submit(job("heavy", &done, Class::Fresh));
+    let cost: Arc<dyn Fn(&str) -> Duration + Send + Sync> = Arc::new(|k: &str| {
+        if k == "heavy" {
+            Duration::from_secs(100)
+        } else {
+            Duration::from_millis(10)
+        }
+    });
+    let start = Instant::now();
+    let runner = tokio::spawn(run_runners(
+        scheduler.clone(),
+        1,
+        start + Duration::from_secs(150),
+        cost,
+    ));
+    tokio::time::sleep(Duration::from_secs(101)).await;
+    // Now it waits again while fresh keys (virtual time 0) arrive faster than they can run.
+    for i in 0..4 {
+        scheduler.submit(job(&format!("cold-first-{i}"), &done, Class::Fresh));
+    }
+    let heavy_ready = Instant::now();
+    scheduler.submit(job("heavy", &done, Class::Fresh));
+    let feeder = {
+        let scheduler = scheduler.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            for i in 0..3_000 {
+                scheduler.submit(job(&format!("cold-{i}"), &done, Class::Fresh));
+                scheduler.submit(job(&format!("cold-b-{i}"), &done, Class::Fresh));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let grants = runner.await.unwrap();
+    feeder.await.unwrap();
+    let second = grants
+        .iter()
+        .filter(|g| g.key == "heavy")
+        .nth(1)
+        .expect("the heavy key ran again");
+    let waited = second.granted - heavy_ready;
+    assert!(
+        waited <= max_wait + Duration::from_millis(20),
+        "the heavy key waited {waited:?}"
+    );
+    // Its large virtual time did hold it back for a while (the boost, not arrival order, let it in).
+    assert!(
+        waited >= max_wait / 4,
+        "the heavy key waited only {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn permits_bound_concurrency_and_return_on_release() {
+    let scheduler = Scheduler::with_config(config(2));
+    let (done, _rx) = mpsc::unbounded_channel();
+    for i in 0..3 {
+        scheduler.submit(job(&format!("k{i}"), &done, Class::Fresh));
+    }
+    let a = scheduler.take();
+    let b = scheduler.take();
+    assert!(matches!(a, Take::Job(..)) && matches!(b, Take::Job(..)));
+    assert!(matches!(scheduler.take(), Take::Empty), "only two permits");
+    drop(a);
+    assert!(matches!(scheduler.take(), Take::Job(..)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_past_its_timeout_is_cancelled_then_quarantined() {
+    let scheduler = Scheduler::with_config(FairConfig {
+        max_concurrency: 1,
+        timeout: Duration::from_secs(1),
+        grace: Duration::from_secs(2),
+        ..FairConfig::default()
+    });
+    let (done, mut rx) = mpsc::unbounded_channel();
+    scheduler.submit(job("stuck", &done, Class::Fresh));
+    scheduler.submit(job("next", &done, Class::Fresh));
+    let Take::Job(stuck, grant) = scheduler.take() else {
+        panic!("a job")
+    };
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    scheduler.check_deadlines();
+    assert!(!stuck.cancel.is_cancelled());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    scheduler.check_deadlines();
+    assert!(stuck.cancel.is_cancelled(), "cancelled at the timeout");
+    assert!(
+        matches!(scheduler.take(), Take::Empty),
+        "the permit is still held"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    scheduler.check_deadlines();
+    let notice = rx.try_recv().expect("the worker is told");
+    assert_eq!(notice.outcome, Outcome::Quarantined);
+    assert_eq!(notice.key.as_deref(), Some("stuck"));
+    let Take::Job(next, _g) = scheduler.take() else {
+        panic!("the permit was released to the next key")
+    };
+    assert_eq!(next.key().as_deref(), Some("next"));
+    // The stuck handler finally returns: its grant is released without giving back a second
+    // permit.
+    drop(grant);
+    assert_eq!(scheduler.load(), (1, 0));
+}
