@@ -31,8 +31,9 @@ pub struct ConsumedMessage {
     pub payload: Value,
     /// Headers as UTF-8 strings (invalid UTF-8 replaced, a header without value is `""`).
     pub headers: Vec<(String, String)>,
-    /// The record as read, for the dead-letter topic (its exact key, payload and headers).
-    pub raw: OwnedMessage,
+    /// The record as read, for the dead-letter topic (its exact key, payload and headers); kept
+    /// only when a failure topic is configured.
+    pub raw: Option<OwnedMessage>,
 }
 
 /// A record whose payload could not be decoded, with enough context to report it.
@@ -49,8 +50,13 @@ pub struct Undecodable {
 }
 
 impl ConsumedMessage {
-    /// Decodes a record read by the poll thread. Fails only on an invalid JSON payload.
-    pub fn decode(topic: Arc<str>, record: OwnedMessage) -> Result<Self, Box<Undecodable>> {
+    /// Decodes a record read by the poll thread, keeping the record itself when `keep_raw`.
+    /// Fails only on an invalid JSON payload (the record is always returned then).
+    pub fn decode(
+        topic: Arc<str>,
+        record: OwnedMessage,
+        keep_raw: bool,
+    ) -> Result<Self, Box<Undecodable>> {
         let key = record
             .key()
             .map(|k| Arc::<str>::from(String::from_utf8_lossy(k).as_ref()));
@@ -87,7 +93,7 @@ impl ConsumedMessage {
             key,
             payload,
             headers,
-            raw: record,
+            raw: keep_raw.then_some(record),
         })
     }
 

@@ -369,7 +369,8 @@ impl Worker {
         if self.tracker.uncommitted() == 1 {
             self.publish_oldest();
         }
-        let message = match ConsumedMessage::decode(self.topic.clone(), record) {
+        let keep_raw = self.engine.dead_letters.is_some();
+        let message = match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
             Ok(message) => message,
             Err(bad) => {
                 self.on_undecodable(*bad);
@@ -555,12 +556,13 @@ impl Worker {
                 });
             }
             Decision::DeadLetter(reason) => {
-                let Pending::Message(message) = &flight.event else {
-                    // Timers have no record to dead-letter: they are given up like below.
-                    self.give_up(id, &failure, attempts).await;
-                    return;
+                // Timers have no record to dead-letter: they are given up instead.
+                let raw = match &flight.event {
+                    Pending::Message(message) => message.raw.clone(),
+                    Pending::Timer(..) => None,
                 };
-                let Some(dead_letters) = self.engine.dead_letters.as_ref() else {
+                let (Some(raw), Some(dead_letters)) = (raw, self.engine.dead_letters.as_ref())
+                else {
                     self.give_up(id, &failure, attempts).await;
                     return;
                 };
@@ -572,7 +574,6 @@ impl Worker {
                     reason.as_str()
                 );
                 flight.stage = Stage::DeadLettering;
-                let raw = message.raw.clone();
                 let (key, slot) = id;
                 self.spawn_dead_letter(raw, reason, failure, attempts, move || {
                     Internal::DeadLettered(key, slot)

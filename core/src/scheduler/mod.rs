@@ -36,6 +36,10 @@ use crate::handler::{Finished, Job, Outcome, Slot};
 use ready::{Decaying, ReadyQueue};
 
 type Notify = Box<dyn Fn() + Send + Sync>;
+
+/// Deferred key charges applied by a runner's take once this many pile up (normally the next
+/// submit applies them, on an engine thread).
+const MAX_DEFERRED_CHARGES: usize = 64;
 type Key = Option<Arc<str>>;
 
 /// Which pool an event's handler time is charged to.
@@ -144,12 +148,16 @@ struct State {
     base: Instant,
     /// Handler time used per key, seconds.
     keys: HashMap<Key, Decaying>,
-    /// Jobs out with runners, by grant id.
-    running: HashMap<u64, Running>,
+    /// Jobs out with runners, by slot (the low 32 bits of a grant id); the high bits of the id
+    /// are the slot's generation, so a stale id never names a newer job.
+    running: Vec<(u32, Option<Running>)>,
+    /// Free slots of `running`.
+    free: Vec<u32>,
+    /// Key charges of finished handlers (key, used seconds, when), applied in batches off the
+    /// runners' path: at the next submit, or once [`MAX_DEFERRED_CHARGES`] pile up.
+    charges: Vec<(Key, f64, Instant)>,
     /// Permits out (running jobs not quarantined).
     permits: usize,
-    /// Grant ids.
-    next_grant: u64,
     /// A runner found nothing to do since the last notification.
     idle: bool,
     /// No more jobs are accepted; `take` reports `Closed` once empty.
@@ -166,21 +174,50 @@ impl State {
             running_class: [(0, 0.0); 2],
             base: now,
             keys: HashMap::new(),
-            running: HashMap::new(),
+            running: Vec::new(),
+            free: Vec::new(),
+            charges: Vec::new(),
             permits: 0,
-            next_grant: 1,
             idle: false,
             closed: false,
             config,
         }
     }
 
+    /// Stores a running job; returns its grant id.
+    fn insert_running(&mut self, running: Running) -> u64 {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.running.push((0, None));
+                u32::try_from(self.running.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let entry = &mut self.running[slot as usize];
+        entry.0 = entry.0.wrapping_add(1);
+        entry.1 = Some(running);
+        (u64::from(entry.0) << 32) | u64::from(slot)
+    }
+
+    /// Removes the running job of grant `id`, if it is still that job.
+    fn remove_running(&mut self, id: u64) -> Option<Running> {
+        let slot = (id & u64::from(u32::MAX)) as u32;
+        let generation = (id >> 32) as u32;
+        let entry = self.running.get_mut(slot as usize)?;
+        if entry.0 != generation {
+            return None;
+        }
+        let running = entry.1.take()?;
+        self.free.push(slot);
+        Some(running)
+    }
+
     fn ready(&self) -> usize {
         self.classes[0].len() + self.classes[1].len()
     }
 
-    /// The class to serve next, if any event is ready.
-    fn pick_class(&mut self, now: Instant) -> Option<usize> {
+    /// The class to serve next and its best head, if any event is ready.
+    fn pick(&mut self, now: Instant) -> Option<(usize, ready::Best<Key>)> {
         for queue in &mut self.classes {
             queue.promote(now);
         }
@@ -188,26 +225,23 @@ impl State {
         let retry = self.classes[1].best();
         match (fresh, retry) {
             (None, None) => None,
-            (Some(_), None) => Some(0),
-            (None, Some(_)) => Some(1),
+            (Some(f), None) => Some((0, f)),
+            (None, Some(r)) => Some((1, r)),
             (Some(f), Some(r)) => {
                 if f.starving != r.starving {
-                    return Some(if f.starving { 0 } else { 1 });
+                    return Some(if f.starving { (0, f) } else { (1, r) });
                 }
                 let w = self.config.failure_weight.clamp(0.0, 1.0);
                 let used_fresh = self.used(0, now);
                 let used_retry = self.used(1, now);
                 // Serve retries while their use relative to their share is the lower one:
                 // used_retry / w < used_fresh / (1 - w), written without dividing by zero.
-                Some(if used_retry * (1.0 - w) < used_fresh * w {
-                    1
-                } else if used_retry * (1.0 - w) > used_fresh * w {
-                    0
-                } else if w >= 0.5 {
-                    1
+                let retry_first = if used_retry * (1.0 - w) == used_fresh * w {
+                    w >= 0.5
                 } else {
-                    0
-                })
+                    used_retry * (1.0 - w) < used_fresh * w
+                };
+                Some(if retry_first { (1, r) } else { (0, f) })
             }
         }
     }
@@ -241,10 +275,26 @@ impl State {
             .map_or(0, |d| (d.at(now, self.config.half_life()) * 1e6) as i64)
     }
 
+    /// Charges a finished handler's time: to its class at once, to its key later (batched).
     fn charge(&mut self, key: Key, class: Class, now: Instant, used: Duration) {
-        let half_life = self.config.half_life();
         let secs = used.as_secs_f64();
-        self.usage[class.index()].add(now, half_life, secs);
+        self.usage[class.index()].add(now, self.config.half_life(), secs);
+        self.charges.push((key, secs, now));
+    }
+
+    /// Applies deferred key charges: adds to each key's virtual time and re-ranks its head.
+    fn apply_charges(&mut self) {
+        let charges = std::mem::take(&mut self.charges);
+        for (key, secs, at) in &charges {
+            self.charge_key(key.clone(), *secs, *at);
+        }
+        // Keep the buffer's capacity.
+        self.charges = charges;
+        self.charges.clear();
+    }
+
+    fn charge_key(&mut self, key: Key, secs: f64, now: Instant) {
+        let half_life = self.config.half_life();
         let vt = self
             .keys
             .entry(key.clone())
@@ -300,7 +350,7 @@ impl Core {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            let Some(running) = state.running.remove(&id) else {
+            let Some(running) = state.remove_running(id) else {
                 return;
             };
             if !running.quarantined {
@@ -418,6 +468,9 @@ impl Scheduler {
             if state.closed {
                 return;
             }
+            if !state.charges.is_empty() {
+                state.apply_charges();
+            }
             let vt = state.key_vt_us(&key, now);
             let class = job.class.index();
             state.classes[class].push(now, key, vt, job);
@@ -441,10 +494,10 @@ impl Scheduler {
             state.idle = true;
             return Take::Empty;
         }
-        let picked = state
-            .pick_class(now)
-            .and_then(|class| Some((class, state.classes[class].best()?)));
-        let Some((class, best)) = picked else {
+        if state.charges.len() >= MAX_DEFERRED_CHARGES {
+            state.apply_charges();
+        }
+        let Some((class, best)) = state.pick(now) else {
             if state.closed {
                 return Take::Closed;
             }
@@ -456,23 +509,18 @@ impl Scheduler {
             state.idle = true;
             return Take::Empty;
         };
-        let id = state.next_grant;
-        state.next_grant += 1;
         state.permits += 1;
         state.started(job.class, now);
         let notice = job.notice_target();
-        state.running.insert(
-            id,
-            Running {
-                started: now,
-                key,
-                class: job.class,
-                cancel: job.cancel.clone(),
-                notice,
-                cancelled: false,
-                quarantined: false,
-            },
-        );
+        let id = state.insert_running(Running {
+            started: now,
+            key,
+            class: job.class,
+            cancel: job.cancel.clone(),
+            notice,
+            cancelled: false,
+            quarantined: false,
+        });
         drop(state);
         Take::Job(
             job,
@@ -543,7 +591,7 @@ impl Scheduler {
             let timeout = state.config.timeout;
             let grace = state.config.grace;
             let mut freed = 0;
-            for running in state.running.values_mut() {
+            for running in state.running.iter_mut().filter_map(|(_, r)| r.as_mut()) {
                 let ran = now.saturating_duration_since(running.started);
                 if !running.cancelled && ran >= timeout {
                     running.cancelled = true;

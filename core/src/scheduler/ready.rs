@@ -28,8 +28,8 @@ type Rank = (i64, u64);
 struct Level<K> {
     /// Heads by (virtual time, sequence).
     by_vt: BTreeMap<Rank, K>,
-    /// Heads by (ready since, sequence), for promotion.
-    by_age: BTreeMap<(Instant, u64), K>,
+    /// Heads' virtual time by (ready since, sequence), for promotion.
+    by_age: BTreeMap<(Instant, u64), i64>,
 }
 
 impl<K> Default for Level<K> {
@@ -41,10 +41,56 @@ impl<K> Default for Level<K> {
     }
 }
 
+/// A key's ready events, oldest first, each with when it became ready. The head is stored
+/// inline: most keys have one ready event at a time, and that one needs no allocation.
+struct Fifo<T> {
+    head: Option<(Instant, T)>,
+    rest: VecDeque<(Instant, T)>,
+}
+
+impl<T> Fifo<T> {
+    fn one(at: Instant, item: T) -> Self {
+        Self {
+            head: Some((at, item)),
+            rest: VecDeque::new(),
+        }
+    }
+
+    fn front_since(&self) -> Option<Instant> {
+        self.head.as_ref().map(|(at, _)| *at)
+    }
+
+    fn push_back(&mut self, at: Instant, item: T) {
+        if self.head.is_none() {
+            self.head = Some((at, item));
+        } else {
+            self.rest.push_back((at, item));
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<(Instant, T)> {
+        let head = self.head.take();
+        self.head = self.rest.pop_front();
+        head
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    fn take_all(&mut self) -> Vec<(Instant, T)> {
+        let mut out = Vec::with_capacity(1 + self.rest.len());
+        while let Some(entry) = self.pop_front() {
+            out.push(entry);
+        }
+        out
+    }
+}
+
 /// A key with ready events.
 struct Waiting<T> {
-    /// Its ready events, oldest first, each with when it became ready.
-    events: VecDeque<(Instant, T)>,
+    /// Its ready events.
+    events: Fifo<T>,
     /// The head's level, virtual time and sequence number.
     level: usize,
     vt: i64,
@@ -62,6 +108,8 @@ pub struct ReadyQueue<K, T> {
     /// Sequence numbers for heads (ties go in order).
     seq: u64,
     len: usize,
+    /// Bit `i` is set while level `i` holds a head, so grants skip empty levels.
+    occupied: u32,
 }
 
 /// The best head of a queue.
@@ -98,7 +146,39 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
             threshold,
             seq: 0,
             len: 0,
+            occupied: 0,
         }
+    }
+
+    fn insert_head(&mut self, level: usize, rank: Rank, since: Instant, key: K) {
+        self.levels[level].by_vt.insert(rank, key);
+        self.levels[level].by_age.insert((since, rank.1), rank.0);
+        self.occupied |= 1 << level;
+    }
+
+    fn remove_head(&mut self, level: usize, rank: Rank, since: Option<Instant>) -> Option<K> {
+        let l = &mut self.levels[level];
+        let key = l.by_vt.remove(&rank);
+        if let Some(since) = since {
+            l.by_age.remove(&(since, rank.1));
+        }
+        if l.by_vt.is_empty() {
+            self.occupied &= !(1 << level);
+        }
+        key
+    }
+
+    /// Occupied levels, lowest first.
+    fn occupied_levels(&self) -> impl Iterator<Item = usize> {
+        let mut bits = self.occupied;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let level = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(level)
+        })
     }
 
     /// Number of ready events.
@@ -118,11 +198,7 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     }
 
     fn place_head(&mut self, key: &K, now: Instant) {
-        let Some(since) = self
-            .keys
-            .get(key)
-            .and_then(|w| w.events.front().map(|(at, _)| *at))
-        else {
+        let Some(since) = self.keys.get(key).and_then(|w| w.events.front_since()) else {
             return;
         };
         let level = self.level_for(since, now);
@@ -133,22 +209,17 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
         };
         waiting.level = level;
         waiting.seq = seq;
-        self.levels[level]
-            .by_vt
-            .insert((waiting.vt, seq), key.clone());
-        self.levels[level].by_age.insert((since, seq), key.clone());
+        let rank = (waiting.vt, seq);
+        self.insert_head(level, rank, since, key.clone());
     }
 
     fn unplace_head(&mut self, key: &K) {
         let Some(waiting) = self.keys.get(key) else {
             return;
         };
-        let since = waiting.events.front().map(|(at, _)| *at);
-        let level = &mut self.levels[waiting.level];
-        level.by_vt.remove(&(waiting.vt, waiting.seq));
-        if let Some(since) = since {
-            level.by_age.remove(&(since, waiting.seq));
-        }
+        let since = waiting.events.front_since();
+        let (level, rank) = (waiting.level, (waiting.vt, waiting.seq));
+        self.remove_head(level, rank, since);
     }
 
     /// Adds an event of `key` that became ready at `now`; `vt_us` is the key's virtual time
@@ -156,13 +227,13 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     pub fn push(&mut self, now: Instant, key: K, vt_us: i64, item: T) {
         self.len += 1;
         if let Some(waiting) = self.keys.get_mut(&key) {
-            waiting.events.push_back((now, item));
+            waiting.events.push_back(now, item);
             return;
         }
         self.keys.insert(
             key.clone(),
             Waiting {
-                events: VecDeque::from([(now, item)]),
+                events: Fifo::one(now, item),
                 level: 0,
                 vt: vt_us,
                 seq: 0,
@@ -173,20 +244,21 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
 
     /// The key's virtual time changed: re-ranks its head, if it has one here.
     pub fn set_vt(&mut self, key: &K, vt_us: i64) {
-        let Some(waiting) = self.keys.get(key) else {
+        let Some(waiting) = self.keys.get_mut(key) else {
             return;
         };
         if waiting.vt == vt_us {
             return;
         }
-        let level = waiting.level;
-        let seq = waiting.seq;
-        let old = waiting.vt;
-        if let Some(k) = self.levels[level].by_vt.remove(&(old, seq)) {
-            self.levels[level].by_vt.insert((vt_us, seq), k);
+        let (level, seq, old) = (waiting.level, waiting.seq, waiting.vt);
+        waiting.vt = vt_us;
+        let since = waiting.events.front_since();
+        let l = &mut self.levels[level];
+        if let Some(k) = l.by_vt.remove(&(old, seq)) {
+            l.by_vt.insert((vt_us, seq), k);
         }
-        if let Some(waiting) = self.keys.get_mut(key) {
-            waiting.vt = vt_us;
+        if let Some(vt) = since.and_then(|since| l.by_age.get_mut(&(since, seq))) {
+            *vt = vt_us;
         }
     }
 
@@ -195,23 +267,26 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
         if self.len == 0 {
             return;
         }
+        // Lowest level first, so a head that aged past several levels moves all the way up.
         for i in 0..LEVELS {
+            if self.occupied & (1 << i) == 0 {
+                continue;
+            }
             let next_at = self.threshold[i + 1];
-            while let Some((&(since, seq), _)) = self.levels[i].by_age.first_key_value() {
+            while let Some((&(since, seq), &vt)) = self.levels[i].by_age.first_key_value() {
                 if now.saturating_duration_since(since) < next_at {
                     break;
                 }
-                let Some((_, key)) = self.levels[i].by_age.pop_first() else {
-                    break;
-                };
-                let Some(waiting) = self.keys.get_mut(&key) else {
+                let rank = (vt, seq);
+                let Some(key) = self.remove_head(i, rank, Some(since)) else {
+                    // Not in the B-tree by virtual time: a stale entry; drop it.
+                    self.levels[i].by_age.remove(&(since, seq));
                     continue;
                 };
-                let rank = (waiting.vt, seq);
-                waiting.level = i + 1;
-                self.levels[i].by_vt.remove(&rank);
-                self.levels[i + 1].by_vt.insert(rank, key.clone());
-                self.levels[i + 1].by_age.insert((since, seq), key);
+                if let Some(w) = self.keys.get_mut(&key) {
+                    w.level = i + 1;
+                }
+                self.insert_head(i + 1, rank, since, key);
             }
         }
     }
@@ -219,8 +294,8 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     /// The head that should go next, after [`promote`](Self::promote).
     pub fn best(&self) -> Option<Best<K>> {
         let mut best: Option<Best<K>> = None;
-        for (level, l) in self.levels.iter().enumerate() {
-            let Some((&(vt, seq), key)) = l.by_vt.first_key_value() else {
+        for level in self.occupied_levels() {
+            let Some((&(vt, seq), key)) = self.levels[level].by_vt.first_key_value() else {
                 continue;
             };
             let priority = vt.saturating_sub(self.boost_us[level]);
@@ -243,14 +318,27 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     /// Removes the head of `key`; the key's next event (if any) becomes its head, placed by its
     /// own age.
     pub fn take(&mut self, key: &K, now: Instant) -> Option<T> {
-        self.unplace_head(key);
         let waiting = self.keys.get_mut(key)?;
-        let (_, item) = waiting.events.pop_front()?;
+        let (level, rank) = (waiting.level, (waiting.vt, waiting.seq));
+        let (since, item) = waiting.events.pop_front()?;
+        let next = waiting.events.front_since();
         self.len -= 1;
-        if waiting.events.is_empty() {
-            self.keys.remove(key);
-        } else {
-            self.place_head(key, now);
+        self.remove_head(level, rank, Some(since));
+        match next {
+            None => {
+                self.keys.remove(key);
+            }
+            Some(next_since) => {
+                let level = self.level_for(next_since, now);
+                self.seq += 1;
+                let seq = self.seq;
+                if let Some(waiting) = self.keys.get_mut(key) {
+                    waiting.level = level;
+                    waiting.seq = seq;
+                    let rank = (waiting.vt, seq);
+                    self.insert_head(level, rank, next_since, key.clone());
+                }
+            }
         }
         Some(item)
     }
@@ -263,11 +351,13 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
         for key in keys {
             self.unplace_head(&key);
             if let Some(waiting) = self.keys.get_mut(&key) {
-                let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut waiting.events)
-                    .into_iter()
-                    .partition(|(_, item)| drop(item));
-                waiting.events = kept;
-                out.extend(gone.into_iter().map(|(_, item)| item));
+                for (at, item) in waiting.events.take_all() {
+                    if drop(&item) {
+                        out.push(item);
+                    } else {
+                        waiting.events.push_back(at, item);
+                    }
+                }
                 if waiting.events.is_empty() {
                     self.keys.remove(&key);
                     continue;
