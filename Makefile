@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gem bench bench-timers gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gem bench bench-timers bench-scheduler gem clean
 
 setup:
 	@dev/setup
@@ -56,6 +56,10 @@ test-gem: build
 bench: build
 	$(CARGO) build --release -p prosody-core --example raw_consumer
 	ruby -Ilib -retc bench/consume.rb
+
+# Cost of one fair-scheduler grant with 1k, 10k and 100k events waiting.
+bench-scheduler: setup
+	$(CARGO) run --release -p prosody-core --example scheduler_bench
 
 # Timers in memory, and in the local Cassandra (started if needed).
 bench-timers: build services

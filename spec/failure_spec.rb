@@ -8,29 +8,6 @@ RSpec.describe "failure handling in mock mode" do
   let(:topic) { unique("fail-topic") }
   let(:dlq) { unique("dlq") }
 
-  # Fails the first +failures+ calls per key with +error+, records every call.
-  class FlakyHandler < Prosody::EventHandler
-    attr_reader :calls
-
-    def initialize(failures: Float::INFINITY, error: -> { RuntimeError.new("flaky") }, &block)
-      super()
-      @failures = failures
-      @error = error
-      @block = block
-      @calls = Hash.new { |h, k| h[k] = [] }
-    end
-
-    def on_message(context, message)
-      attempts = (@calls[message.key] << message.payload).size
-      @block&.call(context, message, attempts)
-      raise @error.call if attempts <= @failures
-    end
-
-    def count(key)
-      @calls[key].size
-    end
-  end
-
   def start(handler, **options)
     subscribe_tracked(mock_client(topic, retry_base: 0.005, max_retry_delay: 0.05, **options), handler)
   end
@@ -93,8 +70,8 @@ RSpec.describe "failure handling in mock mode" do
       client.send_message(topic, "k", 2)
       wait_for(message: "the second message") { handler.count("k") == 2 }
       expect(handler.calls["k"]).to eq([1, 2])
-      expect(wait_for { log_output[/offset=0 key="k" failed \(attempt 1, Prosody::PermanentError: never works\); giving up/] })
-        .to be_truthy
+      giving_up = /offset=0 key="k" failed \(attempt 1, Prosody::PermanentError: never works\); giving up/
+      expect(wait_for { log_output[giving_up] }).to be_truthy
     end
   end
 
@@ -130,7 +107,7 @@ RSpec.describe "failure handling in mock mode" do
         "source-system" => "spec-producer"
       )
       expect(Integer(headers["prosody-dlq-source-timestamp"])).to be_within(60_000).of((Time.now.to_f * 1000).to_i)
-      expect(headers["prosody-dlq-error-backtrace"]).to include("failure_spec.rb")
+      expect(headers["prosody-dlq-error-backtrace"]).to include("flaky_handler.rb")
     end
 
     it "dead-letters a permanent failure at once and moves on to the key's next message" do
@@ -140,7 +117,8 @@ RSpec.describe "failure handling in mock mode" do
       client.send_message(topic, "k", "good")
       wait_for(message: "the next message") { handler.count("k") == 2 }
       expect(handler.calls["k"]).to eq(%w[bad good])
-      expect(headers_of(dead_letters(1).first)).to include("prosody-dlq-reason" => "permanent", "prosody-dlq-attempts" => "1")
+      expect(headers_of(dead_letters(1).first))
+        .to include("prosody-dlq-reason" => "permanent", "prosody-dlq-attempts" => "1")
     end
 
     it "retries the dead-letter send when it fails, and never drops the record" do
@@ -151,7 +129,9 @@ RSpec.describe "failure handling in mock mode" do
       sender = mock_client(topic)
       sender.send_message(topic, "k", "poison")
       sender.send_message(topic, "k", "next")
-      wait_for(message: "a failed dead-letter send") { log_output[/could not send topic=#{topic} .*to the failure topic/] }
+      wait_for(message: "a failed dead-letter send") do
+        log_output[/could not send topic=#{topic} .*to the failure topic/]
+      end
       sleep 0.5
       expect(handler.calls["k"]).to eq(%w[poison]) # the key waits for its dead letter
       Prosody::Native.mock_fail_topic(dlq, false)
@@ -172,7 +152,7 @@ RSpec.describe "failure handling in mock mode" do
       sleep 0.2
       expect(handler.calls["k"]).to eq(%w[a b])
       expect(log_output).to match(/handler failed topic=#{topic} .*key="k" \(transient\): RuntimeError: flaky/)
-      expect(log_output).to match(/failure_spec\.rb/)
+      expect(log_output).to match(%r{spec/support/flaky_handler\.rb:\d+})
       expect(Prosody::Native.mock_read_topic(dlq, 1, 0.3)).to be_empty
     end
   end
@@ -253,7 +233,8 @@ RSpec.describe "failure handling in mock mode" do
       client.send_message(topic, "k", 1)
       record = dead_letters(1).first
       expect(handler.count("k")).to eq(1)
-      expect(headers_of(record)).to include("prosody-dlq-error-class" => "KeyError", "prosody-dlq-reason" => "permanent")
+      expect(headers_of(record))
+        .to include("prosody-dlq-error-class" => "KeyError", "prosody-dlq-reason" => "permanent")
     end
   end
 
