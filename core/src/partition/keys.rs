@@ -6,18 +6,20 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
+use foldhash::quality::RandomState;
+
 /// The waiting events of every key that has an event in flight.
 #[derive(Debug)]
 pub struct KeyQueues<K, E> {
     /// A key is present exactly while one of its events is in flight; the deque holds the events
     /// that wait behind it, in arrival order.
-    active: HashMap<K, VecDeque<E>>,
+    active: HashMap<K, VecDeque<E>, RandomState>,
 }
 
 impl<K: Hash + Eq + Clone, E> Default for KeyQueues<K, E> {
     fn default() -> Self {
         Self {
-            active: HashMap::new(),
+            active: HashMap::default(),
         }
     }
 }

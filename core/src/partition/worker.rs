@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use foldhash::quality::RandomState;
 use rdkafka::message::OwnedMessage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until;
@@ -242,7 +243,7 @@ struct Worker {
     /// Taken offsets and the commit watermark.
     tracker: OffsetTracker,
     /// Each key's in-flight event.
-    in_flight: HashMap<(Key, Slot), Flight>,
+    in_flight: HashMap<(Key, Slot), Flight, RandomState>,
     /// Undecodable records being dead-lettered.
     undecodable: usize,
     /// The partition's timers, when a store is configured.
@@ -288,7 +289,7 @@ pub(crate) fn spawn_worker(
         internal,
         keys: KeyQueues::new(),
         tracker: OffsetTracker::new(),
-        in_flight: HashMap::new(),
+        in_flight: HashMap::default(),
         undecodable: 0,
         timers,
         abort: CancelToken::new(),

@@ -23,6 +23,8 @@
 pub mod ready;
 
 use std::collections::HashMap;
+
+use foldhash::quality::RandomState;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -147,7 +149,7 @@ struct State {
     /// Origin for `running_class` sums.
     base: Instant,
     /// Handler time used per key, seconds.
-    keys: HashMap<Key, Decaying>,
+    keys: HashMap<Key, Decaying, RandomState>,
     /// Jobs out with runners, by slot (the low 32 bits of a grant id); the high bits of the id
     /// are the slot's generation, so a stale id never names a newer job.
     running: Vec<(u32, Option<Running>)>,
@@ -173,7 +175,7 @@ impl State {
             usage: [Decaying::new(now), Decaying::new(now)],
             running_class: [(0, 0.0); 2],
             base: now,
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             running: Vec::new(),
             free: Vec::new(),
             charges: Vec::new(),

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
 
+use foldhash::quality::RandomState;
 use tokio::time::Instant;
 
 /// Wait levels below the maximum boost.
@@ -99,7 +100,7 @@ struct Waiting<T> {
 
 /// Ready events of one class.
 pub struct ReadyQueue<K, T> {
-    keys: HashMap<K, Waiting<T>>,
+    keys: HashMap<K, Waiting<T>, RandomState>,
     levels: Vec<Level<K>>,
     /// Boost of each level, in microseconds of virtual time.
     boost_us: Vec<i64>,
@@ -140,7 +141,7 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
             .map(|i| max_wait.mul_f64(i as f64 / LEVELS as f64))
             .collect();
         Self {
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             levels,
             boost_us,
             threshold,
