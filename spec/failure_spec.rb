@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "json"
+require "timeout"
 
 # Failure handling in mock mode: retries, the three modes, the dead-letter topic, error
 # classification, timeouts and cancellation, quarantine, stall detection.
@@ -313,6 +314,28 @@ RSpec.describe "failure handling in mock mode" do
       # The 0.8 s handler finished uncancelled; the 10 s one was stopped at ~90% of 2 s.
       expect(outcomes).to contain_exactly([:finished, false], :stopped)
       expect(elapsed).to be_between(1.7, 2.6)
+    end
+
+    it "unsubscribes even when every permit is held by handlers that ignore cancellation past shutdown_timeout" do
+      started = Queue.new
+      handler = FlakyHandler.new(failures: 0) do |_context, _message, _attempts|
+        started << true
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.5
+        while Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
+          begin
+            sleep 0.05
+          rescue Async::Stop
+            nil # ignores cancellation
+          end
+        end
+      end
+      client = start(handler, max_concurrency: 1, shutdown_timeout: 0.5)
+      client.send_message(topic, "k", 1)
+      started.pop
+      began = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      Timeout.timeout(10) { client.unsubscribe }
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - began).to be < 5
+      expect(client.consumer_state).to eq(:configured)
     end
 
     it "quarantines a handler that ignores cancellation: its permit goes to other keys, its key waits" do

@@ -147,11 +147,13 @@ module Prosody
             run_job(job, worker, running)
             # A cancelled job's worker was replaced; if its handler swallowed Async::Stop and
             # returned, this worker ends here instead of pulling more jobs.
-            break if @retiring.delete(worker)
+            break if @retiring.key?(worker)
           else
             work.wait
           end
         end
+      ensure
+        @retiring.delete(worker)
       end
     end
 
@@ -170,6 +172,7 @@ module Prosody
 
     def run_job(job, worker, running)
       running[job.id] = worker
+      finished = false
       context = job.context
       timer = job.timer
       event = timer ? Timer.new(timer[0], Time.at(timer[1])) : job.message
@@ -180,25 +183,37 @@ module Prosody
           @handler.on_message(context, event)
         end
         completed(job.succeed)
+        finished = true
       rescue Async::Stop => e
         # Re-raised by the handler (or never caught): a transient failure; the task stops.
         completed(job.fail("Async::Stop", "cancelled (timeout, revoke or shutdown)", backtrace(e), false))
+        finished = true
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
         failed(job, e, event, timer ? :on_timer : :on_message)
+        finished = true
       end
     ensure
+      # Interrupted before the outcome was reported (e.g. Async::Stop while the failure was
+      # being classified): still return the permit and report a transient failure. Reporting
+      # twice is harmless: a job's outcome is sent once.
+      completed(job.fail("Async::Stop", "interrupted before the outcome was reported", "", false)) unless finished
       running.delete(job.id)
     end
 
+    # Reports the outcome first (nothing here may yield before the job is finished), then logs.
     def failed(job, error, event, method_name)
-      kind = @handler.class.failure_kind(method_name, error)
-      report(error, event, kind)
+      kind = classify(method_name, error)
       completed(job.fail(error.class.name.to_s, error.message.to_s, backtrace(error), kind == :permanent))
+      report(error, event, kind)
+    end
+
+    def classify(method_name, error)
+      @handler.class.failure_kind(method_name, error)
     rescue StandardError => e
-      # Classification itself failed (a broken override): count the failure as transient.
+      # A broken classification counts the failure as transient.
       Prosody.logger.error("could not classify #{error.class}: #{e.class}: #{e.message}")
-      completed(job.fail(error.class.name.to_s, error.message.to_s, backtrace(error), false))
+      :transient
     end
 
     def backtrace(error)

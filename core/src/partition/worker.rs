@@ -481,8 +481,13 @@ impl Worker {
         let quarantined = stage == Stage::Quarantined;
         match outcome {
             Outcome::Quarantined => {
+                // Only for the attempt the watchdog cancelled and that is still running: a notice
+                // that arrives after that attempt's own outcome (it is sent outside the
+                // scheduler's lock) must not touch a retry or a dead-letter send.
                 if let Some(flight) = self.in_flight.get_mut(&id) {
-                    flight.stage = Stage::Quarantined;
+                    if flight.stage == Stage::Running && flight.cancel.is_cancelled() {
+                        flight.stage = Stage::Quarantined;
+                    }
                 }
             }
             Outcome::Abandoned => {
@@ -671,7 +676,7 @@ impl Worker {
                     return;
                 }
                 flight.stage = Stage::Running;
-                flight.attempts += 1;
+                flight.attempts = flight.attempts.saturating_add(1);
                 flight.cancel = CancelToken::new();
                 let event = flight.event.clone();
                 let cancel = flight.cancel.clone();

@@ -492,6 +492,11 @@ impl Scheduler {
         let Ok(mut state) = self.core.state.lock() else {
             return Take::Closed;
         };
+        // Closed first: runners waiting for a permit must still learn that the subscription
+        // ended (`close` empties the queues).
+        if state.closed {
+            return Take::Closed;
+        }
         if state.permits >= state.config.max_concurrency {
             state.idle = true;
             return Take::Empty;
