@@ -26,6 +26,18 @@ RSpec.describe "failure handling in mock mode" do
     record["headers"].to_h
   end
 
+  # What a handler that ignores cancellation does: sleeps in short steps, swallowing
+  # Async::Stop, until the block is true.
+  def sleep_ignoring_cancellation
+    until yield
+      begin
+        sleep 0.05
+      rescue Async::Stop
+        nil
+      end
+    end
+  end
+
   describe "pipeline mode (the default)" do
     it "retries a transient failure until it succeeds, blocking only its key" do
       handler = FlakyHandler.new(failures: 3)
@@ -321,13 +333,7 @@ RSpec.describe "failure handling in mock mode" do
       handler = FlakyHandler.new(failures: 0) do |_context, _message, _attempts|
         started << true
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 1.5
-        while Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
-          begin
-            sleep 0.05
-          rescue Async::Stop
-            nil # ignores cancellation
-          end
-        end
+        sleep_ignoring_cancellation { Process.clock_gettime(Process::CLOCK_MONOTONIC) >= deadline }
       end
       client = start(handler, max_concurrency: 1, shutdown_timeout: 0.5)
       client.send_message(topic, "k", 1)
@@ -343,15 +349,7 @@ RSpec.describe "failure handling in mock mode" do
       handler = FlakyHandler.new(failures: 0) do |_context, message, attempts|
         next unless message.key == "stubborn" && attempts == 1
 
-        loop do
-          break unless release.empty?
-
-          begin
-            sleep 0.05
-          rescue Async::Stop
-            nil # ignores cancellation
-          end
-        end
+        sleep_ignoring_cancellation { !release.empty? }
       end
       client = start(handler, timeout: 0.2, max_concurrency: 1)
       client.send_message(topic, "stubborn", "a")

@@ -7,33 +7,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prosody_core::cancel::CancelToken;
-use prosody_core::event::{Event, TimerEvent};
-use prosody_core::handler::{Finished, Job, Slot};
-use prosody_core::scheduler::{FairConfig, Scheduler, Take};
+use prosody_core::handler::{Finished, Job};
+use prosody_core::scheduler::{Class, FairConfig, Scheduler, Take};
 use tokio::sync::mpsc;
 
 fn job(key: &Arc<str>, done: &mpsc::UnboundedSender<Finished>, retry: bool) -> Job {
-    let event = Event::Timer(TimerEvent {
-        topic: Arc::from("bench"),
-        partition: 0,
-        key: key.clone(),
-        time: 0,
-    });
-    let job = Job::new(
-        event,
-        CancelToken::new(),
-        CancelToken::new(),
-        None,
-        done.clone(),
-        Some(key.clone()),
-        Slot::Timer(0),
-    );
-    if retry {
-        job.retry()
-    } else {
-        job
-    }
+    let class = if retry { Class::Retry } else { Class::Fresh };
+    prosody_core::testing::timer_job(key, done, class)
 }
 
 /// Nanoseconds per grant with `waiting` events queued (half fresh, a quarter retries).
@@ -55,7 +35,7 @@ fn measure(waiting: usize, grants: usize) -> f64 {
             return f64::NAN;
         };
         let key = job.key().clone().unwrap_or_else(|| Arc::from(""));
-        let retry = job.class == prosody_core::scheduler::Class::Retry;
+        let retry = job.class == Class::Retry;
         drop(job); // reports Abandoned to `rx`, drained below
         grant.release();
         scheduler.submit(self::job(&key, &done, retry));

@@ -204,3 +204,32 @@ pub fn read_topic(
     }
     Ok(out)
 }
+
+/// A job for a timer event of `key` (the cheapest event to build), reporting to `done`; for
+/// scheduler tests and benchmarks.
+pub fn timer_job(
+    key: &std::sync::Arc<str>,
+    done: &tokio::sync::mpsc::UnboundedSender<crate::handler::Finished>,
+    class: crate::scheduler::Class,
+) -> crate::handler::Job {
+    use crate::event::{Event, TimerEvent};
+    let event = Event::Timer(TimerEvent {
+        topic: std::sync::Arc::from("test"),
+        partition: 0,
+        key: key.clone(),
+        time: 0,
+    });
+    let job = crate::handler::Job::new(
+        event,
+        crate::cancel::CancelToken::new(),
+        crate::cancel::CancelToken::new(),
+        None,
+        done.clone(),
+        Some(key.clone()),
+        crate::handler::Slot::Timer(0),
+    );
+    match class {
+        crate::scheduler::Class::Fresh => job,
+        crate::scheduler::Class::Retry => job.retry(),
+    }
+}

@@ -7,34 +7,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prosody_core::cancel::CancelToken;
-use prosody_core::event::{Event, TimerEvent};
-use prosody_core::handler::{Finished, Job, Outcome, Slot};
+use prosody_core::handler::{Finished, Job, Outcome};
 use prosody_core::scheduler::{Class, FairConfig, Scheduler, Take};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 fn job(key: &str, done: &mpsc::UnboundedSender<Finished>, class: Class) -> Job {
-    let key: Arc<str> = Arc::from(key);
-    let event = Event::Timer(TimerEvent {
-        topic: Arc::from("sim"),
-        partition: 0,
-        key: key.clone(),
-        time: 0,
-    });
-    let job = Job::new(
-        event,
-        CancelToken::new(),
-        CancelToken::new(),
-        None,
-        done.clone(),
-        Some(key),
-        Slot::Timer(0),
-    );
-    match class {
-        Class::Fresh => job,
-        Class::Retry => job.retry(),
-    }
+    prosody_core::testing::timer_job(&Arc::from(key), done, class)
 }
 
 /// One run of a job: its key, class, when it became ready (as the submitter recorded it) and when
