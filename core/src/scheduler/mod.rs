@@ -219,7 +219,7 @@ impl State {
     }
 
     /// The class to serve next and its best head, if any event is ready.
-    fn pick(&mut self, now: Instant) -> Option<(usize, ready::Best<Key>)> {
+    fn pick(&mut self, now: Instant) -> Option<(usize, ready::Best)> {
         for queue in &mut self.classes {
             queue.promote(now);
         }
@@ -511,8 +511,7 @@ impl Scheduler {
             state.idle = true;
             return Take::Empty;
         };
-        let key = best.key;
-        let Some(job) = state.classes[class].take(&key, now) else {
+        let Some((key, job)) = state.classes[class].take_best(&best, now) else {
             state.idle = true;
             return Take::Empty;
         };

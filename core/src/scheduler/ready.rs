@@ -114,10 +114,11 @@ pub struct ReadyQueue<K, T> {
 }
 
 /// The best head of a queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Best<K> {
-    /// Its key.
-    pub key: K,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Best {
+    /// Its level and rank (virtual time, sequence).
+    level: usize,
+    vt: i64,
     /// Virtual time minus wait boost, microseconds; lower goes first.
     pub priority: i64,
     /// Sequence number (arrival order of heads), for ties.
@@ -293,10 +294,10 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     }
 
     /// The head that should go next, after [`promote`](Self::promote).
-    pub fn best(&self) -> Option<Best<K>> {
-        let mut best: Option<Best<K>> = None;
+    pub fn best(&self) -> Option<Best> {
+        let mut best: Option<Best> = None;
         for level in self.occupied_levels() {
-            let Some((&(vt, seq), key)) = self.levels[level].by_vt.first_key_value() else {
+            let Some((&(vt, seq), _)) = self.levels[level].by_vt.first_key_value() else {
                 continue;
             };
             let priority = vt.saturating_sub(self.boost_us[level]);
@@ -306,7 +307,8 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
             };
             if better {
                 best = Some(Best {
-                    key: key.clone(),
+                    level,
+                    vt,
                     priority,
                     seq,
                     starving: level == LEVELS,
@@ -314,6 +316,43 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
             }
         }
         best
+    }
+
+    /// The key of the head `best` names.
+    pub fn key_of(&self, best: &Best) -> Option<&K> {
+        self.levels[best.level].by_vt.get(&(best.vt, best.seq))
+    }
+
+    /// Removes the head `best` names and returns its key (moved out, not cloned) and event; the
+    /// key's next event (if any) becomes its head, placed by its own age.
+    pub fn take_best(&mut self, best: &Best, now: Instant) -> Option<(K, T)> {
+        let level = best.level;
+        let key = self.levels[level].by_vt.remove(&(best.vt, best.seq))?;
+        if self.levels[level].by_vt.is_empty() {
+            self.occupied &= !(1 << level);
+        }
+        let waiting = self.keys.get_mut(&key)?;
+        let (since, item) = waiting.events.pop_front()?;
+        let next = waiting.events.front_since();
+        self.len -= 1;
+        self.levels[level].by_age.remove(&(since, best.seq));
+        match next {
+            None => {
+                self.keys.remove(&key);
+            }
+            Some(next_since) => {
+                let level = self.level_for(next_since, now);
+                self.seq += 1;
+                let seq = self.seq;
+                if let Some(waiting) = self.keys.get_mut(&key) {
+                    waiting.level = level;
+                    waiting.seq = seq;
+                    let rank = (waiting.vt, seq);
+                    self.insert_head(level, rank, next_since, key.clone());
+                }
+            }
+        }
+        Some((key, item))
     }
 
     /// Removes the head of `key`; the key's next event (if any) becomes its head, placed by its
@@ -412,7 +451,7 @@ mod tests {
     fn drain_order(q: &mut ReadyQueue<&'static str, u32>, now: Instant) -> Vec<u32> {
         let mut order = Vec::new();
         while let Some(best) = q.best() {
-            order.extend(q.take(&best.key, now));
+            order.extend(q.take_best(&best, now).map(|(_, item)| item));
         }
         order
     }
@@ -437,7 +476,7 @@ mod tests {
         q.push(now, "hot", 0, 1);
         q.push(now, "hot", 0, 2);
         q.push(now, "cold", 0, 3);
-        let best = q.best().map(|b| b.key);
+        let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("hot"));
         assert_eq!(q.take(&"hot", now), Some(1));
         q.set_vt(&"hot", 1_000_000);
@@ -456,14 +495,14 @@ mod tests {
         let later = start + max_wait - Duration::from_secs(1);
         q.push(later, "fresh", 0, 2);
         q.promote(later);
-        let best = q.best().map(|b| b.key);
+        let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("fresh"));
         q.take(&"fresh", later);
         q.push(later, "fresh2", 0, 3);
         q.promote(start + max_wait);
         let best = q.best();
         assert!(best.as_ref().is_some_and(|b| b.starving));
-        assert_eq!(best.map(|b| b.key), Some("heavy"));
+        assert_eq!(best.and_then(|b| q.key_of(&b).copied()), Some("heavy"));
     }
 
     #[test]
