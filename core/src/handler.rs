@@ -118,7 +118,6 @@ impl Job {
             class: Class::Fresh,
             completion: Completion {
                 target: Some((done, key, slot)),
-                key_for_scheduler: None,
             },
         }
     }
@@ -131,10 +130,12 @@ impl Job {
 
     /// The event's key (its scheduling identity).
     pub fn key(&self) -> &Option<Arc<str>> {
-        match &self.completion.target {
-            Some((_, key, _)) => key,
-            None => &self.completion.key_for_scheduler,
-        }
+        // The target is taken only when the outcome is sent, which consumes the job.
+        static NO_KEY: Option<Arc<str>> = None;
+        self.completion
+            .target
+            .as_ref()
+            .map_or(&NO_KEY, |(_, key, _)| key)
     }
 
     /// Where the scheduler's watchdog reports a quarantine for this job.
@@ -158,8 +159,6 @@ impl Job {
 pub struct Completion {
     /// Where the outcome goes, and for which event; taken when sent.
     target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, Slot)>,
-    /// Always `None`; what [`Job::key`] returns once the target is gone.
-    key_for_scheduler: Option<Arc<str>>,
 }
 
 impl Completion {

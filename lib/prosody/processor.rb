@@ -40,17 +40,15 @@ module Prosody
     end
 
     # Waits (yielding to other handlers) for the result of a context operation started on the
-    # engine, and returns its value or raises its error.
+    # engine, and returns its value or raises its error. Call it right after the native start
+    # call, without yielding in between: results are delivered by this thread's main fiber, so
+    # none can arrive before the waiter is registered.
     #
     # @param id [Integer] the operation id returned by the native start call
     def await_operation(id)
-      result = @operation_results.delete(id)
-      unless result
-        waiter = Async::Notification.new
-        @operation_waiters[id] = waiter
-        result = waiter.wait
-      end
-      value, error_class, message = result
+      waiter = Async::Notification.new
+      @operation_waiters[id] = waiter
+      value, error_class, message = waiter.wait
       raise(error_class == "ArgumentError" ? ArgumentError : Prosody.const_get(error_class), message) if error_class
 
       value
@@ -98,7 +96,6 @@ module Prosody
     def run
       Thread.current.thread_variable_set(:prosody_processor, self)
       @operation_waiters = {}
-      @operation_results = {}
       @cancel_waiters = {}
       @retiring = {}
       reactor = Async::Reactor.new(selector: self.class.selector)
@@ -118,25 +115,22 @@ module Prosody
       io = IO.for_fd(@bridge.fd, autoclose: false)
       work = Async::Notification.new
       running = {}
-      workers = Array.new(@concurrency) { spawn_worker(task, work, running) }
+      @concurrency.times { spawn_worker(task, work, running) }
       loop do
         io.wait_readable
         ids = @bridge.cancellations
-        ids&.each { |id| workers = cancel(id, running, workers, task, work) }
+        ids&.each { |id| cancel(id, running, task, work) }
         deliver_operations
         work.signal
         break unless ids
       end
     end
 
+    # Hands finished operations to their waiting fibers. A result nobody waits for (an operation
+    # started from another thread, which raised instead of waiting) is dropped.
     def deliver_operations
       @bridge.finished_ops.each do |id, *result|
-        waiter = @operation_waiters.delete(id)
-        if waiter
-          waiter.signal(result)
-        else
-          @operation_results[id] = result
-        end
+        @operation_waiters.delete(id)&.signal(result)
       end
     end
 
@@ -160,28 +154,26 @@ module Prosody
     # Cancels job +id+: its context's on_cancel returns first, then the worker running it
     # receives Async::Stop at its next yield point, and a replacement worker starts at once.
     # A job already finished is left alone.
-    def cancel(id, running, workers, task, work)
+    def cancel(id, running, task, work)
       worker = running[id]
-      return workers unless worker
+      return unless worker
 
       @cancel_waiters[id]&.signal
       @retiring[worker] = true
       @reactor << Async::Stop::Later.new(worker)
-      workers - [worker] + [spawn_worker(task, work, running)]
+      spawn_worker(task, work, running)
     end
 
     def run_job(job, worker, running)
-      running[job.id] = worker
+      id = job.id
+      running[id] = worker
       finished = false
       context = job.context
-      timer = job.timer
-      event = timer ? Timer.new(timer[0], Time.at(timer[1])) : job.message
+      event = job.event
+      timer = event.is_a?(Array)
+      event = Timer.new(event[0], Time.at(event[1])) if timer
       begin
-        if timer
-          @handler.on_timer(context, event)
-        else
-          @handler.on_message(context, event)
-        end
+        timer ? @handler.on_timer(context, event) : @handler.on_message(context, event)
         completed(job.succeed)
         finished = true
       rescue Async::Stop => e
@@ -198,7 +190,7 @@ module Prosody
       # being classified): still return the permit and report a transient failure. Reporting
       # twice is harmless: a job's outcome is sent once.
       completed(job.fail("Async::Stop", "interrupted before the outcome was reported", "", false)) unless finished
-      running.delete(job.id)
+      running.delete(id)
     end
 
     # Reports the outcome first (nothing here may yield before the job is finished), then logs.

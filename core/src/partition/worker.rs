@@ -504,8 +504,8 @@ impl Worker {
                 }
                 self.next_of(&id.0);
             }
-            Outcome::Success if !quarantined => self.succeeded(id).await,
-            Outcome::Success | Outcome::Failure(_) if quarantined => {
+            // Whatever a quarantined handler finally reports counts as a transient failure.
+            _ if quarantined => {
                 let timeout = self.engine.config.effective_timeout();
                 let failure = Failure::transient(
                     QUARANTINED,
@@ -516,8 +516,8 @@ impl Worker {
                 );
                 self.failed(id, failure).await;
             }
+            Outcome::Success => self.succeeded(id).await,
             Outcome::Failure(failure) => self.failed(id, failure).await,
-            Outcome::Success => {}
         }
     }
 

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby, Value};
+use magnus::{function, method, prelude::*, Error, IntoValue, RModule, Ruby, Value};
 use prosody_core::handler::{Completion, Outcome};
 use prosody_core::scheduler::{Scheduler, Take};
 
@@ -36,6 +36,9 @@ pub struct BridgeInner {
     /// Ids for asynchronous operations.
     next_op: AtomicU64,
 }
+
+/// A finished operation as Ruby receives it: `[id, value, error_class, message]`.
+type OpRow = (u64, Option<Vec<i64>>, Option<&'static str>, Option<String>);
 
 /// The result of an asynchronous context operation.
 pub enum OpResult {
@@ -184,32 +187,19 @@ impl Bridge {
 
     /// Finished asynchronous operations as `[id, value, error_class, message]`, for the main
     /// fiber to hand to the fibers waiting on them.
-    fn finished_ops(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
-        let ops = rb_self
+    fn finished_ops(&self) -> Vec<OpRow> {
+        let ops = self
             .inner
             .finished_ops
             .lock()
             .map(|mut o| std::mem::take(&mut *o))
             .unwrap_or_default();
-        let out = ruby.ary_new_capa(ops.len());
-        for (id, result) in ops {
-            let row = match result {
-                OpResult::Ok(times) => ruby.ary_new_from_values(&[
-                    id.into_value_with(ruby),
-                    times.into_value_with(ruby),
-                    ruby.qnil().as_value(),
-                    ruby.qnil().as_value(),
-                ]),
-                OpResult::Err(class, message) => ruby.ary_new_from_values(&[
-                    id.into_value_with(ruby),
-                    ruby.qnil().as_value(),
-                    class.into_value_with(ruby),
-                    message.into_value_with(ruby),
-                ]),
-            };
-            out.push(row)?;
-        }
-        Ok(out)
+        ops.into_iter()
+            .map(|(id, result)| match result {
+                OpResult::Ok(times) => (id, times, None, None),
+                OpResult::Err(class, message) => (id, None, Some(class), Some(message)),
+            })
+            .collect()
     }
 
     /// Stops handing out jobs: queued ones are reported abandoned (uncommitted) and `take`

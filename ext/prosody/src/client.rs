@@ -32,7 +32,8 @@ impl Client {
         Ok(Self(Arc::new(client)))
     }
 
-    /// Sends JSON bytes and blocks (GVL released) until acknowledged or `send_timeout`.
+    /// Sends JSON bytes and blocks (GVL released) until acknowledged or `send_timeout`; returns
+    /// nil.
     fn send_message(
         ruby: &Ruby,
         rb_self: &Self,
@@ -40,7 +41,7 @@ impl Client {
         key: RString,
         payload: RString,
         headers: Option<RHash>,
-    ) -> Result<Value, Error> {
+    ) -> Result<(), Error> {
         let topic = topic.to_string()?;
         let key = key.to_string()?;
         // SAFETY: the bytes are copied before any other Ruby code can run.
@@ -66,12 +67,7 @@ impl Client {
             })
         })?;
         match result {
-            Some(Ok(delivery)) => {
-                let hash = ruby.hash_new();
-                hash.aset(ruby.to_symbol("partition"), delivery.partition)?;
-                hash.aset(ruby.to_symbol("offset"), delivery.offset)?;
-                Ok(hash.as_value())
-            }
+            Some(Ok(_)) => Ok(()),
             Some(Err(e)) => Err(errors::send(ruby, e)),
             None => {
                 ruby.thread_check_ints()?;

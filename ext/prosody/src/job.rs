@@ -3,33 +3,36 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
-use prosody_core::cancel::CancelToken;
+use magnus::{method, prelude::*, Error, IntoValue, RModule, Ruby, Value};
 use prosody_core::event::Event;
 use prosody_core::handler::{Completion, Failure, Job, Outcome};
 use prosody_core::scheduler::Grant;
-use prosody_core::timers::KeyTimers;
 
 use crate::bridge::BridgeInner;
 use crate::context::Context;
 use crate::message::Message;
 
+/// What a job hands out once: its event and context, then its outcome.
+struct Parts {
+    /// The event, moved into a Ruby object by `event`.
+    event: Option<Event>,
+    /// The handler's context, moved into a Ruby object by `context`.
+    context: Option<Context>,
+    /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
+    completion: Option<Completion>,
+    /// The scheduler permit; returned the moment the handler returns.
+    grant: Option<Grant>,
+}
+
 #[magnus::wrap(class = "Prosody::Native::Job", free_immediately, size)]
 pub struct JobObj {
     /// Id used by cancellation requests.
     id: u64,
-    /// The event, moved into a Ruby object on first access.
-    event: Mutex<Option<Event>>,
-    /// The job's cancellation signal.
-    cancel: CancelToken,
-    /// The event key's timers, if any.
-    timers: Option<KeyTimers>,
-    /// Whether the handler is still running; a context refuses to work once it is false.
+    /// Everything handed out once, behind one lock (taken only with the GVL held, so never
+    /// contended).
+    parts: Mutex<Parts>,
+    /// Whether the handler is still running; its context refuses to work once it is false.
     active: Arc<AtomicBool>,
-    /// Where the outcome goes; dropped unsent (GC of an unfinished job) means abandoned.
-    completion: Mutex<Option<Completion>>,
-    /// The scheduler permit; returned the moment the handler returns.
-    grant: Mutex<Option<Grant>>,
     /// Buffers the outcome until the bridge flushes.
     bridge: Arc<BridgeInner>,
 }
@@ -37,14 +40,17 @@ pub struct JobObj {
 impl JobObj {
     pub fn new(id: u64, job: Job, grant: Grant, bridge: Arc<BridgeInner>) -> Self {
         let (event, cancel, timers, completion) = job.into_parts();
+        let active = Arc::new(AtomicBool::new(true));
+        let context = Context::new(cancel, timers, active.clone(), bridge.clone(), id);
         Self {
             id,
-            event: Mutex::new(Some(event)),
-            cancel,
-            timers,
-            active: Arc::new(AtomicBool::new(true)),
-            completion: Mutex::new(Some(completion)),
-            grant: Mutex::new(Some(grant)),
+            parts: Mutex::new(Parts {
+                event: Some(event),
+                context: Some(context),
+                completion: Some(completion),
+                grant: Some(grant),
+            }),
+            active,
             bridge,
         }
     }
@@ -53,47 +59,33 @@ impl JobObj {
         self.id
     }
 
-    /// The event as a `Prosody::Message`; nil for a timer, and after the first call.
-    fn message(ruby: &Ruby, rb_self: &Self) -> Value {
-        let mut slot = match rb_self.event.lock() {
-            Ok(slot) => slot,
-            Err(_) => return ruby.qnil().as_value(),
-        };
-        match slot.take() {
+    /// The event, once: a `Prosody::Message`, or `[key, seconds since the epoch]` for a timer;
+    /// nil after the first call.
+    fn event(ruby: &Ruby, rb_self: &Self) -> Value {
+        let event = rb_self.parts.lock().ok().and_then(|mut p| p.event.take());
+        match event {
             Some(Event::Message(m)) => ruby.into_value(Message::new(m)),
-            other => {
-                *slot = other;
-                ruby.qnil().as_value()
-            }
+            Some(Event::Timer(t)) => (t.key.to_string(), t.time).into_value_with(ruby),
+            None => ruby.qnil().as_value(),
         }
     }
 
-    /// `[key, seconds since the epoch]` when the event is a timer, else nil.
-    fn timer(&self) -> Option<(String, i64)> {
-        match self.event.lock().ok()?.as_ref()? {
-            Event::Timer(t) => Some((t.key.to_string(), t.time)),
-            Event::Message(_) => None,
-        }
-    }
-
-    fn context(&self) -> Context {
-        Context::new(
-            self.cancel.clone(),
-            self.timers.clone(),
-            self.active.clone(),
-            self.bridge.clone(),
-            self.id,
-        )
+    /// The handler's `Prosody::Context`, once; nil after the first call.
+    fn context(&self) -> Option<Context> {
+        self.parts.lock().ok().and_then(|mut p| p.context.take())
     }
 
     /// Hands the outcome to the bridge. True when the caller must schedule a flush (this was the
     /// first outcome buffered since the last one).
     fn finish(&self, outcome: Outcome) -> bool {
         self.active.store(false, Ordering::Release);
+        let (grant, completion) = match self.parts.lock() {
+            Ok(mut p) => (p.grant.take(), p.completion.take()),
+            Err(_) => return false,
+        };
         // The permit goes back at once (the runner takes its next job right after); the outcome
         // travels to the partition worker with the next flush.
-        drop(self.grant.lock().ok().and_then(|mut g| g.take()));
-        let completion = self.completion.lock().ok().and_then(|mut c| c.take());
+        drop(grant);
         match completion {
             Some(c) => self.bridge.complete(c, outcome),
             None => false,
@@ -127,8 +119,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Job", ruby.class_object())?;
     class.undef_default_alloc_func();
     class.define_method("id", method!(JobObj::id, 0))?;
-    class.define_method("message", method!(JobObj::message, 0))?;
-    class.define_method("timer", method!(JobObj::timer, 0))?;
+    class.define_method("event", method!(JobObj::event, 0))?;
     class.define_method("context", method!(JobObj::context, 0))?;
     class.define_method("succeed", method!(JobObj::succeed, 0))?;
     class.define_method("fail", method!(JobObj::fail, 4))?;
