@@ -150,11 +150,11 @@ impl Client {
     /// The timer store: in memory in mock mode; in Cassandra when `cassandra_nodes` is set
     /// (connecting and migrating on first use; blocks); `None` otherwise.
     pub fn timer_store(&self) -> Result<Option<Arc<dyn TimerStore>>, KafkaError> {
+        if !self.timers_available() {
+            return Ok(None);
+        }
         if self.config.mock {
             return Ok(Some(MemoryStore::shared()));
-        }
-        if self.config.cassandra_nodes.is_empty() {
-            return Ok(None);
         }
         let mut cached = self
             .cassandra

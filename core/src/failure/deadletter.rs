@@ -43,21 +43,15 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// Sends `record` with the dead-letter headers.
+    /// Sends `record`'s key and payload with `headers` (from [`dead_letter_headers`]).
     pub async fn send(
         &self,
         record: &OwnedMessage,
-        reason: Reason,
-        failure: &Failure,
-        attempts: u32,
+        headers: &[(String, Vec<u8>)],
     ) -> Result<(), SendError> {
-        let headers = dead_letter_headers(record, &self.group, reason, failure, attempts);
-        let refs: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
+        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
         self.producer
-            .send_raw(&self.topic, record.key(), record.payload(), &refs)
+            .send_raw(&self.topic, record.key(), record.payload(), headers)
             .await
             .map(|_| ())
     }

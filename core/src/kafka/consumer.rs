@@ -11,7 +11,7 @@
 //! committed before the partition is released, so a key never runs on two clients at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,8 +41,6 @@ pub struct Subscription {
     stop: Arc<AtomicBool>,
     /// Wakes the poll thread.
     waker: Arc<Waker>,
-    /// Partitions currently assigned.
-    assigned: Arc<AtomicUsize>,
     /// The poll thread; joined by `shutdown`.
     thread: Option<JoinHandle<()>>,
     /// The subscription's engine, for health checks.
@@ -61,13 +59,11 @@ impl Subscription {
             return Err(KafkaError::NotConsumer("subscribed_topics is empty"));
         }
         let waker = Arc::new(Waker::new());
-        let assigned = Arc::new(AtomicUsize::new(0));
         let context = PollContext {
             engine: engine.clone(),
             consumer: OnceLock::new(),
             partitions: Mutex::new(HashMap::new()),
             waker: waker.clone(),
-            assigned: assigned.clone(),
         };
         let mut settings = ClientConfig::new();
         match config.group_protocol {
@@ -129,7 +125,6 @@ impl Subscription {
         Ok(Self {
             stop,
             waker,
-            assigned,
             thread: Some(thread),
             engine,
         })
@@ -142,7 +137,7 @@ impl Subscription {
 
     /// Partitions currently assigned to this subscription.
     pub fn assigned_partitions(&self) -> usize {
-        self.assigned.load(Ordering::Acquire)
+        self.engine.partitions.lock().map_or(0, |p| p.len())
     }
 
     /// Drains in-flight work (within `shutdown_timeout`), commits, leaves the group, and joins the
@@ -191,8 +186,6 @@ struct PollContext {
     partitions: Mutex<HashMap<TopicPartition, Assigned>>,
     /// Wakes the poll thread.
     waker: Arc<Waker>,
-    /// Count published for `assigned_partitions`.
-    assigned: Arc<AtomicUsize>,
 }
 
 impl ClientContext for PollContext {}
@@ -253,7 +246,6 @@ impl ConsumerContext for PollContext {
                         },
                     );
                 }
-                self.assigned.store(partitions.len(), Ordering::Release);
                 if !added.is_empty() {
                     added.sort();
                     log::info!(
@@ -286,7 +278,6 @@ impl PollContext {
                     health.remove(tp);
                 }
             }
-            self.assigned.store(partitions.len(), Ordering::Release);
             removed
         };
         if removed.is_empty() {
@@ -376,12 +367,13 @@ impl PollLoop {
                 }
             }
             let read = self.read_partitions();
-            if Instant::now() >= next_commit {
+            let now = Instant::now();
+            if now >= next_commit {
                 self.commit(CommitMode::Async);
-                next_commit = Instant::now() + self.commit_interval;
+                next_commit = now + self.commit_interval;
             }
             if read == 0 {
-                let until_commit = next_commit.saturating_duration_since(Instant::now());
+                let until_commit = next_commit.saturating_duration_since(now);
                 self.waker.wait(self.poll_interval.min(until_commit));
             }
         }

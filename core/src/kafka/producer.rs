@@ -88,11 +88,8 @@ impl Producer {
         payload: &[u8],
         headers: &[(String, String)],
     ) -> Result<Delivery, SendError> {
-        let headers: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes()))
-            .collect();
-        self.send_raw(topic, Some(key.as_bytes()), Some(payload), &headers)
+        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        self.send_raw(topic, Some(key.as_bytes()), Some(payload), headers)
             .await
     }
 
@@ -103,19 +100,19 @@ impl Producer {
         topic: &str,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: &[(&str, &[u8])],
+        headers: impl ExactSizeIterator<Item = (&str, &[u8])>,
     ) -> Result<Delivery, SendError> {
         let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_bytes()),
         });
         for (k, v) in headers {
-            if *k == SOURCE_SYSTEM_HEADER {
+            if k == SOURCE_SYSTEM_HEADER {
                 continue;
             }
             owned = owned.insert(Header {
                 key: k,
-                value: Some(*v),
+                value: Some(v),
             });
         }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);

@@ -23,6 +23,7 @@ use super::offsets::OffsetTracker;
 use crate::cancel::CancelToken;
 use crate::engine::Engine;
 use crate::event::{show_key, ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
+use crate::failure::deadletter::{dead_letter_headers, DeadLetters};
 use crate::failure::{Decision, Reason};
 use crate::handler::{Failure, Finished, Job, Outcome, Slot};
 use crate::timers::{self, KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
@@ -114,6 +115,13 @@ impl PartitionTimers {
                 self.pending.retain(|(_, k)| *k != key);
             }
         }
+    }
+
+    /// A firing timer stopped running; returns whether its key scheduled it again meanwhile.
+    fn unfire(&mut self, key: &Arc<str>, time: Seconds) -> bool {
+        let id = (key.clone(), time);
+        self.firing.remove(&id);
+        self.rearmed.remove(&id)
     }
 
     /// When the earliest pending timer is due, as a monotonic instant.
@@ -425,9 +433,14 @@ impl Worker {
         );
         self.undecodable += 1;
         let failure = Failure::permanent(UNDECODABLE, reason);
-        self.spawn_dead_letter(raw, Reason::Undecodable, failure, 0, move || {
-            Internal::UndecodableSent(offset)
-        });
+        self.spawn_dead_letter(
+            dead_letters,
+            raw,
+            Reason::Undecodable,
+            &failure,
+            0,
+            Internal::UndecodableSent(offset),
+        );
     }
 
     /// Loads the partition's overdue and near-future stored timers (up to `horizon` ahead) into
@@ -494,9 +507,10 @@ impl Worker {
                 // Not finished: the offset stays uncommitted and is re-delivered after a
                 // restart; a timer stays stored.
                 self.in_flight.remove(&id);
+                // A timer stays stored: it fires again (unless the partition is going away).
                 if let (Slot::Timer(time), Some(key)) = (id.1, id.0.clone()) {
                     if let Some(timers) = self.timers.as_mut() {
-                        timers.firing.remove(&(key.clone(), time));
+                        timers.unfire(&key, time);
                         if !self.abort.is_cancelled() {
                             timers.pending.insert((time, key));
                         }
@@ -567,9 +581,9 @@ impl Worker {
                     Pending::Message(message) => message.raw.clone(),
                     Pending::Timer(..) => None,
                 };
-                let (Some(raw), Some(dead_letters)) = (raw, self.engine.dead_letters.as_ref())
+                let (Some(raw), Some(dead_letters)) = (raw, self.engine.dead_letters.clone())
                 else {
-                    self.give_up(id, &failure, attempts).await;
+                    self.give_up(id, &what, &failure, attempts).await;
                     return;
                 };
                 log::error!(
@@ -581,19 +595,23 @@ impl Worker {
                 );
                 flight.stage = Stage::DeadLettering;
                 let (key, slot) = id;
-                self.spawn_dead_letter(raw, reason, failure, attempts, move || {
-                    Internal::DeadLettered(key, slot)
-                });
+                self.spawn_dead_letter(
+                    dead_letters,
+                    raw,
+                    reason,
+                    &failure,
+                    attempts,
+                    Internal::DeadLettered(key, slot),
+                );
             }
-            Decision::GiveUp => self.give_up(id, &failure, attempts).await,
+            Decision::GiveUp => self.give_up(id, &what, &failure, attempts).await,
         }
     }
 
-    /// Logs the failure and lets the event go (commits its offset, deletes its timer).
-    async fn give_up(&mut self, id: (Key, Slot), failure: &Failure, attempts: u32) {
+    /// Logs the failure of `what` and lets the event go (commits its offset, deletes its timer).
+    async fn give_up(&mut self, id: (Key, Slot), what: &str, failure: &Failure, attempts: u32) {
         log::error!(
-            "{} failed (attempt {attempts}, {}: {}); giving up on it and moving on",
-            self.describe(&id),
+            "{what} failed (attempt {attempts}, {}: {}); giving up on it and moving on",
             failure.error_class,
             failure.message
         );
@@ -618,28 +636,27 @@ impl Worker {
     }
 
     /// Sends `raw` to the failure topic, retrying with backoff until it is acknowledged (the
-    /// record is never dropped); reports `done()` to this worker once sent. Stops when the
+    /// record is never dropped); reports `done` to this worker once sent. Stops when the
     /// partition is released (the offset then stays uncommitted).
     fn spawn_dead_letter(
         &self,
+        dead_letters: Arc<DeadLetters>,
         raw: OwnedMessage,
         reason: Reason,
-        failure: Failure,
+        failure: &Failure,
         attempts: u32,
-        done: impl FnOnce() -> Internal + Send + 'static,
+        done: Internal,
     ) {
-        let Some(dead_letters) = self.engine.dead_letters.clone() else {
-            return;
-        };
+        let headers = dead_letter_headers(&raw, &dead_letters.group, reason, failure, attempts);
         let internal = self.internal.clone();
         let abort = self.abort.clone();
         let policy = self.engine.policy.clone();
         self.engine.runtime.spawn(async move {
             let mut tries = 0u32;
             loop {
-                match dead_letters.send(&raw, reason, &failure, attempts).await {
+                match dead_letters.send(&raw, &headers).await {
                     Ok(()) => {
-                        let _ = internal.send(done());
+                        let _ = internal.send(done);
                         return;
                     }
                     Err(e) => {
@@ -716,8 +733,7 @@ impl Worker {
         let Some(timers) = self.timers.as_mut() else {
             return;
         };
-        timers.firing.remove(&(key.clone(), time));
-        if timers.rearmed.remove(&(key.clone(), time)) {
+        if timers.unfire(&key, time) {
             timers.pending.insert((time, key));
             return;
         }
@@ -808,7 +824,7 @@ impl Worker {
     ) {
         self.abort.cancel();
         self.engine.scheduler.purge_aborted();
-        let dropped = self.keys.take_waiting().len();
+        let dropped = self.keys.drop_waiting();
         // Events waiting for a retry are left for the next owner, uncommitted.
         self.in_flight.retain(|_, f| f.stage != Stage::Waiting);
         let mut cancelled = false;

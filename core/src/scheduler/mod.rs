@@ -504,14 +504,10 @@ impl Scheduler {
         if state.charges.len() >= MAX_DEFERRED_CHARGES {
             state.apply_charges();
         }
-        let Some((class, best)) = state.pick(now) else {
-            if state.closed {
-                return Take::Closed;
-            }
-            state.idle = true;
-            return Take::Empty;
-        };
-        let Some((key, job)) = state.classes[class].take_best(&best, now) else {
+        let picked = state
+            .pick(now)
+            .and_then(|(class, best)| state.classes[class].take_best(&best, now));
+        let Some((key, job)) = picked else {
             state.idle = true;
             return Take::Empty;
         };

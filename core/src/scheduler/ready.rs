@@ -13,6 +13,7 @@
 //! never `O(n)`. When a key's virtual time changes (it was charged), its head is re-keyed in
 //! `O(log n)`.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
@@ -228,20 +229,24 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     /// (used when the key had no ready event).
     pub fn push(&mut self, now: Instant, key: K, vt_us: i64, item: T) {
         self.len += 1;
-        if let Some(waiting) = self.keys.get_mut(&key) {
-            waiting.events.push_back(now, item);
-            return;
+        let mut new_head = None;
+        match self.keys.entry(key) {
+            Entry::Occupied(mut waiting) => waiting.get_mut().events.push_back(now, item),
+            Entry::Vacant(slot) => {
+                self.seq += 1;
+                let seq = self.seq;
+                new_head = Some((slot.key().clone(), seq));
+                slot.insert(Waiting {
+                    events: Fifo::one(now, item),
+                    level: 0,
+                    vt: vt_us,
+                    seq,
+                });
+            }
         }
-        self.keys.insert(
-            key.clone(),
-            Waiting {
-                events: Fifo::one(now, item),
-                level: 0,
-                vt: vt_us,
-                seq: 0,
-            },
-        );
-        self.place_head(&key, now);
+        if let Some((key, seq)) = new_head {
+            self.insert_head(0, (vt_us, seq), now, key);
+        }
     }
 
     /// The key's virtual time changed: re-ranks its head, if it has one here.
@@ -319,7 +324,8 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
     }
 
     /// The key of the head `best` names.
-    pub fn key_of(&self, best: &Best) -> Option<&K> {
+    #[cfg(test)]
+    fn key_of(&self, best: &Best) -> Option<&K> {
         self.levels[best.level].by_vt.get(&(best.vt, best.seq))
     }
 
@@ -331,56 +337,20 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
         if self.levels[level].by_vt.is_empty() {
             self.occupied &= !(1 << level);
         }
-        let waiting = self.keys.get_mut(&key)?;
+        // Most keys have one ready event: remove the entry, and put it back only if more wait.
+        let mut waiting = self.keys.remove(&key)?;
         let (since, item) = waiting.events.pop_front()?;
-        let next = waiting.events.front_since();
         self.len -= 1;
         self.levels[level].by_age.remove(&(since, best.seq));
-        match next {
-            None => {
-                self.keys.remove(&key);
-            }
-            Some(next_since) => {
-                let level = self.level_for(next_since, now);
-                self.seq += 1;
-                let seq = self.seq;
-                if let Some(waiting) = self.keys.get_mut(&key) {
-                    waiting.level = level;
-                    waiting.seq = seq;
-                    let rank = (waiting.vt, seq);
-                    self.insert_head(level, rank, next_since, key.clone());
-                }
-            }
+        if let Some(next_since) = waiting.events.front_since() {
+            let level = self.level_for(next_since, now);
+            self.seq += 1;
+            waiting.level = level;
+            waiting.seq = self.seq;
+            self.insert_head(level, (waiting.vt, waiting.seq), next_since, key.clone());
+            self.keys.insert(key.clone(), waiting);
         }
         Some((key, item))
-    }
-
-    /// Removes the head of `key`; the key's next event (if any) becomes its head, placed by its
-    /// own age.
-    pub fn take(&mut self, key: &K, now: Instant) -> Option<T> {
-        let waiting = self.keys.get_mut(key)?;
-        let (level, rank) = (waiting.level, (waiting.vt, waiting.seq));
-        let (since, item) = waiting.events.pop_front()?;
-        let next = waiting.events.front_since();
-        self.len -= 1;
-        self.remove_head(level, rank, Some(since));
-        match next {
-            None => {
-                self.keys.remove(key);
-            }
-            Some(next_since) => {
-                let level = self.level_for(next_since, now);
-                self.seq += 1;
-                let seq = self.seq;
-                if let Some(waiting) = self.keys.get_mut(key) {
-                    waiting.level = level;
-                    waiting.seq = seq;
-                    let rank = (waiting.vt, seq);
-                    self.insert_head(level, rank, next_since, key.clone());
-                }
-            }
-        }
-        Some(item)
     }
 
     /// Removes every event for which `drop` is true, returning them.
@@ -478,7 +448,8 @@ mod tests {
         q.push(now, "cold", 0, 3);
         let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("hot"));
-        assert_eq!(q.take(&"hot", now), Some(1));
+        let taken = q.best().and_then(|b| q.take_best(&b, now));
+        assert_eq!(taken, Some(("hot", 1)));
         q.set_vt(&"hot", 1_000_000);
         assert_eq!(drain_order(&mut q, now), vec![3, 2]);
     }
@@ -497,7 +468,8 @@ mod tests {
         q.promote(later);
         let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("fresh"));
-        q.take(&"fresh", later);
+        let taken = q.best().and_then(|b| q.take_best(&b, later));
+        assert_eq!(taken.map(|(key, _)| key), Some("fresh"));
         q.push(later, "fresh2", 0, 3);
         q.promote(start + max_wait);
         let best = q.best();
@@ -513,7 +485,8 @@ mod tests {
         q.push(start, "k", 0, 1);
         q.push(start, "k", 0, 2);
         let now = start + max_wait;
-        q.take(&"k", now);
+        let taken = q.best().and_then(|b| q.take_best(&b, now));
+        assert_eq!(taken, Some(("k", 1)));
         assert!(
             q.best().is_some_and(|b| b.starving),
             "event 2 waited max_wait"
