@@ -7,16 +7,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prosody_core::handler::{Finished, Job};
 use prosody_core::scheduler::{Class, FairConfig, Scheduler, Take};
+use prosody_core::testing::timer_job;
 use tokio::sync::mpsc;
 
-fn job(key: &Arc<str>, done: &mpsc::UnboundedSender<Finished>, retry: bool) -> Job {
-    let class = if retry { Class::Retry } else { Class::Fresh };
-    prosody_core::testing::timer_job(key, done, class)
-}
-
-/// Nanoseconds per grant with `waiting` events queued (half fresh, a quarter retries).
+/// Nanoseconds per grant with `waiting` events queued (a quarter of them retries).
 fn measure(waiting: usize, grants: usize) -> f64 {
     let scheduler = Scheduler::with_config(FairConfig {
         max_concurrency: 32,
@@ -27,7 +22,12 @@ fn measure(waiting: usize, grants: usize) -> f64 {
         .map(|i| Arc::from(format!("key-{i}").as_str()))
         .collect();
     for (i, key) in keys.iter().enumerate() {
-        scheduler.submit(job(key, &done, i % 4 == 0));
+        let class = if i % 4 == 0 {
+            Class::Retry
+        } else {
+            Class::Fresh
+        };
+        scheduler.submit(timer_job(key, &done, class));
     }
     let start = Instant::now();
     for i in 0..grants {
@@ -35,10 +35,10 @@ fn measure(waiting: usize, grants: usize) -> f64 {
             return f64::NAN;
         };
         let key = job.key().clone().unwrap_or_else(|| Arc::from(""));
-        let retry = job.class == Class::Retry;
+        let class = job.class;
         drop(job); // reports Abandoned to `rx`, drained below
         grant.release();
-        scheduler.submit(self::job(&key, &done, retry));
+        scheduler.submit(timer_job(&key, &done, class));
         if i % 1024 == 0 {
             while rx.try_recv().is_ok() {}
         }

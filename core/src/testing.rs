@@ -213,8 +213,9 @@ pub fn timer_job(
     class: crate::scheduler::Class,
 ) -> crate::handler::Job {
     use crate::event::{Event, TimerEvent};
+    static TOPIC: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
     let event = Event::Timer(TimerEvent {
-        topic: std::sync::Arc::from("test"),
+        topic: TOPIC.get_or_init(|| std::sync::Arc::from("test")).clone(),
         partition: 0,
         key: key.clone(),
         time: 0,

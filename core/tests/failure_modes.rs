@@ -2,7 +2,7 @@
 //! handler runs, what reaches the failure topic, and that other keys keep flowing.
 
 // A test: a failed unwrap is a failed assertion.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{unique, wait_until};
+use common::{config_with, unique, wait_until};
 use prosody_core::client::Client;
-use prosody_core::config::{Config, RawValue};
+use prosody_core::config::RawValue;
 use prosody_core::event::Event;
 use prosody_core::handler::{Failure, Outcome};
 use prosody_core::scheduler::{Scheduler, Take};
@@ -20,26 +20,23 @@ use prosody_core::scheduler::{Scheduler, Take};
 /// Calls per key; keys starting with `fail-` fail transiently, `perm-` permanently.
 type Calls = Arc<Mutex<HashMap<String, usize>>>;
 
-fn run(mode: &str, extra: &[(&str, RawValue)], keys: &[&str]) -> (Calls, String, Client) {
+fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
     let topic = unique("fail");
     let dlq = unique("dlq");
-    let mut options = vec![
-        ("mock".to_owned(), RawValue::Bool(true)),
-        ("send_timeout".into(), RawValue::Float(15.0)),
-        ("group_id".into(), RawValue::Str(unique("group"))),
-        (
-            "source_system".into(),
-            RawValue::Str("test-producer".into()),
-        ),
-        ("subscribed_topics".into(), RawValue::Str(topic.clone())),
-        ("mode".into(), RawValue::Str(mode.into())),
-        ("failure_topic".into(), RawValue::Str(dlq.clone())),
-        ("max_retries".into(), RawValue::Int(2)),
-        ("retry_base".into(), RawValue::Float(0.005)),
-        ("max_retry_delay".into(), RawValue::Float(0.02)),
-    ];
-    options.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-    let client = Client::new(Config::resolve(options).unwrap()).unwrap();
+    let config = config_with(
+        &topic,
+        &unique("group"),
+        8,
+        None,
+        &[
+            ("mode", RawValue::Str(mode.into())),
+            ("failure_topic", RawValue::Str(dlq.clone())),
+            ("max_retries", RawValue::Int(2)),
+            ("retry_base", RawValue::Float(0.005)),
+            ("max_retry_delay", RawValue::Float(0.02)),
+        ],
+    );
+    let client = Client::new(config).unwrap();
     let calls: Calls = Arc::default();
     let scheduler = Arc::new(Scheduler::new());
     let rt = prosody_core::runtime::handle().unwrap();
@@ -99,7 +96,7 @@ fn header<'a>(record: &'a prosody_core::testing::RawRecord, name: &str) -> Optio
 
 #[test]
 fn low_latency_tries_max_retries_plus_one_times_then_dead_letters() {
-    let (calls, dlq, client) = run("low_latency", &[], &["fail-a", "perm-b", "ok-c"]);
+    let (calls, dlq, client) = run("low_latency", &["fail-a", "perm-b", "ok-c"]);
     let records = dead_letters(&dlq, 2, Duration::from_secs(10));
     assert_eq!(records.len(), 2);
     assert_eq!(count(&calls, "fail-a"), 3, "first attempt + max_retries 2");
@@ -121,7 +118,7 @@ fn low_latency_tries_max_retries_plus_one_times_then_dead_letters() {
 
 #[test]
 fn pipeline_retries_transient_failures_until_stopped_and_never_dead_letters_them() {
-    let (calls, dlq, client) = run("pipeline", &[], &["fail-a", "perm-b", "ok-c"]);
+    let (calls, dlq, client) = run("pipeline", &["fail-a", "perm-b", "ok-c"]);
     assert!(wait_until(Duration::from_secs(10), || count(
         &calls, "fail-a"
     ) >= 10));
@@ -141,7 +138,7 @@ fn pipeline_retries_transient_failures_until_stopped_and_never_dead_letters_them
 
 #[test]
 fn best_effort_runs_each_failure_once_and_dead_letters_nothing() {
-    let (calls, dlq, client) = run("best_effort", &[], &["fail-a", "perm-b", "ok-c"]);
+    let (calls, dlq, client) = run("best_effort", &["fail-a", "perm-b", "ok-c"]);
     assert!(wait_until(Duration::from_secs(10), || {
         count(&calls, "fail-a") + count(&calls, "perm-b") + count(&calls, "ok-c") == 3
     }));

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -49,11 +48,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         total as usize,
         "each message exactly once in one run"
     );
-    let mut by_key: HashMap<Option<String>, Vec<u64>> = HashMap::new();
-    for (key, _, seq) in &seen {
-        by_key.entry(key.clone()).or_default().push(*seq);
-    }
-    for (key, seqs) in by_key {
+    for (key, seqs) in rec.seqs_by_key() {
         assert_eq!(
             seqs,
             (0..per_key as u64).collect::<Vec<_>>(),

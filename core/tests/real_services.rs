@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -49,10 +48,7 @@ fn kafka_round_trip_with_order_and_headers() {
     );
     client.unsubscribe();
     scheduler.close();
-    let mut by_key: HashMap<Option<String>, Vec<u64>> = HashMap::new();
-    for (key, _, seq) in rec.seen.lock().unwrap().iter() {
-        by_key.entry(key.clone()).or_default().push(*seq);
-    }
+    let by_key = rec.seqs_by_key();
     assert_eq!(by_key.len(), keys as usize);
     for (key, seqs) in by_key {
         assert_eq!(seqs, (0..per_key).collect::<Vec<u64>>(), "order of {key:?}");

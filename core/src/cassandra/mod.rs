@@ -82,6 +82,19 @@ pub async fn connect(config: &Config) -> Result<Arc<Session>, CassandraError> {
         })
 }
 
+/// A failed migration step of `component` at `version`.
+fn migration_error(
+    component: &'static str,
+    version: i32,
+    e: impl std::fmt::Display,
+) -> CassandraError {
+    CassandraError::Migration {
+        component,
+        version,
+        reason: e.to_string(),
+    }
+}
+
 /// Creates the keyspace if needed and applies every migration not yet recorded.
 pub async fn migrate(
     session: &Session,
@@ -89,13 +102,6 @@ pub async fn migrate(
     replication: &str,
     migrations: &[Migration],
 ) -> Result<(), CassandraError> {
-    let fail = |component: &'static str, version: i32| {
-        move |e: &dyn std::fmt::Display| CassandraError::Migration {
-            component,
-            version,
-            reason: e.to_string(),
-        }
-    };
     let setup = [
         format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}"),
         format!(
@@ -107,7 +113,7 @@ pub async fn migrate(
         session
             .query_unpaged(statement, &[])
             .await
-            .map_err(|e| fail("schema", 0)(&e))?;
+            .map_err(|e| migration_error("schema", 0, e))?;
     }
     let _ = session.await_schema_agreement().await;
     for migration in migrations {
@@ -119,7 +125,7 @@ pub async fn migrate(
                 (migration.component, migration.version),
             )
             .await
-            .map_err(|e| fail(migration.component, migration.version)(&e))?
+            .map_err(|e| migration_error(migration.component, migration.version, e))?
             .into_rows_result()
             .map(|rows| rows.rows_num() > 0)
             .unwrap_or(false);
@@ -130,7 +136,7 @@ pub async fn migrate(
             session
                 .query_unpaged(statement.replace("{ks}", keyspace), &[])
                 .await
-                .map_err(|e| fail(migration.component, migration.version)(&e))?;
+                .map_err(|e| migration_error(migration.component, migration.version, e))?;
         }
         let _ = session.await_schema_agreement().await;
         session
@@ -142,7 +148,7 @@ pub async fn migrate(
                 (migration.component, migration.version),
             )
             .await
-            .map_err(|e| fail(migration.component, migration.version)(&e))?;
+            .map_err(|e| migration_error(migration.component, migration.version, e))?;
         log::info!(
             "applied Cassandra schema {} v{} in keyspace {keyspace}",
             migration.component,

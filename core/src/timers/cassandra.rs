@@ -15,6 +15,8 @@
 use std::sync::Arc;
 
 use scylla::client::session::Session;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::{now, BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
@@ -133,23 +135,36 @@ impl CassandraStore {
         i32::try_from(ttl.max(1)).unwrap_or(0)
     }
 
-    async fn times_of(&self, scope: &Scope, key: &str) -> Result<Vec<Seconds>, TimerError> {
-        let rows = self
-            .session
-            .execute_unpaged(
-                &self.select_key,
-                (&*scope.group, &*scope.topic, scope.partition, key),
-            )
+    /// Runs a select and decodes every row; a row that does not decode is an error, never
+    /// skipped (a skipped index row would hide a slab's timers).
+    async fn select<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<R>, TimerError>
+    where
+        R: for<'r> DeserializeRow<'r, 'r>,
+    {
+        self.session
+            .execute_unpaged(statement, values)
             .await
             .map_err(store_error)?
             .into_rows_result()
-            .map_err(store_error)?;
-        let mut times: Vec<Seconds> = rows
-            .rows::<(i64,)>()
             .map_err(store_error)?
-            .filter_map(Result::ok)
-            .map(|(t,)| t)
-            .collect();
+            .rows::<R>()
+            .map_err(store_error)?
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(store_error)
+    }
+
+    async fn times_of(&self, scope: &Scope, key: &str) -> Result<Vec<Seconds>, TimerError> {
+        let rows: Vec<(i64,)> = self
+            .select(
+                &self.select_key,
+                (&*scope.group, &*scope.topic, scope.partition, key),
+            )
+            .await?;
+        let mut times: Vec<Seconds> = rows.into_iter().map(|(t,)| t).collect();
         times.sort_unstable();
         Ok(times)
     }
@@ -252,33 +267,18 @@ impl TimerStore for CassandraStore {
     ) -> BoxFuture<'a, Result<Due, TimerError>> {
         Box::pin(async move {
             let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
-            let slabs: Vec<i64> = self
-                .session
-                .execute_unpaged(&self.select_index, (g, t, p, self.slab(until)))
-                .await
-                .map_err(store_error)?
-                .into_rows_result()
-                .map_err(store_error)?
-                .rows::<(i64,)>()
-                .map_err(store_error)?
-                .filter_map(Result::ok)
-                .map(|(s,)| s)
-                .collect();
+            let slabs: Vec<(i64,)> = self
+                .select(&self.select_index, (g, t, p, self.slab(until)))
+                .await?;
             let mut due: Due = Vec::new();
-            for slab in slabs {
-                let rows = self
-                    .session
-                    .execute_unpaged(&self.select_slab, (g, t, p, slab))
-                    .await
-                    .map_err(store_error)?
-                    .into_rows_result()
-                    .map_err(store_error)?;
-                for row in rows.rows::<(String, i64)>().map_err(store_error)? {
-                    let (key, time) = row.map_err(store_error)?;
-                    if time <= until {
-                        due.push((Arc::from(key), time));
-                    }
-                }
+            for (slab,) in slabs {
+                let rows: Vec<(String, i64)> =
+                    self.select(&self.select_slab, (g, t, p, slab)).await?;
+                due.extend(
+                    rows.into_iter()
+                        .filter(|(_, time)| *time <= until)
+                        .map(|(key, time)| (Arc::from(key), time)),
+                );
             }
             due.sort_by_key(|(_, s)| *s);
             Ok(due)

@@ -35,6 +35,17 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// The payload sequence numbers each key saw, in the order its handlers ran.
+    pub fn seqs_by_key(&self) -> HashMap<Option<String>, Vec<u64>> {
+        let mut by_key: HashMap<Option<String>, Vec<u64>> = HashMap::new();
+        for (key, _, seq) in self.seen.lock().unwrap().iter() {
+            by_key.entry(key.clone()).or_default().push(*seq);
+        }
+        by_key
+    }
+}
+
 /// Starts `n` runners that pull jobs from `scheduler`, as the Ruby processor's workers do.
 pub fn runners(n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
     let scheduler = Arc::new(Scheduler::new());
@@ -104,11 +115,22 @@ pub fn unique(prefix: &str) -> String {
 
 /// A consumer configuration: mock mode when `bootstrap` is `None`.
 pub fn config(topic: &str, group: &str, max_concurrency: i64, bootstrap: Option<&str>) -> Config {
+    config_with(topic, group, max_concurrency, bootstrap, &[])
+}
+
+/// [`config`] plus `extra` options.
+pub fn config_with(
+    topic: &str,
+    group: &str,
+    max_concurrency: i64,
+    bootstrap: Option<&str>,
+    extra: &[(&str, RawValue)],
+) -> Config {
     let server = match bootstrap {
         Some(b) => ("bootstrap_servers".to_owned(), RawValue::Str(b.into())),
         None => ("mock".to_owned(), RawValue::Bool(true)),
     };
-    Config::resolve(vec![
+    let mut options = vec![
         server,
         ("send_timeout".into(), RawValue::Float(15.0)),
         ("group_id".into(), RawValue::Str(group.into())),
@@ -119,8 +141,9 @@ pub fn config(topic: &str, group: &str, max_concurrency: i64, bootstrap: Option<
         ("subscribed_topics".into(), RawValue::Str(topic.into())),
         ("max_concurrency".into(), RawValue::Int(max_concurrency)),
         ("commit_interval".into(), RawValue::Float(0.05)),
-    ])
-    .unwrap()
+    ];
+    options.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    Config::resolve(options).unwrap()
 }
 
 pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
