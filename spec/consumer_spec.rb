@@ -3,10 +3,6 @@
 RSpec.describe "consuming in mock mode" do
   let(:topic) { unique("topic") }
 
-  def start(handler, **options)
-    subscribe_tracked(mock_client(topic, **options), handler)
-  end
-
   it "round-trips every JSON type and headers, with the message's metadata" do
     handler = SpecHelpers::RecordingHandler.new
     client = start(handler)

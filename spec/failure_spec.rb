@@ -9,8 +9,9 @@ RSpec.describe "failure handling in mock mode" do
   let(:topic) { unique("fail-topic") }
   let(:dlq) { unique("dlq") }
 
+  # Fast retries unless an example says otherwise.
   def start(handler, **options)
-    subscribe_tracked(mock_client(topic, retry_base: 0.005, max_retry_delay: 0.05, **options), handler)
+    super(handler, retry_base: 0.005, max_retry_delay: 0.05, **options)
   end
 
   def dead_letters(count, timeout: 10)

@@ -7,7 +7,6 @@ require "securerandom"
 require "stringio"
 
 Dir[File.join(__dir__, "support", "*.rb")].each { |f| require f }
-require_relative "integration/kafka_helper"
 
 RSpec.configure do |config|
   config.include SpecHelpers
@@ -22,3 +21,7 @@ RSpec.configure do |config|
   end
   config.after { @clients&.each(&:unsubscribe) }
 end
+
+# After SpecHelpers is included: for :kafka examples, KafkaHelpers (included later) overrides
+# its client_for with a client on the real broker.
+require_relative "integration/kafka_helper"

@@ -3,10 +3,6 @@
 RSpec.describe "timers in mock mode" do
   let(:topic) { unique("timer-topic") }
 
-  def start(handler, **options)
-    subscribe_tracked(mock_client(topic, **options), handler)
-  end
-
   it "fires on_timer for the key after the message that scheduled it, never early, then forgets it" do
     seen = {}
     handler = TimerRecorder.new do |context, message|

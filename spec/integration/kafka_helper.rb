@@ -10,19 +10,25 @@ module KafkaHelpers
   CASSANDRA = ENV.fetch("PROSODY_TEST_CASSANDRA", "127.0.0.1:9042")
 
   def self.ensure_kafka!
-    probe = File.expand_path("../../dev/probe.py", __dir__)
-    return if system("python3", probe, "kafka", BOOTSTRAP, out: File::NULL, err: File::NULL)
-
-    raise "Kafka is not answering on #{BOOTSTRAP}; start it with `dev/services start kafka && " \
-          "dev/services wait kafka` (make test does this)"
+    ensure_service!("kafka", "Kafka", BOOTSTRAP)
   end
 
   def self.ensure_cassandra!
-    probe = File.expand_path("../../dev/probe.py", __dir__)
-    return if system("python3", probe, "cassandra", CASSANDRA, out: File::NULL, err: File::NULL)
+    ensure_service!("cassandra", "Cassandra", CASSANDRA)
+  end
 
-    raise "Cassandra is not answering on #{CASSANDRA}; start it with `dev/services start cassandra && " \
-          "dev/services wait cassandra` (make test does this)"
+  # Fails with how to start +service+ unless it answers on +address+ in its own protocol.
+  def self.ensure_service!(service, name, address)
+    probe = File.expand_path("../../dev/probe.py", __dir__)
+    return if system("python3", probe, service, address, out: File::NULL, err: File::NULL)
+
+    raise "#{name} is not answering on #{address}; start it with `dev/services start #{service} && " \
+          "dev/services wait #{service}` (make test does this)"
+  end
+
+  # The examples' clients run on the real broker.
+  def client_for(topic, **options)
+    kafka_client(topic, **options)
   end
 
   def kafka_client(topic, group: unique("group"), **options)

@@ -3,10 +3,6 @@
 RSpec.describe "consuming from a real Kafka broker", :kafka do
   let(:topic) { create_topic(unique("it-topic")) }
 
-  def start(handler, **options)
-    subscribe_tracked(kafka_client(topic, **options), handler)
-  end
-
   # Proves that a message sent with headers reaches a subscribed handler with them.
   it "round-trips a message with headers through send_message and a subscribed handler" do
     handler = SpecHelpers::RecordingHandler.new

@@ -33,6 +33,17 @@ module SpecHelpers
                         subscribed_topics: topic, commit_interval: 0.05, send_timeout: 10, **options)
   end
 
+  # A client of the example's +topic+ (the mock cluster; the integration tier's helpers return
+  # one on the real broker).
+  def client_for(topic, **options)
+    mock_client(topic, **options)
+  end
+
+  # Subscribes a client of the example's +topic+ with +handler+ (tracked, see below).
+  def start(handler, **options)
+    subscribe_tracked(client_for(topic, **options), handler)
+  end
+
   # Subscribes +client+ with +handler+ and remembers it, so the example's clients are
   # unsubscribed after it (see spec_helper).
   def subscribe_tracked(client, handler)
