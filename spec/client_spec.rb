@@ -21,6 +21,69 @@ RSpec.describe Prosody::Client do
         .to raise_error(ArgumentError, /invalid :group_id, got an instance of Object/)
     end
 
+    it "reports an out-of-range value against the variable it came from" do
+      ENV["PROSODY_MAX_CONCURRENCY"] = "0"
+      expect { described_class.new(mock: true) }
+        .to raise_error(ArgumentError, 'invalid PROSODY_MAX_CONCURRENCY, expected an Integer >= 1, got "0"')
+      ENV.delete("PROSODY_MAX_CONCURRENCY")
+      ENV["PROSODY_SCHEDULER_WAIT_WEIGHT"] = "-1"
+      expect { described_class.new(mock: true) }
+        .to raise_error(ArgumentError, /invalid PROSODY_SCHEDULER_WAIT_WEIGHT, expected a number >= 0/)
+      expect { described_class.new(mock: true, max_concurrency: "abc") }
+        .to raise_error(ArgumentError, 'invalid :max_concurrency, expected an Integer >= 1, got "abc"')
+    ensure
+      %w[PROSODY_MAX_CONCURRENCY PROSODY_SCHEDULER_WAIT_WEIGHT].each { |k| ENV.delete(k) }
+    end
+
+    it "bounds every duration, and rejects zero timeouts and empty node lists" do
+      expect { described_class.new(mock: true, commit_interval: 1e19) }
+        .to raise_error(ArgumentError, /invalid :commit_interval, expected a duration: Numeric seconds from 0 to 3155760000/)
+      expect { described_class.new(mock: true, shutdown_timeout: 1e19) }
+        .to raise_error(ArgumentError, /invalid :shutdown_timeout, expected a duration/)
+      expect { described_class.new(mock: true, shutdown_timeout: "200y") }
+        .to raise_error(ArgumentError, /invalid :shutdown_timeout/)
+      expect { described_class.new(mock: true, shutdown_timeout: 0) }
+        .to raise_error(ArgumentError, "invalid :shutdown_timeout, expected a duration > 0, got 0")
+      expect { described_class.new(mock: true, send_timeout: "30d") }
+        .to raise_error(ArgumentError, /invalid :send_timeout, expected a duration of at most 2147483 seconds/)
+      [" ", ""].each do |nodes|
+        expect { described_class.new(mock: true, cassandra_nodes: nodes) }
+          .to raise_error(ArgumentError, /invalid :cassandra_nodes, expected an Array of Strings/)
+      end
+      expect(described_class.new(mock: true, commit_interval: "100y")).to be_a(described_class)
+    end
+
+    it "names the option or variable for text that is not UTF-8, and any unknown option" do
+      expect { described_class.new(mock: true, group_id: "g\xff".b) }
+        .to raise_error(ArgumentError, /invalid :group_id, expected valid UTF-8 text/)
+      ENV["PROSODY_GROUP_ID"] = "g\xff".b
+      expect { described_class.new(mock: true) }
+        .to raise_error(ArgumentError, /invalid PROSODY_GROUP_ID, expected valid UTF-8/)
+      ENV.delete("PROSODY_GROUP_ID")
+      expect { described_class.new(mock: true, kafka: { "acks" => "all" }) }
+        .to raise_error(ArgumentError, /unknown option :kafka; valid options are: /)
+    ensure
+      ENV.delete("PROSODY_GROUP_ID")
+    end
+
+    it "never shows a secret option's value in an error, a log line or inspect" do
+      secret = "s3cr3t"
+      [[secret], { secret => 1 }, 42, Object.new.tap { |o| o.define_singleton_method(:inspect) { secret } },
+       "#{secret}\xff".b].each do |value|
+        expect { described_class.new(mock: true, cassandra_password: value) }
+          .to raise_error(ArgumentError, /cassandra_password/) { |e| expect(e.message).not_to include(secret) }
+      end
+      ENV["PROSODY_CASSANDRA_PASSWORD"] = "#{secret}\xff".b
+      expect { described_class.new(mock: true) }
+        .to raise_error(ArgumentError, /PROSODY_CASSANDRA_PASSWORD/) { |e| expect(e.message).not_to include(secret) }
+      ENV.delete("PROSODY_CASSANDRA_PASSWORD")
+      client = described_class.new(mock: true, cassandra_password: secret, group_id: "g")
+      expect(client.inspect).not_to include(secret)
+      expect(log_output).not_to include(secret)
+    ensure
+      ENV.delete("PROSODY_CASSANDRA_PASSWORD")
+    end
+
     it "requires bootstrap_servers unless mock" do
       expect { described_class.new(group_id: "g") }
         .to raise_error(ArgumentError, /missing :bootstrap_servers.*PROSODY_BOOTSTRAP_SERVERS/)
@@ -37,7 +100,7 @@ RSpec.describe Prosody::Client do
       ENV["PROSODY_GROUP_ID"] = "from-env"
       ENV["PROSODY_MAX_UNCOMMITTED"] = "abc"
       expect { described_class.new(mock: true) }
-        .to raise_error(ArgumentError, 'invalid PROSODY_MAX_UNCOMMITTED, expected an Integer >= 0, got "abc"')
+        .to raise_error(ArgumentError, 'invalid PROSODY_MAX_UNCOMMITTED, expected an Integer >= 1, got "abc"')
       ENV["PROSODY_MAX_UNCOMMITTED"] = "10"
       expect(described_class.new(mock: true).source_system).to eq("from-env")
       expect(described_class.new(mock: true, group_id: "explicit").source_system).to eq("explicit")
@@ -67,11 +130,33 @@ RSpec.describe Prosody::Client do
       expect { client.send_message("", "k", {}) }.to raise_error(ArgumentError, /topic must be a non-empty String/)
       expect { client.send_message("t", nil, {}) }.to raise_error(ArgumentError, /key must be a String, got nil/)
       expect { client.send_message("t", "k", Float::NAN) }
-        .to raise_error(ArgumentError, /payload cannot be encoded as JSON/)
+        .to raise_error(ArgumentError, /payload is NaN, which JSON cannot represent/)
       expect { client.send_message("t", "k", {}, headers: [1]) }
         .to raise_error(ArgumentError, /headers must be a Hash/)
       expect { client.send_message("t", "k", {}, headers: { "a" => 1 }) }
         .to raise_error(ArgumentError, /value of header "a" must be a String/)
+    end
+
+    it "accepts only JSON values as payload, naming where another value sits" do
+      client = described_class.new(mock: true)
+      expect { client.send_message("t", "k", Object.new) }
+        .to raise_error(ArgumentError, /payload is a Object, which is not a JSON value/)
+      expect { client.send_message("t", "k", { "a" => [1, { "b" => Time.now }] }) }
+        .to raise_error(ArgumentError, /payload\["a"\]\[1\]\["b"\] is a Time/)
+      expect { client.send_message("t", "k", { 1 => 2 }) }
+        .to raise_error(ArgumentError, /payload has the key 1; JSON object keys must be Strings or Symbols/)
+      expect { client.send_message("t", "k", [1.0 / 0]) }
+        .to raise_error(ArgumentError, /payload\[0\] is Infinity/)
+    end
+
+    it "rejects keys, topics and header values that are not UTF-8 text with ArgumentError" do
+      client = described_class.new(mock: true)
+      expect { client.send_message("t", "\xff\xfe".b, {}) }
+        .to raise_error(ArgumentError, /key must be valid UTF-8 text/)
+      expect { client.send_message("t\xff".b, "k", {}) }
+        .to raise_error(ArgumentError, /topic must be valid UTF-8 text/)
+      expect { client.send_message("t", "k", {}, headers: { "h" => "\xff".b }) }
+        .to raise_error(ArgumentError, /value of header "h" must be valid UTF-8 text/)
     end
 
     it "raises Prosody::SendError after send_timeout when no broker answers" do

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -114,7 +115,14 @@ pub trait OptionType: Sized {
     fn nil_is_value() -> bool {
         false
     }
+    /// Whether values of this type are secrets: errors never show them.
+    fn secret() -> bool {
+        false
+    }
 }
+
+/// What errors show in place of a secret option's value.
+pub const HIDDEN: &str = "a value that is not shown (the option is secret)";
 
 impl OptionType for String {
     fn expected() -> String {
@@ -138,7 +146,7 @@ impl OptionType for Vec<String> {
     }
     fn from_raw(raw: &RawValue) -> Option<Self> {
         match raw {
-            RawValue::Str(s) => Self::from_env(s),
+            RawValue::Str(s) => Self::from_env(s).filter(|list| !list.is_empty()),
             RawValue::List(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for item in items {
@@ -200,6 +208,21 @@ impl OptionType for u64 {
     }
 }
 
+impl OptionType for NonZeroU64 {
+    fn expected() -> String {
+        "an Integer >= 1".into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Int(i) => u64::try_from(*i).ok().and_then(NonZeroU64::new),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        s.trim().parse().ok()
+    }
+}
+
 impl OptionType for f64 {
     fn expected() -> String {
         "a Numeric".into()
@@ -216,9 +239,19 @@ impl OptionType for f64 {
     }
 }
 
+/// The longest duration any option accepts: 100 years. Longer ones would overflow the clocks
+/// that deadlines are computed on (`Instant + Duration` panics), and mean nothing in practice.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400 + 25 * 86_400);
+
+/// The longest `send_timeout`: librdkafka's `message.timeout.ms` is a 32-bit millisecond count.
+pub const MAX_SEND_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 impl OptionType for Duration {
     fn expected() -> String {
-        "a duration: Numeric seconds >= 0, or a String such as \"100ms\", \"30s\", \"5m\", \"1h\", \"7d\"".into()
+        format!(
+            "a duration: Numeric seconds from 0 to {} (100 years), or a String such as \"100ms\", \"30s\", \"5m\", \"1h\", \"7d\"",
+            MAX_DURATION.as_secs()
+        )
     }
     fn from_raw(raw: &RawValue) -> Option<Self> {
         match raw {
@@ -227,15 +260,19 @@ impl OptionType for Duration {
             RawValue::Str(s) => Self::from_env(s),
             _ => None,
         }
+        .filter(|d| *d <= MAX_DURATION)
     }
     fn from_env(s: &str) -> Option<Self> {
-        parse_duration(s)
+        parse_duration(s).filter(|d| *d <= MAX_DURATION)
     }
 }
 
 impl<T: OptionType> OptionType for Option<T> {
     fn expected() -> String {
         T::expected()
+    }
+    fn secret() -> bool {
+        T::secret()
     }
     fn from_raw(raw: &RawValue) -> Option<Self> {
         T::from_raw(raw).map(Some)
@@ -370,6 +407,8 @@ struct Sources<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     /// Rows whose value came from the application or the environment, not the default.
     set: Vec<&'static str>,
+    /// Rows whose value came from the environment.
+    from_env: Vec<&'static str>,
 }
 
 impl Sources<'_> {
@@ -385,16 +424,21 @@ impl Sources<'_> {
                 return T::from_raw(&raw).ok_or_else(|| ConfigError::InvalidOption {
                     name,
                     expected: T::expected(),
-                    got: raw.to_string(),
+                    got: if T::secret() {
+                        HIDDEN.into()
+                    } else {
+                        raw.to_string()
+                    },
                 });
             }
         }
         if let Some(value) = (self.env)(env) {
             self.set.push(name);
+            self.from_env.push(name);
             return T::from_env(&value).ok_or_else(|| ConfigError::InvalidEnv {
                 env,
                 expected: T::expected(),
-                got: value,
+                got: if T::secret() { HIDDEN.into() } else { value },
             });
         }
         if let Some(default) = default {
@@ -421,6 +465,8 @@ macro_rules! options {
             $( $(#[doc = $doc])* pub $name: $ty, )*
             /// Options whose value came from the application or the environment.
             pub set_options: Vec<&'static str>,
+            /// Options whose value came from their environment variable (errors name it).
+            pub env_options: Vec<&'static str>,
         }
 
         /// Every option, in table order.
@@ -428,10 +474,21 @@ macro_rules! options {
             $( OptionInfo { name: stringify!($name), env: $env, default: $default, implemented: $implemented }, )*
         ];
 
+        /// Whether `name` is a secret option: its value never appears in errors, logs or
+        /// `inspect`.
+        pub fn is_secret(name: &str) -> bool {
+            $( if name == stringify!($name) { return <$ty as OptionType>::secret(); } )*
+            false
+        }
+
         impl Config {
             fn from_sources(sources: &mut Sources<'_>) -> Result<Self, ConfigError> {
                 $( let $name: $ty = sources.take(stringify!($name), $env, $default)?; )*
-                Ok(Config { $( $name, )* set_options: std::mem::take(&mut sources.set) })
+                Ok(Config {
+                    $( $name, )*
+                    set_options: std::mem::take(&mut sources.set),
+                    env_options: std::mem::take(&mut sources.from_env),
+                })
             }
         }
     };
@@ -455,7 +512,7 @@ options! {
     /// Use the in-process librdkafka mock cluster and in-memory stores.
     mock: bool, "PROSODY_MOCK", Some("false"), YES;
     /// Partitions of topics the mock cluster creates on first use.
-    mock_partitions: u64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
+    mock_partitions: NonZeroU64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
     /// Failure handling mode.
     mode: Mode, "PROSODY_MODE", Some("pipeline"), YES;
     /// Consumer-group protocol: `consumer` (KIP-848) or `classic` (cooperative-sticky).
@@ -463,9 +520,9 @@ options! {
 
     // --- Consumer
     /// Handler calls running at once, across all partitions.
-    max_concurrency: u64, "PROSODY_MAX_CONCURRENCY", Some("32"), YES;
+    max_concurrency: NonZeroU64, "PROSODY_MAX_CONCURRENCY", Some("32"), YES;
     /// Messages per partition held by the engine before it stops reading that partition.
-    max_uncommitted: u64, "PROSODY_MAX_UNCOMMITTED", Some("64"), YES;
+    max_uncommitted: NonZeroU64, "PROSODY_MAX_UNCOMMITTED", Some("64"), YES;
     /// Handler deadline; defaults to 80% of `stall_threshold`.
     timeout: Option<Duration>, "PROSODY_TIMEOUT", None, YES;
     /// How often finished offsets are committed.
@@ -541,7 +598,7 @@ options! {
     /// Size of the maximum wait boost.
     scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0"), YES;
     /// Keys tracked by the scheduler.
-    scheduler_cache_size: u64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), YES;
+    scheduler_cache_size: NonZeroU64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), YES;
 
     // --- Cassandra
     /// Cassandra contact points (host:port).
@@ -591,11 +648,27 @@ impl OptionType for Secret {
     fn from_env(s: &str) -> Option<Self> {
         Some(Secret(s.to_owned()))
     }
+    fn secret() -> bool {
+        true
+    }
 }
 
 impl Config {
     /// Resolves the configuration from explicit values and the process environment.
     pub fn resolve(explicit: Vec<(String, RawValue)>) -> Result<Self, ConfigError> {
+        for option in OPTIONS {
+            if let Err(std::env::VarError::NotUnicode(value)) = std::env::var(option.env) {
+                return Err(ConfigError::InvalidEnv {
+                    env: option.env,
+                    expected: "valid UTF-8".into(),
+                    got: if is_secret(option.name) {
+                        HIDDEN.into()
+                    } else {
+                        value.to_string_lossy().into_owned()
+                    },
+                });
+            }
+        }
         Self::resolve_with_env(explicit, &|name| std::env::var(name).ok())
     }
 
@@ -619,34 +692,35 @@ impl Config {
             explicit: map,
             env,
             set: Vec::new(),
+            from_env: Vec::new(),
         };
         let config = Self::from_sources(&mut sources)?;
         config.validate()?;
         Ok(config)
     }
 
+    /// An out-of-range value of `name`, reported against its environment variable when that is
+    /// where it came from.
+    fn invalid(&self, name: &'static str, expected: impl Into<String>, got: String) -> ConfigError {
+        let expected = expected.into();
+        match OPTIONS.iter().find(|o| o.name == name) {
+            Some(o) if self.env_options.contains(&name) => ConfigError::InvalidEnv {
+                env: o.env,
+                expected,
+                got,
+            },
+            _ => ConfigError::InvalidOption {
+                name,
+                expected,
+                got,
+            },
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        let at_least = |name: &'static str, value: u64, min: u64| {
-            if value < min {
-                Err(ConfigError::InvalidOption {
-                    name,
-                    expected: format!("an Integer >= {min}"),
-                    got: value.to_string(),
-                })
-            } else {
-                Ok(())
-            }
-        };
-        at_least("max_concurrency", self.max_concurrency, 1)?;
-        at_least("max_uncommitted", self.max_uncommitted, 1)?;
-        at_least("mock_partitions", self.mock_partitions, 1)?;
         let positive = |name: &'static str, d: Duration| {
             if d.is_zero() {
-                Err(ConfigError::InvalidOption {
-                    name,
-                    expected: "a duration > 0".into(),
-                    got: "0".into(),
-                })
+                Err(self.invalid(name, "a duration > 0", "0".into()))
             } else {
                 Ok(())
             }
@@ -654,6 +728,7 @@ impl Config {
         positive("commit_interval", self.commit_interval)?;
         positive("poll_interval", self.poll_interval)?;
         positive("send_timeout", self.send_timeout)?;
+        positive("shutdown_timeout", self.shutdown_timeout)?;
         positive("slab_size", self.slab_size)?;
         positive("stall_threshold", self.stall_threshold)?;
         positive("retry_base", self.retry_base)?;
@@ -662,13 +737,23 @@ impl Config {
         if let Some(timeout) = self.timeout {
             positive("timeout", timeout)?;
         }
-        at_least("scheduler_cache_size", self.scheduler_cache_size, 1)?;
+        // librdkafka's message.timeout.ms is a 32-bit count of milliseconds.
+        if self.send_timeout > MAX_SEND_TIMEOUT {
+            return Err(self.invalid(
+                "send_timeout",
+                format!(
+                    "a duration of at most {} seconds",
+                    MAX_SEND_TIMEOUT.as_secs()
+                ),
+                format!("{:?}", self.send_timeout),
+            ));
+        }
         if !(self.scheduler_wait_weight.is_finite() && self.scheduler_wait_weight >= 0.0) {
-            return Err(ConfigError::InvalidOption {
-                name: "scheduler_wait_weight",
-                expected: "a number >= 0".into(),
-                got: self.scheduler_wait_weight.to_string(),
-            });
+            return Err(self.invalid(
+                "scheduler_wait_weight",
+                "a number >= 0",
+                self.scheduler_wait_weight.to_string(),
+            ));
         }
         if self.mode == Mode::LowLatency && self.failure_topic.is_none() {
             return Err(ConfigError::Missing {
@@ -683,11 +768,7 @@ impl Config {
             ("scheduler_failure_weight", self.scheduler_failure_weight),
         ] {
             if !(0.0..=1.0).contains(&value) {
-                return Err(ConfigError::InvalidOption {
-                    name,
-                    expected: "a fraction from 0.0 to 1.0".into(),
-                    got: value.to_string(),
-                });
+                return Err(self.invalid(name, "a fraction from 0.0 to 1.0", value.to_string()));
             }
         }
         if !self.mock && self.bootstrap_servers.as_ref().is_none_or(Vec::is_empty) {
@@ -756,22 +837,22 @@ mod tests {
     #[test]
     fn explicit_beats_env_beats_default() {
         let c = resolve(&[mock()], &[]).unwrap();
-        assert_eq!(c.max_concurrency, 32);
+        assert_eq!(c.max_concurrency.get(), 32);
         assert_eq!(c.commit_interval, Duration::from_secs(1));
         let c = resolve(&[mock()], &[("PROSODY_MAX_CONCURRENCY", "7")]).unwrap();
-        assert_eq!(c.max_concurrency, 7);
+        assert_eq!(c.max_concurrency.get(), 7);
         let c = resolve(
             &[mock(), ("max_concurrency", RawValue::Int(3))],
             &[("PROSODY_MAX_CONCURRENCY", "7")],
         )
         .unwrap();
-        assert_eq!(c.max_concurrency, 3);
+        assert_eq!(c.max_concurrency.get(), 3);
         let c = resolve(
             &[mock(), ("max_concurrency", RawValue::Nil)],
             &[("PROSODY_MAX_CONCURRENCY", "7")],
         )
         .unwrap();
-        assert_eq!(c.max_concurrency, 7, "nil means unset");
+        assert_eq!(c.max_concurrency.get(), 7, "nil means unset");
     }
 
     #[test]
@@ -824,6 +905,41 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_bounded_and_errors_name_the_source() {
+        let e = resolve(&[mock(), ("commit_interval", RawValue::Float(1e19))], &[]).unwrap_err();
+        assert!(e.to_string().starts_with("invalid :commit_interval, expected a duration: Numeric seconds from 0 to 3155760000"), "{e}");
+        let e = resolve(&[mock()], &[("PROSODY_SHUTDOWN_TIMEOUT", "200y")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid PROSODY_SHUTDOWN_TIMEOUT"),
+            "{e}"
+        );
+        let e = resolve(&[mock()], &[("PROSODY_SHUTDOWN_TIMEOUT", "0")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid PROSODY_SHUTDOWN_TIMEOUT, expected a duration > 0, got \"0\""
+        );
+        let c = resolve(
+            &[mock(), ("commit_interval", RawValue::Str("100y".into()))],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.commit_interval, Duration::from_secs(100 * 31_536_000));
+        let e = resolve(&[mock()], &[("PROSODY_SCHEDULER_FAILURE_WEIGHT", "2")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid PROSODY_SCHEDULER_FAILURE_WEIGHT"),
+            "{e}"
+        );
+        let e = resolve(
+            &[mock(), ("cassandra_nodes", RawValue::Str(" ".into()))],
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("invalid :cassandra_nodes"), "{e}");
+    }
+
+    #[test]
     fn secrets_stay_hidden_and_unimplemented_options_are_reported() {
         let c = resolve(
             &[
@@ -835,6 +951,19 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+        let e = resolve(
+            &[
+                mock(),
+                (
+                    "cassandra_password",
+                    RawValue::List(vec![RawValue::Str("hunter2".into())]),
+                ),
+            ],
+            &[],
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(is_secret("cassandra_password") && !is_secret("group_id"));
         assert_eq!(c.probe_port, Port(None));
         assert_eq!(c.unimplemented_options(), vec!["probe_port"]);
         assert_eq!(c.effective_source_system(), "prosody");

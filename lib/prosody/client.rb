@@ -32,6 +32,8 @@ module Prosody
       @native = Native::Client.new(merged)
       @lock = Mutex.new
       @processor = nil
+      @stopping = nil # the processor an unsubscribe in progress is stopping
+      @stopped = ConditionVariable.new # signalled when that unsubscribe finished
     end
 
     # Sends one message and returns once the broker acknowledged it.
@@ -85,23 +87,34 @@ module Prosody
     end
 
     # Stops consuming: in-flight handlers finish (cancelled near +shutdown_timeout+), offsets are
-    # committed, the group is left, and every thread the subscription started ends.
+    # committed, the group is left, and every thread the subscription started ends. A call while
+    # another thread is unsubscribing returns once that one finished.
     #
-    # @return [void]
+    # Safe in a signal trap handler, where Ruby allows no locks: there it hands the work to a new
+    # thread and returns that thread at once; +join+ it outside the trap handler to wait.
+    #
+    # @return [nil, Thread] nil; from a trap handler, the Thread doing the work
     # @raise [Prosody::SubscriptionError] when called from inside a handler
     def unsubscribe
-      processor = @lock.synchronize do
-        if @processor && Thread.current == @processor.thread
-          raise SubscriptionError, "unsubscribe cannot be called from inside a handler"
-        end
-
-        @processor.tap { @processor = nil }
+      begin
+        processor = claim_processor
+      rescue ThreadError
+        # Mutex#lock raises in trap context, and when the trap interrupted this thread while it
+        # held the lock (in subscribe); a new thread can wait for the lock.
+        return Thread.new { unsubscribe }.tap { |thread| thread.name = "prosody-unsubscribe" }
       end
       return nil unless processor
 
-      @native.unsubscribe
-      processor.stop
-      ACTIVE_LOCK.synchronize { ACTIVE.delete(self) }
+      begin
+        @native.unsubscribe
+        processor.stop
+        ACTIVE_LOCK.synchronize { ACTIVE.delete(self) }
+      ensure
+        @lock.synchronize do
+          @stopping = nil
+          @stopped.broadcast
+        end
+      end
       nil
     end
 
@@ -135,6 +148,19 @@ module Prosody
 
     private
 
+    # Takes the processor to stop (nil when not subscribed), after any unsubscribe in progress.
+    def claim_processor
+      @lock.synchronize do
+        running = @processor || @stopping
+        if running && Thread.current == running.thread
+          raise SubscriptionError, "unsubscribe cannot be called from inside a handler"
+        end
+
+        @stopped.wait(@lock) while @stopping
+        @stopping = @processor.tap { @processor = nil }
+      end
+    end
+
     def uses_timers?(handler)
       handler.respond_to?(:uses_timers?) ? handler.uses_timers? : handler.respond_to?(:on_timer)
     end
@@ -149,9 +175,33 @@ module Prosody
     end
 
     def encode(payload)
+      check_json(payload, "payload")
       JSON.generate(payload)
     rescue JSON::GeneratorError, JSON::NestingError, EncodingError => e
       raise ArgumentError, "payload cannot be encoded as JSON: #{e.message}"
+    end
+
+    # Only values that JSON represents as themselves are sent: anything else would go out as its
+    # +to_s+ ("#<Object:0x...>"). Symbols are sent as Strings. +where+ names the place for the
+    # error; it is built only when one is raised.
+    def check_json(value, where)
+      case value
+      when String, Symbol, Integer, true, false, nil then nil
+      when Float then value.finite? || raise(ArgumentError, "#{where} is #{value}, which JSON cannot represent")
+      when Array then value.each_with_index { |item, i| check_json(item, "#{where}[#{i}]") }
+      when Hash then value.each { |k, v| check_json_entry(k, v, where) }
+      else
+        raise ArgumentError, "#{where} is a #{value.class}, which is not a JSON value; send a Hash, Array, " \
+                             "String, Symbol, Integer, finite Float, true, false or nil (convert it first)"
+      end
+    end
+
+    def check_json_entry(key, value, where)
+      unless key.is_a?(String) || key.is_a?(Symbol)
+        raise ArgumentError, "#{where} has the key #{key.inspect}; JSON object keys must be Strings or Symbols"
+      end
+
+      check_json(value, "#{where}[#{key.inspect}]")
     end
   end
 end

@@ -227,8 +227,8 @@ impl ConsumerContext for PollContext {
                     };
                     let wake = self.waker.clone();
                     queue.set_nonempty_callback(move || wake.wake());
-                    let max =
-                        usize::try_from(self.engine.config.max_uncommitted).unwrap_or(usize::MAX);
+                    let max = usize::try_from(self.engine.config.max_uncommitted.get())
+                        .unwrap_or(usize::MAX);
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
                     let worker =
                         spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());

@@ -100,15 +100,11 @@ impl FairConfig {
     pub fn from_config(config: &Config) -> Self {
         let timeout = config.effective_timeout();
         Self {
-            max_concurrency: usize::try_from(config.max_concurrency)
-                .unwrap_or(usize::MAX)
-                .max(1),
+            max_concurrency: usize::try_from(config.max_concurrency.get()).unwrap_or(usize::MAX),
             failure_weight: config.scheduler_failure_weight,
             max_wait: config.scheduler_max_wait,
             wait_weight: config.scheduler_wait_weight,
-            cache_size: usize::try_from(config.scheduler_cache_size)
-                .unwrap_or(usize::MAX)
-                .max(1),
+            cache_size: usize::try_from(config.scheduler_cache_size.get()).unwrap_or(usize::MAX),
             timeout,
             grace: quarantine_grace(timeout),
         }

@@ -21,7 +21,12 @@ impl Client {
         let mut explicit = Vec::with_capacity(options.len());
         options.foreach(|k: Value, v: Value| {
             let key = convert::string_like(ruby, "option name", k)?;
-            let value = convert::raw_value(ruby, &key, v)?;
+            // An unknown option is reported by name (listing the valid ones), whatever its value.
+            let value = if prosody_core::config::OPTIONS.iter().any(|o| o.name == key) {
+                convert::raw_value(ruby, &key, v)?
+            } else {
+                prosody_core::config::RawValue::Nil
+            };
             explicit.push((key, value));
             Ok(magnus::r_hash::ForEach::Continue)
         })?;
@@ -42,8 +47,8 @@ impl Client {
         payload: RString,
         headers: Option<RHash>,
     ) -> Result<(), Error> {
-        let topic = topic.to_string()?;
-        let key = key.to_string()?;
+        let topic = convert::utf8(ruby, "topic", topic)?;
+        let key = convert::utf8(ruby, "key", key)?;
         // SAFETY: the bytes are copied before any other Ruby code can run.
         let payload = unsafe { payload.as_slice() }.to_vec();
         let headers = convert::headers(ruby, headers)?;
@@ -120,7 +125,7 @@ impl Client {
     }
 
     fn max_concurrency(&self) -> u64 {
-        self.0.config().max_concurrency
+        self.0.config().max_concurrency.get()
     }
 
     fn timers_available(&self) -> bool {

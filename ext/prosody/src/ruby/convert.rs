@@ -26,8 +26,26 @@ pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Erro
     if let Some(f) = Float::from_value(value) {
         return Ok(RawValue::Float(f.to_f64()));
     }
+    // A secret option's value never appears in an error.
+    let shown = |value: Value| {
+        if prosody_core::config::is_secret(name) {
+            prosody_core::config::HIDDEN.to_owned()
+        } else {
+            value.inspect()
+        }
+    };
     if let Some(s) = RString::from_value(value) {
-        return Ok(RawValue::Str(s.to_string()?));
+        // SAFETY: the bytes are copied before any other Ruby code can run.
+        return match std::str::from_utf8(unsafe { s.as_slice() }) {
+            Ok(text) => Ok(RawValue::Str(text.to_owned())),
+            Err(_) => Err(Error::new(
+                ruby.exception_arg_error(),
+                format!(
+                    "invalid :{name}, expected valid UTF-8 text, got {}",
+                    shown(value)
+                ),
+            )),
+        };
     }
     if let Some(s) = Symbol::from_value(value) {
         return Ok(RawValue::Str(s.name()?.into_owned()));
@@ -43,14 +61,31 @@ pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Erro
         let f: f64 = value.funcall("to_f", ())?;
         return Ok(RawValue::Float(f));
     }
+    // SAFETY: the class name is copied into the message before any other Ruby code runs.
+    let class = unsafe { value.classname() }.into_owned();
     Err(Error::new(
         ruby.exception_arg_error(),
         format!(
-            "invalid :{name}, got an instance of {}: {}",
-            unsafe { value.classname() },
-            value.inspect()
+            "invalid :{name}, got an instance of {class}: {}",
+            shown(value)
         ),
     ))
+}
+
+/// The contents of a Ruby String that must be text: an `ArgumentError` naming `what` when its
+/// bytes are not valid UTF-8 (whatever its encoding says), instead of a bare `EncodingError`.
+pub fn utf8(ruby: &Ruby, what: &str, s: RString) -> Result<String, Error> {
+    // SAFETY: the bytes are copied before any other Ruby code can run.
+    let bytes = unsafe { s.as_slice() };
+    std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| {
+        Error::new(
+            ruby.exception_arg_error(),
+            format!(
+                "{what} must be valid UTF-8 text, got the bytes {}",
+                s.inspect()
+            ),
+        )
+    })
 }
 
 /// A decoded JSON value as Ruby objects (Hash keys are Strings).
@@ -64,16 +99,7 @@ pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Value {
                 ruby.qfalse().as_value()
             }
         }
-        Json::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                ruby.integer_from_i64(i).as_value()
-            } else if let Some(u) = n.as_u64() {
-                ruby.integer_from_u64(u).as_value()
-            } else {
-                ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN))
-                    .as_value()
-            }
-        }
+        Json::Number(n) => number_to_ruby(ruby, n),
         Json::String(s) => ruby.str_new(s).as_value(),
         Json::Array(items) => {
             let array = ruby.ary_new_capa(items.len());
@@ -90,6 +116,26 @@ pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Value {
             hash.as_value()
         }
     }
+}
+
+/// A JSON number as Ruby's `JSON.parse` makes it: an Integer of any size for a number written
+/// without fraction or exponent, a Float otherwise.
+fn number_to_ruby(ruby: &Ruby, n: &serde_json::Number) -> Value {
+    if let Some(i) = n.as_i64() {
+        return ruby.integer_from_i64(i).as_value();
+    }
+    if let Some(u) = n.as_u64() {
+        return ruby.integer_from_u64(u).as_value();
+    }
+    let digits = n.as_str();
+    if !digits.contains(['.', 'e', 'E']) {
+        // Larger than 64 bits: Ruby parses the digits into a Bignum.
+        if let Ok(big) = ruby.str_new(digits).funcall::<_, _, Value>("to_i", ()) {
+            return big;
+        }
+    }
+    ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN))
+        .as_value()
 }
 
 /// A Hash of String (or Symbol) keys and values as header pairs.
@@ -110,7 +156,7 @@ pub fn headers(ruby: &Ruby, hash: Option<RHash>) -> Result<Vec<(String, String)>
 /// A String or Symbol as a Rust string; anything else is an `ArgumentError` naming `what`.
 pub fn string_like(ruby: &Ruby, what: &str, value: Value) -> Result<String, Error> {
     if let Some(s) = RString::from_value(value) {
-        return s.to_string();
+        return utf8(ruby, what, s);
     }
     if let Some(s) = Symbol::from_value(value) {
         return Ok(s.name()?.into_owned());
