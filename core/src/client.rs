@@ -60,8 +60,8 @@ impl Client {
             &bootstrap,
             config.effective_source_system(),
             config.send_timeout,
+            config.mock,
         )?;
-        producer.warm_up(&crate::runtime::handle().map_err(KafkaError::Runtime)?);
         Ok(Self {
             config: Arc::new(config),
             bootstrap,
@@ -79,7 +79,7 @@ impl Client {
     /// In mock mode, creates the topic on first use.
     pub fn prepare_topic(&self, topic: &str) -> Result<(), KafkaError> {
         if self.config.mock {
-            mock::shared()?.ensure_topic(topic, self.config.mock_partitions)?;
+            mock::shared()?.ensure_topic(topic, self.config.mock_partitions.get())?;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@
 //! | engine ⇄ runner contract (jobs, outcomes) | [`handler`] |
 //! | cancellation signal | [`cancel`] |
 //! | shared tokio runtime | [`runtime`] |
+//! | values created once per process, fork-safe | [`process`] |
 //! | raw producer for tests and benchmarks | [`testing`] |
 //! | per-key timers: store contract, memory and Cassandra stores, context handle | [`timers`] |
 //! | Cassandra session and versioned schema migrations | [`cassandra`] |
@@ -32,6 +33,7 @@ pub mod failure;
 pub mod handler;
 pub mod kafka;
 pub mod partition;
+pub mod process;
 pub mod runtime;
 pub mod scheduler;
 pub mod testing;

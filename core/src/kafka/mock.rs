@@ -4,12 +4,13 @@
 //! and consumers of the same process see the same topics. Topics are created on first use.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 
 use super::KafkaError;
+use crate::process::PerProcess;
 
 /// The mock cluster and the topics created on it.
 pub struct MockKafka {
@@ -31,13 +32,14 @@ unsafe impl Send for SyncMock {}
 // SAFETY: see `Send` above; shared references only call thread-safe mock operations.
 unsafe impl Sync for SyncMock {}
 
-/// Created once and kept for the process (a documented static).
-static MOCK: OnceLock<Result<MockKafka, String>> = OnceLock::new();
+/// Created once and kept for the process (a documented static); a forked child creates its own.
+static MOCK: PerProcess<MockKafka> = PerProcess::new();
 
 /// The process's mock cluster, created on first use.
 pub fn shared() -> Result<&'static MockKafka, KafkaError> {
-    MOCK.get_or_init(|| {
-        let cluster = MockCluster::new(1).map_err(|e| format!("could not create: {e}"))?;
+    MOCK.get_or_try_init(|| {
+        let cluster =
+            MockCluster::new(1).map_err(|e| KafkaError::Mock(format!("could not create: {e}")))?;
         let bootstrap = cluster.bootstrap_servers();
         log::debug!("started the mock Kafka cluster at {bootstrap}");
         Ok(MockKafka {
@@ -46,8 +48,6 @@ pub fn shared() -> Result<&'static MockKafka, KafkaError> {
             created: Mutex::new(HashSet::new()),
         })
     })
-    .as_ref()
-    .map_err(|e| KafkaError::Mock(e.clone()))
 }
 
 impl MockKafka {

@@ -1,14 +1,18 @@
 //! The idempotent producer behind `send_message`.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use thiserror::Error;
+use tokio::sync::watch;
 
 use super::KafkaError;
 use crate::event::SOURCE_SYSTEM_HEADER;
+use crate::process::PerProcess;
 
 /// Why a record was not delivered.
 #[derive(Debug, Error)]
@@ -31,53 +35,72 @@ pub struct Delivery {
     pub offset: i64,
 }
 
-/// An idempotent producer that stamps every record with the `source-system` header.
+/// An idempotent producer that stamps every record with the `source-system` header. Clients of
+/// one process with the same servers and `send_timeout` share one librdkafka producer.
 pub struct Producer {
-    /// librdkafka's producer; its own threads do the network work.
-    inner: FutureProducer,
+    /// The shared librdkafka producer.
+    shared: Arc<Shared>,
     /// Value of the `source-system` header.
     source_system: String,
-    /// Longest a send waits for the acknowledgement.
-    send_timeout: Duration,
 }
 
+/// A librdkafka producer shared by the clients of a process.
+struct Shared {
+    /// `bootstrap.servers`, part of the pool key.
+    bootstrap: String,
+    /// Longest a send waits for the acknowledgement, part of the pool key.
+    send_timeout: Duration,
+    /// librdkafka's producer; its own threads do the network work.
+    inner: FutureProducer,
+    /// `None` during the start-up work (see [`Shared::warm_up`]), then whether a broker answered.
+    ready: watch::Sender<Option<bool>>,
+    /// Topics whose metadata this producer has asked for, so it knows their leaders.
+    known_topics: Mutex<HashSet<String>>,
+}
+
+/// The producers of this process, created on demand and kept for its life (a child forked from
+/// it creates its own).
+static POOL: PerProcess<Mutex<Vec<Arc<Shared>>>> = PerProcess::new();
+
+/// Internal topic of the mock cluster that a new producer writes one record to, so that it has
+/// its producer id before the application's first send.
+pub const WARM_UP_TOPIC: &str = "__prosody_warm_up";
+
+/// Longest a send waits for a new producer's start-up work before its own `send_timeout` clock
+/// starts; the start-up work on a healthy cluster takes milliseconds.
+const START_UP_WAIT: Duration = Duration::from_secs(2);
+
 impl Producer {
-    /// Creates the producer (it connects lazily).
+    /// The process's producer for `bootstrap` and `send_timeout`, created (and warmed up in the
+    /// background) on first use. `mock` says that `bootstrap` is the in-process mock cluster.
     pub fn new(
         bootstrap: &str,
         source_system: &str,
         send_timeout: Duration,
+        mock: bool,
     ) -> Result<Self, KafkaError> {
-        let timeout_ms = send_timeout.as_millis().max(1).to_string();
-        let inner = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", &timeout_ms)
-            .set("linger.ms", "1")
-            .create()
-            .map_err(|source| KafkaError::Create {
-                what: "producer",
-                source,
-            })?;
-        Ok(Self {
-            inner,
-            source_system: source_system.to_owned(),
-            send_timeout,
-        })
-    }
-
-    /// Connects in the background so the first send does not pay for it. librdkafka's idempotent
-    /// producer waits a fixed 500 ms for a broker connection before it asks for its producer id;
-    /// a metadata request brings connections up early, so the id is usually ready before the
-    /// application's first `send_message`.
-    pub fn warm_up(&self, runtime: &tokio::runtime::Handle) {
-        let producer = self.inner.clone();
-        let timeout = self.send_timeout.max(Duration::from_secs(5));
-        runtime.spawn_blocking(move || {
-            if let Err(e) = producer.client().fetch_metadata(None, timeout) {
-                log::debug!("producer warm-up: no metadata yet ({e})");
+        let pool = POOL.get_or_try_init(|| Ok::<_, KafkaError>(Mutex::new(Vec::new())))?;
+        let mut pool = pool
+            .lock()
+            .map_err(|_| KafkaError::Runtime("producer pool poisoned".into()))?;
+        let existing = pool
+            .iter()
+            .find(|p| p.bootstrap == bootstrap && p.send_timeout == send_timeout)
+            .cloned();
+        let shared = match existing {
+            Some(shared) => shared,
+            None => {
+                let shared = Arc::new(Shared::create(bootstrap, send_timeout)?);
+                let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+                runtime.spawn(shared.clone().warm_up(mock));
+                pool.push(shared.clone());
+                shared
             }
-        });
+        };
+        Ok(Self {
+            shared,
+            source_system: source_system.to_owned(),
+        })
     }
 
     /// Sends one record and waits for the broker's acknowledgement or `send_timeout`.
@@ -102,6 +125,8 @@ impl Producer {
         payload: Option<&[u8]>,
         headers: impl ExactSizeIterator<Item = (&str, &[u8])>,
     ) -> Result<Delivery, SendError> {
+        self.shared.prepare(topic).await;
+        let send_timeout = self.shared.send_timeout;
         let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_bytes()),
@@ -129,17 +154,15 @@ impl Producer {
                 .unwrap_or_default(),
             reason,
         };
-        let sending = self.inner.send(record, self.send_timeout);
+        let sending = self.shared.inner.send(record, send_timeout);
         // librdkafka enforces message.timeout.ms; this outer bound also covers a full local queue.
-        match tokio::time::timeout(self.send_timeout + Duration::from_millis(250), sending).await {
+        match tokio::time::timeout(send_timeout + Duration::from_millis(250), sending).await {
             Err(_) => Err(fail(format!(
-                "no acknowledgement within send_timeout ({:?})",
-                self.send_timeout
+                "no acknowledgement within send_timeout ({send_timeout:?})"
             ))),
             Ok(Err((e, _))) => Err(fail(match e.rdkafka_error_code() {
                 Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut) => format!(
-                    "no acknowledgement within send_timeout ({:?}); is the broker reachable?",
-                    self.send_timeout
+                    "no acknowledgement within send_timeout ({send_timeout:?}); is the broker reachable?"
                 ),
                 _ => e.to_string(),
             })),
@@ -147,6 +170,105 @@ impl Producer {
                 partition: d.partition,
                 offset: d.offset,
             }),
+        }
+    }
+}
+
+impl Shared {
+    fn create(bootstrap: &str, send_timeout: Duration) -> Result<Self, KafkaError> {
+        let timeout_ms = send_timeout.as_millis().max(1).to_string();
+        let inner = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("linger.ms", "1")
+            .create()
+            .map_err(|source| KafkaError::Create {
+                what: "producer",
+                source,
+            })?;
+        Ok(Self {
+            bootstrap: bootstrap.to_owned(),
+            send_timeout,
+            inner,
+            ready: watch::Sender::new(None),
+            known_topics: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Start-up work, so that the application's first send is not slowed by it. librdkafka's
+    /// idempotent producer asks for its producer id when it is created, finds no broker connected
+    /// yet, and tries again only 500 ms later (once more after another 500 ms if the connection
+    /// is still not up). A metadata request brings the connection up. On the mock cluster, one
+    /// record to an internal topic then waits until the producer id is there; on a real cluster
+    /// nothing is written, and the first send may still include that wait.
+    async fn warm_up(self: Arc<Self>, mock: bool) {
+        let producer = self.inner.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, START_UP_WAIT)
+        })
+        .await;
+        let connected = match connected {
+            Ok(Ok(_)) => {
+                if mock {
+                    self.probe().await;
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                log::debug!("producer warm-up: no broker answered yet ({e})");
+                false
+            }
+            Err(e) => {
+                log::debug!("producer warm-up did not finish ({e})");
+                false
+            }
+        };
+        self.ready.send_replace(Some(connected));
+    }
+
+    /// Writes one record to the mock cluster's internal topic and waits for its acknowledgement.
+    async fn probe(&self) {
+        let created =
+            crate::kafka::mock::shared().and_then(|mock| mock.ensure_topic(WARM_UP_TOPIC, 1));
+        if let Err(e) = created {
+            log::debug!("producer warm-up: {e}");
+            return;
+        }
+        let record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(WARM_UP_TOPIC).payload(b"{}".as_slice());
+        if let Err((e, _)) = self.inner.send(record, START_UP_WAIT).await {
+            log::debug!("producer warm-up: the probe record was not delivered ({e})");
+        }
+    }
+
+    /// Waits (bounded) for the start-up work, and asks once for `topic`'s metadata, so that the
+    /// send's clock starts with a producer that knows where to write.
+    /// Skipped when no broker answered the start-up request: the send then fails on its own clock.
+    async fn prepare(&self, topic: &str) {
+        let mut ready = self.ready.subscribe();
+        let connected = tokio::time::timeout(START_UP_WAIT, ready.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| *r == Some(true)));
+        if !connected {
+            return;
+        }
+        let first = self
+            .known_topics
+            .lock()
+            .map(|mut known| known.insert(topic.to_owned()))
+            .unwrap_or(false);
+        if !first {
+            return;
+        }
+        let producer = self.inner.clone();
+        let name = topic.to_owned();
+        let fetched = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&name), START_UP_WAIT)
+        })
+        .await;
+        if let Ok(Err(e)) = fetched {
+            log::debug!("no metadata for topic {topic:?} yet ({e})");
         }
     }
 }

@@ -2,9 +2,10 @@
 //! assignment, so they survive a rebalance within the process; they do not survive the process.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use super::{BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
+use crate::process::PerProcess;
 
 /// Each key's timers within one scope.
 type KeyTimes = BTreeMap<Arc<str>, BTreeSet<Seconds>>;
@@ -16,8 +17,9 @@ pub struct MemoryStore {
     timers: Mutex<BTreeMap<Scope, KeyTimes>>,
 }
 
-/// Shared by every mock-mode client of the process (a documented static), as the mock cluster is.
-static SHARED: OnceLock<Arc<MemoryStore>> = OnceLock::new();
+/// Shared by every mock-mode client of the process (a documented static), as the mock cluster is;
+/// a forked child starts with an empty one (the parent's may be locked by a thread the child lacks).
+static SHARED: PerProcess<Arc<MemoryStore>> = PerProcess::new();
 
 impl MemoryStore {
     /// An empty store.
@@ -27,7 +29,10 @@ impl MemoryStore {
 
     /// The process-wide store used in mock mode.
     pub fn shared() -> Arc<MemoryStore> {
-        SHARED.get_or_init(|| Arc::new(MemoryStore::new())).clone()
+        match SHARED.get_or_try_init(|| Ok::<_, std::convert::Infallible>(Arc::new(Self::new()))) {
+            Ok(store) => store.clone(),
+            Err(never) => match never {},
+        }
     }
 
     fn with<T>(
