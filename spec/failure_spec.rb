@@ -1,7 +1,6 @@
 # frozen_string_literal: true
 
 require "json"
-require "timeout"
 
 # Failure handling in mock mode: retries, the three modes, the dead-letter topic, error
 # classification, timeouts and cancellation, quarantine, stall detection.

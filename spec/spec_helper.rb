@@ -5,6 +5,7 @@ require "English"
 require "prosody"
 require "securerandom"
 require "stringio"
+require "timeout"
 
 Dir[File.join(__dir__, "support", "*.rb")].each { |f| require f }
 

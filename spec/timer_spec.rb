@@ -9,7 +9,8 @@ RSpec.describe "timers in mock mode" do
       at = Time.now + 1
       context.schedule(at)
       seen[:scheduled] = context.scheduled
-      seen[:at] = Time.at(at.to_r.round)
+      seen[:requested] = at
+      seen[:at] = Time.at(at.to_r.ceil)
       seen[:context] = context
       seen[:key] = message.key
     end
@@ -21,16 +22,36 @@ RSpec.describe "timers in mock mode" do
     expect(time).to eq(seen[:at])
     expect(seen[:scheduled]).to eq([seen[:at]])
     expect(fired_at).to be >= time
+    expect(fired_at).to be >= seen[:requested] # never before the (sub-second) time it was given
     expect(handler.events.first.first).to eq(:message)
     expect { seen[:context].scheduled }.to raise_error(Prosody::Error, /already returned/)
+    # on_cancel of a stale context raises the same error (it used to wait forever).
+    expect { Timeout.timeout(5) { seen[:context].on_cancel } }.to raise_error(Prosody::Error, /already returned/)
   end
 
-  it "keeps one timer per second, rounds to the nearest second, and lists, removes and clears them" do
+  it "never fires a timer before a sub-second time it was given" do
+    requested = {}
+    handler = TimerRecorder.new do |context, message|
+      at = Time.now + 1 + message.payload
+      requested[message.key] = at
+      context.schedule(at)
+    end
+    client = start(handler)
+    # Fractions spread over the second: whatever the clock's fraction, some round down.
+    [0.1, 0.3, 0.6, 0.9].each_with_index { |f, i| client.send_message(topic, "key-#{i}", f) }
+    wait_for(timeout: 15, message: "four timers") { handler.timers.size == 4 }
+    handler.timers.each do |_, key, time, fired_at|
+      expect(fired_at).to be >= requested.fetch(key)
+      expect(time).to eq(Time.at(requested.fetch(key).to_r.ceil))
+    end
+  end
+
+  it "keeps one timer per second, rounds up to the next second, and lists, removes and clears them" do
     results = {}
     handler = TimerRecorder.new do |context, _message|
       base = Time.at(Time.now.to_i + 3600)
       context.schedule(base)
-      context.schedule(base + 0.4) # rounds to base: still one timer
+      context.schedule(base - 0.6) # rounds up to base: still one timer
       context.schedule(base + 60)
       context.schedule(base + 120.6) # rounds up
       results[:after_schedule] = context.scheduled

@@ -9,7 +9,8 @@ module Prosody
     # Latest time a timer can have.
     TIMER_MAX = Time.utc(9999, 12, 31, 23, 59, 59).freeze
 
-    # Converts +time+ to whole seconds since the epoch, rounding to the nearest second.
+    # Converts +time+ to whole seconds since the epoch, rounding up: a timer never fires before
+    # the time it was given.
     #
     # @api private
     # @raise [ArgumentError] when +time+ is not a Time (nor responds to +to_time+) or is outside
@@ -21,7 +22,7 @@ module Prosody
               "timer time must be a Time (or respond to to_time), got #{time.inspect}"
       end
 
-      seconds = time.to_r.round
+      seconds = time.to_r.ceil
       unless seconds.between?(TIMER_MIN.to_i, TIMER_MAX.to_i)
         raise ArgumentError, "timer time #{time} is outside the supported range #{TIMER_MIN}..#{TIMER_MAX}"
       end
@@ -32,7 +33,8 @@ module Prosody
     # Schedules a timer for this event's key. Scheduling the same second twice keeps one timer;
     # a time in the past fires as soon as possible. Returns once the timer is stored.
     #
-    # @param time [Time, #to_time] stored with second precision (rounded)
+    # @param time [Time, #to_time] stored with second precision (rounded up to the next whole
+    #   second, so it never fires early; {#scheduled} reports the rounded time)
     # @return [void]
     def schedule(time)
       await(start_schedule(Context.timer_seconds(time)))
@@ -48,7 +50,8 @@ module Prosody
       nil
     end
 
-    # Removes the key's timer at +time+ (rounded to the second), if there is one.
+    # Removes the key's timer at +time+ (rounded up to the second, as {#schedule} does), if there
+    # is one.
     #
     # @param time [Time, #to_time]
     # @return [void]
@@ -90,7 +93,9 @@ module Prosody
     # point (so clean up in +ensure+, or return promptly).
     #
     # @return [void]
+    # @raise [Prosody::Error] when the handler call that received this context already returned
     def on_cancel
+      check_active
       return if should_cancel?
 
       processor = Thread.current.thread_variable_get(:prosody_processor)

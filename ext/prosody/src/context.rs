@@ -67,18 +67,24 @@ impl Context {
         )
     }
 
+    /// Raises `Prosody::Error` once the handler call that received this context returned.
+    fn check_active(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        if rb_self.active.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(errors::prosody(
+            ruby,
+            "Error",
+            "this context belongs to a handler call that already returned; use the context \
+             passed to the current on_message or on_timer",
+        ))
+    }
+
     /// Starts a timer operation on the engine and returns its id; the processor hands the result
     /// to the waiting fiber, so other handlers keep running while the store works. Checks first
     /// that the context may be used.
     fn start(ruby: &Ruby, rb_self: &Self, op: Op) -> Result<u64, Error> {
-        if !rb_self.active.load(Ordering::Acquire) {
-            return Err(errors::prosody(
-                ruby,
-                "Error",
-                "this context belongs to a handler call that already returned; use the context \
-                 passed to the current on_message or on_timer",
-            ));
-        }
+        Self::check_active(ruby, rb_self)?;
         let Some(timers) = rb_self.timers.clone() else {
             return Err(errors::prosody(
                 ruby,
@@ -140,6 +146,7 @@ pub fn init(ruby: &Ruby, prosody: RModule) -> Result<(), Error> {
     class.define_method("should_cancel?", method!(Context::should_cancel, 0))?;
     class.define_method("inspect", method!(Context::inspect, 0))?;
     class.define_private_method("job_id", method!(Context::job_id, 0))?;
+    class.define_private_method("check_active", method!(Context::check_active, 0))?;
     class.define_private_method("start_schedule", method!(Context::schedule, 1))?;
     class.define_private_method("start_unschedule", method!(Context::unschedule, 1))?;
     class.define_private_method(
