@@ -184,6 +184,15 @@ RSpec.describe Prosody::Client do
   end
 
   describe "#subscribe" do
+    it "raises Prosody::SubscriptionError when Cassandra is unreachable, as the errors table says" do
+      handler = Class.new(SpecHelpers::RecordingHandler) { def on_timer(_context, _timer); end }.new
+      client = described_class.new(bootstrap_servers: "127.0.0.1:1", group_id: "g", subscribed_topics: "t",
+                                   cassandra_nodes: "127.0.0.1:1")
+      expect { client.subscribe(handler) }
+        .to raise_error(Prosody::SubscriptionError, /could not set up the timer store/)
+      expect(client.consumer_state).to eq(:configured)
+    end
+
     it "refuses a client without group or topics, a handler without on_message, and a second subscribe" do
       expect { described_class.new(mock: true).subscribe(SpecHelpers::RecordingHandler.new) }
         .to raise_error(Prosody::SubscriptionError, /group_id is not set/)

@@ -49,7 +49,7 @@ module Prosody
       waiter = Async::Notification.new
       @operation_waiters[id] = waiter
       value, error_class, message = waiter.wait
-      raise(error_class == "ArgumentError" ? ArgumentError : Prosody.const_get(error_class), message) if error_class
+      raise(error_class, message) if error_class
 
       value
     end

@@ -8,11 +8,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{function, method, prelude::*, Error, IntoValue, RModule, Ruby, Value};
+use magnus::{
+    function, method, prelude::*, Error, ExceptionClass, IntoValue, RArray, RModule, Ruby, Value,
+};
 use prosody_core::handler::{Completion, Outcome};
 use prosody_core::scheduler::{Scheduler, Take};
 
 use crate::job::JobObj;
+use crate::ruby::errors;
 use crate::ruby::pipe::WakePipe;
 
 /// Completions buffered before one flush; bounds how long a burst of tiny handlers waits.
@@ -38,14 +41,14 @@ pub struct BridgeInner {
 }
 
 /// A finished operation as Ruby receives it: `[id, value, error_class, message]`.
-type OpRow = (u64, Option<Vec<i64>>, Option<&'static str>, Option<String>);
+type OpRow = (u64, Option<Vec<i64>>, Option<ExceptionClass>, Option<String>);
 
 /// The result of an asynchronous context operation.
 pub enum OpResult {
     /// Done; the times, for `scheduled`.
     Ok(Option<Vec<i64>>),
-    /// Failed: the Ruby exception class name under `Prosody` (or `ArgumentError`) and message.
-    Err(&'static str, String),
+    /// Failed: the Ruby exception class and message.
+    Err(errors::Class, String),
 }
 
 impl BridgeInner {
@@ -187,19 +190,22 @@ impl Bridge {
 
     /// Finished asynchronous operations as `[id, value, error_class, message]`, for the main
     /// fiber to hand to the fibers waiting on them.
-    fn finished_ops(&self) -> Vec<OpRow> {
-        let ops = self
+    fn finished_ops(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
+        let ops = rb_self
             .inner
             .finished_ops
             .lock()
             .map(|mut o| std::mem::take(&mut *o))
             .unwrap_or_default();
-        ops.into_iter()
-            .map(|(id, result)| match result {
+        let rows = ruby.ary_new_capa(ops.len());
+        for (id, result) in ops {
+            let row: OpRow = match result {
                 OpResult::Ok(times) => (id, times, None, None),
-                OpResult::Err(class, message) => (id, None, Some(class), Some(message)),
-            })
-            .collect()
+                OpResult::Err(class, message) => (id, None, Some(class.get(ruby)), Some(message)),
+            };
+            rows.push(row)?;
+        }
+        Ok(rows)
     }
 
     /// Stops handing out jobs: queued ones are reported abandoned (uncommitted) and `take`

@@ -54,7 +54,7 @@ impl Client {
         let headers = convert::headers(ruby, headers)?;
         let client = rb_self.0.clone();
         let runtime =
-            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, "ClientError", e))?;
+            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
         let result = without_gvl(ruby, move |interrupted| {
             runtime.block_on(async {
                 let send = client.send(&topic, &key, &payload, &headers);
@@ -78,7 +78,7 @@ impl Client {
                 ruby.thread_check_ints()?;
                 Err(errors::prosody(
                     ruby,
-                    "SendError",
+                    errors::Class::Send,
                     "send_message was interrupted",
                 ))
             }

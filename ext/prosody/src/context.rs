@@ -74,7 +74,7 @@ impl Context {
         }
         Err(errors::prosody(
             ruby,
-            "Error",
+            errors::Class::Error,
             "this context belongs to a handler call that already returned; use the context \
              passed to the current on_message or on_timer",
         ))
@@ -88,13 +88,13 @@ impl Context {
         let Some(timers) = rb_self.timers.clone() else {
             return Err(errors::prosody(
                 ruby,
-                "TimerError",
+                errors::Class::Timer,
                 "timers are not available for this event: it has no key (timers belong to a key), \
                  or the client has no timer store (set cassandra_nodes, or mock: true in tests)",
             ));
         };
         let runtime =
-            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, "TimerError", e))?;
+            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, errors::Class::Timer, e))?;
         let bridge = rb_self.bridge.clone();
         let id = bridge.next_op();
         runtime.spawn(async move {
@@ -110,9 +110,9 @@ impl Context {
                 match result {
                     Ok(value) => OpResult::Ok(value),
                     Err(e @ TimerError::OutOfRange(_)) => {
-                        OpResult::Err("ArgumentError", e.to_string())
+                        OpResult::Err(errors::Class::Argument, e.to_string())
                     }
-                    Err(e @ TimerError::Store(_)) => OpResult::Err("TimerError", e.to_string()),
+                    Err(e @ TimerError::Store(_)) => OpResult::Err(errors::Class::Timer, e.to_string()),
                 },
             );
         });

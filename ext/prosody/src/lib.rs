@@ -18,6 +18,7 @@ use magnus::{prelude::*, Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     let prosody = ruby.define_module("Prosody")?;
     let native = prosody.define_module("Native")?;
+    ruby::errors::init(ruby)?;
     message::init(ruby, prosody)?;
     context::init(ruby, prosody)?;
     job::init(ruby, native)?;

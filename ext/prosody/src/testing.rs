@@ -41,14 +41,14 @@ impl RawProducer {
                 payload.as_deref(),
                 &headers,
             )
-            .map_err(|e| errors::prosody(ruby, "SendError", e))
+            .map_err(|e| errors::prosody(ruby, errors::Class::Send, e))
     }
 
     fn flush(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<(), Error> {
         let producer = &rb_self.0;
         let timeout = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(30));
         without_gvl(ruby, |_| producer.flush(timeout))?
-            .map_err(|e| errors::prosody(ruby, "SendError", e))
+            .map_err(|e| errors::prosody(ruby, errors::Class::Send, e))
     }
 }
 
@@ -76,7 +76,7 @@ fn create_topic(
     without_gvl(ruby, |_| {
         core_create_topic(&bootstrap, &topic, partitions, Duration::from_secs(30))
     })?
-    .map_err(|e| errors::prosody(ruby, "ClientError", e))
+    .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))
 }
 
 /// Reads up to `count` records of a mock topic from the beginning (waiting at most `seconds`):
@@ -93,7 +93,7 @@ fn mock_read_topic(
     let records = without_gvl(ruby, |_| {
         prosody_core::testing::read_topic(&bootstrap, &topic, count, timeout)
     })?
-    .map_err(|e| errors::prosody(ruby, "ClientError", e))?;
+    .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
     let out = ruby.ary_new_capa(records.len());
     for r in records {
         let hash = ruby.hash_new();
