@@ -8,7 +8,16 @@ require "nio"
 
 require_relative "prosody/version"
 require_relative "prosody/errors"
-require "prosody/prosody"
+begin
+  require "prosody/prosody"
+rescue LoadError => e
+  # A git checkout, or Bundler's path: source, builds no extension. Only a missing extension is
+  # explained here; a LoadError from loading it (a broken or foreign build) is re-raised as it is.
+  raise unless e.path == "prosody/prosody"
+
+  raise LoadError, "Prosody's native extension is not built: run `bundle exec rake compile` (or `rake compile`; " \
+                   "needs cargo) in the gem's directory to build it (#{e.message})"
+end
 require_relative "prosody/logging"
 require_relative "prosody/message"
 require_relative "prosody/context"
