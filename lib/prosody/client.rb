@@ -15,7 +15,7 @@ module Prosody
     #
     # @api private
     def self.unsubscribe_all
-      ACTIVE_LOCK.synchronize { ACTIVE.keys }.each(&:unsubscribe)
+      ACTIVE_LOCK.synchronize { ACTIVE.keys }.reject(&:inherited?).each(&:unsubscribe)
     end
 
     # @param options [Hash, nil] options as a Hash (String or Symbol keys)
@@ -30,6 +30,7 @@ module Prosody
       (options || {}).merge(kwargs).each { |k, v| merged[k.to_s] = v }
       Prosody.start_log_pump
       @native = Native::Client.new(merged)
+      @pid = Process.pid
       @lock = Mutex.new
       @processor = nil
       @stopping = nil # the processor an unsubscribe in progress is stopping
@@ -50,7 +51,7 @@ module Prosody
       key = string_arg("key", key, allow_empty: true)
       raise ArgumentError, "headers must be a Hash, got #{headers.class}" unless headers.is_a?(Hash)
 
-      @native.send_message(topic, key, encode(payload), headers)
+      native.send_message(topic, key, encode(payload), headers)
       nil
     end
 
@@ -64,7 +65,7 @@ module Prosody
         raise ArgumentError, "handler must respond to on_message(context, message), got #{handler.class}"
       end
 
-      if uses_timers?(handler) && !@native.timers_available?
+      if uses_timers?(handler) && !native.timers_available?
         raise SubscriptionError, "#{handler.class} defines on_timer, and timers need a store: set " \
                                  "cassandra_nodes (or PROSODY_CASSANDRA_NODES), or use mock: true in tests"
       end
@@ -73,9 +74,9 @@ module Prosody
         raise SubscriptionError, "already subscribed; call unsubscribe first" if @processor
 
         bridge = Native::Bridge.new
-        processor = Processor.new(bridge, handler, @native.max_concurrency).start
+        processor = Processor.new(bridge, handler, native.max_concurrency).start
         begin
-          @native.subscribe(bridge)
+          native.subscribe(bridge)
         rescue Exception # rubocop:disable Lint/RescueException
           processor.stop
           raise
@@ -96,6 +97,7 @@ module Prosody
     # @return [nil, Thread] nil; from a trap handler, the Thread doing the work
     # @raise [Prosody::SubscriptionError] when called from inside a handler
     def unsubscribe
+      native # raises in a forked child
       begin
         processor = claim_processor
       rescue ThreadError
@@ -106,7 +108,7 @@ module Prosody
       return nil unless processor
 
       begin
-        @native.unsubscribe
+        native.unsubscribe
         processor.stop
         ACTIVE_LOCK.synchronize { ACTIVE.delete(self) }
       ensure
@@ -120,17 +122,17 @@ module Prosody
 
     # @return [Symbol] +:unconfigured+ (no group or topics), +:configured+ or +:running+
     def consumer_state
-      @native.consumer_state
+      native.consumer_state
     end
 
     # @return [String] value of the +source-system+ header on sent messages
     def source_system
-      @native.source_system
+      native.source_system
     end
 
     # @return [Integer] partitions currently assigned to this client
     def assigned_partitions
-      @native.assigned_partitions
+      native.assigned_partitions
     end
 
     # Whether an assigned partition has a message that has been waiting to finish (queued,
@@ -138,15 +140,34 @@ module Prosody
     #
     # @return [Boolean]
     def is_stalled? # rubocop:disable Naming/PredicateName -- the reference API's name
-      @native.stalled?
+      native.stalled?
     end
 
     # @return [String] a short description
     def inspect
-      "#<#{self.class.name} group_id=#{@native.group_id.inspect} state=#{consumer_state.inspect}>"
+      return "#<#{self.class.name} created in process #{@pid}, unusable in this one>" if inherited?
+
+      "#<#{self.class.name} group_id=#{native.group_id.inspect} state=#{consumer_state.inspect}>"
+    end
+
+    # Whether this client was created in another process, of which this one is a fork. Such a
+    # client cannot be used here: its engine threads did not survive the fork.
+    #
+    # @api private
+    # @return [Boolean]
+    def inherited?
+      Process.pid != @pid
     end
 
     private
+
+    # The native client, unless this client was inherited through fork.
+    def native
+      return @native unless inherited?
+
+      raise ClientError, "this Prosody::Client was created in process #{@pid}, and this is process " \
+                         "#{Process.pid} (a fork): its threads did not survive the fork; create a new client after fork"
+    end
 
     # Takes the processor to stop (nil when not subscribed), after any unsubscribe in progress.
     def claim_processor

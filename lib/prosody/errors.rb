@@ -17,7 +17,7 @@ module Prosody
   class TimerError < Error; end
 
   # Raised when the client itself cannot be created or used (librdkafka rejected the settings,
-  # the engine could not start).
+  # the engine could not start, or the client was created before this process forked).
   class ClientError < Error; end
 
   # Raise it from a handler to mark the failure permanent: retrying cannot help. In every mode

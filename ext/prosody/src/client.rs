@@ -1,6 +1,7 @@
 //! `Prosody::Native::Client`: the engine's client. `lib/prosody/client.rb` wraps it with the
 //! public `Prosody::Client` API (argument checks, JSON encoding, the Ruby processor).
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,23 @@ use crate::bridge::Bridge;
 use crate::ruby::{convert, errors, gvl::without_gvl};
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
-pub struct Client(Arc<CoreClient>);
+pub struct Client {
+    /// The engine's client. Taken out only by `Drop`.
+    inner: ManuallyDrop<Arc<CoreClient>>,
+    /// The process that created it.
+    pid: u32,
+}
+
+impl Drop for Client {
+    /// In a process forked after this client was created, the engine threads it would stop on
+    /// drop do not exist (joining them aborts the process): it is left as it is instead.
+    fn drop(&mut self) {
+        if prosody_core::process::is_current(self.pid) {
+            // SAFETY: `inner` is not used again; this is the only place that takes it.
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
+        }
+    }
+}
 
 impl Client {
     /// Resolves options (a Hash with String keys) against env vars and defaults.
@@ -34,7 +51,10 @@ impl Client {
         crate::logging::ensure_installed();
         let client = without_gvl(ruby, move |_| CoreClient::new(config))?
             .map_err(|e| errors::kafka(ruby, e))?;
-        Ok(Self(Arc::new(client)))
+        Ok(Self {
+            inner: ManuallyDrop::new(Arc::new(client)),
+            pid: std::process::id(),
+        })
     }
 
     /// Sends JSON bytes and blocks (GVL released) until acknowledged or `send_timeout`; returns
@@ -52,7 +72,7 @@ impl Client {
         // SAFETY: the bytes are copied before any other Ruby code can run.
         let payload = unsafe { payload.as_slice() }.to_vec();
         let headers = convert::headers(ruby, headers)?;
-        let client = rb_self.0.clone();
+        let client = Arc::clone(&rb_self.inner);
         let runtime =
             prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
         let result = without_gvl(ruby, move |interrupted| {
@@ -87,7 +107,7 @@ impl Client {
 
     /// Starts consuming; the processor pulls jobs through `bridge`.
     fn subscribe(ruby: &Ruby, rb_self: &Self, bridge: &Bridge) -> Result<(), Error> {
-        let client = rb_self.0.clone();
+        let client = Arc::clone(&rb_self.inner);
         let scheduler = bridge.scheduler();
         without_gvl(ruby, move |_| client.subscribe(scheduler))?.map_err(|e| errors::kafka(ruby, e))
     }
@@ -96,12 +116,12 @@ impl Client {
     /// released (handlers keep running on the processor thread meanwhile); not interruptible, so
     /// that the final commit is not lost.
     fn unsubscribe(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
-        let client = rb_self.0.clone();
+        let client = Arc::clone(&rb_self.inner);
         without_gvl(ruby, move |_| client.unsubscribe())
     }
 
     fn consumer_state(ruby: &Ruby, rb_self: &Self) -> Symbol {
-        ruby.to_symbol(match rb_self.0.consumer_state() {
+        ruby.to_symbol(match rb_self.inner.consumer_state() {
             ConsumerState::Unconfigured => "unconfigured",
             ConsumerState::Configured => "configured",
             ConsumerState::Running => "running",
@@ -109,27 +129,27 @@ impl Client {
     }
 
     fn source_system(&self) -> String {
-        self.0.config().effective_source_system().to_owned()
+        self.inner.config().effective_source_system().to_owned()
     }
 
     fn group_id(&self) -> Option<String> {
-        self.0.config().group_id.clone()
+        self.inner.config().group_id.clone()
     }
 
     fn is_stalled(&self) -> bool {
-        self.0.is_stalled()
+        self.inner.is_stalled()
     }
 
     fn assigned_partitions(&self) -> usize {
-        self.0.assigned_partitions()
+        self.inner.assigned_partitions()
     }
 
     fn max_concurrency(&self) -> u64 {
-        self.0.config().max_concurrency.get()
+        self.inner.config().max_concurrency.get()
     }
 
     fn timers_available(&self) -> bool {
-        self.0.timers_available()
+        self.inner.timers_available()
     }
 }
 
