@@ -136,6 +136,7 @@ impl Client {
             policy: Policy::from_config(&self.config),
             dead_letters,
             partitions: Mutex::new(HashMap::new()),
+            failure: std::sync::OnceLock::new(),
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);
         scheduler.watch(&runtime);
@@ -193,10 +194,12 @@ impl Client {
     }
 
     /// Stops the subscription (drains, commits, leaves the group). A no-op when not subscribed.
-    pub fn unsubscribe(&self) {
+    /// Reports, after stopping, a thread or task of the subscription that had died.
+    pub fn unsubscribe(&self) -> Result<(), KafkaError> {
         let subscription = self.subscription.lock().ok().and_then(|mut s| s.take());
-        if let Some(subscription) = subscription {
-            subscription.shutdown();
+        match subscription.and_then(Subscription::shutdown) {
+            Some(failure) => Err(KafkaError::EngineFailed(failure)),
+            None => Ok(()),
         }
     }
 
@@ -224,6 +227,16 @@ impl Client {
             .ok()
             .and_then(|s| s.as_ref().map(Subscription::is_stalled))
             .unwrap_or(false)
+    }
+
+    /// Test support: makes the subscription's poll thread panic, as a bug would. Returns false
+    /// when not subscribed.
+    pub fn inject_fault(&self) -> bool {
+        self.subscription
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(Subscription::inject_fault))
+            .is_some()
     }
 
     /// Partitions currently assigned (0 when not subscribed).

@@ -1,7 +1,8 @@
 //! What every partition worker of one subscription shares.
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::runtime::Handle;
 
@@ -31,16 +32,42 @@ pub struct Engine {
     pub dead_letters: Option<Arc<DeadLetters>>,
     /// Assigned partitions' shared state, for health checks.
     pub(crate) partitions: Mutex<PartitionMap>,
+    /// The first failure of one of this subscription's threads or tasks (a panic). Once set,
+    /// the subscription no longer consumes as it should: `is_stalled` reports it, and
+    /// unsubscribing reports it as an error.
+    pub failure: OnceLock<String>,
 }
 
 impl Engine {
     /// Whether any assigned partition's oldest unfinished message is older than
     /// `stall_threshold`.
     pub fn is_stalled(&self) -> bool {
+        if self.failure.get().is_some() {
+            return true;
+        }
         let threshold = self.config.stall_threshold;
         self.partitions
             .lock()
             .map(|p| p.values().any(|s| s.stalled(threshold)))
             .unwrap_or(false)
     }
+
+    /// Records that a thread or task of this subscription died (the first failure is kept) and
+    /// logs it, so that it is never silent.
+    pub fn fail(&self, what: String) {
+        log::error!(
+            "{what}; this subscription no longer consumes: unsubscribe (which reports this error) \
+             and subscribe again, or restart the process"
+        );
+        let _ = self.failure.set(what);
+    }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }

@@ -113,7 +113,7 @@ fn low_latency_tries_max_retries_plus_one_times_then_dead_letters() {
     let b = by_key[b"perm-b".as_slice()];
     assert_eq!(header(b, "prosody-dlq-reason"), Some("permanent"));
     assert_eq!(header(b, "prosody-dlq-error-class"), Some("Bad"));
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn pipeline_retries_transient_failures_until_stopped_and_never_dead_letters_them
     assert_eq!(records[0].key.as_deref(), Some(b"perm-b".as_slice()));
     assert_eq!(count(&calls, "perm-b"), 1);
     assert_eq!(count(&calls, "ok-c"), 1);
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
 }
 
 #[test]
@@ -146,5 +146,5 @@ fn best_effort_runs_each_failure_once_and_dead_letters_nothing() {
     assert_eq!(count(&calls, "fail-a"), 1);
     assert_eq!(count(&calls, "perm-b"), 1);
     assert!(dead_letters(&dlq, 1, Duration::from_millis(500)).is_empty());
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
 }

@@ -39,7 +39,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         rec.seen.lock().unwrap().len()
     );
     assert!(client.assigned_partitions() > 0);
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
     scheduler.close();
 
     let seen = rec.seen.lock().unwrap().clone();
@@ -83,7 +83,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         >= keys as usize));
     // Give a moment for anything unexpected (re-deliveries) to show up.
     std::thread::sleep(Duration::from_millis(300));
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
     scheduler.close();
     let seen2 = rec2.seen.lock().unwrap().clone();
     assert_eq!(

@@ -46,7 +46,7 @@ fn kafka_round_trip_with_order_and_headers() {
         "handled {} of {total}",
         rec.seen.lock().unwrap().len()
     );
-    client.unsubscribe();
+    client.unsubscribe().expect("unsubscribe");
     scheduler.close();
     let by_key = rec.seqs_by_key();
     assert_eq!(by_key.len(), keys as usize);

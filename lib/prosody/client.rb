@@ -15,7 +15,11 @@ module Prosody
     #
     # @api private
     def self.unsubscribe_all
-      ACTIVE_LOCK.synchronize { ACTIVE.keys }.reject(&:inherited?).each(&:unsubscribe)
+      ACTIVE_LOCK.synchronize { ACTIVE.keys }.reject(&:inherited?).each do |client|
+        client.unsubscribe
+      rescue Prosody::Error => e
+        Prosody.logger.error("at exit: #{e.message}")
+      end
     end
 
     # @param options [Hash, nil] options as a Hash (String or Symbol keys)
@@ -96,6 +100,8 @@ module Prosody
     #
     # @return [nil, Thread] nil; from a trap handler, the Thread doing the work
     # @raise [Prosody::SubscriptionError] when called from inside a handler
+    # @raise [Prosody::Error] after stopping, when a thread of the subscription had died (it was
+    #   logged then, and {#is_stalled?} was true since)
     def unsubscribe
       native # raises in a forked child
       begin
@@ -108,9 +114,14 @@ module Prosody
       return nil unless processor
 
       begin
-        native.unsubscribe
+        begin
+          native.unsubscribe
+        rescue Prosody::Error => e
+          failure = e # an engine thread had died; it is stopped now, and reported below
+        end
         processor.stop
         ACTIVE_LOCK.synchronize { ACTIVE.delete(self) }
+        raise failure if failure
       ensure
         @lock.synchronize do
           @stopping = nil

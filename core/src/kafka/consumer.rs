@@ -39,6 +39,8 @@ const READ_BATCH: usize = 1024;
 pub struct Subscription {
     /// Set to ask the poll thread to stop.
     stop: Arc<AtomicBool>,
+    /// Set (by tests, see [`Subscription::inject_fault`]) to make the poll thread panic.
+    fault: Arc<AtomicBool>,
     /// Wakes the poll thread.
     waker: Arc<Waker>,
     /// The poll thread; joined by `shutdown`.
@@ -108,22 +110,26 @@ impl Subscription {
                 source,
             })?;
         let stop = Arc::new(AtomicBool::new(false));
+        let fault = Arc::new(AtomicBool::new(false));
         let poll = PollLoop {
             consumer,
             stop: stop.clone(),
+            fault: fault.clone(),
             waker: waker.clone(),
             commit_interval: config.commit_interval,
             poll_interval: config.poll_interval,
         };
+        let failed = engine.clone();
         let thread = std::thread::Builder::new()
             .name("prosody-poll".into())
-            .spawn(move || poll.run())
+            .spawn(move || poll.run(&failed))
             .map_err(|source| KafkaError::Thread {
                 what: "poll",
                 source,
             })?;
         Ok(Self {
             stop,
+            fault,
             waker,
             thread: Some(thread),
             engine,
@@ -141,9 +147,17 @@ impl Subscription {
     }
 
     /// Drains in-flight work (within `shutdown_timeout`), commits, leaves the group, and joins the
-    /// poll thread. Blocks.
-    pub fn shutdown(mut self) {
+    /// poll thread. Blocks. Returns the failure of a thread or task of the subscription, if one
+    /// died.
+    pub fn shutdown(mut self) -> Option<String> {
         self.stop_and_join();
+        self.engine.failure.get().cloned()
+    }
+
+    /// Test support: makes the poll thread panic at its next turn, as a bug would.
+    pub fn inject_fault(&self) {
+        self.fault.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn stop_and_join(&mut self) {
@@ -151,7 +165,8 @@ impl Subscription {
         self.waker.wake();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
-                log::error!("the poll thread panicked during shutdown");
+                self.engine
+                    .fail("the poll thread panicked during shutdown".into());
             }
         }
     }
@@ -346,6 +361,8 @@ struct PollLoop {
     consumer: Arc<BaseConsumer<PollContext>>,
     /// Set by `Subscription::shutdown`.
     stop: Arc<AtomicBool>,
+    /// Set by `Subscription::inject_fault`.
+    fault: Arc<AtomicBool>,
     /// Woken by queue callbacks, workers regaining room, and shutdown.
     waker: Arc<Waker>,
     /// How often positions are committed.
@@ -355,9 +372,32 @@ struct PollLoop {
 }
 
 impl PollLoop {
-    fn run(self) {
+    /// Polls until stopped, then closes the consumer. A panic (a bug) never ends the thread
+    /// silently: it is reported through the engine, and the consumer is closed all the same, so
+    /// that what finished is committed and the partitions go to other members at once.
+    fn run(self, engine: &Engine) {
+        let turns = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turns()));
+        if let Err(panic) = turns {
+            engine.fail(format!(
+                "the poll thread panicked: {}",
+                crate::engine::panic_message(panic.as_ref())
+            ));
+        }
+        let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.close()));
+        if closed.is_err() {
+            engine.fail("the poll thread panicked while closing the consumer".into());
+        }
+    }
+
+    fn turns(&self) {
         let mut next_commit = Instant::now() + self.commit_interval;
         while !self.stop.load(Ordering::Acquire) {
+            if self.fault.load(Ordering::Relaxed) {
+                #[allow(clippy::panic)] // the fault a test injected, standing for a bug
+                {
+                    panic!("injected fault");
+                }
+            }
             // Serves rebalance callbacks and errors; messages arrive here only for a partition
             // fetched before its queue was split.
             while let Some(result) = self.consumer.poll(Duration::ZERO) {
@@ -377,7 +417,6 @@ impl PollLoop {
                 self.waker.wait(self.poll_interval.min(until_commit));
             }
         }
-        self.close();
     }
 
     /// Reads every partition that has room; returns how many messages were read.

@@ -39,6 +39,9 @@ pub enum KafkaError {
     /// The shared runtime is unavailable.
     #[error("{0}")]
     Runtime(String),
+    /// A thread or task of the subscription died (a panic); it was stopped.
+    #[error("the subscription failed and was stopped: {0}")]
+    EngineFailed(String),
     /// The timer store could not be set up.
     #[error("could not set up the timer store: {0}")]
     Timers(String),

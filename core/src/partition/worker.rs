@@ -302,9 +302,23 @@ pub(crate) fn spawn_worker(
         timers,
         abort: CancelToken::new(),
     };
-    engine
+    let name = format!("{}/{partition}", worker.topic);
+    let task = engine
         .runtime
         .spawn(worker.run(rx, done_rx, internal_rx, changes_rx));
+    // Watches the worker (and ends with it), so that a panic is logged and marks the engine.
+    let watched = engine.clone();
+    engine.runtime.spawn(async move {
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                let panic = e.into_panic();
+                watched.fail(format!(
+                    "the worker of partition {name} panicked: {}",
+                    crate::engine::panic_message(panic.as_ref())
+                ));
+            }
+        }
+    });
     tx
 }
 

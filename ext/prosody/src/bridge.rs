@@ -41,7 +41,12 @@ pub struct BridgeInner {
 }
 
 /// A finished operation as Ruby receives it: `[id, value, error_class, message]`.
-type OpRow = (u64, Option<Vec<i64>>, Option<ExceptionClass>, Option<String>);
+type OpRow = (
+    u64,
+    Option<Vec<i64>>,
+    Option<ExceptionClass>,
+    Option<String>,
+);
 
 /// The result of an asynchronous context operation.
 pub enum OpResult {

@@ -73,8 +73,8 @@ impl Client {
         let payload = unsafe { payload.as_slice() }.to_vec();
         let headers = convert::headers(ruby, headers)?;
         let client = Arc::clone(&rb_self.inner);
-        let runtime =
-            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
+        let runtime = prosody_core::runtime::handle()
+            .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
         let result = without_gvl(ruby, move |interrupted| {
             runtime.block_on(async {
                 let send = client.send(&topic, &key, &payload, &headers);
@@ -117,7 +117,12 @@ impl Client {
     /// that the final commit is not lost.
     fn unsubscribe(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         let client = Arc::clone(&rb_self.inner);
-        without_gvl(ruby, move |_| client.unsubscribe())
+        without_gvl(ruby, move |_| client.unsubscribe())?.map_err(|e| errors::kafka(ruby, e))
+    }
+
+    /// Test support: makes the poll thread panic, as a bug would.
+    fn inject_fault(&self) -> bool {
+        self.inner.inject_fault()
     }
 
     fn consumer_state(ruby: &Ruby, rb_self: &Self) -> Symbol {
@@ -169,5 +174,6 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
     class.define_method("stalled?", method!(Client::is_stalled, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
+    class.define_method("inject_fault", method!(Client::inject_fault, 0))?;
     Ok(())
 }

@@ -93,8 +93,8 @@ impl Context {
                  or the client has no timer store (set cassandra_nodes, or mock: true in tests)",
             ));
         };
-        let runtime =
-            prosody_core::runtime::handle().map_err(|e| errors::prosody(ruby, errors::Class::Timer, e))?;
+        let runtime = prosody_core::runtime::handle()
+            .map_err(|e| errors::prosody(ruby, errors::Class::Timer, e))?;
         let bridge = rb_self.bridge.clone();
         let id = bridge.next_op();
         runtime.spawn(async move {
@@ -112,7 +112,9 @@ impl Context {
                     Err(e @ TimerError::OutOfRange(_)) => {
                         OpResult::Err(errors::Class::Argument, e.to_string())
                     }
-                    Err(e @ TimerError::Store(_)) => OpResult::Err(errors::Class::Timer, e.to_string()),
+                    Err(e @ TimerError::Store(_)) => {
+                        OpResult::Err(errors::Class::Timer, e.to_string())
+                    }
                 },
             );
         });

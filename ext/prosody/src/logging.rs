@@ -128,7 +128,31 @@ fn set_log_level(level: i64) {
     });
 }
 
+/// Sends every panic of an engine thread to `Prosody.logger` (Rust prints them to stderr by
+/// default, where nobody looks), naming the thread. What a panic then means is handled where it
+/// is caught: a dead poll thread or worker marks its subscription failed.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let line = format!(
+            "panic in thread {}{at}: {}",
+            thread.name().unwrap_or("unnamed"),
+            prosody_core::engine::panic_message(info.payload())
+        );
+        if ensure_installed().is_some() {
+            log::error!(target: "prosody::panic", "{line}");
+        } else {
+            eprintln!("prosody: {line}");
+        }
+    }));
+}
+
 pub fn init(_ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    install_panic_hook();
     native.define_module_function("log_fd", function!(log_fd, 0))?;
     native.define_module_function("drain_logs", function!(drain_logs, 0))?;
     native.define_module_function("log_level=", function!(set_log_level, 1))?;

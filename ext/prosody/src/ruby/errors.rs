@@ -61,10 +61,16 @@ pub fn init(ruby: &Ruby) -> Result<(), Error> {
         (&CLIENT, "ClientError"),
     ] {
         Lazy::force(class, ruby);
-        if ruby.get_inner(class).as_value().eql(ruby.exception_runtime_error())? {
+        if ruby
+            .get_inner(class)
+            .as_value()
+            .eql(ruby.exception_runtime_error())?
+        {
             return Err(Error::new(
                 ruby.exception_load_error(),
-                format!("Prosody::{name} is not defined: require \"prosody\", not the extension alone"),
+                format!(
+                    "Prosody::{name} is not defined: require \"prosody\", not the extension alone"
+                ),
             ));
         }
     }
@@ -94,6 +100,7 @@ pub fn kafka(ruby: &Ruby, e: KafkaError) -> Error {
         | KafkaError::AlreadySubscribed
         | KafkaError::Subscribe { .. }
         | KafkaError::Timers(_) => Class::Subscription,
+        KafkaError::EngineFailed(_) => Class::Error,
         _ => Class::Client,
     };
     prosody(ruby, class, e.to_string())
