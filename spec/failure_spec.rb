@@ -83,7 +83,7 @@ RSpec.describe "failure handling in mock mode" do
       client.send_message(topic, "k", 2)
       wait_for(message: "the second message") { handler.count("k") == 2 }
       expect(handler.calls["k"]).to eq([1, 2])
-      giving_up = /offset=0 key="k" failed \(attempt 1, Prosody::PermanentError: never works\); giving up/
+      giving_up = /offset=0 key="k" failed \(attempt 1, permanent Prosody::PermanentError: never works \(at [^)]+\)\); giving up/
       expect(wait_for { log_output[giving_up] }).to be_truthy
     end
   end
@@ -164,8 +164,8 @@ RSpec.describe "failure handling in mock mode" do
       wait_for(message: "the second message") { handler.count("k") == 2 }
       sleep 0.2
       expect(handler.calls["k"]).to eq(%w[a b])
-      expect(log_output).to match(/handler failed topic=#{topic} .*key="k" \(transient\): RuntimeError: flaky/)
-      expect(log_output).to match(%r{spec/support/flaky_handler\.rb:\d+})
+      expect(log_output).to match(/message topic=#{topic} .*key="k" failed \(attempt 1, transient RuntimeError: flaky/)
+      expect(log_output).to match(%r{\(at [^)]*spec/support/flaky_handler\.rb:\d+})
       expect(Prosody::Native.mock_read_topic(dlq, 1, 0.3)).to be_empty
     end
   end

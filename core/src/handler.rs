@@ -61,6 +61,23 @@ impl Failure {
     }
 }
 
+/// One line for logs: `transient RuntimeError: boom (at app/handler.rb:12:in 'on_message')`.
+/// The whole backtrace goes to the dead-letter headers and, at DEBUG, to the handler's log line.
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.permanent {
+            "permanent"
+        } else {
+            "transient"
+        };
+        write!(f, "{kind} {}: {}", self.error_class, self.message)?;
+        match self.backtrace.lines().next() {
+            Some(at) if !at.is_empty() => write!(f, " (at {at})"),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One handler call: the event, its cancellation signal, and where the outcome goes.
 #[derive(Debug)]
 pub struct Job {

@@ -18,7 +18,7 @@ module Prosody
       ACTIVE_LOCK.synchronize { ACTIVE.keys }.reject(&:inherited?).each do |client|
         client.unsubscribe
       rescue Prosody::Error => e
-        Prosody.logger.error("at exit: #{e.message}")
+        Prosody.log(Logger::ERROR, "at exit: #{e.message}")
       end
     end
 

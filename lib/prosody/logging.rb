@@ -21,6 +21,12 @@ module Prosody
     end
 
     # @api private
+    # Logs +message+ with +severity+ and the progname "prosody", as engine lines have.
+    def log(severity, message)
+      logger.add(severity, message, "prosody")
+    end
+
+    # @api private
     # Starts the thread that hands engine log records to {logger}, once per process.
     def start_log_pump
       return if @log_pump&.alive?

@@ -104,7 +104,7 @@ module Prosody
       reactor.run do |task|
         serve(task)
       rescue Exception => e # rubocop:disable Lint/RescueException
-        Prosody.logger.error("prosody processor stopped unexpectedly: #{e.class}: #{e.message}")
+        Prosody.log(Logger::ERROR, "prosody processor stopped unexpectedly: #{e.class}: #{e.message}")
       end
       reactor.close
     ensure
@@ -204,7 +204,7 @@ module Prosody
       @handler.class.failure_kind(method_name, error)
     rescue StandardError => e
       # A broken classification counts the failure as transient.
-      Prosody.logger.error("could not classify #{error.class}: #{e.class}: #{e.message}")
+      Prosody.log(Logger::ERROR, "could not classify #{error.class}: #{e.class}: #{e.message}")
       :transient
     end
 
@@ -219,15 +219,19 @@ module Prosody
       @reactor << @flusher if first
     end
 
+    # The engine logs one line per failure (WARN or ERROR, with what it does next); the backtrace
+    # goes to DEBUG, so a failing dependency does not flood the log.
     def report(error, event, kind)
+      return unless Prosody.logger.debug?
+
       where = case event
               when Message
                 "topic=#{event.topic} partition=#{event.partition} offset=#{event.offset} key=#{event.key.inspect}"
               when Timer then "timer key=#{event.key.inspect} time=#{event.time.utc}"
               else "unknown event"
               end
-      trace = (error.backtrace || []).first(10).join("\n  ")
-      Prosody.logger.error("handler failed #{where} (#{kind}): #{error.class}: #{error.message}\n  #{trace}")
+      trace = (error.backtrace || []).first(20).join("\n  ")
+      Prosody.log(Logger::DEBUG, "handler failed #{where} (#{kind}): #{error.class}: #{error.message}\n  #{trace}")
     end
   end
 end

@@ -203,7 +203,11 @@ struct PollContext {
     waker: Arc<Waker>,
 }
 
-impl ClientContext for PollContext {}
+impl ClientContext for PollContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::log_client_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for PollContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -213,7 +217,17 @@ impl ConsumerContext for PollContext {
                 .iter()
                 .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
                 .collect();
-            self.release(consumer, &revoked, !consumer.assignment_lost());
+            let lost = consumer.assignment_lost();
+            if lost {
+                let names: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+                log::warn!(
+                    "this consumer lost its group membership (session timed out or fenced): \
+                     partitions {} were taken away without a final commit; their messages not \
+                     yet committed will be delivered again to the next owner",
+                    names.join(", ")
+                );
+            }
+            self.release(consumer, &revoked, !lost);
         }
     }
 

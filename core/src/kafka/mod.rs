@@ -4,7 +4,32 @@ pub mod consumer;
 pub mod mock;
 pub mod producer;
 
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use thiserror::Error;
+
+/// Logs an error that librdkafka reports through its error callback. librdkafka has usually
+/// logged the same event already (its `FAIL`/`ERROR` lines reach the log through
+/// [`ClientContext::log`]), so a second line for it would double every error: only what it does
+/// not log on its own is logged here above DEBUG.
+pub(crate) fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::Fatal) => log::error!("fatal Kafka client error: {reason}"),
+        Some(RDKafkaErrorCode::AllBrokersDown) => {
+            log::warn!("no Kafka broker is reachable: {reason}")
+        }
+        _ => log::debug!("Kafka client error: {error}: {reason}"),
+    }
+}
+
+/// The context of Prosody's producers: librdkafka's log lines as usual, errors once.
+pub struct QuietErrors;
+
+impl ClientContext for QuietErrors {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+}
 
 /// Failures talking to Kafka, each tied to the operation that failed.
 #[derive(Debug, Error)]

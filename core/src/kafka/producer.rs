@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::KafkaError;
+use super::{KafkaError, QuietErrors};
 use crate::event::SOURCE_SYSTEM_HEADER;
 use crate::process::PerProcess;
 
@@ -51,7 +51,7 @@ struct Shared {
     /// Longest a send waits for the acknowledgement, part of the pool key.
     send_timeout: Duration,
     /// librdkafka's producer; its own threads do the network work.
-    inner: FutureProducer,
+    inner: FutureProducer<QuietErrors>,
     /// `None` during the start-up work (see [`Shared::warm_up`]), then whether a broker answered.
     ready: watch::Sender<Option<bool>>,
     /// Topics whose metadata this producer has asked for, so it knows their leaders.
@@ -182,7 +182,7 @@ impl Shared {
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", &timeout_ms)
             .set("linger.ms", "1")
-            .create()
+            .create_with_context(QuietErrors)
             .map_err(|source| KafkaError::Create {
                 what: "producer",
                 source,

@@ -574,11 +574,7 @@ impl Worker {
         match decision {
             Decision::Retry(delay) => {
                 flight.stage = Stage::Waiting;
-                log::warn!(
-                    "{what} failed (attempt {attempts}, {}: {}); retrying in {delay:?}",
-                    failure.error_class,
-                    failure.message
-                );
+                log::warn!("{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}");
                 let internal = self.internal.clone();
                 let abort = self.abort.clone();
                 let (key, slot) = id;
@@ -601,9 +597,7 @@ impl Worker {
                     return;
                 };
                 log::error!(
-                    "{what} failed (attempt {attempts}, {}: {}); sending it to {} ({})",
-                    failure.error_class,
-                    failure.message,
+                    "{what} failed (attempt {attempts}, {failure}); sending it to {} ({})",
                     dead_letters.topic,
                     reason.as_str()
                 );
@@ -624,11 +618,7 @@ impl Worker {
 
     /// Logs the failure of `what` and lets the event go (commits its offset, deletes its timer).
     async fn give_up(&mut self, id: (Key, Slot), what: &str, failure: &Failure, attempts: u32) {
-        log::error!(
-            "{what} failed (attempt {attempts}, {}: {}); giving up on it and moving on",
-            failure.error_class,
-            failure.message
-        );
+        log::error!("{what} failed (attempt {attempts}, {failure}); giving up on it and moving on");
         self.succeeded(id).await;
     }
 
