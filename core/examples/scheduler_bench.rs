@@ -18,8 +18,8 @@ fn measure(waiting: usize, grants: usize) -> f64 {
         ..FairConfig::default()
     });
     let (done, mut rx) = mpsc::unbounded_channel();
-    let keys: Vec<Arc<str>> = (0..waiting)
-        .map(|i| Arc::from(format!("key-{i}").as_str()))
+    let keys: Vec<Arc<[u8]>> = (0..waiting)
+        .map(|i| Arc::from(format!("key-{i}").as_bytes()))
         .collect();
     for (i, key) in keys.iter().enumerate() {
         let class = if i % 4 == 0 {
@@ -34,7 +34,7 @@ fn measure(waiting: usize, grants: usize) -> f64 {
         let Take::Job(job, grant) = scheduler.take() else {
             return f64::NAN;
         };
-        let key = job.key().clone().unwrap_or_else(|| Arc::from(""));
+        let key = job.key().clone().unwrap_or_else(|| Arc::from(&b""[..]));
         let class = job.class;
         drop(job); // reports Abandoned to `rx`, drained below
         grant.release();

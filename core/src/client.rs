@@ -88,14 +88,14 @@ impl Client {
     pub async fn send(
         &self,
         topic: &str,
-        key: &str,
+        key: &[u8],
         payload: &[u8],
-        headers: &[(String, String)],
+        headers: &[(String, Vec<u8>)],
     ) -> Result<Delivery, SendError> {
         if let Err(e) = self.prepare_topic(topic) {
             return Err(SendError {
                 topic: topic.to_owned(),
-                key: key.to_owned(),
+                key: crate::event::show_key(Some(key)),
                 reason: e.to_string(),
             });
         }

@@ -8,9 +8,20 @@ use serde_json::Value;
 /// Header that names the system which produced a record.
 pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
 
-/// A key for log lines: `"the-key"` (quoted, as Ruby shows it), or `nil` for a keyless record.
-pub fn show_key(key: Option<&str>) -> String {
-    key.map_or_else(|| "nil".to_owned(), |k| format!("{k:?}"))
+/// A record key: bytes, exactly as the producer wrote them. Keys that differ in any byte are
+/// different keys (in ordering, timers and the handler's `message.key`), UTF-8 or not.
+pub type Key = Arc<[u8]>;
+
+/// A key for log lines: `"the-key"` (quoted), bytes that are not UTF-8 escaped as `"\xFF"`, or
+/// `nil` for a keyless record.
+pub fn show_key(key: Option<&[u8]>) -> String {
+    match key {
+        None => "nil".to_owned(),
+        Some(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => format!("{text:?}"),
+            Err(_) => format!("\"{}\"", bytes.escape_ascii()),
+        },
+    }
 }
 
 /// A consumed record with its payload decoded from JSON.
@@ -26,11 +37,12 @@ pub struct ConsumedMessage {
     pub timestamp_ms: Option<i64>,
     /// The record key; `None` for records produced without a key (they share one queue per
     /// partition and so keep their offset order among themselves).
-    pub key: Option<Arc<str>>,
+    pub key: Option<Key>,
     /// The decoded JSON payload; a record with no value (a tombstone) decodes to `null`.
     pub payload: Value,
-    /// Headers as UTF-8 strings (invalid UTF-8 replaced, a header without value is `""`).
-    pub headers: Vec<(String, String)>,
+    /// Headers: names as text, values as bytes exactly as written (a header without value is
+    /// empty).
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The record as read, for the dead-letter topic (its exact key, payload and headers); kept
     /// only when a failure topic is configured.
     pub raw: Option<OwnedMessage>,
@@ -42,7 +54,7 @@ pub struct Undecodable {
     /// Offset of the record.
     pub offset: i64,
     /// Key of the record.
-    pub key: Option<Arc<str>>,
+    pub key: Option<Key>,
     /// Why decoding failed.
     pub reason: String,
     /// The record as read.
@@ -57,9 +69,7 @@ impl ConsumedMessage {
         record: OwnedMessage,
         keep_raw: bool,
     ) -> Result<Self, Box<Undecodable>> {
-        let key = record
-            .key()
-            .map(|k| Arc::<str>::from(String::from_utf8_lossy(k).as_ref()));
+        let key = record.key().map(Key::from);
         let payload = match record.payload() {
             None => Value::Null,
             Some(bytes) => match serde_json::from_slice(bytes) {
@@ -78,10 +88,7 @@ impl ConsumedMessage {
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| {
-                        let value = h.value.map(String::from_utf8_lossy).unwrap_or_default();
-                        (h.key.to_owned(), value.into_owned())
-                    })
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
                     .collect()
             })
             .unwrap_or_default();
@@ -98,11 +105,11 @@ impl ConsumedMessage {
     }
 
     /// The value of the first header with this name.
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
     }
 }
 
@@ -114,7 +121,7 @@ pub struct TimerEvent {
     /// Partition the timer belongs to.
     pub partition: i32,
     /// The key the timer belongs to.
-    pub key: Arc<str>,
+    pub key: Key,
     /// When it was scheduled for, in seconds since the epoch.
     pub time: i64,
 }

@@ -5,8 +5,6 @@
 //! the channel of the partition worker that owns the event: no lock, no runtime, no task per
 //! event, so the runner (a Ruby thread) completes a job without touching the engine's threads.
 
-use std::sync::Arc;
-
 use tokio::sync::mpsc;
 
 use crate::cancel::CancelToken;
@@ -109,7 +107,7 @@ pub enum Slot {
 #[derive(Debug)]
 pub struct Finished {
     /// Key of the event (its queue).
-    pub key: Option<Arc<str>>,
+    pub key: Option<crate::event::Key>,
     /// Which event.
     pub slot: Slot,
     /// How the handler call ended.
@@ -124,7 +122,7 @@ impl Job {
         abort: CancelToken,
         timers: Option<KeyTimers>,
         done: mpsc::UnboundedSender<Finished>,
-        key: Option<Arc<str>>,
+        key: Option<crate::event::Key>,
         slot: Slot,
     ) -> Self {
         Self {
@@ -146,9 +144,9 @@ impl Job {
     }
 
     /// The event's key (its scheduling identity).
-    pub fn key(&self) -> &Option<Arc<str>> {
+    pub fn key(&self) -> &Option<crate::event::Key> {
         // The target is taken only when the outcome is sent, which consumes the job.
-        static NO_KEY: Option<Arc<str>> = None;
+        static NO_KEY: Option<crate::event::Key> = None;
         self.completion
             .target
             .as_ref()
@@ -175,7 +173,11 @@ impl Job {
 #[derive(Debug)]
 pub struct Completion {
     /// Where the outcome goes, and for which event; taken when sent.
-    target: Option<(mpsc::UnboundedSender<Finished>, Option<Arc<str>>, Slot)>,
+    target: Option<(
+        mpsc::UnboundedSender<Finished>,
+        Option<crate::event::Key>,
+        Slot,
+    )>,
 }
 
 impl Completion {

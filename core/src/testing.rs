@@ -38,13 +38,13 @@ impl RawProducer {
         partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: &[(String, String)],
+        headers: &[(String, Vec<u8>)],
     ) -> Result<(), String> {
         let mut owned = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
             owned = owned.insert(Header {
                 key: k,
-                value: Some(v.as_bytes()),
+                value: Some(v.as_slice()),
             });
         }
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(owned);
@@ -208,7 +208,7 @@ pub fn read_topic(
 /// A job for a timer event of `key` (the cheapest event to build), reporting to `done`; for
 /// scheduler tests and benchmarks.
 pub fn timer_job(
-    key: &std::sync::Arc<str>,
+    key: &crate::event::Key,
     done: &tokio::sync::mpsc::UnboundedSender<crate::handler::Finished>,
     class: crate::scheduler::Class,
 ) -> crate::handler::Job {

@@ -48,7 +48,8 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
                     Take::Job(job, grant) => {
                         let (event, _cancel, _timers, done) = job.into_parts();
                         let Event::Message(m) = event else { continue };
-                        let key = m.key.as_deref().unwrap_or_default().to_owned();
+                        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default())
+                            .into_owned();
                         *calls.lock().unwrap().entry(key.clone()).or_default() += 1;
                         grant.release();
                         done.complete(if key.starts_with("fail-") {
@@ -67,7 +68,7 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
     }
     client.subscribe(scheduler).unwrap();
     for key in keys {
-        rt.block_on(client.send(&topic, key, b"{\"n\":1}", &[]))
+        rt.block_on(client.send(&topic, key.as_bytes(), b"{\"n\":1}", &[]))
             .unwrap();
     }
     (calls, dlq, client)

@@ -28,12 +28,17 @@ fn kafka_round_trip_with_order_and_headers() {
     let client = Client::new(config(&topic, &group, 8, Some(KAFKA))).unwrap();
     let rt = prosody_core::runtime::handle().unwrap();
     let (keys, per_key) = (20, 20);
-    let headers = vec![("trace".to_owned(), "t-1".to_owned())];
+    let headers = vec![("trace".to_owned(), b"t-1".to_vec())];
     for i in 0..per_key {
         for k in 0..keys {
             let payload = serde_json::json!({ "seq": i }).to_string();
-            rt.block_on(client.send(&topic, &format!("k{k}"), payload.as_bytes(), &headers))
-                .unwrap();
+            rt.block_on(client.send(
+                &topic,
+                format!("k{k}").as_bytes(),
+                payload.as_bytes(),
+                &headers,
+            ))
+            .unwrap();
         }
     }
     let rec = Recorder::new();

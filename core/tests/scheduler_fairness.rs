@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 fn job(key: &str, done: &mpsc::UnboundedSender<Finished>, class: Class) -> Job {
-    prosody_core::testing::timer_job(&Arc::from(key), done, class)
+    prosody_core::testing::timer_job(&Arc::from(key.as_bytes()), done, class)
 }
 
 /// One run of a job: its key, class, when it became ready (as the submitter recorded it) and when
@@ -43,7 +43,8 @@ async fn run_runners(
             while Instant::now() < until {
                 match scheduler.take() {
                     Take::Job(job, grant) => {
-                        let key = job.key().as_deref().unwrap_or_default().to_owned();
+                        let key = String::from_utf8_lossy(job.key().as_deref().unwrap_or_default())
+                            .into_owned();
                         let ran = cost(&key);
                         let granted = Instant::now();
                         tokio::time::sleep(ran).await;
@@ -285,11 +286,11 @@ async fn a_handler_past_its_timeout_is_cancelled_then_quarantined() {
     scheduler.check_deadlines();
     let notice = rx.try_recv().expect("the worker is told");
     assert_eq!(notice.outcome, Outcome::Quarantined);
-    assert_eq!(notice.key.as_deref(), Some("stuck"));
+    assert_eq!(notice.key.as_deref(), Some("stuck".as_bytes()));
     let Take::Job(next, _g) = scheduler.take() else {
         panic!("the permit was released to the next key")
     };
-    assert_eq!(next.key().as_deref(), Some("next"));
+    assert_eq!(next.key().as_deref(), Some("next".as_bytes()));
     // The stuck handler finally returns: its grant is released without giving back a second
     // permit.
     drop(grant);

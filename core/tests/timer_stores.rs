@@ -33,21 +33,23 @@ async fn compliance(store: &dyn TimerStore) {
         partition: 1,
         ..s.clone()
     };
-    store.schedule(&s, "a", 100).await.unwrap();
-    store.schedule(&s, "a", 100).await.unwrap(); // same second: one timer
-    store.schedule(&s, "a", 50).await.unwrap();
-    store.schedule(&s, "b", 75).await.unwrap();
-    store.schedule(&other, "a", 60).await.unwrap();
+    store.schedule(&s, b"a", 100).await.unwrap();
+    store.schedule(&s, b"a", 100).await.unwrap(); // same second: one timer
+    store.schedule(&s, b"a", 50).await.unwrap();
+    store.schedule(&s, b"b", 75).await.unwrap();
+    store.schedule(&other, b"a", 60).await.unwrap();
     let after_2038: Seconds = 4_102_444_800; // 2100-01-01
-    store.schedule(&s, "c", after_2038).await.unwrap();
-    assert_eq!(store.scheduled(&s, "a").await.unwrap(), vec![50, 100]);
-    assert_eq!(store.scheduled(&s, "c").await.unwrap(), vec![after_2038]);
+    store.schedule(&s, b"c", after_2038).await.unwrap();
+    assert_eq!(store.scheduled(&s, b"a").await.unwrap(), vec![50, 100]);
+    assert_eq!(store.scheduled(&s, b"c").await.unwrap(), vec![after_2038]);
     assert_eq!(
-        store.scheduled(&s, "nobody").await.unwrap(),
+        store.scheduled(&s, b"nobody").await.unwrap(),
         Vec::<Seconds>::new()
     );
-    let keyed = |v: Vec<(Arc<str>, Seconds)>| -> Vec<(String, Seconds)> {
-        v.into_iter().map(|(k, t)| (k.to_string(), t)).collect()
+    let keyed = |v: Vec<(Arc<[u8]>, Seconds)>| -> Vec<(String, Seconds)> {
+        v.into_iter()
+            .map(|(k, t)| (String::from_utf8_lossy(&k).into_owned(), t))
+            .collect()
     };
     assert_eq!(
         keyed(store.load(&s, 99).await.unwrap()),
@@ -55,19 +57,33 @@ async fn compliance(store: &dyn TimerStore) {
         "load returns what is due by `until`, earliest first, only for its scope"
     );
     assert_eq!(keyed(store.load(&s, after_2038).await.unwrap()).len(), 4);
-    store.unschedule(&s, "a", 50).await.unwrap();
-    store.unschedule(&s, "a", 51).await.unwrap(); // absent: fine
-    assert_eq!(store.scheduled(&s, "a").await.unwrap(), vec![100]);
-    store.clear(&s, "a").await.unwrap();
-    assert!(store.scheduled(&s, "a").await.unwrap().is_empty());
+    store.unschedule(&s, b"a", 50).await.unwrap();
+    store.unschedule(&s, b"a", 51).await.unwrap(); // absent: fine
+    assert_eq!(store.scheduled(&s, b"a").await.unwrap(), vec![100]);
+    store.clear(&s, b"a").await.unwrap();
+    assert!(store.scheduled(&s, b"a").await.unwrap().is_empty());
     assert_eq!(
         keyed(store.load(&s, 1_000).await.unwrap()),
         vec![("b".into(), 75)]
     );
     assert_eq!(
-        store.scheduled(&other, "a").await.unwrap(),
+        store.scheduled(&other, b"a").await.unwrap(),
         vec![60],
         "scopes are separate"
+    );
+    // Keys are bytes: two keys that are not UTF-8 and differ stay apart, and load returns them
+    // exactly.
+    store.schedule(&s, b"\xff\xfe", 10).await.unwrap();
+    store.schedule(&s, b"\xfe\xff", 11).await.unwrap();
+    assert_eq!(store.scheduled(&s, b"\xff\xfe").await.unwrap(), vec![10]);
+    assert_eq!(store.scheduled(&s, b"\xfe\xff").await.unwrap(), vec![11]);
+    let loaded = store.load(&s, 11).await.unwrap();
+    assert_eq!(
+        loaded,
+        vec![
+            (Arc::from(&b"\xff\xfe"[..]), 10),
+            (Arc::from(&b"\xfe\xff"[..]), 11)
+        ]
     );
 }
 
@@ -94,19 +110,19 @@ async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCas
         let key = match op {
             Op::Schedule(k, t) => {
                 let key = format!("k{k}");
-                store.schedule(&s, &key, *t).await.unwrap();
+                store.schedule(&s, key.as_bytes(), *t).await.unwrap();
                 model.entry(key.clone()).or_default().insert(*t);
                 key
             }
             Op::Unschedule(k, t) => {
                 let key = format!("k{k}");
-                store.unschedule(&s, &key, *t).await.unwrap();
+                store.unschedule(&s, key.as_bytes(), *t).await.unwrap();
                 model.entry(key.clone()).or_default().remove(t);
                 key
             }
             Op::Clear(k) => {
                 let key = format!("k{k}");
-                store.clear(&s, &key).await.unwrap();
+                store.clear(&s, key.as_bytes()).await.unwrap();
                 model.remove(&key);
                 key
             }
@@ -115,7 +131,7 @@ async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCas
             .get(&key)
             .map(|t| t.iter().copied().collect())
             .unwrap_or_default();
-        prop_assert_eq!(store.scheduled(&s, &key).await.unwrap(), expected);
+        prop_assert_eq!(store.scheduled(&s, key.as_bytes()).await.unwrap(), expected);
     }
     let mut expected: Vec<(String, Seconds)> = model
         .iter()
@@ -131,7 +147,7 @@ async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCas
         .await
         .unwrap()
         .into_iter()
-        .map(|(k, t)| (k.to_string(), t))
+        .map(|(k, t)| (String::from_utf8_lossy(&k).into_owned(), t))
         .collect();
     loaded.sort_by_key(|(k, t)| (*t, k.clone()));
     prop_assert_eq!(loaded, expected);

@@ -16,11 +16,11 @@ use crate::process::PerProcess;
 
 /// Why a record was not delivered.
 #[derive(Debug, Error)]
-#[error("could not send to topic {topic:?} (key {key:?}): {reason}")]
+#[error("could not send to topic {topic:?} (key {key}): {reason}")]
 pub struct SendError {
     /// Destination topic.
     pub topic: String,
-    /// Record key.
+    /// Record key, as log lines show it (quoted; `nil` for none).
     pub key: String,
     /// What librdkafka reported (a timeout names `send_timeout`).
     pub reason: String,
@@ -107,12 +107,12 @@ impl Producer {
     pub async fn send(
         &self,
         topic: &str,
-        key: &str,
+        key: &[u8],
         payload: &[u8],
-        headers: &[(String, String)],
+        headers: &[(String, Vec<u8>)],
     ) -> Result<Delivery, SendError> {
-        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-        self.send_raw(topic, Some(key.as_bytes()), Some(payload), headers)
+        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        self.send_raw(topic, Some(key), Some(payload), headers)
             .await
     }
 
@@ -149,9 +149,7 @@ impl Producer {
         }
         let fail = |reason: String| SendError {
             topic: topic.to_owned(),
-            key: key
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .unwrap_or_default(),
+            key: crate::event::show_key(key),
             reason,
         };
         let sending = self.shared.inner.send(record, send_timeout);

@@ -29,7 +29,7 @@ use crate::handler::{Failure, Finished, Job, Outcome, Slot};
 use crate::timers::{self, KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
 use crate::waker::Waker;
 
-type Key = Option<Arc<str>>;
+type Key = Option<crate::event::Key>;
 
 /// Error class reported for a handler that ignored its cancellation.
 const QUARANTINED: &str = "Prosody::HandlerQuarantined";
@@ -42,7 +42,7 @@ enum Pending {
     /// A consumed message.
     Message(Arc<ConsumedMessage>),
     /// A due timer of the key, by its time.
-    Timer(Arc<str>, Seconds),
+    Timer(crate::event::Key, Seconds),
 }
 
 /// Where a key's in-flight event is.
@@ -84,12 +84,12 @@ struct PartitionTimers {
     /// Store, scope and change channel, shared with the contexts of this partition's jobs.
     handle: Arc<PartitionTimerHandle>,
     /// Stored timers not yet handed to their key's queue, earliest first.
-    pending: BTreeSet<(Seconds, Arc<str>)>,
+    pending: BTreeSet<(Seconds, crate::event::Key)>,
     /// Timers in a key queue or running; removed from the store only after success.
-    firing: HashSet<(Arc<str>, Seconds)>,
+    firing: HashSet<(crate::event::Key, Seconds)>,
     /// Firing timers that their key scheduled again meanwhile (e.g. `on_timer` re-arming for the
     /// same second): kept and fired again instead of deleted after success.
-    rearmed: HashSet<(Arc<str>, Seconds)>,
+    rearmed: HashSet<(crate::event::Key, Seconds)>,
     /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
     horizon: Duration,
     /// When to load the next window of stored timers.
@@ -118,7 +118,7 @@ impl PartitionTimers {
     }
 
     /// A firing timer stopped running; returns whether its key scheduled it again meanwhile.
-    fn unfire(&mut self, key: &Arc<str>, time: Seconds) -> bool {
+    fn unfire(&mut self, key: &crate::event::Key, time: Seconds) -> bool {
         let id = (key.clone(), time);
         self.firing.remove(&id);
         self.rearmed.remove(&id)
@@ -135,7 +135,7 @@ impl PartitionTimers {
     }
 
     /// Takes every pending timer whose time has come (never early: whole seconds elapsed).
-    fn take_due(&mut self) -> Vec<(Arc<str>, Seconds)> {
+    fn take_due(&mut self) -> Vec<(crate::event::Key, Seconds)> {
         let now = timers::now();
         let mut due = Vec::new();
         while let Some((time, _)) = self.pending.first() {
@@ -401,7 +401,7 @@ impl Worker {
             }
         };
         if let Some(group) = self.engine.config.group_id.as_deref() {
-            if message.header(SOURCE_SYSTEM_HEADER) == Some(group) {
+            if message.header(SOURCE_SYSTEM_HEADER) == Some(group.as_bytes()) {
                 log::debug!(
                     "skipping record produced by this group topic={} partition={} offset={}",
                     self.topic,
@@ -733,7 +733,7 @@ impl Worker {
 
     /// A timer is done (succeeded or given up): delete it, unless its key scheduled it again
     /// while it ran (then it fires once more).
-    async fn timer_done(&mut self, key: Arc<str>, time: Seconds) {
+    async fn timer_done(&mut self, key: crate::event::Key, time: Seconds) {
         let Some(timers) = self.timers.as_mut() else {
             return;
         };

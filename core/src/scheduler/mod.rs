@@ -42,7 +42,7 @@ type Notify = Box<dyn Fn() + Send + Sync>;
 /// Deferred key charges applied by a runner's take once this many pile up (normally the next
 /// submit applies them, on an engine thread).
 const MAX_DEFERRED_CHARGES: usize = 1024;
-type Key = Option<Arc<str>>;
+type Key = Option<crate::event::Key>;
 
 /// Which pool an event's handler time is charged to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 //! Timers in Cassandra.
 //!
-//! Three tables, all keyed by consumer group, topic and partition:
-//! - `timer_slabs`: timers grouped in slabs of `slab_size` (partition key includes the slab), so
+//! Three tables, all keyed by consumer group, topic and partition (keys are the record key's bytes):
+//! - `timers_by_slab`: timers grouped in slabs of `slab_size` (partition key includes the slab), so
 //!   a partition's owner loads the overdue and near-future slabs without scanning the rest;
 //! - `timer_slab_index`: which slabs of a partition hold timers;
-//! - `timer_keys`: each key's timers, for `scheduled` and `clear_scheduled`.
+//! - `timers_by_key`: each key's timers, for `scheduled` and `clear_scheduled`.
 //!
 //! Times are `bigint` seconds since the epoch (dates after 2038 are fine). Rows expire at
 //! (time − now) + `cassandra_retention`, so a timer that nobody fires (its topic deleted, its group
@@ -21,9 +21,13 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::{now, BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
 use crate::cassandra::Migration;
+use crate::event::Key;
 
-/// Schema of the timer tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
+/// Schema of the timer tables. Version 2 keys timers by the record key's bytes (`blob`): version
+/// 1 stored keys as `text`, which merged keys that are not UTF-8. Its tables are left in place,
+/// unused (timers stored before this release are not carried over).
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
     component: "timers",
     version: 1,
     statements: &[
@@ -34,7 +38,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE TABLE IF NOT EXISTS {ks}.timer_keys (grp text, topic text, part int, key text, \
          time bigint, PRIMARY KEY ((grp, topic, part, key), time))",
     ],
-}];
+    },
+    Migration {
+        component: "timers",
+        version: 2,
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {ks}.timers_by_slab (grp text, topic text, part int, \
+             slab bigint, key blob, time bigint, PRIMARY KEY ((grp, topic, part, slab), key, time))",
+            "CREATE TABLE IF NOT EXISTS {ks}.timers_by_key (grp text, topic text, part int, \
+             key blob, time bigint, PRIMARY KEY ((grp, topic, part, key), time))",
+        ],
+    },
+];
 
 /// Cassandra's largest TTL (20 years), in seconds.
 const MAX_TTL: i64 = 630_720_000;
@@ -79,7 +94,7 @@ impl CassandraStore {
         };
         Ok(Self {
             insert_slab: prepare(format!(
-                "INSERT INTO {keyspace}.timer_slabs (grp, topic, part, slab, key, time) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
+                "INSERT INTO {keyspace}.timers_by_slab (grp, topic, part, slab, key, time) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
             ))
             .await?,
             insert_index: prepare(format!(
@@ -87,23 +102,23 @@ impl CassandraStore {
             ))
             .await?,
             insert_key: prepare(format!(
-                "INSERT INTO {keyspace}.timer_keys (grp, topic, part, key, time) VALUES (?, ?, ?, ?, ?) USING TTL ?"
+                "INSERT INTO {keyspace}.timers_by_key (grp, topic, part, key, time) VALUES (?, ?, ?, ?, ?) USING TTL ?"
             ))
             .await?,
             delete_slab: prepare(format!(
-                "DELETE FROM {keyspace}.timer_slabs WHERE grp = ? AND topic = ? AND part = ? AND slab = ? AND key = ? AND time = ?"
+                "DELETE FROM {keyspace}.timers_by_slab WHERE grp = ? AND topic = ? AND part = ? AND slab = ? AND key = ? AND time = ?"
             ))
             .await?,
             delete_key: prepare(format!(
-                "DELETE FROM {keyspace}.timer_keys WHERE grp = ? AND topic = ? AND part = ? AND key = ? AND time = ?"
+                "DELETE FROM {keyspace}.timers_by_key WHERE grp = ? AND topic = ? AND part = ? AND key = ? AND time = ?"
             ))
             .await?,
             delete_all_keys: prepare(format!(
-                "DELETE FROM {keyspace}.timer_keys WHERE grp = ? AND topic = ? AND part = ? AND key = ?"
+                "DELETE FROM {keyspace}.timers_by_key WHERE grp = ? AND topic = ? AND part = ? AND key = ?"
             ))
             .await?,
             select_key: prepare(format!(
-                "SELECT time FROM {keyspace}.timer_keys WHERE grp = ? AND topic = ? AND part = ? AND key = ?"
+                "SELECT time FROM {keyspace}.timers_by_key WHERE grp = ? AND topic = ? AND part = ? AND key = ?"
             ))
             .await?,
             select_index: prepare(format!(
@@ -111,7 +126,7 @@ impl CassandraStore {
             ))
             .await?,
             select_slab: prepare(format!(
-                "SELECT key, time FROM {keyspace}.timer_slabs WHERE grp = ? AND topic = ? AND part = ? AND slab = ?"
+                "SELECT key, time FROM {keyspace}.timers_by_slab WHERE grp = ? AND topic = ? AND part = ? AND slab = ?"
             ))
             .await?,
             session,
@@ -157,7 +172,7 @@ impl CassandraStore {
             .map_err(store_error)
     }
 
-    async fn times_of(&self, scope: &Scope, key: &str) -> Result<Vec<Seconds>, TimerError> {
+    async fn times_of(&self, scope: &Scope, key: &[u8]) -> Result<Vec<Seconds>, TimerError> {
         let rows: Vec<(i64,)> = self
             .select(
                 &self.select_key,
@@ -169,7 +184,7 @@ impl CassandraStore {
         Ok(times)
     }
 
-    async fn delete(&self, scope: &Scope, key: &str, time: Seconds) -> Result<(), TimerError> {
+    async fn delete(&self, scope: &Scope, key: &[u8], time: Seconds) -> Result<(), TimerError> {
         let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
         let (slab_row, key_row) = tokio::join!(
             self.session
@@ -187,7 +202,7 @@ impl TimerStore for CassandraStore {
     fn schedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         Box::pin(async move {
@@ -213,7 +228,7 @@ impl TimerStore for CassandraStore {
     fn unschedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         Box::pin(self.delete(scope, key, time))
@@ -222,7 +237,7 @@ impl TimerStore for CassandraStore {
     fn clear<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         Box::pin(async move {
             for time in self.times_of(scope, key).await? {
@@ -255,7 +270,7 @@ impl TimerStore for CassandraStore {
     fn scheduled<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<Seconds>, TimerError>> {
         Box::pin(self.times_of(scope, key))
     }
@@ -272,12 +287,12 @@ impl TimerStore for CassandraStore {
                 .await?;
             let mut due: Due = Vec::new();
             for (slab,) in slabs {
-                let rows: Vec<(String, i64)> =
+                let rows: Vec<(Vec<u8>, i64)> =
                     self.select(&self.select_slab, (g, t, p, slab)).await?;
                 due.extend(
                     rows.into_iter()
                         .filter(|(_, time)| *time <= until)
-                        .map(|(key, time)| (Arc::from(key), time)),
+                        .map(|(key, time)| (Key::from(key), time)),
                 );
             }
             due.sort_by_key(|(_, s)| *s);

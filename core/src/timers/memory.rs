@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use super::{BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
+use crate::event::Key;
 use crate::process::PerProcess;
 
 /// Each key's timers within one scope.
-type KeyTimes = BTreeMap<Arc<str>, BTreeSet<Seconds>>;
+type KeyTimes = BTreeMap<Key, BTreeSet<Seconds>>;
 
 /// The timers of every scope, by scope then key.
 #[derive(Default)]
@@ -55,7 +56,7 @@ impl TimerStore for MemoryStore {
     fn schedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         let result = self.with(|t| {
@@ -71,7 +72,7 @@ impl TimerStore for MemoryStore {
     fn unschedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         let result = self.with(|t| {
@@ -90,7 +91,7 @@ impl TimerStore for MemoryStore {
     fn clear<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         let result = self.with(|t| {
             if let Some(keys) = t.get_mut(scope) {
@@ -103,7 +104,7 @@ impl TimerStore for MemoryStore {
     fn scheduled<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<Seconds>, TimerError>> {
         let result = self.with(|t| {
             t.get(scope)
@@ -118,7 +119,7 @@ impl TimerStore for MemoryStore {
         &'a self,
         scope: &'a Scope,
         until: Seconds,
-    ) -> BoxFuture<'a, Result<Vec<(Arc<str>, Seconds)>, TimerError>> {
+    ) -> BoxFuture<'a, Result<Vec<(Key, Seconds)>, TimerError>> {
         let result = self.with(|t| {
             let mut due: Due = t
                 .get(scope)

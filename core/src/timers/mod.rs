@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::event::Key;
+
 /// Seconds since the Unix epoch: the unit timers are stored in.
 pub type Seconds = i64;
 
@@ -48,7 +50,7 @@ pub enum TimerError {
 }
 
 /// Timers as `(key, time)`, earliest first.
-pub type Due = Vec<(Arc<str>, Seconds)>;
+pub type Due = Vec<(Key, Seconds)>;
 
 /// A boxed future, so the trait stays object-safe without extra crates.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -59,24 +61,27 @@ pub trait TimerStore: Send + Sync + 'static {
     fn schedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>>;
     /// Removes the timer at `time`, if any.
     fn unschedule<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
         time: Seconds,
     ) -> BoxFuture<'a, Result<(), TimerError>>;
     /// Removes every timer of the key.
-    fn clear<'a>(&'a self, scope: &'a Scope, key: &'a str)
-        -> BoxFuture<'a, Result<(), TimerError>>;
+    fn clear<'a>(
+        &'a self,
+        scope: &'a Scope,
+        key: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), TimerError>>;
     /// The key's timers, earliest first.
     fn scheduled<'a>(
         &'a self,
         scope: &'a Scope,
-        key: &'a str,
+        key: &'a [u8],
     ) -> BoxFuture<'a, Result<Vec<Seconds>, TimerError>>;
     /// Every timer of the scope at or before `until`, earliest first.
     fn load<'a>(
@@ -107,11 +112,11 @@ pub fn now() -> Seconds {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimerChange {
     /// A timer was stored.
-    Added(Arc<str>, Seconds),
+    Added(Key, Seconds),
     /// A timer was removed.
-    Removed(Arc<str>, Seconds),
+    Removed(Key, Seconds),
     /// Every timer of the key was removed.
-    Cleared(Arc<str>),
+    Cleared(Key),
 }
 
 /// One partition's timers: where they are stored, and the worker that schedules them. Shared
@@ -131,7 +136,7 @@ pub struct KeyTimers {
     /// The event's partition.
     partition: Arc<PartitionTimerHandle>,
     /// The event's key.
-    key: Arc<str>,
+    key: Key,
 }
 
 impl std::fmt::Debug for KeyTimers {
@@ -142,7 +147,7 @@ impl std::fmt::Debug for KeyTimers {
 
 impl KeyTimers {
     /// Timers of `key` in `partition`.
-    pub fn new(partition: Arc<PartitionTimerHandle>, key: Arc<str>) -> Self {
+    pub fn new(partition: Arc<PartitionTimerHandle>, key: Key) -> Self {
         Self { partition, key }
     }
 

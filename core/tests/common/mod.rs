@@ -81,7 +81,10 @@ async fn handle(job: Job, rec: &Recorder) {
         done.complete(Outcome::Success);
         return;
     };
-    let key = m.key.as_deref().map(str::to_owned);
+    let key = m
+        .key
+        .as_deref()
+        .map(|k| String::from_utf8_lossy(k).into_owned());
     {
         let mut running = rec.running.lock().unwrap();
         let n = running.entry(key.clone()).or_default();

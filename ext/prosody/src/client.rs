@@ -68,7 +68,7 @@ impl Client {
         headers: Option<RHash>,
     ) -> Result<(), Error> {
         let topic = convert::utf8(ruby, "topic", topic)?;
-        let key = convert::utf8(ruby, "key", key)?;
+        let key = convert::bytes(key);
         // SAFETY: the bytes are copied before any other Ruby code can run.
         let payload = unsafe { payload.as_slice() }.to_vec();
         let headers = convert::headers(ruby, headers)?;

@@ -11,6 +11,7 @@ use prosody_core::scheduler::Grant;
 use crate::bridge::BridgeInner;
 use crate::context::Context;
 use crate::message::Message;
+use crate::ruby::convert;
 
 /// What a job hands out once: its event and context, then its outcome.
 struct Parts {
@@ -65,7 +66,9 @@ impl JobObj {
         let event = rb_self.parts.lock().ok().and_then(|mut p| p.event.take());
         match event {
             Some(Event::Message(m)) => ruby.into_value(Message::new(m)),
-            Some(Event::Timer(t)) => (t.key.to_string(), t.time).into_value_with(ruby),
+            Some(Event::Timer(t)) => {
+                (convert::bytes_to_ruby(ruby, &t.key), t.time).into_value_with(ruby)
+            }
             None => ruby.qnil().as_value(),
         }
     }

@@ -4,12 +4,12 @@
 use std::sync::{Arc, OnceLock};
 
 use magnus::{
-    gc, method, prelude::*, value::Opaque, DataTypeFunctions, Error, RModule, Ruby, TypedData,
-    Value,
+    gc, method, prelude::*, value::Opaque, DataTypeFunctions, Error, RModule, RString, Ruby,
+    TypedData, Value,
 };
 use prosody_core::event::ConsumedMessage;
 
-use crate::ruby::convert::json_to_ruby;
+use crate::ruby::convert::{bytes_to_ruby, json_to_ruby};
 
 #[derive(TypedData)]
 #[magnus(class = "Prosody::Message", free_immediately, size, mark)]
@@ -53,8 +53,8 @@ impl Message {
         self.inner.offset
     }
 
-    fn key(&self) -> Option<&str> {
-        self.inner.key.as_deref()
+    fn key(ruby: &Ruby, rb_self: &Self) -> Option<RString> {
+        rb_self.inner.key.as_deref().map(|k| bytes_to_ruby(ruby, k))
     }
 
     fn timestamp(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
@@ -79,7 +79,7 @@ impl Message {
         }
         let hash = ruby.hash_new();
         for (k, v) in &rb_self.inner.headers {
-            hash.aset(ruby.str_new(k), ruby.str_new(v))?;
+            hash.aset(ruby.str_new(k), bytes_to_ruby(ruby, v))?;
         }
         let value = hash.as_value();
         let _ = rb_self.headers.set(Opaque::from(value));
@@ -88,11 +88,11 @@ impl Message {
 
     fn inspect(&self) -> String {
         format!(
-            "#<Prosody::Message topic={:?} partition={} offset={} key={:?}>",
+            "#<Prosody::Message topic={:?} partition={} offset={} key={}>",
             self.inner.topic,
             self.inner.partition,
             self.inner.offset,
-            self.inner.key.as_deref()
+            prosody_core::event::show_key(self.inner.key.as_deref())
         )
     }
 }

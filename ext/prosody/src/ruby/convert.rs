@@ -139,18 +139,38 @@ fn number_to_ruby(ruby: &Ruby, n: &serde_json::Number) -> Value {
 }
 
 /// A Hash of String (or Symbol) keys and values as header pairs.
-pub fn headers(ruby: &Ruby, hash: Option<RHash>) -> Result<Vec<(String, String)>, Error> {
+/// Header names are text; values are bytes, sent exactly as given (a binary String too).
+pub fn headers(ruby: &Ruby, hash: Option<RHash>) -> Result<Vec<(String, Vec<u8>)>, Error> {
     let Some(hash) = hash else {
         return Ok(Vec::new());
     };
     let mut out = Vec::with_capacity(hash.len());
     hash.foreach(|k: Value, v: Value| {
         let key = string_like(ruby, "header name", k)?;
-        let value = string_like(ruby, &format!("value of header {key:?}"), v)?;
+        let value = if let Some(s) = RString::from_value(v) {
+            bytes(s)
+        } else {
+            string_like(ruby, &format!("value of header {key:?}"), v)?.into_bytes()
+        };
         out.push((key, value));
         Ok(magnus::r_hash::ForEach::Continue)
     })?;
     Ok(out)
+}
+
+/// A copy of a Ruby String's bytes, whatever its encoding.
+pub fn bytes(s: RString) -> Vec<u8> {
+    // SAFETY: the bytes are copied before any other Ruby code can run.
+    unsafe { s.as_slice() }.to_vec()
+}
+
+/// Bytes as a Ruby String: UTF-8 when they are valid UTF-8, binary (ASCII-8BIT) otherwise, so
+/// that bytes arrive exactly as sent and text arrives as text.
+pub fn bytes_to_ruby(ruby: &Ruby, bytes: &[u8]) -> RString {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => ruby.str_new(text),
+        Err(_) => ruby.str_from_slice(bytes),
+    }
 }
 
 /// A String or Symbol as a Rust string; anything else is an `ArgumentError` naming `what`.
