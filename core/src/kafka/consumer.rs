@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
     base_consumer::PartitionQueue, BaseConsumer, CommitMode, Consumer as _, ConsumerContext,
     Rebalance,
@@ -204,6 +204,15 @@ struct PollContext {
 }
 
 impl ClientContext for PollContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if super::log_librdkafka(level, facility, message) {
+            self.engine.fail(format!(
+                "the Kafka cluster behind bootstrap_servers changed under this consumer \
+                 ({message}); the group, offsets and topics it was reading are gone"
+            ));
+        }
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         super::log_client_error(&error, reason);
     }

@@ -4,6 +4,9 @@ pub mod consumer;
 pub mod mock;
 pub mod producer;
 
+use std::sync::{Arc, OnceLock};
+
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use thiserror::Error;
@@ -22,10 +25,55 @@ pub(crate) fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str)
     }
 }
 
-/// The context of Prosody's producers: librdkafka's log lines as usual, errors once.
-pub struct QuietErrors;
+/// Passes a librdkafka log line on to the log, and says whether it reports that the cluster
+/// behind the bootstrap servers is another one than before (its cluster id changed: the broker
+/// was wiped and recreated, or the address now points elsewhere). librdkafka repeats that warning
+/// at every metadata refresh; the caller logs one clear error of its own instead.
+pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
+    if facility == "CLUSTERID" {
+        log::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        return true;
+    }
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            log::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            log::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            log::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            log::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+    }
+    false
+}
 
-impl ClientContext for QuietErrors {
+/// The context of Prosody's producers: librdkafka's log lines as usual, errors once, and a
+/// watch for a changed cluster (after which the producer is replaced, see `producer.rs`).
+pub struct ProducerContext {
+    /// librdkafka's words when it saw another cluster id than before (shared with the owner of
+    /// the producer, since librdkafka's wrapper hides the context).
+    pub cluster_changed: Arc<OnceLock<String>>,
+}
+
+impl ClientContext for ProducerContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        if log_librdkafka(level, facility, message)
+            && self.cluster_changed.set(message.to_owned()).is_ok()
+        {
+            log::error!(
+                "the Kafka cluster behind bootstrap_servers changed ({message}); this producer's \
+                 state belongs to the old cluster: it is replaced by a new one at the next send"
+            );
+        }
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         log_client_error(&error, reason);
     }

@@ -1,7 +1,7 @@
 //! The idempotent producer behind `send_message`.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::{KafkaError, QuietErrors};
+use super::{KafkaError, ProducerContext};
 use crate::event::SOURCE_SYSTEM_HEADER;
 use crate::process::PerProcess;
 
@@ -38,8 +38,8 @@ pub struct Delivery {
 /// An idempotent producer that stamps every record with the `source-system` header. Clients of
 /// one process with the same servers and `send_timeout` share one librdkafka producer.
 pub struct Producer {
-    /// The shared librdkafka producer.
-    shared: Arc<Shared>,
+    /// The shared librdkafka producer; replaced when the cluster behind the servers changed.
+    shared: Mutex<Arc<Shared>>,
     /// Value of the `source-system` header.
     source_system: String,
 }
@@ -50,8 +50,12 @@ struct Shared {
     bootstrap: String,
     /// Longest a send waits for the acknowledgement, part of the pool key.
     send_timeout: Duration,
+    /// Whether `bootstrap` is the in-process mock cluster.
+    mock: bool,
     /// librdkafka's producer; its own threads do the network work.
-    inner: FutureProducer<QuietErrors>,
+    inner: FutureProducer<ProducerContext>,
+    /// Set (by librdkafka's log callback) when the cluster behind `bootstrap` changed.
+    cluster_changed: Arc<OnceLock<String>>,
     /// `None` during the start-up work (see [`Shared::warm_up`]), then whether a broker answered.
     ready: watch::Sender<Option<bool>>,
     /// Topics whose metadata this producer has asked for, so it knows their leaders.
@@ -79,28 +83,31 @@ impl Producer {
         send_timeout: Duration,
         mock: bool,
     ) -> Result<Self, KafkaError> {
-        let pool = POOL.get_or_try_init(|| Ok::<_, KafkaError>(Mutex::new(Vec::new())))?;
-        let mut pool = pool
-            .lock()
-            .map_err(|_| KafkaError::Runtime("producer pool poisoned".into()))?;
-        let existing = pool
-            .iter()
-            .find(|p| p.bootstrap == bootstrap && p.send_timeout == send_timeout)
-            .cloned();
-        let shared = match existing {
-            Some(shared) => shared,
-            None => {
-                let shared = Arc::new(Shared::create(bootstrap, send_timeout)?);
-                let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
-                runtime.spawn(shared.clone().warm_up(mock));
-                pool.push(shared.clone());
-                shared
-            }
-        };
         Ok(Self {
-            shared,
+            shared: Mutex::new(Shared::pooled(bootstrap, send_timeout, mock)?),
             source_system: source_system.to_owned(),
         })
+    }
+
+    /// The librdkafka producer to send with: the pooled one, replaced first when it saw the
+    /// cluster change (its producer id and sequence numbers belong to the old cluster, so every
+    /// send would fail).
+    fn current(&self) -> Arc<Shared> {
+        let Ok(mut shared) = self.shared.lock() else {
+            // A poisoned lock only means a panic elsewhere; the producer in it is still usable.
+            return self
+                .shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+        };
+        if shared.cluster_changed.get().is_some() {
+            match Shared::pooled(&shared.bootstrap, shared.send_timeout, shared.mock) {
+                Ok(fresh) => *shared = fresh,
+                Err(e) => log::error!("could not replace the producer: {e}"),
+            }
+        }
+        shared.clone()
     }
 
     /// Sends one record and waits for the broker's acknowledgement or `send_timeout`.
@@ -125,8 +132,9 @@ impl Producer {
         payload: Option<&[u8]>,
         headers: impl ExactSizeIterator<Item = (&str, &[u8])>,
     ) -> Result<Delivery, SendError> {
-        self.shared.prepare(topic).await;
-        let send_timeout = self.shared.send_timeout;
+        let shared = self.current();
+        shared.prepare(topic).await;
+        let send_timeout = shared.send_timeout;
         let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_bytes()),
@@ -152,7 +160,7 @@ impl Producer {
             key: crate::event::show_key(key),
             reason,
         };
-        let sending = self.shared.inner.send(record, send_timeout);
+        let sending = shared.inner.send(record, send_timeout);
         // librdkafka enforces message.timeout.ms; this outer bound also covers a full local queue.
         match tokio::time::timeout(send_timeout + Duration::from_millis(250), sending).await {
             Err(_) => Err(fail(format!(
@@ -173,14 +181,42 @@ impl Producer {
 }
 
 impl Shared {
-    fn create(bootstrap: &str, send_timeout: Duration) -> Result<Self, KafkaError> {
+    /// The process's producer for `bootstrap` and `send_timeout`, created and warmed up on first
+    /// use, and again after the one in the pool saw its cluster change.
+    fn pooled(
+        bootstrap: &str,
+        send_timeout: Duration,
+        mock: bool,
+    ) -> Result<Arc<Self>, KafkaError> {
+        let pool = POOL.get_or_try_init(|| Ok::<_, KafkaError>(Mutex::new(Vec::new())))?;
+        let mut pool = pool
+            .lock()
+            .map_err(|_| KafkaError::Runtime("producer pool poisoned".into()))?;
+        pool.retain(|p| p.cluster_changed.get().is_none());
+        if let Some(shared) = pool
+            .iter()
+            .find(|p| p.bootstrap == bootstrap && p.send_timeout == send_timeout)
+        {
+            return Ok(shared.clone());
+        }
+        let shared = Arc::new(Self::create(bootstrap, send_timeout, mock)?);
+        let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+        runtime.spawn(shared.clone().warm_up());
+        pool.push(shared.clone());
+        Ok(shared)
+    }
+
+    fn create(bootstrap: &str, send_timeout: Duration, mock: bool) -> Result<Self, KafkaError> {
+        let cluster_changed = Arc::new(OnceLock::new());
         let timeout_ms = send_timeout.as_millis().max(1).to_string();
         let inner = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", &timeout_ms)
             .set("linger.ms", "1")
-            .create_with_context(QuietErrors)
+            .create_with_context(ProducerContext {
+                cluster_changed: cluster_changed.clone(),
+            })
             .map_err(|source| KafkaError::Create {
                 what: "producer",
                 source,
@@ -188,7 +224,9 @@ impl Shared {
         Ok(Self {
             bootstrap: bootstrap.to_owned(),
             send_timeout,
+            mock,
             inner,
+            cluster_changed,
             ready: watch::Sender::new(None),
             known_topics: Mutex::new(HashSet::new()),
         })
@@ -200,7 +238,7 @@ impl Shared {
     /// is still not up). A metadata request brings the connection up. On the mock cluster, one
     /// record to an internal topic then waits until the producer id is there; on a real cluster
     /// nothing is written, and the first send may still include that wait.
-    async fn warm_up(self: Arc<Self>, mock: bool) {
+    async fn warm_up(self: Arc<Self>) {
         let producer = self.inner.clone();
         let connected = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, START_UP_WAIT)
@@ -208,7 +246,7 @@ impl Shared {
         .await;
         let connected = match connected {
             Ok(Ok(_)) => {
-                if mock {
+                if self.mock {
                     self.probe().await;
                 }
                 true
