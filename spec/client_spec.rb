@@ -37,7 +37,8 @@ RSpec.describe Prosody::Client do
 
     it "bounds every duration, and rejects zero timeouts and empty node lists" do
       expect { described_class.new(mock: true, commit_interval: 1e19) }
-        .to raise_error(ArgumentError, /invalid :commit_interval, expected a duration: Numeric seconds from 0 to 3155760000/)
+        .to raise_error(ArgumentError,
+                        /invalid :commit_interval, expected a duration: Numeric seconds from 0 to 3155760000/)
       expect { described_class.new(mock: true, shutdown_timeout: 1e19) }
         .to raise_error(ArgumentError, /invalid :shutdown_timeout, expected a duration/)
       expect { described_class.new(mock: true, shutdown_timeout: "200y") }

@@ -77,7 +77,8 @@ RSpec.describe "consuming in mock mode" do
       handler.payloads.include?("also fine") && handler.payloads.include?("fine")
     end
     logs = wait_for(message: "failure logs") { (l = log_output)[/NotImplementedError/] && l }
-    expect(logs).to match(/message topic=#{topic} partition=\d offset=0 key="k" failed \(attempt 1, transient ArgumentError: bad thing/)
+    expect(logs)
+      .to match(/topic=#{topic} partition=\d offset=0 key="k" failed \(attempt 1, transient ArgumentError: bad thing/)
     expect(logs).to match(/offset=1 key="k" failed \(attempt 1, transient NotImplementedError: missing/)
     expect(client.consumer_state).to eq(:running)
   end

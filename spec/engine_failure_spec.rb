@@ -20,7 +20,8 @@ RSpec.describe "A dead engine thread" do
     expect(client.is_stalled?).to be(true)
 
     expect { Timeout.timeout(30) { client.unsubscribe } }
-      .to raise_error(Prosody::Error, /the subscription failed and was stopped: the poll thread panicked: injected fault/)
+      .to raise_error(Prosody::Error,
+                      /the subscription failed and was stopped: the poll thread panicked: injected fault/)
     expect(client.consumer_state).to eq(:configured)
     expect(client.is_stalled?).to be(false)
     wait_for(message: "the processor thread to end") { prosody_threads.empty? }

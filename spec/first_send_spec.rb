@@ -20,8 +20,8 @@ RSpec.describe "The first send of a new client" do
   def report(label, latencies)
     sorted = latencies.sort
     ms = ->(s) { (s * 1000).round(1) }
-    puts "\n#{label}: first-send latency over #{sorted.size} clients: min #{ms.(sorted.first)} ms, " \
-         "median #{ms.(sorted[sorted.size / 2])} ms, max #{ms.(sorted.last)} ms"
+    puts "\n#{label}: first-send latency over #{sorted.size} clients: min #{ms.call(sorted.first)} ms, " \
+         "median #{ms.call(sorted[sorted.size / 2])} ms, max #{ms.call(sorted.last)} ms"
   end
 
   # Creates a client with the default send_timeout, subscribes it, and times its first send.

@@ -8,14 +8,16 @@ require "rbconfig"
 # in the child consumes and produces, and the parent's clients keep working
 # (spec/scripts/fork_scenario.rb does the forking, in a process of its own).
 RSpec.describe "Clients and fork" do
-  SCENARIO = File.expand_path("scripts/fork_scenario.rb", __dir__)
-  STEPS = ["OK parent before fork", "OK child exited normally", "OK inherited clients raise",
-           "OK child's own client consumes and produces", "OK parent after fork"].freeze
+  let(:scenario) { File.expand_path("scripts/fork_scenario.rb", __dir__) }
+  let(:steps) do
+    ["OK parent before fork", "OK child exited normally", "OK inherited clients raise",
+     "OK child's own client consumes and produces", "OK parent after fork"]
+  end
 
   def run_scenario(*args)
-    out, err, status = Open3.capture3("timeout", "-s", "KILL", "150", RbConfig.ruby, SCENARIO, *args)
+    out, err, status = Open3.capture3("timeout", "-s", "KILL", "150", RbConfig.ruby, scenario, *args)
     expect(status).to be_success, "exit #{status.inspect}\n#{out}\n#{err}"
-    expect(out.lines.map(&:chomp)).to eq(STEPS)
+    expect(out.lines.map(&:chomp)).to eq(steps)
     expect(err).not_to match(/panicked|\[BUG\]|terminate unexpectedly/)
   end
 

@@ -207,33 +207,64 @@ module Prosody
     end
 
     def encode(payload)
-      check_json(payload, "payload")
+      check_json(payload)
       JSON.generate(payload)
     rescue JSON::GeneratorError, JSON::NestingError, EncodingError => e
       raise ArgumentError, "payload cannot be encoded as JSON: #{e.message}"
     end
 
     # Only values that JSON represents as themselves are sent: anything else would go out as its
-    # +to_s+ ("#<Object:0x...>"). Symbols are sent as Strings. +where+ names the place for the
-    # error; it is built only when one is raised.
-    def check_json(value, where)
+    # +to_s+ ("#<Object:0x...>"). Symbols are sent as Strings. The check allocates nothing; the
+    # place of a bad value is worked out only for the error.
+    def check_json(payload)
+      raise ArgumentError, json_error(payload, "payload") unless json_value?(payload)
+    end
+
+    JSON_LEAVES = [String, Symbol, Integer, TrueClass, FalseClass, NilClass].freeze
+    private_constant :JSON_LEAVES
+
+    def json_value?(value)
       case value
-      when String, Symbol, Integer, true, false, nil then nil
-      when Float then value.finite? || raise(ArgumentError, "#{where} is #{value}, which JSON cannot represent")
-      when Array then value.each_with_index { |item, i| check_json(item, "#{where}[#{i}]") }
-      when Hash then value.each { |k, v| check_json_entry(k, v, where) }
-      else
-        raise ArgumentError, "#{where} is a #{value.class}, which is not a JSON value; send a Hash, Array, " \
-                             "String, Symbol, Integer, finite Float, true, false or nil (convert it first)"
+      when *JSON_LEAVES then true
+      when Float then value.finite?
+      when Array then value.all? { |item| json_value?(item) }
+      when Hash then value.all? { |k, v| json_entry?(k, v) }
+      else false
       end
     end
 
-    def check_json_entry(key, value, where)
-      unless key.is_a?(String) || key.is_a?(Symbol)
-        raise ArgumentError, "#{where} has the key #{key.inspect}; JSON object keys must be Strings or Symbols"
-      end
+    def json_entry?(key, value)
+      json_key?(key) && json_value?(value)
+    end
 
-      check_json(value, "#{where}[#{key.inspect}]")
+    def json_key?(key)
+      key.is_a?(String) || key.is_a?(Symbol)
+    end
+
+    # Says where the first value that is not JSON sits, and why (nil when there is none).
+    def json_error(value, where)
+      case value
+      when *JSON_LEAVES then nil
+      when Float then "#{where} is #{value}, which JSON cannot represent" unless value.finite?
+      when Array then first_error(value.each_with_index) { |item, i| json_error(item, "#{where}[#{i}]") }
+      when Hash then first_error(value) { |k, v| json_entry_error(k, v, where) }
+      else "#{where} is a #{value.class}, which is not a JSON value; send a Hash, Array, String, Symbol, " \
+           "Integer, finite Float, true, false or nil (convert it first)"
+      end
+    end
+
+    def json_entry_error(key, value, where)
+      return "#{where} has the key #{key.inspect}; JSON object keys must be Strings or Symbols" unless json_key?(key)
+
+      json_error(value, "#{where}[#{key.inspect}]")
+    end
+
+    def first_error(items, &block)
+      items.each do |*args|
+        error = block.call(*args)
+        return error if error
+      end
+      nil
     end
   end
 end

@@ -543,6 +543,38 @@ impl PollLoop {
         {
             let _ = self.consumer.poll(Duration::from_millis(20));
         }
+        close_bounded(self.consumer);
         log::info!("consumer stopped");
+    }
+}
+
+/// How long the final close of a consumer may take before the poll thread stops waiting for it.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Drops (closes) the consumer on a thread of its own and waits at most [`CLOSE_WAIT`]. Closing
+/// can hang inside librdkafka when the group sends one more assignment change while the consumer
+/// closes (librdkafka #4527; the partitions were already released and committed by then), and a
+/// hang there must not become a hung `unsubscribe`: the closing thread is then left to finish, or
+/// not, in the background.
+fn close_bounded(consumer: Arc<BaseConsumer<PollContext>>) {
+    let (closed, wait) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("prosody-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if wait.recv_timeout(CLOSE_WAIT).is_err() {
+                log::warn!(
+                    "closing the Kafka consumer did not finish within {CLOSE_WAIT:?} (a known \
+                     librdkafka issue when the group changes the assignment during close); its \
+                     partitions were released and committed, so it is left to finish in the \
+                     background"
+                );
+            }
+        }
+        Err(e) => log::warn!("could not start a thread to close the Kafka consumer ({e})"),
     }
 }
