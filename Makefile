@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gem bench bench-timers bench-scheduler gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gc-stress test-gem bench bench-timers bench-scheduler gem clean
 
 setup:
 	@dev/setup
@@ -18,7 +18,7 @@ build: setup
 demo: build
 	ruby -Ilib examples/quick_start.rb
 
-test: lint test-gem services test-rust test-ruby
+test: lint test-gem services test-rust test-ruby test-gc-stress
 
 # Apache Kafka and Apache Cassandra on 127.0.0.1 from Maven Central jars (reused when running).
 services: setup
@@ -42,6 +42,10 @@ test-rust: setup
 
 test-ruby: build
 	rspec
+
+# Consume, produce, timers and failures under GC.stress (spec/gc_stress_spec.rb, under a minute).
+test-gc-stress: build
+	PROSODY_GC_STRESS=1 rspec --tag gc_stress
 
 # Builds the gem and installs it offline into a scratch directory, then loads it from there.
 test-gem: build

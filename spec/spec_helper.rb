@@ -14,6 +14,8 @@ RSpec.configure do |config|
   config.disable_monkey_patching!
   config.order = :random
   Kernel.srand config.seed
+  # spec/gc_stress_spec.rb is slow; `make test-gc-stress` runs it on its own.
+  config.filter_run_excluding :gc_stress unless ENV["PROSODY_GC_STRESS"]
 
   # Engine and handler logs go to a buffer that specs can inspect; printed for failures.
   config.before do
