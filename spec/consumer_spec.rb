@@ -7,10 +7,15 @@ RSpec.describe "consuming in mock mode" do
     handler = SpecHelpers::RecordingHandler.new
     client = start(handler)
     payloads = [{ "a" => { "b" => [1, -2, 3.5, "x", nil, true, false] } }, [1, "two"], "text", 42, 2**70, 1.25,
-                true, false, nil, { "unicode" => "héllo ✓" }]
+                true, false, nil, { "unicode" => "héllo ✓" },
+                { "z" => 123_456_789_012_345_678_901_234_567_890, "m" => 2**64, "a" => -(2**70) }]
     payloads.each { |p| client.send_message(topic, "key", p, headers: { "trace" => "t-1", sym: "v" }) }
     wait_for(message: "all payloads") { handler.count == payloads.size }
     expect(handler.payloads).to eq(payloads)
+    # Exactly as sent: integers of any size stay Integers (not Floats that compare equal), and
+    # object keys keep their order, as JSON.parse gives them.
+    expect(handler.payloads.map { |p| JSON.generate(p) }).to eq(payloads.map { |p| JSON.generate(p) })
+    expect(handler.payloads.last.values).to all(be_an(Integer))
     message = handler.calls.first
     expect(message.topic).to eq(topic)
     expect(message.key).to eq("key")
