@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-gc-stress test-gem bench bench-timers bench-scheduler gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-ruby-async2 test-gc-stress test-gem bench bench-timers bench-scheduler gem clean
 
 setup:
 	@dev/setup
@@ -18,7 +18,7 @@ build: setup
 demo: build
 	ruby -Ilib examples/quick_start.rb
 
-test: lint test-gem services test-rust test-ruby test-gc-stress
+test: lint test-gem services test-rust test-ruby test-ruby-async2 test-gc-stress
 
 # Apache Kafka and Apache Cassandra on 127.0.0.1 from Maven Central jars (reused when running).
 services: setup
@@ -43,6 +43,22 @@ test-rust: setup
 test-ruby: build
 	rspec
 
+# The RSpec suite again with async 2.24 (the last 2.x for Ruby 3.1), installed offline from
+# ../shared/gems/async-2 into a cache folder; skipped, saying so, where that folder is absent.
+ASYNC2_GEMS := ../shared/gems/async-2
+ASYNC2_HOME := /var/cache/prosody/async-2
+test-ruby-async2: build
+	@if [ ! -d $(ASYNC2_GEMS) ]; then \
+	  echo "test-ruby-async2: skipped: $(ASYNC2_GEMS) is absent (async 2 gems for an offline install)"; \
+	else \
+	  [ -d $(ASYNC2_HOME)/gems/async-2.24.0 ] || (cd $(ASYNC2_GEMS) && \
+	    GEM_HOME=$(ASYNC2_HOME) gem install --local --no-document async-2.24.0.gem >/dev/null) && \
+	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" ruby -e 'require "async"; \
+	    abort("async 2 is not the one activated: #{Async::VERSION}") unless Async::VERSION.start_with?("2."); \
+	    puts "RSpec with async #{Async::VERSION}"' && \
+	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" rspec; \
+	fi
+
 # Consume, produce, timers and failures under GC.stress (spec/gc_stress_spec.rb, under a minute).
 test-gc-stress: build
 	PROSODY_GC_STRESS=1 rspec --tag gc_stress
@@ -57,9 +73,16 @@ test-gem: build
 	  GEM_PATH="/tmp/prosody-gem-check/home:$$(ruby -e 'print Gem.path.join(":")')" ruby -e \
 	  'require "prosody"; c = Prosody::Client.new(mock: true, send_timeout: 10); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
 
+# Runs the consume benchmark with async 1.30, then with async 2 where ../shared/gems/async-2 is
+# (installed as for test-ruby-async2).
 bench: build
 	$(CARGO) build --release -p prosody-core --example raw_consumer
 	ruby -Ilib -retc bench/consume.rb
+	@if [ -d $(ASYNC2_GEMS) ]; then \
+	  [ -d $(ASYNC2_HOME)/gems/async-2.24.0 ] || (cd $(ASYNC2_GEMS) && \
+	    GEM_HOME=$(ASYNC2_HOME) gem install --local --no-document async-2.24.0.gem >/dev/null) && \
+	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" ruby -Ilib -retc bench/consume.rb; \
+	else echo "bench: async 2 skipped: $(ASYNC2_GEMS) is absent"; fi
 
 # Cost of one fair-scheduler grant with 1k, 10k and 100k events waiting.
 bench-scheduler: setup

@@ -20,6 +20,6 @@ Gem::Specification.new do |spec|
   end
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/prosody/extconf.rb"]
-  spec.add_dependency "async", ">= 1.30", "< 2"
+  spec.add_dependency "async", ">= 1.30", "< 3"
   spec.metadata["rubygems_mfa_required"] = "true"
 end

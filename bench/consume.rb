@@ -79,7 +79,8 @@ def raw_rate(topic, count)
   Float(out[/messages_per_second=([\d.]+)/, 1])
 end
 
-puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY_VERSION}, #{Etc.nprocessors} cores)"
+puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY_VERSION}, " \
+     "async #{Async::VERSION}, #{Etc.nprocessors} cores)"
 [1, 4].each do |partitions|
   count = [MESSAGES, MOCK_PARTITION_CAP * partitions].min
   topic = "bench-#{partitions}p-#{SecureRandom.hex(4)}"

@@ -100,8 +100,9 @@ module Prosody
     #
     # @return [nil, Thread] nil; from a trap handler, the Thread doing the work
     # @raise [Prosody::SubscriptionError] when called from inside a handler
-    # @raise [Prosody::Error] after stopping, when a thread of the subscription had died (it was
-    #   logged then, and {#is_stalled?} was true since)
+    # @raise [Prosody::Error] after stopping, when a thread of the subscription (an engine thread,
+    #   or the processor thread that runs handlers) had died (it was logged then, and
+    #   {#is_stalled?} was true since)
     def unsubscribe
       native # raises in a forked child
       begin
@@ -121,7 +122,7 @@ module Prosody
         end
         processor.stop
         ACTIVE_LOCK.synchronize { ACTIVE.delete(self) }
-        raise failure if failure
+        report_failure(failure, processor.failure)
       ensure
         @lock.synchronize do
           @stopping = nil
@@ -151,7 +152,7 @@ module Prosody
     #
     # @return [Boolean]
     def is_stalled? # rubocop:disable Naming/PredicateName -- the reference API's name
-      native.stalled?
+      native.stalled? || !@processor&.failure.nil?
     end
 
     # @return [String] a short description
@@ -178,6 +179,15 @@ module Prosody
 
       raise ClientError, "this Prosody::Client was created in process #{@pid}, and this is process " \
                          "#{Process.pid} (a fork): its threads did not survive the fork; create a new client after fork"
+    end
+
+    # Raises, once the subscription is stopped, what had gone wrong in it.
+    def report_failure(engine_failure, processor_death)
+      raise engine_failure if engine_failure
+      return unless processor_death
+
+      raise Prosody::Error, "the processor thread had died (#{processor_death.class}: #{processor_death.message}); " \
+                            "its unfinished events were not committed and will be delivered again"
     end
 
     # Takes the processor to stop (nil when not subscribed), after any unsubscribe in progress.

@@ -14,6 +14,8 @@ module Prosody
   class Processor
     # @return [Thread, nil] the processor thread
     attr_reader :thread
+    # @return [Exception, nil] what ended the processor thread, when it died (it never should)
+    attr_reader :failure
 
     # @param bridge [Prosody::Native::Bridge]
     # @param handler [Prosody::EventHandler]
@@ -23,6 +25,7 @@ module Prosody
       @handler = handler
       @concurrency = concurrency
       @thread = nil
+      @failure = nil
     end
 
     # Starts the processor thread.
@@ -66,22 +69,10 @@ module Prosody
       @cancel_waiters.delete(id)
     end
 
-    # The reactor's I/O selector: libev's select backend unless ASYNC_BACKEND names another.
-    # epoll rounds every wait up to a whole millisecond, so timers a few microseconds apart
-    # (handlers that started one after another) cost an extra millisecond each round; select
-    # waits with microsecond precision. Measured with 32 tasks each sleeping 1 ms: epoll 16k
-    # iterations/s, select 28k/s. libev's select backend has no FD_SETSIZE limit.
-    #
-    # @return [NIO::Selector]
-    def self.selector
-      backend = ENV.fetch("ASYNC_BACKEND", "select").to_sym
-      NIO::Selector.new(NIO::Selector.backends.include?(backend) ? backend : nil)
-    end
-
     private
 
-    # Sends buffered outcomes when the reactor resumes it (it quacks like a fiber for
-    # Async::Reactor#<<, as Async::Notification's signal does).
+    # Sends buffered outcomes when the reactor runs it (it quacks like a fiber for the reactor's
+    # queue, as Async::Stop::Later does: +resume+ on async 1, +transfer+ on async 2).
     Flusher = Struct.new(:bridge) do
       def alive?
         true
@@ -90,6 +81,7 @@ module Prosody
       def resume
         bridge.flush
       end
+      alias_method :transfer, :resume
     end
     private_constant :Flusher
 
@@ -98,16 +90,19 @@ module Prosody
       @operation_waiters = {}
       @cancel_waiters = {}
       @retiring = {}
-      reactor = Async::Reactor.new(selector: self.class.selector)
-      @reactor = reactor
       @flusher = Flusher.new(@bridge)
-      reactor.run do |task|
+      AsyncRuntime.run do |task|
+        @reactor = task.reactor
         serve(task)
-      rescue Exception => e # rubocop:disable Lint/RescueException
-        Prosody.log(Logger::ERROR, "prosody processor stopped unexpectedly: #{e.class}: #{e.message}")
       end
-      reactor.close
+    rescue Exception => e # rubocop:disable Lint/RescueException
+      # Whatever ends the reactor (a handler never does: its errors are outcomes) is never silent:
+      # it is logged, the client reads as stalled, and unsubscribe reports it.
+      @failure = e
+      Prosody.log(Logger::ERROR, "the processor thread died: #{e.class}: #{e.message}\n  " \
+                                 "#{(e.backtrace || []).first(10).join("\n  ")}")
     ensure
+      # Queued jobs are dropped (reported abandoned: not committed) and take returns false.
       @bridge.close
     end
 
@@ -160,7 +155,7 @@ module Prosody
 
       @cancel_waiters[id]&.signal
       @retiring[worker] = true
-      @reactor << Async::Stop::Later.new(worker)
+      AsyncRuntime.schedule(@reactor, Async::Stop::Later.new(worker))
       spawn_worker(task, work, running)
     end
 
@@ -216,7 +211,7 @@ module Prosody
     # The first buffered outcome schedules a flush for the reactor's next turn, which comes as
     # soon as the running fiber yields.
     def completed(first)
-      @reactor << @flusher if first
+      AsyncRuntime.schedule(@reactor, @flusher) if first
     end
 
     # The engine logs one line per failure (WARN or ERROR, with what it does next); the backtrace
