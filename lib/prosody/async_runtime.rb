@@ -35,12 +35,15 @@ module Prosody
         reactor&.close
       end
 
-      # Queues +operation+ to run at the reactor's next turn. An operation quacks like a fiber:
-      # +alive?+, and +resume+ (async 1) or +transfer+ (async 2), as Async::Stop::Later does.
+      # Stops +task+ at the reactor's next turn, not now: fibers resumed before it (a handler's
+      # on_cancel waiter) run first, and the task receives Async::Stop at its next yield point.
+      # Task#stop raises into another task at once on both majors, so Async::Stop::Later (which
+      # both provide) is queued instead, in the way each major queues work for its next turn.
       #
-      # @param reactor [Async::Reactor]
-      def schedule(reactor, operation)
-        MAJOR >= 2 ? reactor.push(operation) : reactor << operation
+      # @param task [Async::Task] a task other than the current one
+      def stop_later(task)
+        later = Async::Stop::Later.new(task)
+        MAJOR >= 2 ? Fiber.scheduler.push(later) : task.reactor << later
       end
 
       private

@@ -71,30 +71,13 @@ module Prosody
 
     private
 
-    # Sends buffered outcomes when the reactor runs it (it quacks like a fiber for the reactor's
-    # queue, as Async::Stop::Later does: +resume+ on async 1, +transfer+ on async 2).
-    Flusher = Struct.new(:bridge) do
-      def alive?
-        true
-      end
-
-      def resume
-        bridge.flush
-      end
-      alias_method :transfer, :resume
-    end
-    private_constant :Flusher
-
     def run
       Thread.current.thread_variable_set(:prosody_processor, self)
       @operation_waiters = {}
       @cancel_waiters = {}
       @retiring = {}
-      @flusher = Flusher.new(@bridge)
-      AsyncRuntime.run do |task|
-        @reactor = task.reactor
-        serve(task)
-      end
+      @flush = Async::Notification.new
+      AsyncRuntime.run { |task| serve(task) }
     rescue Exception => e # rubocop:disable Lint/RescueException
       # Whatever ends the reactor (a handler never does: its errors are outcomes) is never silent:
       # it is logged, the client reads as stalled, and unsubscribe reports it.
@@ -110,6 +93,7 @@ module Prosody
       io = IO.for_fd(@bridge.fd, autoclose: false)
       work = Async::Notification.new
       running = {}
+      flusher = task.async { loop { @bridge.flush if @flush.wait } }
       @concurrency.times { spawn_worker(task, work, running) }
       loop do
         io.wait_readable
@@ -119,6 +103,8 @@ module Prosody
         work.signal
         break unless ids
       end
+    ensure
+      flusher&.stop
     end
 
     # Hands finished operations to their waiting fibers. A result nobody waits for (an operation
@@ -155,7 +141,7 @@ module Prosody
 
       @cancel_waiters[id]&.signal
       @retiring[worker] = true
-      AsyncRuntime.schedule(@reactor, Async::Stop::Later.new(worker))
+      AsyncRuntime.stop_later(worker)
       spawn_worker(task, work, running)
     end
 
@@ -211,7 +197,7 @@ module Prosody
     # The first buffered outcome schedules a flush for the reactor's next turn, which comes as
     # soon as the running fiber yields.
     def completed(first)
-      AsyncRuntime.schedule(@reactor, @flusher) if first
+      @flush.signal(true) if first
     end
 
     # The engine logs one line per failure (WARN or ERROR, with what it does next); the backtrace
