@@ -60,6 +60,8 @@ pub struct ProducerContext {
     /// librdkafka's words when it saw another cluster id than before (shared with the owner of
     /// the producer, since librdkafka's wrapper hides the context).
     pub cluster_changed: Arc<OnceLock<String>>,
+    /// Which producer this is, for the log line (a process has one per servers and timeout).
+    pub name: String,
 }
 
 impl ClientContext for ProducerContext {
@@ -68,8 +70,9 @@ impl ClientContext for ProducerContext {
             && self.cluster_changed.set(message.to_owned()).is_ok()
         {
             log::error!(
-                "the Kafka cluster behind bootstrap_servers changed ({message}); this producer's \
-                 state belongs to the old cluster: it is replaced by a new one at the next send"
+                "the Kafka cluster behind bootstrap_servers changed ({message}); the {}'s state \
+                 belongs to the old cluster: it is replaced by a new one at the next send",
+                self.name
             );
         }
     }

@@ -93,14 +93,8 @@ impl Producer {
     /// cluster change (its producer id and sequence numbers belong to the old cluster, so every
     /// send would fail).
     fn current(&self) -> Arc<Shared> {
-        let Ok(mut shared) = self.shared.lock() else {
-            // A poisoned lock only means a panic elsewhere; the producer in it is still usable.
-            return self
-                .shared
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-        };
+        // A poisoned lock only means a panic elsewhere; the producer in it is still usable.
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         if shared.cluster_changed.get().is_some() {
             match Shared::pooled(&shared.bootstrap, shared.send_timeout, shared.mock) {
                 Ok(fresh) => *shared = fresh,
@@ -216,6 +210,7 @@ impl Shared {
             .set("linger.ms", "1")
             .create_with_context(ProducerContext {
                 cluster_changed: cluster_changed.clone(),
+                name: format!("producer for {bootstrap} with send_timeout {send_timeout:?}"),
             })
             .map_err(|source| KafkaError::Create {
                 what: "producer",
