@@ -55,14 +55,15 @@ impl Engine {
     /// Records that a thread or task of this subscription died (the first failure is kept) and
     /// logs it, so that it is never silent.
     pub fn fail(&self, what: String) {
-        if self.failure.get().is_some() {
+        if self.failure.set(what).is_err() {
             return;
         }
-        log::error!(
-            "{what}; this subscription no longer consumes: unsubscribe (which reports this error) \
-             and subscribe again, or restart the process"
-        );
-        let _ = self.failure.set(what);
+        if let Some(what) = self.failure.get() {
+            log::error!(
+                "{what}; this subscription no longer consumes: unsubscribe (which reports this \
+                 error) and subscribe again, or restart the process"
+            );
+        }
     }
 }
 

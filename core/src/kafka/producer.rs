@@ -276,18 +276,26 @@ impl Shared {
     /// Waits (bounded) for the start-up work, and asks once for `topic`'s metadata, so that the
     /// send's clock starts with a producer that knows where to write.
     /// Skipped when no broker answered the start-up request: the send then fails on its own clock.
+    /// Once started and the topic known, this is a read of the start-up state and one lookup:
+    /// no timer, no allocation.
     async fn prepare(&self, topic: &str) {
-        let mut ready = self.ready.subscribe();
-        let connected = tokio::time::timeout(START_UP_WAIT, ready.wait_for(Option::is_some))
-            .await
-            .is_ok_and(|r| r.is_ok_and(|r| *r == Some(true)));
+        let started = *self.ready.borrow();
+        let connected = match started {
+            Some(connected) => connected,
+            None => {
+                let mut ready = self.ready.subscribe();
+                tokio::time::timeout(START_UP_WAIT, ready.wait_for(Option::is_some))
+                    .await
+                    .is_ok_and(|r| r.is_ok_and(|r| *r == Some(true)))
+            }
+        };
         if !connected {
             return;
         }
         let first = self
             .known_topics
             .lock()
-            .map(|mut known| known.insert(topic.to_owned()))
+            .map(|mut known| !known.contains(topic) && known.insert(topic.to_owned()))
             .unwrap_or(false);
         if !first {
             return;

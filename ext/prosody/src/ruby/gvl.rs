@@ -70,11 +70,7 @@ where
                 return Ok(value);
             }
             Some(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let what = prosody_core::engine::panic_message(panic.as_ref());
                 return Err(Error::new(
                     ruby.exception_runtime_error(),
                     format!("internal error in the Prosody engine: {what}"),
