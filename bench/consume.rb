@@ -4,7 +4,8 @@
 #   - Prosody with a Ruby handler that reads message.payload vs a raw rdkafka consumer in Rust
 #     (no handler) on the same mock cluster, with 1 and 4 partitions, and the ratio;
 #   - a handler doing 1 ms of I/O (sleep 0.001) with max_concurrency 32 over 1,000 keys, against
-#     the bound of 32 / 1 ms = 32k msg/s.
+#     the bound of 32 / 1 ms = 32k msg/s, and against what async itself reaches on this machine in
+#     the same run: 32 bare tasks, each sleeping 1 ms in a loop, on a reactor like the processor's.
 #
 # Usage: ruby -Ilib bench/consume.rb [MESSAGES]   (make bench builds everything first)
 
@@ -34,7 +35,11 @@ class CountingHandler < Prosody::EventHandler
     @done = Queue.new
   end
 
+  # @return [Float, nil] monotonic time of the first call
+  attr_reader :first_call
+
   def on_message(_context, message)
+    @first_call ||= monotonic
     message.payload
     sleep 0.001 if @io
     @count += 1
@@ -67,9 +72,10 @@ def prosody_rate(topic, count, io: false, max_concurrency: 32)
   started = monotonic
   client.subscribe(handler)
   handler.wait
-  elapsed = monotonic - started
+  finished = monotonic
   client.unsubscribe
-  count / elapsed
+  # The rate from subscribe (start-up included), and from the first handler call
+  [count / (finished - started), count / (finished - handler.first_call)]
 end
 
 def raw_rate(topic, count)
@@ -86,15 +92,31 @@ puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY
   topic = "bench-#{partitions}p-#{SecureRandom.hex(4)}"
   fill(topic, partitions, count, 10_000)
   raw = raw_rate(topic, count)
-  ours = prosody_rate(topic, count)
+  ours, = prosody_rate(topic, count)
   puts format("%<partitions>d partition(s), %<count>d messages: prosody %<ours>8.0f msg/s | " \
               "raw rdkafka %<raw>8.0f msg/s | ratio %<ratio>.2f",
               partitions:, count:, ours:, raw:, ratio: ours / raw)
 end
 
+# What the reactor alone allows: 32 tasks, each sleeping 1 ms IO_MESSAGES / 32 times, on a
+# reactor made the way the processor makes its own (same selector).
+def async_ceiling(count)
+  started = monotonic
+  Prosody::AsyncRuntime.run do |task|
+    Array.new(32) { task.async { (count / 32).times { sleep 0.001 } } }.each(&:wait)
+  end
+  count / (monotonic - started)
+end
+
 topic = "bench-io-#{SecureRandom.hex(4)}"
 fill(topic, 4, IO_MESSAGES, 1_000)
-io_rate = prosody_rate(topic, IO_MESSAGES, io: true, max_concurrency: 32)
+io_rate, io_steady = prosody_rate(topic, IO_MESSAGES, io: true, max_concurrency: 32)
 puts format("1 ms I/O handler, max_concurrency 32, 1000 keys, %<count>d messages: %<rate>8.0f msg/s | " \
             "bound 32000 msg/s | %<share>.0f%% of bound",
             count: IO_MESSAGES, rate: io_rate, share: io_rate / 32_000 * 100)
+ceiling = async_ceiling(IO_MESSAGES)
+puts format("  from the first handler call: %<steady>8.0f msg/s (%<share>.0f%% of bound)",
+            steady: io_steady, share: io_steady / 32_000 * 100)
+puts format("  async alone, 32 tasks sleeping 1 ms: %<ceiling>8.0f sleeps/s (%<share>.0f%% of bound); " \
+            "prosody from the first call reaches %<ratio>.0f%% of it",
+            ceiling:, share: ceiling / 32_000 * 100, ratio: io_steady / ceiling * 100)
