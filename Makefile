@@ -76,12 +76,14 @@ test-gem: build
 # Runs the consume benchmark with async 1.30, then with async 2 where ../shared/gems/async-2 is
 # (installed as for test-ruby-async2).
 bench: build
-	$(CARGO) build --release -p prosody-core --example raw_consumer
+	$(CARGO) build --release -p prosody-core --example raw_consumer --example raw_producer
 	ruby -Ilib -retc bench/consume.rb
+	ruby -Ilib bench/produce.rb
 	@if [ -d $(ASYNC2_GEMS) ]; then \
 	  [ -d $(ASYNC2_HOME)/gems/async-2.24.0 ] || (cd $(ASYNC2_GEMS) && \
 	    GEM_HOME=$(ASYNC2_HOME) gem install --local --no-document async-2.24.0.gem >/dev/null) && \
-	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" ruby -Ilib -retc bench/consume.rb; \
+	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" ruby -Ilib -retc bench/consume.rb && \
+	  GEM_PATH="$(ASYNC2_HOME):$$(gem env gempath)" ruby -Ilib bench/produce.rb; \
 	else echo "bench: async 2 skipped: $(ASYNC2_GEMS) is absent"; fi
 
 # Cost of one fair-scheduler grant with 1k, 10k and 100k events waiting.

@@ -20,6 +20,8 @@ end
 require_relative "prosody/logging"
 require_relative "prosody/message"
 require_relative "prosody/context"
+require_relative "prosody/outgoing"
+require_relative "prosody/pending"
 require_relative "prosody/event_handler"
 require_relative "prosody/async_runtime"
 require_relative "prosody/processor"

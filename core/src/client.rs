@@ -9,7 +9,7 @@ use crate::failure::deadletter::DeadLetters;
 use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
-use crate::kafka::producer::{Delivery, Producer, SendError};
+use crate::kafka::producer::{Delivery, Producer, Record, SendError};
 use crate::kafka::KafkaError;
 use crate::scheduler::{FairConfig, Scheduler};
 use crate::timers::cassandra::CassandraStore;
@@ -85,21 +85,41 @@ impl Client {
     }
 
     /// Sends one record and waits for its acknowledgement (at most `send_timeout`).
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> Result<Delivery, SendError> {
-        if let Err(e) = self.prepare_topic(topic) {
-            return Err(SendError {
-                topic: topic.to_owned(),
-                key: crate::event::show_key(Some(key)),
-                reason: e.to_string(),
-            });
+    pub async fn send(&self, record: &Record) -> Result<Delivery, SendError> {
+        self.prepare_topic(&record.topic)
+            .map_err(|e| SendError::of(record, e.to_string()))?;
+        self.producer.send(record).await
+    }
+
+    /// Sends every record at once and waits once (see [`Producer::send_batch`]): one result per
+    /// record, in order. Records to a topic that could not be prepared fail; the others are sent.
+    pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
+        let mut unprepared: HashMap<&str, String> = HashMap::new();
+        for record in records {
+            if !unprepared.contains_key(record.topic.as_str()) {
+                if let Err(e) = self.prepare_topic(&record.topic) {
+                    unprepared.insert(&record.topic, e.to_string());
+                }
+            }
         }
-        self.producer.send(topic, key, payload, headers).await
+        if unprepared.is_empty() {
+            return self.producer.send_batch(records).await;
+        }
+        let ready: Vec<Record> = records
+            .iter()
+            .filter(|r| !unprepared.contains_key(r.topic.as_str()))
+            .cloned()
+            .collect();
+        let mut sent = self.producer.send_batch(&ready).await.into_iter();
+        records
+            .iter()
+            .map(|r| match unprepared.get(r.topic.as_str()) {
+                Some(reason) => Err(SendError::of(r, reason.clone())),
+                None => sent
+                    .next()
+                    .unwrap_or_else(|| Err(SendError::of(r, "no result for this record".into()))),
+            })
+            .collect()
     }
 
     /// Subscribes the configured topics. Ready events go to `scheduler`, from which the caller's

@@ -40,6 +40,8 @@ pub struct ConsumedMessage {
     pub key: Option<Key>,
     /// The decoded JSON payload; a record with no value (a tombstone) decodes to `null`.
     pub payload: Value,
+    /// Whether the record has no value at all (a tombstone), as opposed to a JSON `null`.
+    pub tombstone: bool,
     /// Headers: names as text, values as bytes exactly as written (a header without value is
     /// empty).
     pub headers: Vec<(String, Vec<u8>)>,
@@ -99,6 +101,7 @@ impl ConsumedMessage {
             timestamp_ms: record.timestamp().to_millis(),
             key,
             payload,
+            tombstone: record.payload().is_none(),
             headers,
             raw: keep_raw.then_some(record),
         })
@@ -134,4 +137,31 @@ pub enum Event {
     Message(Arc<ConsumedMessage>),
     /// A timer that came due.
     Timer(TimerEvent),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Timestamp;
+
+    fn record(payload: Option<&[u8]>) -> OwnedMessage {
+        OwnedMessage::new(
+            payload.map(<[u8]>::to_vec),
+            Some(b"k".to_vec()),
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            None,
+        )
+    }
+
+    #[test]
+    fn a_record_without_value_is_a_tombstone_and_json_null_is_not() {
+        let decode = |payload| ConsumedMessage::decode("t".into(), record(payload), false);
+        let tombstone = decode(None).ok().map(|m| (m.tombstone, m.payload));
+        assert_eq!(tombstone, Some((true, Value::Null)));
+        let null = decode(Some(b"null")).ok().map(|m| (m.tombstone, m.payload));
+        assert_eq!(null, Some((false, Value::Null)));
+    }
 }

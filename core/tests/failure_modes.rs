@@ -68,7 +68,7 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
     }
     client.subscribe(scheduler).unwrap();
     for key in keys {
-        rt.block_on(client.send(&topic, key.as_bytes(), b"{\"n\":1}", &[]))
+        rt.block_on(client.send(&common::record(&topic, key.as_bytes(), b"{\"n\":1}", &[])))
             .unwrap();
     }
     (calls, dlq, client)

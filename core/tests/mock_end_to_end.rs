@@ -24,8 +24,13 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     for i in 0..per_key {
         for k in 0..keys {
             let payload = serde_json::json!({ "seq": i, "key": k }).to_string();
-            rt.block_on(client.send(&topic, format!("k{k}").as_bytes(), payload.as_bytes(), &[]))
-                .unwrap();
+            rt.block_on(client.send(&common::record(
+                &topic,
+                format!("k{k}").as_bytes(),
+                payload.as_bytes(),
+                &[],
+            )))
+            .unwrap();
         }
     }
     let rec = Recorder::new();
@@ -69,8 +74,13 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     // A new subscription of the same group resumes after the committed offsets.
     for k in 0..keys {
         let payload = serde_json::json!({ "seq": per_key, "key": k }).to_string();
-        rt.block_on(client.send(&topic, format!("k{k}").as_bytes(), payload.as_bytes(), &[]))
-            .unwrap();
+        rt.block_on(client.send(&common::record(
+            &topic,
+            format!("k{k}").as_bytes(),
+            payload.as_bytes(),
+            &[],
+        )))
+        .unwrap();
     }
     let rec2 = Recorder::new();
     let scheduler = runners(8, rec2.clone());

@@ -32,12 +32,12 @@ fn kafka_round_trip_with_order_and_headers() {
     for i in 0..per_key {
         for k in 0..keys {
             let payload = serde_json::json!({ "seq": i }).to_string();
-            rt.block_on(client.send(
+            rt.block_on(client.send(&common::record(
                 &topic,
                 format!("k{k}").as_bytes(),
                 payload.as_bytes(),
                 &headers,
-            ))
+            )))
             .unwrap();
         }
     }

@@ -41,21 +41,59 @@ module Prosody
       @stopped = ConditionVariable.new # signalled when that unsubscribe finished
     end
 
-    # Sends one message and returns once the broker acknowledged it.
+    # Sends one message and returns once the broker acknowledged it. On a fiber of a running
+    # Async reactor (any handler, or the application's own +Async+ block) only that fiber waits;
+    # the reactor's other fibers keep running. On a thread without a reactor, the thread waits.
     #
     # @param topic [String] destination topic
     # @param key [String] record key; messages of one key are handled in order
-    # @param payload [Hash, Array, String, Numeric, true, false, nil] encoded as JSON
+    # @param payload [Hash, Array, String, Numeric, true, false, nil] encoded as JSON (+nil+ is
+    #   JSON +null+; see {#send_tombstone} for a record with no value)
     # @param headers [Hash{String => String}] extra record headers
+    # @param partition [Integer, nil] the partition to write; nil for the key's partition
     # @return [void]
-    # @raise [ArgumentError] on a bad topic, key, payload or headers
-    # @raise [Prosody::SendError] if the broker did not acknowledge within +send_timeout+
-    def send_message(topic, key, payload, headers: {})
-      topic = string_arg("topic", topic)
-      key = string_arg("key", key, allow_empty: true)
-      raise ArgumentError, "headers must be a Hash, got #{headers.class}" unless headers.is_a?(Hash)
+    # @raise [ArgumentError] on a bad topic, key, payload, headers or partition
+    # @raise [Prosody::SendError] if the broker did not acknowledge within +send_timeout+, naming
+    #   the topic, the key and the reason
+    def send_message(topic, key, payload, headers: {}, partition: nil)
+      row = Outgoing.row(topic, key, payload, headers, partition)
+      Native::Pending.await { |waiter| native.send_record(waiter, *row) }
+      nil
+    end
 
-      native.send_message(topic, key, encode(payload), headers)
+    # Sends a tombstone: a record with +key+ and no value (compacted topics delete the key's
+    # earlier records). Consumers see +message.tombstone?+ true and a nil payload. Waits as
+    # {#send_message} does.
+    #
+    # @param topic [String] destination topic
+    # @param key [String] the key to delete
+    # @param headers [Hash{String => String}] extra record headers
+    # @param partition [Integer, nil] the partition to write; nil for the key's partition
+    # @return [void]
+    # @raise [ArgumentError] on a bad topic, key, headers or partition
+    # @raise [Prosody::SendError] as for {#send_message}
+    def send_tombstone(topic, key, headers: {}, partition: nil)
+      row = Outgoing.row(topic, key, Outgoing::TOMBSTONE, headers, partition)
+      Native::Pending.await { |waiter| native.send_record(waiter, *row) }
+      nil
+    end
+
+    # Sends many records at once and waits once. Records of one partition are written in the
+    # order given. Every record is checked before any is sent. A record that fails does not stop
+    # the others: they are still delivered, and the failures are raised together. Waits as
+    # {#send_message} does.
+    #
+    # @param records [Array<Hash>] each +{topic:, key:, payload:}+, with optional +headers:+
+    #   and +partition:+; +{topic:, key:, tombstone: true}+ (and no payload) for a tombstone
+    # @return [nil] once every record was acknowledged
+    # @raise [ArgumentError] on a bad record, naming its index; nothing was sent
+    # @raise [Prosody::SendError] listing each record that was not delivered (index, topic, key,
+    #   reason; also as {SendError#failures}); the others were delivered
+    def send_messages(records)
+      rows = Outgoing.rows(records)
+      failures = Native::Pending.await { |waiter| native.send_records(waiter, rows) }
+      raise SendError.for_batch(failures, rows) if failures
+
       nil
     end
 
@@ -205,76 +243,6 @@ module Prosody
 
     def uses_timers?(handler)
       handler.respond_to?(:uses_timers?) ? handler.uses_timers? : handler.respond_to?(:on_timer)
-    end
-
-    def string_arg(name, value, allow_empty: false)
-      value = value.to_s if value.is_a?(Symbol)
-      unless value.is_a?(String) && (allow_empty || !value.empty?)
-        raise ArgumentError, "#{name} must be a #{allow_empty ? '' : 'non-empty '}String, got #{value.inspect}"
-      end
-
-      value
-    end
-
-    def encode(payload)
-      check_json(payload)
-      JSON.generate(payload)
-    rescue JSON::GeneratorError, JSON::NestingError, EncodingError => e
-      raise ArgumentError, "payload cannot be encoded as JSON: #{e.message}"
-    end
-
-    # Only values that JSON represents as themselves are sent: anything else would go out as its
-    # +to_s+ ("#<Object:0x...>"). Symbols are sent as Strings. The check allocates nothing; the
-    # place of a bad value is worked out only for the error.
-    def check_json(payload)
-      raise ArgumentError, json_error(payload, "payload") unless json_value?(payload)
-    end
-
-    JSON_LEAVES = [String, Symbol, Integer, TrueClass, FalseClass, NilClass].freeze
-    private_constant :JSON_LEAVES
-
-    def json_value?(value)
-      case value
-      when *JSON_LEAVES then true
-      when Float then value.finite?
-      when Array then value.all? { |item| json_value?(item) }
-      when Hash then value.all? { |k, v| json_entry?(k, v) }
-      else false
-      end
-    end
-
-    def json_entry?(key, value)
-      json_key?(key) && json_value?(value)
-    end
-
-    def json_key?(key)
-      key.is_a?(String) || key.is_a?(Symbol)
-    end
-
-    # Says where the first value that is not JSON sits, and why (nil when there is none).
-    def json_error(value, where)
-      case value
-      when *JSON_LEAVES then nil
-      when Float then "#{where} is #{value}, which JSON cannot represent" unless value.finite?
-      when Array then first_error(value.each_with_index) { |item, i| json_error(item, "#{where}[#{i}]") }
-      when Hash then first_error(value) { |k, v| json_entry_error(k, v, where) }
-      else "#{where} is a #{value.class}, which is not a JSON value; send a Hash, Array, String, Symbol, " \
-           "Integer, finite Float, true, false or nil (convert it first)"
-      end
-    end
-
-    def json_entry_error(key, value, where)
-      return "#{where} has the key #{key.inspect}; JSON object keys must be Strings or Symbols" unless json_key?(key)
-
-      json_error(value, "#{where}[#{key.inspect}]")
-    end
-
-    def first_error(items, &block)
-      items.each do |*args|
-        error = block.call(*args)
-        return error if error
-      end
-      nil
     end
   end
 end

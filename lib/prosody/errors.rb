@@ -6,7 +6,31 @@ module Prosody
 
   # Raised when a record could not be delivered: broker unreachable, `send_timeout` elapsed,
   # or the broker refused it.
-  class SendError < Error; end
+  class SendError < Error
+    # @return [Array<Hash>] for Client#send_messages, each record that was not delivered:
+    #   +{index:, topic:, key:, reason:}+ (empty for a single send)
+    attr_reader :failures
+
+    # @param message [String]
+    # @param failures [Array<Hash>]
+    def initialize(message = nil, failures: [])
+      super(message)
+      @failures = failures.freeze
+    end
+
+    # @api private
+    # The error for a batch: +failures+ are +[index, reason]+ pairs, +rows+ the records sent.
+    def self.for_batch(failures, rows)
+      listed = failures.map do |index, reason|
+        { index:, topic: rows[index][0], key: rows[index][1], reason: }
+      end
+      lines = listed.map do |f|
+        "  record #{f[:index]} (topic #{f[:topic].inspect}, key #{f[:key].inspect}): #{f[:reason]}"
+      end
+      new("#{listed.size} of #{rows.size} records were not delivered (the others were):\n#{lines.join("\n")}",
+          failures: listed)
+    end
+  end
 
   # Raised when subscribing fails: no `group_id` or `subscribed_topics`, already subscribed,
   # or the consumer could not be created.

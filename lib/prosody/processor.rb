@@ -16,6 +16,8 @@ module Prosody
     attr_reader :thread
     # @return [Exception, nil] what ended the processor thread, when it died (it never should)
     attr_reader :failure
+    # @return [Prosody::Native::Bridge] where operations started for handler fibers report
+    attr_reader :bridge
 
     # @param bridge [Prosody::Native::Bridge]
     # @param handler [Prosody::EventHandler]

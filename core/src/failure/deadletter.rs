@@ -7,7 +7,7 @@ use rdkafka::message::{Headers, Message as _, OwnedMessage};
 
 use super::Reason;
 use crate::handler::Failure;
-use crate::kafka::producer::{Producer, SendError};
+use crate::kafka::producer::{Producer, RawRecord, SendError};
 
 /// Topic the record was read from.
 pub const SOURCE_TOPIC: &str = "prosody-dlq-source-topic";
@@ -49,9 +49,14 @@ impl DeadLetters {
         record: &OwnedMessage,
         headers: &[(String, Vec<u8>)],
     ) -> Result<(), SendError> {
-        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
         self.producer
-            .send_raw(&self.topic, record.key(), record.payload(), headers)
+            .send_raw(RawRecord {
+                topic: &self.topic,
+                key: record.key(),
+                payload: record.payload(),
+                headers,
+                partition: None,
+            })
             .await
             .map(|_| ())
     }

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{KafkaError, ProducerContext};
 use crate::event::SOURCE_SYSTEM_HEADER;
@@ -24,6 +26,17 @@ pub struct SendError {
     pub key: String,
     /// What librdkafka reported (a timeout names `send_timeout`).
     pub reason: String,
+}
+
+impl SendError {
+    /// The failure of `record` for `reason`.
+    pub fn of(record: &Record, reason: String) -> Self {
+        Self {
+            topic: record.topic.clone(),
+            key: crate::event::show_key(Some(&record.key)),
+            reason,
+        }
+    }
 }
 
 /// Where a delivered record landed.
@@ -105,73 +118,183 @@ impl Producer {
     }
 
     /// Sends one record and waits for the broker's acknowledgement or `send_timeout`.
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> Result<Delivery, SendError> {
-        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-        self.send_raw(topic, Some(key), Some(payload), headers)
-            .await
+    pub async fn send(&self, record: &Record) -> Result<Delivery, SendError> {
+        let shared = self.current();
+        shared.prepare(&record.topic).await;
+        let queued = self.enqueue(&shared, record.as_raw()).await;
+        settle(queued, &shared, record.as_raw()).await
+    }
+
+    /// Sends every record at once and waits once: all are queued in order (records of one
+    /// partition are written in that order), then every acknowledgement is awaited. Returns one
+    /// result per record, in order; a failed record does not stop the others.
+    pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
+        let shared = self.current();
+        let mut prepared: HashSet<&str> = HashSet::new();
+        for record in records {
+            if prepared.insert(&record.topic) {
+                shared.prepare(&record.topic).await;
+            }
+        }
+        let mut queued = Vec::with_capacity(records.len());
+        for record in records {
+            queued.push(self.enqueue(&shared, record.as_raw()).await);
+        }
+        let mut results = Vec::with_capacity(records.len());
+        for (record, queued) in records.iter().zip(queued) {
+            results.push(settle(queued, &shared, record.as_raw()).await);
+        }
+        results
     }
 
     /// Sends a record given as bytes (a missing key or payload stays missing). Every header is
     /// kept except `source-system`, which this producer sets itself.
-    pub async fn send_raw(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: impl ExactSizeIterator<Item = (&str, &[u8])>,
-    ) -> Result<Delivery, SendError> {
+    pub async fn send_raw(&self, record: RawRecord<'_>) -> Result<Delivery, SendError> {
         let shared = self.current();
-        shared.prepare(topic).await;
-        let send_timeout = shared.send_timeout;
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
-            key: SOURCE_SYSTEM_HEADER,
-            value: Some(self.source_system.as_bytes()),
-        });
-        for (k, v) in headers {
-            if k == SOURCE_SYSTEM_HEADER {
-                continue;
-            }
-            owned = owned.insert(Header {
-                key: k,
-                value: Some(v),
+        shared.prepare(record.topic).await;
+        let queued = self.enqueue(&shared, record).await;
+        settle(queued, &shared, record).await
+    }
+
+    /// Hands `record` to librdkafka's queue, waiting (without blocking a thread) while that
+    /// queue is full, at most `send_timeout`.
+    async fn enqueue(&self, shared: &Shared, record: RawRecord<'_>) -> Result<Queued, String> {
+        let mut headers =
+            OwnedHeaders::new_with_capacity(record.headers.len() + 1).insert(Header {
+                key: SOURCE_SYSTEM_HEADER,
+                value: Some(self.source_system.as_bytes()),
             });
+        for (k, v) in record.headers {
+            if k != SOURCE_SYSTEM_HEADER {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                });
+            }
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);
-        if let Some(key) = key {
-            record = record.key(key);
+        let mut future: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(record.topic).headers(headers);
+        if let Some(key) = record.key {
+            future = future.key(key);
         }
-        if let Some(payload) = payload {
-            record = record.payload(payload);
+        if let Some(payload) = record.payload {
+            future = future.payload(payload);
         }
-        let fail = |reason: String| SendError {
-            topic: topic.to_owned(),
-            key: crate::event::show_key(key),
-            reason,
-        };
-        let sending = shared.inner.send(record, send_timeout);
-        // librdkafka enforces message.timeout.ms; this outer bound also covers a full local queue.
-        match tokio::time::timeout(send_timeout + Duration::from_millis(250), sending).await {
-            Err(_) => Err(fail(format!(
-                "no acknowledgement within send_timeout ({send_timeout:?})"
-            ))),
-            Ok(Err((e, _))) => Err(fail(match e.rdkafka_error_code() {
-                Some(rdkafka::types::RDKafkaErrorCode::MessageTimedOut) => format!(
-                    "no acknowledgement within send_timeout ({send_timeout:?}); is the broker reachable?"
-                ),
-                _ => e.to_string(),
-            })),
-            Ok(Ok(d)) => Ok(Delivery {
-                partition: d.partition,
-                offset: d.offset,
-            }),
+        if let Some(partition) = record.partition {
+            future = future.partition(partition);
+        }
+        let give_up = Instant::now() + shared.send_timeout;
+        loop {
+            match shared.inner.send_result(future) {
+                Ok(delivery) => {
+                    return Ok(Queued {
+                        delivery,
+                        deadline: Instant::now() + shared.send_timeout + OUTER_MARGIN,
+                    })
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
+                    if Instant::now() >= give_up {
+                        return Err(format!(
+                            "librdkafka's send queue stayed full for send_timeout ({:?})",
+                            shared.send_timeout
+                        ));
+                    }
+                    future = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
         }
     }
+}
+
+/// How long a send waits before trying again to queue a record while librdkafka's queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+/// librdkafka fails an unacknowledged record after `message.timeout.ms` (= `send_timeout`); this
+/// outer bound, a little later, covers a delivery report that never comes.
+const OUTER_MARGIN: Duration = Duration::from_millis(250);
+
+/// A record in librdkafka's queue: its delivery report, and when to stop waiting for it.
+struct Queued {
+    delivery: DeliveryFuture,
+    deadline: Instant,
+}
+
+/// Waits for a queued record's acknowledgement.
+async fn settle(
+    queued: Result<Queued, String>,
+    shared: &Shared,
+    record: RawRecord<'_>,
+) -> Result<Delivery, SendError> {
+    let fail = |reason: String| SendError {
+        topic: record.topic.to_owned(),
+        key: crate::event::show_key(record.key),
+        reason,
+    };
+    let queued = queued.map_err(fail)?;
+    let send_timeout = shared.send_timeout;
+    match tokio::time::timeout_at(queued.deadline, queued.delivery).await {
+        Err(_) => Err(fail(format!(
+            "no acknowledgement within send_timeout ({send_timeout:?})"
+        ))),
+        Ok(Err(_)) => Err(fail("the producer went away before the acknowledgement".into())),
+        Ok(Ok(Err((e, _)))) => Err(fail(match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageTimedOut) => format!(
+                "no acknowledgement within send_timeout ({send_timeout:?}); is the broker reachable?"
+            ),
+            _ => e.to_string(),
+        })),
+        Ok(Ok(Ok(d))) => Ok(Delivery {
+            partition: d.partition,
+            offset: d.offset,
+        }),
+    }
+}
+
+/// A record to send, as the application gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Destination topic.
+    pub topic: String,
+    /// Record key.
+    pub key: Vec<u8>,
+    /// The value (JSON bytes); `None` sends a tombstone, a record with no value.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order; a `source-system` header is replaced by the producer's own.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition to write, or `None` for the key's partition (librdkafka's partitioner).
+    pub partition: Option<i32>,
+}
+
+impl Record {
+    fn as_raw(&self) -> RawRecord<'_> {
+        RawRecord {
+            topic: &self.topic,
+            key: Some(&self.key),
+            payload: self.payload.as_deref(),
+            headers: &self.headers,
+            partition: self.partition,
+        }
+    }
+}
+
+/// A record as borrowed bytes: what the dead-letter path forwards (a missing key stays missing).
+#[derive(Debug, Clone, Copy)]
+pub struct RawRecord<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Record key, if any.
+    pub key: Option<&'a [u8]>,
+    /// Value, if any.
+    pub payload: Option<&'a [u8]>,
+    /// Headers, in order.
+    pub headers: &'a [(String, Vec<u8>)],
+    /// Explicit partition, if any.
+    pub partition: Option<i32>,
 }
 
 impl Shared {

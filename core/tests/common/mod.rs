@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use prosody_core::config::{Config, RawValue};
 use prosody_core::event::Event;
 use prosody_core::handler::{Job, Outcome};
+use prosody_core::kafka::producer::Record;
 use prosody_core::scheduler::{Scheduler, Take};
 
 /// What the runners saw.
@@ -101,6 +102,17 @@ async fn handle(job: Job, rec: &Recorder) {
     let seq = m.payload["seq"].as_u64().unwrap();
     rec.seen.lock().unwrap().push((key, m.offset, seq));
     done.complete(Outcome::Success);
+}
+
+/// A record for `topic` with `key`, JSON `payload` bytes and `headers`.
+pub fn record(topic: &str, key: &[u8], payload: &[u8], headers: &[(String, Vec<u8>)]) -> Record {
+    Record {
+        topic: topic.to_owned(),
+        key: key.to_vec(),
+        payload: Some(payload.to_vec()),
+        headers: headers.to_vec(),
+        partition: None,
+    }
 }
 
 pub fn unique(prefix: &str) -> String {

@@ -8,14 +8,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{
-    function, method, prelude::*, Error, ExceptionClass, IntoValue, RArray, RModule, Ruby, Value,
-};
+use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby, Value};
 use prosody_core::handler::{Completion, Outcome};
 use prosody_core::scheduler::{Scheduler, Take};
 
 use crate::job::JobObj;
-use crate::ruby::errors;
+use crate::operation::{value_to_ruby, OpResult};
 use crate::ruby::pipe::WakePipe;
 
 /// Completions buffered before one flush; bounds how long a burst of tiny handlers waits.
@@ -33,27 +31,11 @@ pub struct BridgeInner {
     /// at the reactor's next turn (the processor schedules a flush on the first buffered outcome,
     /// which runs as soon as the running fiber yields).
     pending: Mutex<Vec<(Completion, Outcome)>>,
-    /// Results of asynchronous context operations (timer calls), by operation id, not yet
-    /// handed to the fibers waiting for them.
+    /// Results of operations started for handler fibers (timer calls, sends), by operation id,
+    /// not yet handed to the fibers waiting for them.
     finished_ops: Mutex<Vec<(u64, OpResult)>>,
     /// Ids for asynchronous operations.
     next_op: AtomicU64,
-}
-
-/// A finished operation as Ruby receives it: `[id, value, error_class, message]`.
-type OpRow = (
-    u64,
-    Option<Vec<i64>>,
-    Option<ExceptionClass>,
-    Option<String>,
-);
-
-/// The result of an asynchronous context operation.
-pub enum OpResult {
-    /// Done; the times, for `scheduled`.
-    Ok(Option<Vec<i64>>),
-    /// Failed: the Ruby exception class and message.
-    Err(errors::Class, String),
 }
 
 impl BridgeInner {
@@ -133,6 +115,11 @@ impl Bridge {
         Ok(Self { scheduler, inner })
     }
 
+    /// What operations started for this processor's fibers report to.
+    pub fn inner(&self) -> Arc<BridgeInner> {
+        self.inner.clone()
+    }
+
     /// The ready queue to hand to the engine.
     pub fn scheduler(&self) -> Arc<Scheduler> {
         self.scheduler.clone()
@@ -204,11 +191,12 @@ impl Bridge {
             .unwrap_or_default();
         let rows = ruby.ary_new_capa(ops.len());
         for (id, result) in ops {
-            let row: OpRow = match result {
-                OpResult::Ok(times) => (id, times, None, None),
-                OpResult::Err(class, message) => (id, None, Some(class.get(ruby)), Some(message)),
-            };
-            rows.push(row)?;
+            match result {
+                OpResult::Ok(value) => rows.push((id, value_to_ruby(ruby, value)))?,
+                OpResult::Err(class, message) => {
+                    rows.push((id, ruby.qnil(), class.get(ruby), message))?;
+                }
+            }
         }
         Ok(rows)
     }

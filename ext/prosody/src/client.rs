@@ -2,15 +2,18 @@
 //! public `Prosody::Client` API (argument checks, JSON encoding, the Ruby processor).
 
 use std::mem::ManuallyDrop;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use magnus::{function, method, prelude::*, Error, RHash, RModule, RString, Ruby, Symbol, Value};
+use magnus::{
+    function, method, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Symbol, TryConvert,
+    Value,
+};
 use prosody_core::client::{Client as CoreClient, ConsumerState};
 use prosody_core::config::Config;
+use prosody_core::kafka::producer::Record;
 
 use crate::bridge::Bridge;
+use crate::operation::{self, OpResult, OpValue};
 use crate::ruby::{convert, errors, gvl::without_gvl};
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
@@ -57,52 +60,59 @@ impl Client {
         })
     }
 
-    /// Sends JSON bytes and blocks (GVL released) until acknowledged or `send_timeout`; returns
-    /// nil.
-    fn send_message(
+    /// Sends one record (`payload` JSON bytes, or nil for a tombstone) for the waiter `target`
+    /// names (see [`operation::start`]): the result is nil, or `Prosody::SendError`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_record(
         ruby: &Ruby,
         rb_self: &Self,
+        target: Value,
         topic: RString,
         key: RString,
-        payload: RString,
+        payload: Option<RString>,
         headers: Option<RHash>,
-    ) -> Result<(), Error> {
-        let topic = convert::utf8(ruby, "topic", topic)?;
-        let key = convert::bytes(key);
-        // SAFETY: the bytes are copied before any other Ruby code can run.
-        let payload = unsafe { payload.as_slice() }.to_vec();
-        let headers = convert::headers(ruby, headers)?;
+        partition: Option<i32>,
+    ) -> Result<Value, Error> {
+        let record = record(ruby, topic, key, payload, headers, partition)?;
         let client = Arc::clone(&rb_self.inner);
-        let runtime = prosody_core::runtime::handle()
-            .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
-        let result = without_gvl(ruby, move |interrupted| {
-            runtime.block_on(async {
-                let send = client.send(&topic, &key, &payload, &headers);
-                tokio::pin!(send);
-                loop {
-                    tokio::select! {
-                        result = &mut send => return Some(result),
-                        _ = tokio::time::sleep(Duration::from_millis(20)) => {
-                            if interrupted.load(Ordering::Acquire) {
-                                return None;
-                            }
-                        }
-                    }
-                }
-            })
-        })?;
-        match result {
-            Some(Ok(_)) => Ok(()),
-            Some(Err(e)) => Err(errors::send(ruby, e)),
-            None => {
-                ruby.thread_check_ints()?;
-                Err(errors::prosody(
-                    ruby,
-                    errors::Class::Send,
-                    "send_message was interrupted",
-                ))
+        operation::start(ruby, target, async move {
+            match client.send(&record).await {
+                Ok(_) => OpResult::Ok(OpValue::Nil),
+                Err(e) => OpResult::Err(errors::Class::Send, e.to_string()),
             }
+        })
+    }
+
+    /// Sends every record at once and waits once, for the waiter `target` names. `rows` are
+    /// `[topic, key, payload_or_nil, headers_or_nil, partition_or_nil]`. The result is nil when
+    /// every record was acknowledged, else `[[index, reason], ...]` for those that were not.
+    fn send_records(
+        ruby: &Ruby,
+        rb_self: &Self,
+        target: Value,
+        rows: RArray,
+    ) -> Result<Value, Error> {
+        let mut records = Vec::with_capacity(rows.len());
+        for (index, row) in rows.into_iter().enumerate() {
+            let converted =
+                Row::try_convert(row).and_then(|(topic, key, payload, headers, partition)| {
+                    record(ruby, topic, key, payload, headers, partition)
+                });
+            records.push(converted.map_err(|e| {
+                Error::new(ruby.exception_arg_error(), format!("record {index}: {e}"))
+            })?);
         }
+        let client = Arc::clone(&rb_self.inner);
+        operation::start(ruby, target, async move {
+            let failures = client
+                .send_batch(&records)
+                .await
+                .into_iter()
+                .enumerate()
+                .filter_map(|(index, result)| result.err().map(|e| (index, e.reason)))
+                .collect();
+            OpResult::Ok(OpValue::Failures(failures))
+        })
     }
 
     /// Starts consuming; the processor pulls jobs through `bridge`.
@@ -158,10 +168,48 @@ impl Client {
     }
 }
 
+/// A record as `send_records` receives it.
+type Row = (
+    RString,
+    RString,
+    Option<RString>,
+    Option<RHash>,
+    Option<i32>,
+);
+
+/// A record from its Ruby parts (already checked by `lib/prosody/client.rb`; this checks again
+/// what the engine relies on).
+fn record(
+    ruby: &Ruby,
+    topic: RString,
+    key: RString,
+    payload: Option<RString>,
+    headers: Option<RHash>,
+    partition: Option<i32>,
+) -> Result<Record, Error> {
+    if partition.is_some_and(|p| p < 0) {
+        return Err(Error::new(
+            ruby.exception_arg_error(),
+            format!(
+                "partition must be 0 or more, got {}",
+                partition.unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(Record {
+        topic: convert::utf8(ruby, "topic", topic)?,
+        key: convert::bytes(key),
+        payload: payload.map(convert::bytes),
+        headers: convert::headers(ruby, headers)?,
+        partition,
+    })
+}
+
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Client", ruby.class_object())?;
     class.define_singleton_method("new", function!(Client::new, 1))?;
-    class.define_method("send_message", method!(Client::send_message, 4))?;
+    class.define_method("send_record", method!(Client::send_record, 6))?;
+    class.define_method("send_records", method!(Client::send_records, 2))?;
     class.define_method("subscribe", method!(Client::subscribe, 1))?;
     class.define_method("unsubscribe", method!(Client::unsubscribe, 0))?;
     class.define_method("consumer_state", method!(Client::consumer_state, 0))?;

@@ -8,7 +8,8 @@ use magnus::{method, prelude::*, Error, RModule, Ruby};
 use prosody_core::cancel::CancelToken;
 use prosody_core::timers::{KeyTimers, TimerError};
 
-use crate::bridge::{BridgeInner, OpResult};
+use crate::bridge::BridgeInner;
+use crate::operation::{OpResult, OpValue};
 use crate::ruby::errors;
 
 #[magnus::wrap(class = "Prosody::Context", free_immediately, size)]
@@ -99,11 +100,13 @@ impl Context {
         let id = bridge.next_op();
         runtime.spawn(async move {
             let result = match op {
-                Op::Schedule(s) => timers.schedule(s).await.map(|()| None),
-                Op::Unschedule(s) => timers.unschedule(s).await.map(|()| None),
-                Op::Clear => timers.clear().await.map(|()| None),
-                Op::ClearAndSchedule(s) => timers.clear_and_schedule(s).await.map(|()| None),
-                Op::Scheduled => timers.scheduled().await.map(Some),
+                Op::Schedule(s) => timers.schedule(s).await.map(|()| OpValue::Nil),
+                Op::Unschedule(s) => timers.unschedule(s).await.map(|()| OpValue::Nil),
+                Op::Clear => timers.clear().await.map(|()| OpValue::Nil),
+                Op::ClearAndSchedule(s) => {
+                    timers.clear_and_schedule(s).await.map(|()| OpValue::Nil)
+                }
+                Op::Scheduled => timers.scheduled().await.map(OpValue::Times),
             };
             bridge.op_finished(
                 id,

@@ -9,6 +9,7 @@ mod context;
 mod job;
 mod logging;
 mod message;
+mod operation;
 mod ruby;
 mod testing;
 
@@ -23,6 +24,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     context::init(ruby, prosody)?;
     job::init(ruby, native)?;
     bridge::init(ruby, native)?;
+    operation::init(ruby, native)?;
     client::init(ruby, native)?;
     logging::init(ruby, native)?;
     testing::init(ruby, native)?;

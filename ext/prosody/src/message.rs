@@ -73,6 +73,11 @@ impl Message {
         ruby.get_inner(*cached)
     }
 
+    /// Whether the record has no value (a tombstone); its payload is then nil.
+    fn tombstone(&self) -> bool {
+        self.inner.tombstone
+    }
+
     fn headers(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         if let Some(cached) = rb_self.headers.get() {
             return Ok(ruby.get_inner(*cached));
@@ -107,6 +112,7 @@ pub fn init(ruby: &Ruby, prosody: RModule) -> Result<(), Error> {
     class.define_method("timestamp", method!(Message::timestamp, 0))?;
     class.define_method("payload", method!(Message::payload, 0))?;
     class.define_method("headers", method!(Message::headers, 0))?;
+    class.define_method("tombstone?", method!(Message::tombstone, 0))?;
     class.define_method("inspect", method!(Message::inspect, 0))?;
     Ok(())
 }

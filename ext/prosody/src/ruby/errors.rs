@@ -3,7 +3,6 @@
 
 use magnus::{prelude::*, value::Lazy, Error, ExceptionClass, RModule, Ruby};
 use prosody_core::config::ConfigError;
-use prosody_core::kafka::producer::SendError;
 use prosody_core::kafka::KafkaError;
 
 /// A Ruby exception class the binding raises.
@@ -85,11 +84,6 @@ pub fn prosody(ruby: &Ruby, class: Class, message: impl Into<String>) -> Error {
 /// Bad configuration: `ArgumentError`, as for any bad argument.
 pub fn config(ruby: &Ruby, e: ConfigError) -> Error {
     prosody(ruby, Class::Argument, e.to_string())
-}
-
-/// A failed delivery.
-pub fn send(ruby: &Ruby, e: SendError) -> Error {
-    prosody(ruby, Class::Send, e.to_string())
 }
 
 /// Client and subscription failures. The timer store is set up when subscribing, so its

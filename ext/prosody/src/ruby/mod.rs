@@ -2,5 +2,6 @@
 
 pub mod convert;
 pub mod errors;
+pub mod event_fd;
 pub mod gvl;
 pub mod pipe;

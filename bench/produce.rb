@@ -1,0 +1,133 @@
+# frozen_string_literal: true
+
+# Produce benchmark on the in-process librdkafka mock cluster. Prints, from one run:
+#   - the round trip of a lone send_message (median of 200, sent one after another from a fiber);
+#   - consume → transform → produce: a handler that sends one record per message it handles
+#     (4 partitions, 20,000 messages, max_concurrency 32), against the bound of 32 handlers each
+#     waiting for its own acknowledgement, 32 / median round trip;
+#   - send_messages of 50,000 records against a raw librdkafka producer (Rust, same idempotence
+#     and linger) writing the same records to the same cluster.
+# With KAFKA_BOOTSTRAP set (e.g. 127.0.0.1:9092 after `dev/services start kafka`), the batch
+# figures are measured against that broker too.
+#
+# Usage: ruby -Ilib bench/produce.rb   (make bench builds everything first)
+
+require "English"
+require "etc"
+require "prosody"
+require "securerandom"
+
+PIPELINE_MESSAGES = Integer(ENV.fetch("PIPELINE_MESSAGES", 20_000))
+BATCH_RECORDS = Integer(ENV.fetch("BATCH_RECORDS", 50_000))
+RAW = ENV.fetch("RAW_PRODUCER") do
+  File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_producer")
+end
+
+Prosody.logger = Logger.new($stderr, level: Logger::WARN)
+
+def monotonic
+  Process.clock_gettime(Process::CLOCK_MONOTONIC)
+end
+
+# Sends one record per message it handles; the last one signals the waiting thread.
+class TransformHandler < Prosody::EventHandler
+  attr_reader :first_call
+
+  def initialize(client, out_topic, target)
+    super()
+    @client = client
+    @out_topic = out_topic
+    @target = target
+    @count = 0
+    @done = Queue.new
+  end
+
+  def on_message(_context, message)
+    @first_call ||= Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    @client.send_message(@out_topic, message.key, { "id" => message.payload["id"], "seen" => true })
+    @count += 1
+    @done << true if @count == @target
+  end
+
+  def wait
+    @done.pop
+  end
+end
+
+def lone_round_trip(client, topic)
+  times = []
+  Async do
+    200.times do |i|
+      started = monotonic
+      client.send_message(topic, "k#{i}", { "id" => i })
+      times << (monotonic - started)
+    end
+  end
+  times.sort[times.size / 2]
+end
+
+def pipeline_rate(topic, out_topic, count)
+  Prosody::Native.mock_create_topic(topic, 4)
+  producer = Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
+  count.times { |i| producer.produce(topic, nil, "k#{i % 1000}", %({"id":#{i}}), {}) }
+  producer.flush(120)
+  client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
+                               max_concurrency: 32)
+  handler = TransformHandler.new(client, out_topic, count)
+  GC.start
+  started = monotonic
+  client.subscribe(handler)
+  handler.wait
+  finished = monotonic
+  client.unsubscribe
+  [count / (finished - started), count / (finished - handler.first_call)]
+end
+
+def records(topic, count)
+  Array.new(count) { |i| { topic:, key: "k#{i % 10_000}", payload: { "id" => i, "ok" => true } } }
+end
+
+def batch_rate(client, topic, count)
+  batch = records(topic, count)
+  client.send_messages(records(topic, 10)) # topic known, producer warm
+  GC.start
+  started = monotonic
+  client.send_messages(batch)
+  count / (monotonic - started)
+end
+
+def raw_rate(bootstrap, topic, count)
+  out = IO.popen([RAW, bootstrap, topic, count.to_s], &:read)
+  raise "raw producer failed: #{out}" unless $CHILD_STATUS.success?
+
+  Float(out[/messages_per_second=([\d.]+)/, 1])
+end
+
+def print_batch(label, ours, raw)
+  puts format("send_messages, %<count>d records (%<label>s): prosody %<ours>8.0f msg/s | " \
+              "raw rdkafka producer %<raw>8.0f msg/s | ratio %<ratio>.2f",
+              count: BATCH_RECORDS, label:, ours:, raw:, ratio: ours / raw)
+end
+
+puts "Prosody produce benchmark (mock cluster, Ruby #{RUBY_VERSION}, async #{Async::VERSION}, #{Etc.nprocessors} cores)"
+client = Prosody::Client.new(mock: true)
+rtt = lone_round_trip(client, "bench-rtt-#{SecureRandom.hex(4)}")
+bound = 32 / rtt
+total, steady = pipeline_rate("bench-in-#{SecureRandom.hex(4)}", "bench-out-#{SecureRandom.hex(4)}", PIPELINE_MESSAGES)
+puts format("lone send_message round trip (median of 200): %<ms>.2f ms", ms: rtt * 1000)
+puts format("consume → transform → produce, max_concurrency 32, %<count>d messages: %<steady>8.0f msg/s " \
+            "from the first call (%<total>.0f from subscribe) | bound 32 / round trip %<bound>8.0f msg/s | " \
+            "ratio %<ratio>.2f",
+            count: PIPELINE_MESSAGES, steady:, total:, bound:, ratio: steady / bound)
+
+topic = "bench-batch-#{SecureRandom.hex(4)}"
+Prosody::Native.mock_create_topic(topic, 4)
+print_batch("mock", batch_rate(client, topic, BATCH_RECORDS),
+            raw_rate(Prosody::Native.mock_bootstrap_servers, topic, BATCH_RECORDS))
+
+if (kafka = ENV.fetch("KAFKA_BOOTSTRAP", nil))
+  real = Prosody::Client.new(bootstrap_servers: kafka, send_timeout: 30)
+  topic = "bench-batch-#{SecureRandom.hex(4)}"
+  real.send_message(topic, "k", {}) # created by the broker (auto-create), leaders known
+  print_batch("broker #{kafka}", batch_rate(real, topic, BATCH_RECORDS), raw_rate(kafka, topic, BATCH_RECORDS))
+end
