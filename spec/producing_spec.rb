@@ -156,4 +156,54 @@ RSpec.describe "Producing" do
     expect { client.send_message(out_topic, "k", 1, partition: "1") }
       .to raise_error(ArgumentError, /partition must be nil or an Integer from 0 to 2147483647, got "1"/)
   end
+
+  it "send_messages encodes every JSON value as send_message does" do
+    recorder = record_out_topic
+    payloads = [
+      { "text" => "tab\t quote\" backslash\\ newline\n ctrl\u0001\u001f del\u007f é 日本 🎉 </script>" },
+      { sym: :value, "nested" => [1, -2, 2**62, 1.0, -0.0, 1.5e-7, 1e20, 1e-300, 0.1, true, false, nil] },
+      { "big" => [2**64, -(2**70)] },
+      [[[[]]], {}, "", "binary ascii".b],
+      "a string", 42, 3.25, nil, true,
+      (1..99).reduce([]) { |inner, _| [inner] } # 100 levels deep, as deep as JSON.generate goes
+    ]
+    records = payloads.each_with_index.map do |payload, i|
+      { topic: out_topic, key: "k", payload:, partition: 0, headers: { "i" => i.to_s } }
+    end
+    mock_client(topic).send_messages(records)
+    wait_for(message: "every record") { recorder.count == payloads.size }
+    received = recorder.calls.sort_by(&:offset).map(&:payload)
+    expect(received).to eq(payloads.map { |p| JSON.parse(JSON.generate(p)) })
+  end
+
+  it "send_messages refuses what send_message refuses, naming the record" do
+    client = mock_client(topic)
+    bad = {
+      { "a" => Float::NAN } => /record 0: payload\["a"\] is NaN, which JSON cannot represent/,
+      { "a" => "\xff".b } => /record 0: payload cannot be encoded as JSON/,
+      { 1 => 2 } => /record 0: payload has the key 1/,
+      (1..100).reduce([]) do |inner, _|
+        [inner]
+      end => /record 0: payload cannot be encoded as JSON: nesting of \d+ is too deep/
+    }
+    bad.each do |payload, message|
+      expect { client.send_messages([{ topic: out_topic, key: "k", payload: }]) }.to raise_error(ArgumentError, message)
+      expect { client.send_message(out_topic, "k", payload) }.to raise_error(ArgumentError)
+    end
+  end
+
+  it "32 handlers sending at once all get their acknowledgements (no result is lost)" do
+    # Results of many sends arrive while the processor collects earlier ones: a lost wake-up
+    # would leave handlers waiting forever (a build that coalesced the bridge's wake-ups wrongly
+    # hung here).
+    recorder = record_out_topic
+    sender = mock_client(out_topic)
+    handler = SpecHelpers::RecordingHandler.new { |_c, m| sender.send_message(out_topic, m.key, m.payload) }
+    client = start(handler, max_concurrency: 32)
+    count = 20_000
+    client.send_messages(Array.new(count) { |i| { topic:, key: "k#{i % 1000}", payload: i } })
+    wait_for(timeout: 60, message: "#{count} handlers and their sends") { handler.count == count }
+    wait_for(message: "#{count} records") { recorder.count == count }
+    expect(recorder.payloads.sort).to eq((0...count).to_a)
+  end
 end

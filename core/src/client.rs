@@ -1,6 +1,6 @@
 //! The client facade the binding wraps: producer, subscription lifecycle, and state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
@@ -95,12 +95,16 @@ impl Client {
     /// record, in order. Records to a topic that could not be prepared fail; the others are sent.
     pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
         let mut unprepared: HashMap<&str, String> = HashMap::new();
+        let mut prepared: HashSet<&str> = HashSet::new();
         for record in records {
-            if !unprepared.contains_key(record.topic.as_str()) {
-                if let Err(e) = self.prepare_topic(&record.topic) {
-                    unprepared.insert(&record.topic, e.to_string());
-                }
+            let topic = record.topic.as_str();
+            if prepared.contains(topic) || unprepared.contains_key(topic) {
+                continue;
             }
+            match self.prepare_topic(topic) {
+                Ok(()) => prepared.insert(topic),
+                Err(e) => unprepared.insert(topic, e.to_string()).is_none(),
+            };
         }
         if unprepared.is_empty() {
             return self.producer.send_batch(records).await;

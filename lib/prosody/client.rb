@@ -56,8 +56,7 @@ module Prosody
     # @raise [Prosody::SendError] if the broker did not acknowledge within +send_timeout+, naming
     #   the topic, the key and the reason
     def send_message(topic, key, payload, headers: {}, partition: nil)
-      row = Outgoing.row(topic, key, payload, headers, partition)
-      Native::Pending.await { |waiter| native.send_record(waiter, *row) }
+      Native::Pending.await { |waiter| native.send_record(waiter, topic, key, payload, headers, partition, false) }
       nil
     end
 
@@ -73,8 +72,9 @@ module Prosody
     # @raise [ArgumentError] on a bad topic, key, headers or partition
     # @raise [Prosody::SendError] as for {#send_message}
     def send_tombstone(topic, key, headers: {}, partition: nil)
-      row = Outgoing.row(topic, key, Outgoing::TOMBSTONE, headers, partition)
-      Native::Pending.await { |waiter| native.send_record(waiter, *row) }
+      Native::Pending.await do |waiter|
+        native.send_record(waiter, topic, key, Outgoing::TOMBSTONE, headers, partition, true)
+      end
       nil
     end
 
@@ -90,9 +90,10 @@ module Prosody
     # @raise [Prosody::SendError] listing each record that was not delivered (index, topic, key,
     #   reason; also as {SendError#failures}); the others were delivered
     def send_messages(records)
-      rows = Outgoing.rows(records)
-      failures = Native::Pending.await { |waiter| native.send_records(waiter, rows) }
-      raise SendError.for_batch(failures, rows) if failures
+      raise ArgumentError, "records must be an Array of Hashes, got #{records.class}" unless records.is_a?(Array)
+
+      failures = Native::Pending.await { |waiter| native.send_records(waiter, records) }
+      raise SendError.for_batch(failures, records.size) if failures
 
       nil
     end

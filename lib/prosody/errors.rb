@@ -19,15 +19,13 @@ module Prosody
     end
 
     # @api private
-    # The error for a batch: +failures+ are +[index, reason]+ pairs, +rows+ the records sent.
-    def self.for_batch(failures, rows)
-      listed = failures.map do |index, reason|
-        { index:, topic: rows[index][0], key: rows[index][1], reason: }
-      end
+    # The error for a batch of +size+ records: +failures+ are +[index, topic, key, reason]+.
+    def self.for_batch(failures, size)
+      listed = failures.map { |index, topic, key, reason| { index:, topic:, key:, reason: } }
       lines = listed.map do |f|
         "  record #{f[:index]} (topic #{f[:topic].inspect}, key #{f[:key].inspect}): #{f[:reason]}"
       end
-      new("#{listed.size} of #{rows.size} records were not delivered (the others were):\n#{lines.join("\n")}",
+      new("#{listed.size} of #{size} records were not delivered (the others were):\n#{lines.join("\n")}",
           failures: listed)
     end
   end

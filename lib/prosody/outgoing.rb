@@ -16,7 +16,9 @@ module Prosody
     private_constant :JSON_LEAVES
 
     class << self
-      # A record as the native client takes it: +[topic, key, json_or_nil, headers, partition]+.
+      # A record as the native client takes it: +[topic, key, json_or_nil, headers, partition]+
+      # (+payload+ TOMBSTONE for a record with no value). The native client reads plain parts
+      # itself and asks here for the others.
       #
       # @raise [ArgumentError] naming the bad value
       def row(topic, key, payload, headers, partition)
@@ -29,17 +31,14 @@ module Prosody
          payload.equal?(TOMBSTONE) ? nil : encode(payload), headers, partition]
       end
 
-      # Rows for Client#send_messages; an error names the record's index.
+      # The row of +record+, the +index+th of a Client#send_messages batch (the native client
+      # reads plain records itself and asks for the others here).
       #
-      # @raise [ArgumentError] on the first bad record (nothing is sent then)
-      def rows(records)
-        raise ArgumentError, "records must be an Array of Hashes, got #{records.class}" unless records.is_a?(Array)
-
-        records.each_with_index.map do |record, index|
-          record_row(record)
-        rescue ArgumentError => e
-          raise ArgumentError, "record #{index}: #{e.message}"
-        end
+      # @raise [ArgumentError] naming the index and what is wrong
+      def indexed_row(record, index)
+        record_row(record)
+      rescue ArgumentError => e
+        raise ArgumentError, "record #{index}: #{e.message}"
       end
 
       private

@@ -183,20 +183,22 @@ impl Producer {
         if let Some(partition) = record.partition {
             future = future.partition(partition);
         }
-        let give_up = Instant::now() + shared.send_timeout;
+        // One clock read per record; a record that waited for room reads it again.
+        let started = Instant::now();
+        let mut now = started;
         loop {
             match shared.inner.send_result(future) {
                 Ok(delivery) => {
                     return Ok(Queued {
                         delivery,
-                        deadline: Instant::now() + shared.send_timeout + OUTER_MARGIN,
+                        deadline: now + shared.send_timeout + OUTER_MARGIN,
                     })
                 }
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                     back,
                 )) => {
-                    if Instant::now() >= give_up {
+                    if now >= started + shared.send_timeout {
                         return Err(format!(
                             "librdkafka's send queue stayed full for send_timeout ({:?})",
                             shared.send_timeout
@@ -204,6 +206,7 @@ impl Producer {
                     }
                     future = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                    now = Instant::now();
                 }
                 Err((e, _)) => return Err(e.to_string()),
             }

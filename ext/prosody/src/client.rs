@@ -5,8 +5,8 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use magnus::{
-    function, method, prelude::*, Error, RArray, RHash, RModule, RString, Ruby, Symbol, TryConvert,
-    Value,
+    function, method, prelude::*, value::Lazy, Error, RArray, RHash, RModule, RString, Ruby,
+    Symbol, Value,
 };
 use prosody_core::client::{Client as CoreClient, ConsumerState};
 use prosody_core::config::Config;
@@ -14,6 +14,7 @@ use prosody_core::kafka::producer::Record;
 
 use crate::bridge::Bridge;
 use crate::operation::{self, OpResult, OpValue};
+use crate::ruby::encode;
 use crate::ruby::{convert, errors, gvl::without_gvl};
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
@@ -60,20 +61,41 @@ impl Client {
         })
     }
 
-    /// Sends one record (`payload` JSON bytes, or nil for a tombstone) for the waiter `target`
-    /// names (see [`operation::start`]): the result is nil, or `Prosody::SendError`.
+    /// Sends one record (`tombstone`: with no value; `payload` is then `Outgoing::TOMBSTONE`)
+    /// for the waiter `target` names (see [`operation::start`]): the result is nil, or
+    /// `Prosody::SendError`. Plain parts are read here (`ruby::encode`); otherwise
+    /// `Prosody::Outgoing.row` checks and encodes them, or raises the `ArgumentError` that names
+    /// what is wrong.
     #[allow(clippy::too_many_arguments)]
     fn send_record(
         ruby: &Ruby,
         rb_self: &Self,
         target: Value,
-        topic: RString,
-        key: RString,
-        payload: Option<RString>,
-        headers: Option<RHash>,
-        partition: Option<i32>,
+        topic: Value,
+        key: Value,
+        payload: Value,
+        headers: Value,
+        partition: Value,
+        tombstone: bool,
     ) -> Result<Value, Error> {
-        let record = record(ruby, topic, key, payload, headers, partition)?;
+        let plain = encode::record_from_parts(
+            ruby,
+            topic,
+            key,
+            (!tombstone).then_some(payload),
+            headers,
+            partition,
+        );
+        let record = match plain {
+            Some(record) => record,
+            None => {
+                let row: Row = ruby
+                    .get_inner(&OUTGOING)
+                    .funcall("row", (topic, key, payload, headers, partition))?;
+                let (topic, key, payload, headers, partition) = row;
+                record(ruby, topic, key, payload, headers, partition)?
+            }
+        };
         let client = Arc::clone(&rb_self.inner);
         operation::start(ruby, target, async move {
             match client.send(&record).await {
@@ -83,33 +105,43 @@ impl Client {
         })
     }
 
-    /// Sends every record at once and waits once, for the waiter `target` names. `rows` are
-    /// `[topic, key, payload_or_nil, headers_or_nil, partition_or_nil]`. The result is nil when
-    /// every record was acknowledged, else `[[index, reason], ...]` for those that were not.
+    /// Sends every record at once and waits once, for the waiter `target` names. `records` are
+    /// the application's Hashes: plain ones are read here (`ruby::encode`), others by
+    /// `Prosody::Outgoing.indexed_row`, which raises `ArgumentError` naming a bad record's index
+    /// (nothing is sent then). The result is nil when every record was acknowledged, else
+    /// `[[index, topic, key, reason], ...]` for those that were not.
     fn send_records(
         ruby: &Ruby,
         rb_self: &Self,
         target: Value,
-        rows: RArray,
+        records: RArray,
     ) -> Result<Value, Error> {
-        let mut records = Vec::with_capacity(rows.len());
-        for (index, row) in rows.into_iter().enumerate() {
-            let converted =
-                Row::try_convert(row).and_then(|(topic, key, payload, headers, partition)| {
-                    record(ruby, topic, key, payload, headers, partition)
-                });
-            records.push(converted.map_err(|e| {
-                Error::new(ruby.exception_arg_error(), format!("record {index}: {e}"))
-            })?);
+        let mut batch = Vec::with_capacity(records.len());
+        for (index, value) in records.into_iter().enumerate() {
+            let record = match encode::record(ruby, value) {
+                Some(record) => record,
+                None => {
+                    let row: Row = ruby
+                        .get_inner(&OUTGOING)
+                        .funcall("indexed_row", (value, index))?;
+                    let (topic, key, payload, headers, partition) = row;
+                    record(ruby, topic, key, payload, headers, partition)?
+                }
+            };
+            batch.push(record);
         }
         let client = Arc::clone(&rb_self.inner);
         operation::start(ruby, target, async move {
-            let failures = client
-                .send_batch(&records)
-                .await
+            let results = client.send_batch(&batch).await;
+            let failures = batch
                 .into_iter()
+                .zip(results)
                 .enumerate()
-                .filter_map(|(index, result)| result.err().map(|e| (index, e.reason)))
+                .filter_map(|(index, (record, result))| {
+                    result
+                        .err()
+                        .map(|e| (index, record.topic, record.key, e.reason))
+                })
                 .collect();
             OpResult::Ok(OpValue::Failures(failures))
         })
@@ -168,7 +200,15 @@ impl Client {
     }
 }
 
-/// A record as `send_records` receives it.
+/// `Prosody::Outgoing`, which checks and encodes the records `ruby::encode` leaves to it.
+static OUTGOING: Lazy<RModule> = Lazy::new(|ruby| {
+    // `lib/prosody/outgoing.rb` defines it before any client exists; this finds it.
+    ruby.define_module("Prosody")
+        .and_then(|prosody| prosody.define_module("Outgoing"))
+        .unwrap_or_else(|_| ruby.module_kernel())
+});
+
+/// A record as `Prosody::Outgoing.row` and `indexed_row` return it.
 type Row = (
     RString,
     RString,
@@ -208,7 +248,7 @@ fn record(
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Client", ruby.class_object())?;
     class.define_singleton_method("new", function!(Client::new, 1))?;
-    class.define_method("send_record", method!(Client::send_record, 6))?;
+    class.define_method("send_record", method!(Client::send_record, 7))?;
     class.define_method("send_records", method!(Client::send_records, 2))?;
     class.define_method("subscribe", method!(Client::subscribe, 1))?;
     class.define_method("unsubscribe", method!(Client::unsubscribe, 0))?;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use magnus::{function, method, prelude::*, Error, IntoValue, RModule, Ruby, TryConvert, Value};
 
 use crate::bridge::{Bridge, BridgeInner};
+use crate::ruby::convert::bytes_to_ruby;
 use crate::ruby::event_fd::EventFd;
 use crate::ruby::{errors, gvl::without_gvl};
 
@@ -27,8 +28,9 @@ pub enum OpValue {
     Nil,
     /// Times in seconds since the epoch, for `scheduled`.
     Times(Vec<i64>),
-    /// The records of a batch that were not delivered: `[index, reason]` each; `nil` if none.
-    Failures(Vec<(usize, String)>),
+    /// The records of a batch that were not delivered: `[index, topic, key, reason]` each;
+    /// `nil` if none.
+    Failures(Vec<(usize, String, Vec<u8>, String)>),
 }
 
 /// The result of an operation.
@@ -56,7 +58,13 @@ pub fn value_to_ruby(ruby: &Ruby, value: OpValue) -> Value {
         OpValue::Nil => ruby.qnil().as_value(),
         OpValue::Times(times) => times.into_value_with(ruby),
         OpValue::Failures(failures) if failures.is_empty() => ruby.qnil().as_value(),
-        OpValue::Failures(failures) => failures.into_value_with(ruby),
+        OpValue::Failures(failures) => {
+            let rows = ruby.ary_new_capa(failures.len());
+            for (index, topic, key, reason) in failures {
+                let _ = rows.push((index, topic, bytes_to_ruby(ruby, &key), reason));
+            }
+            rows.as_value()
+        }
     }
 }
 

@@ -1,0 +1,278 @@
+//! Records for `send_messages`, read from their Ruby Hashes and encoded as JSON here, with no
+//! Ruby call per record. Only plain cases are handled: anything else (a value that is not plainly
+//! JSON, a String in another encoding or with broken bytes, a Float that is not finite, a
+//! Bignum, nesting deeper than `JSON.generate` allows, an unknown or ill-typed field) returns
+//! `None`, and `Prosody::Outgoing` encodes that record or raises the `ArgumentError` that says
+//! what is wrong. Both produce the same record for the same input.
+
+use std::io::Write as _;
+
+use magnus::encoding::Coderange;
+use magnus::r_hash::ForEach;
+use magnus::{prelude::*, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value};
+use prosody_core::kafka::producer::Record;
+
+/// `JSON.generate`'s default `max_nesting`.
+const MAX_NESTING: usize = 100;
+
+/// The largest partition number (librdkafka's partitions are 32-bit).
+const MAX_PARTITION: i64 = i32::MAX as i64;
+
+/// The record a `{topic:, key:, payload:, headers:, partition:, tombstone:}` Hash describes, if
+/// it is a plain one (see the module documentation).
+pub fn record(ruby: &Ruby, value: Value) -> Option<Record> {
+    let hash = RHash::from_value(value)?;
+    let mut fields = Fields::default();
+    let mut plain = true;
+    let _ = hash.foreach(|k: Value, v: Value| {
+        plain = Symbol::from_value(k)
+            .and_then(|k| k.name().ok())
+            .and_then(|name| fields.set(ruby, &name, v))
+            .is_some();
+        Ok(if plain {
+            ForEach::Continue
+        } else {
+            ForEach::Stop
+        })
+    });
+    if plain {
+        fields.finish()
+    } else {
+        None
+    }
+}
+
+/// The record of one send (`payload` `None` for a tombstone), if every part is a plain one.
+pub fn record_from_parts(
+    ruby: &Ruby,
+    topic: Value,
+    key: Value,
+    payload: Option<Value>,
+    headers: Value,
+    partition: Value,
+) -> Option<Record> {
+    let mut fields = Fields::default();
+    fields.set(ruby, "topic", topic)?;
+    fields.set(ruby, "key", key)?;
+    match payload {
+        Some(payload) => fields.set(ruby, "payload", payload)?,
+        None => fields.tombstone = true,
+    }
+    fields.set(ruby, "headers", headers)?;
+    fields.set(ruby, "partition", partition)?;
+    fields.finish()
+}
+
+/// A record's fields as read so far.
+#[derive(Default)]
+struct Fields {
+    topic: Option<String>,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    partition: Option<i32>,
+    tombstone: bool,
+}
+
+impl Fields {
+    /// Reads field `name`; `None` when it is not a plain one.
+    fn set(&mut self, ruby: &Ruby, name: &str, v: Value) -> Option<()> {
+        match name {
+            "topic" => self.topic = Some(String::from_utf8(text(v)?).ok()?),
+            "key" => self.key = Some(bytes_or_symbol(v)?),
+            "payload" => {
+                let mut out = Vec::with_capacity(64);
+                json(ruby, v, &mut out, 0)?;
+                self.payload = Some(out);
+            }
+            "headers" => self.headers = headers(RHash::from_value(v)?)?,
+            "partition" if v.is_nil() => {}
+            "partition" => {
+                let p = Integer::from_value(v)?.to_i64().ok()?;
+                self.partition = Some(
+                    i32::try_from(p)
+                        .ok()
+                        .filter(|_| (0..=MAX_PARTITION).contains(&p))?,
+                );
+            }
+            "tombstone" if v.is_nil() => {}
+            "tombstone" => self.tombstone = boolean(ruby, v)?,
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// The record, when the fields make a whole one.
+    fn finish(self) -> Option<Record> {
+        let payload = match (self.tombstone, self.payload) {
+            (true, None) => None,
+            (false, Some(payload)) => Some(payload),
+            _ => return None,
+        };
+        Some(Record {
+            topic: self.topic.filter(|t| !t.is_empty())?,
+            key: self.key?,
+            payload,
+            headers: self.headers,
+            partition: self.partition,
+        })
+    }
+}
+
+/// Header pairs: names and values Strings or Symbols, names valid UTF-8.
+fn headers(hash: RHash) -> Option<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(hash.len());
+    let mut plain = true;
+    let _ = hash.foreach(|k: Value, v: Value| {
+        match (
+            text(k).and_then(|n| String::from_utf8(n).ok()),
+            bytes_or_symbol(v),
+        ) {
+            (Some(name), Some(value)) => out.push((name, value)),
+            _ => plain = false,
+        }
+        Ok(if plain {
+            ForEach::Continue
+        } else {
+            ForEach::Stop
+        })
+    });
+    plain.then_some(out)
+}
+
+fn boolean(ruby: &Ruby, v: Value) -> Option<bool> {
+    if v.is_kind_of(ruby.class_true_class()) {
+        Some(true)
+    } else if v.is_kind_of(ruby.class_false_class()) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A String's bytes (any encoding) or a Symbol's name.
+fn bytes_or_symbol(v: Value) -> Option<Vec<u8>> {
+    if let Some(s) = RString::from_value(v) {
+        // SAFETY: copied before any other Ruby code runs.
+        return Some(unsafe { s.as_slice() }.to_vec());
+    }
+    Some(Symbol::from_value(v)?.name().ok()?.as_bytes().to_vec())
+}
+
+/// The UTF-8 bytes of a String in a UTF-8 compatible encoding (or of ASCII-only bytes), or of a
+/// Symbol's name.
+fn text(v: Value) -> Option<Vec<u8>> {
+    if let Some(s) = RString::from_value(v) {
+        return with_utf8(s, <[u8]>::to_vec);
+    }
+    Some(Symbol::from_value(v)?.name().ok()?.as_bytes().to_vec())
+}
+
+/// `f` of the bytes of `s`, when they are UTF-8 text as `JSON.generate` takes it without
+/// converting. `f` must not call Ruby (the bytes are Ruby's).
+fn with_utf8<R>(s: RString, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    let range = s.enc_coderange_scan();
+    let plain = range == Coderange::SevenBit
+        || (range == Coderange::Valid && s.is_utf8_compatible_encoding());
+    // SAFETY: `f` uses the bytes before any other Ruby code runs.
+    plain.then(|| f(unsafe { s.as_slice() }))
+}
+
+/// Appends `v` as JSON to `out`.
+fn json(ruby: &Ruby, v: Value, out: &mut Vec<u8>, depth: usize) -> Option<()> {
+    if v.is_nil() {
+        out.extend_from_slice(b"null");
+    } else if let Some(b) = boolean(ruby, v) {
+        out.extend_from_slice(if b { b"true" } else { b"false" });
+    } else if let Some(s) = RString::from_value(v) {
+        with_utf8(s, |bytes| string(bytes, out))?;
+    } else if let Some(s) = Symbol::from_value(v) {
+        string(s.name().ok()?.as_bytes(), out);
+    } else if let Some(i) = Integer::from_value(v) {
+        write!(out, "{}", i.to_i64().ok()?).ok()?;
+    } else if let Some(f) = Float::from_value(v) {
+        let f = f.to_f64();
+        if !f.is_finite() {
+            return None;
+        }
+        // Debug keeps a fraction or an exponent (1.0, 1e20), so it reads back as a Float.
+        write!(out, "{f:?}").ok()?;
+    } else if let Some(a) = RArray::from_value(v) {
+        if depth >= MAX_NESTING {
+            return None;
+        }
+        out.push(b'[');
+        for (i, item) in a.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json(ruby, item, out, depth + 1)?;
+        }
+        out.push(b']');
+    } else if let Some(h) = RHash::from_value(v) {
+        if depth >= MAX_NESTING {
+            return None;
+        }
+        out.push(b'{');
+        let mut first = true;
+        let mut plain = true;
+        let _ = h.foreach(|k: Value, item: Value| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            let named = if let Some(s) = RString::from_value(k) {
+                with_utf8(s, |name| string(name, out))
+            } else if let Some(name) = Symbol::from_value(k).and_then(|s| s.name().ok()) {
+                string(name.as_bytes(), out);
+                Some(())
+            } else {
+                None
+            };
+            plain = named.is_some() && {
+                out.push(b':');
+                json(ruby, item, out, depth + 1).is_some()
+            };
+            Ok(if plain {
+                ForEach::Continue
+            } else {
+                ForEach::Stop
+            })
+        });
+        if !plain {
+            return None;
+        }
+        out.push(b'}');
+    } else {
+        return None;
+    }
+    Some(())
+}
+
+/// Appends UTF-8 `s` as a JSON string, escaped as `JSON.generate` escapes it.
+fn string(s: &[u8], out: &mut Vec<u8>) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
+}
