@@ -163,18 +163,12 @@ RSpec.describe "consuming in mock mode" do
     group = unique("group")
     keys = 40
     per_key = 50
-    running = Hash.new(0)
-    overlaps = 0
-    order = Hash.new { |h, k| h[k] = [] }
-    lock = Mutex.new
+    log = SpecHelpers::KeyLog.new
     make_handler = lambda do
       SpecHelpers::RecordingHandler.new do |_context, message|
-        lock.synchronize { overlaps += 1 if (running[message.key] += 1) > 1 }
+        log.start(message.key)
         sleep 0.001
-        lock.synchronize do
-          order[message.key] << message.payload["seq"]
-          running[message.key] -= 1
-        end
+        log.finish(message.key, message.payload["seq"])
       end
     end
     first = make_handler.call
@@ -193,11 +187,11 @@ RSpec.describe "consuming in mock mode" do
       end
     end
     producer.flush(10)
-    wait_for(timeout: 60, message: "every message") { order.values.sum { |v| v.uniq.size } == keys * per_key }
+    wait_for(timeout: 60, message: "every message") { log.seen == keys * per_key }
     expect(a.assigned_partitions + b.assigned_partitions).to eq(4)
-    expect(overlaps).to eq(0)
+    expect(log.overlaps).to be_empty
     expect(second.count).to be_positive
-    order.each_value do |seqs|
+    log.order.each_value do |seqs|
       # At-least-once: a re-delivery after the move may repeat a tail, but never reorders or skips.
       expect(seqs.uniq).to eq((0...per_key).to_a)
       # Each step is the next message, or a jump back to where a re-delivery starts.

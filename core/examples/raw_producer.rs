@@ -1,6 +1,6 @@
 //! Upper bound for the batch-send benchmark: a raw librdkafka producer, with the same
-//! idempotence and linger settings as Prosody's, writing COUNT records and waiting for every
-//! delivery report.
+//! idempotence and linger settings as Prosody's, writing COUNT records (with the `source-system`
+//! header Prosody's records carry) and waiting for every delivery report.
 //!
 //! `raw_producer BOOTSTRAP TOPIC COUNT` writes `{"id":i,"ok":true}` with keys `k0`..`k9999`
 //! and prints `messages_per_second=<rate>` (from the first record queued to the last report).
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
@@ -67,7 +68,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let started = Instant::now();
     for (key, payload) in &payloads {
-        let mut record = BaseRecord::<str, str>::to(topic).key(key).payload(payload);
+        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: "source-system",
+            value: Some("bench"),
+        });
+        let mut record = BaseRecord::<str, str>::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
         loop {
             match producer.send(record) {
                 Ok(()) => break,

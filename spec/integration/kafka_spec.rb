@@ -46,22 +46,15 @@ RSpec.describe "consuming from a real Kafka broker", :kafka do
     group = unique("group")
     keys = 100
     per_key = 100
-    lock = Mutex.new
-    running = Hash.new(0)
-    overlaps = []
-    order = Hash.new { |h, k| h[k] = [] }
+    log = SpecHelpers::KeyLog.new
     make_handler = lambda do
       SpecHelpers::RecordingHandler.new do |_context, message|
-        key = message.key
-        lock.synchronize { overlaps << key if (running[key] += 1) > 1 }
+        log.start(message.key)
         sleep 0.0005 # yield to other handlers
-        lock.synchronize do
-          order[key] << message.payload["seq"]
-          running[key] -= 1
-        end
+        log.finish(message.key, message.payload["seq"])
       end
     end
-    seen = -> { lock.synchronize { order.values.sum { |seqs| seqs.uniq.size } } }
+    seen = -> { log.seen }
     producer = raw_kafka_producer
     produce = lambda do |range|
       range.each do |seq|
@@ -81,9 +74,9 @@ RSpec.describe "consuming from a real Kafka broker", :kafka do
     produce.call(70...per_key)
     wait_for(timeout: 90, message: "every message") { seen.call == keys * per_key }
 
-    expect(overlaps).to be_empty
+    expect(log.overlaps).to be_empty
     expect(second.assigned_partitions + third.assigned_partitions).to eq(4)
-    order.each do |key, seqs|
+    log.order.each do |key, seqs|
       expect(seqs.uniq.sort).to eq((0...per_key).to_a), "key #{key} missed messages"
       bad_steps = seqs.each_cons(2).reject { |x, y| y == x + 1 || y <= x }
       expect(bad_steps).to be_empty, "key #{key} out of order: #{seqs.inspect}"

@@ -61,27 +61,87 @@ module SpecHelpers
   end
 
   # Records every call; optional block runs inside the handler.
+  #
+  # No Mutex here or in any handler of the specs: Ruby 3.1.2's Mutex, contended between handler
+  # fibers of several processor threads and the test's thread, once aborted the whole suite with
+  # "[BUG] invalid keeping_mutexes: Attempt to unlock a mutex which is not locked" as a client
+  # unsubscribed (a VM race fixed in later Rubies: ruby/ruby#7460, bug #19480). Appending to an
+  # Array is atomic under the VM lock, and readers take a copy.
   class RecordingHandler < Prosody::EventHandler
-    attr_reader :calls
-
     def initialize(&block)
       super()
       @calls = []
-      @lock = Mutex.new
       @block = block
     end
 
     def on_message(context, message)
       @block&.call(context, message)
-      @lock.synchronize { @calls << message }
+      @calls << message
+    end
+
+    def calls
+      @calls.dup
     end
 
     def count
-      @lock.synchronize { @calls.size }
+      @calls.size
     end
 
     def payloads
-      @lock.synchronize { @calls.map(&:payload) }
+      calls.map(&:payload)
+    end
+  end
+
+  # Records, from handlers on any thread and without a Mutex (see RecordingHandler), when each
+  # key's handler starts and finishes; the test's thread reads the order and any overlap.
+  class KeyLog
+    def initialize
+      @events = Queue.new
+      @running = Hash.new(0)
+      @overlaps = []
+      @order = Hash.new { |h, k| h[k] = [] }
+    end
+
+    def start(key)
+      @events << [:start, key]
+    end
+
+    def finish(key, seq)
+      @events << [:finish, key, seq]
+    end
+
+    # @return [Array<String>] keys whose handler started while another of theirs ran
+    def overlaps
+      drain
+      @overlaps
+    end
+
+    # @return [Hash{String => Array}] each key's sequence numbers in the order handled
+    def order
+      drain
+      @order
+    end
+
+    # @return [Integer] distinct (key, seq) handled
+    def seen
+      order.values.sum { |seqs| seqs.uniq.size }
+    end
+
+    private
+
+    # The queue's order is the order of the handlers' pushes (each is atomic under the VM lock).
+    def drain
+      loop do
+        kind, key, seq = @events.pop(true)
+        if kind == :start
+          @overlaps << key if (@running[key] += 1) > 1
+        else
+          @order[key] << seq
+          @running[key] -= 1
+        end
+      end
+    rescue ThreadError
+      nil # empty
     end
   end
 end
