@@ -9,10 +9,7 @@
 #
 # Usage: ruby -Ilib bench/consume.rb [MESSAGES]   (make bench builds everything first)
 
-require "English"
-require "etc"
-require "prosody"
-require "securerandom"
+require_relative "support"
 
 MESSAGES = Integer(ARGV[0] || 200_000)
 # librdkafka's mock keeps at most 100,000 messages (and 5 MB) per partition and silently drops the
@@ -51,38 +48,11 @@ class CountingHandler < Prosody::EventHandler
   end
 end
 
-def monotonic
-  Process.clock_gettime(Process::CLOCK_MONOTONIC)
-end
-
-def fill(topic, partitions, count, keys)
-  Prosody::Native.mock_create_topic(topic, partitions)
-  producer = Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
-  count.times do |i|
-    producer.produce(topic, nil, "k#{i % keys}", %({"id":#{i},"ok":true}), {})
-  end
-  producer.flush(120)
-end
-
 def prosody_rate(topic, count, io: false, max_concurrency: 32)
   handler = CountingHandler.new(count, io:)
   client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
                                max_concurrency:)
-  GC.start # every measurement starts from a collected heap, whatever ran before it
-  started = monotonic
-  client.subscribe(handler)
-  handler.wait
-  finished = monotonic
-  client.unsubscribe
-  # The rate from subscribe (start-up included), and from the first handler call
-  [count / (finished - started), count / (finished - handler.first_call)]
-end
-
-def raw_rate(topic, count)
-  out = IO.popen([RAW, Prosody::Native.mock_bootstrap_servers, topic, count.to_s], &:read)
-  raise "raw consumer failed: #{out}" unless $CHILD_STATUS.success?
-
-  Float(out[/messages_per_second=([\d.]+)/, 1])
+  subscription_rates(client, handler, count)
 end
 
 puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY_VERSION}, " \
@@ -91,7 +61,7 @@ puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY
   count = [MESSAGES, MOCK_PARTITION_CAP * partitions].min
   topic = "bench-#{partitions}p-#{SecureRandom.hex(4)}"
   fill(topic, partitions, count, 10_000)
-  raw = raw_rate(topic, count)
+  raw = raw_rate(RAW, Prosody::Native.mock_bootstrap_servers, topic, count)
   ours, = prosody_rate(topic, count)
   puts format("%<partitions>d partition(s), %<count>d messages: prosody %<ours>8.0f msg/s | " \
               "raw rdkafka %<raw>8.0f msg/s | ratio %<ratio>.2f",

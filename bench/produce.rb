@@ -12,10 +12,7 @@
 #
 # Usage: ruby -Ilib bench/produce.rb   (make bench builds everything first)
 
-require "English"
-require "etc"
-require "prosody"
-require "securerandom"
+require_relative "support"
 
 PIPELINE_MESSAGES = Integer(ENV.fetch("PIPELINE_MESSAGES", 20_000))
 BATCH_RECORDS = Integer(ENV.fetch("BATCH_RECORDS", 50_000))
@@ -24,10 +21,6 @@ RAW = ENV.fetch("RAW_PRODUCER") do
 end
 
 Prosody.logger = Logger.new($stderr, level: Logger::WARN)
-
-def monotonic
-  Process.clock_gettime(Process::CLOCK_MONOTONIC)
-end
 
 # Sends one record per message it handles; the last one signals the waiting thread.
 class TransformHandler < Prosody::EventHandler
@@ -67,20 +60,10 @@ def lone_round_trip(client, topic)
 end
 
 def pipeline_rate(topic, out_topic, count)
-  Prosody::Native.mock_create_topic(topic, 4)
-  producer = Prosody::Native::RawProducer.new(Prosody::Native.mock_bootstrap_servers)
-  count.times { |i| producer.produce(topic, nil, "k#{i % 1000}", %({"id":#{i}}), {}) }
-  producer.flush(120)
+  fill(topic, 4, count, 1000)
   client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
                                max_concurrency: 32)
-  handler = TransformHandler.new(client, out_topic, count)
-  GC.start
-  started = monotonic
-  client.subscribe(handler)
-  handler.wait
-  finished = monotonic
-  client.unsubscribe
-  [count / (finished - started), count / (finished - handler.first_call)]
+  subscription_rates(client, TransformHandler.new(client, out_topic, count), count)
 end
 
 def records(topic, count)
@@ -94,13 +77,6 @@ def batch_rate(client, topic, count)
   started = monotonic
   client.send_messages(batch)
   count / (monotonic - started)
-end
-
-def raw_rate(bootstrap, topic, count)
-  out = IO.popen([RAW, bootstrap, topic, count.to_s], &:read)
-  raise "raw producer failed: #{out}" unless $CHILD_STATUS.success?
-
-  Float(out[/messages_per_second=([\d.]+)/, 1])
 end
 
 def print_batch(label, ours, raw)
@@ -123,11 +99,11 @@ puts format("consume → transform → produce, max_concurrency 32, %<count>d me
 topic = "bench-batch-#{SecureRandom.hex(4)}"
 Prosody::Native.mock_create_topic(topic, 4)
 print_batch("mock", batch_rate(client, topic, BATCH_RECORDS),
-            raw_rate(Prosody::Native.mock_bootstrap_servers, topic, BATCH_RECORDS))
+            raw_rate(RAW, Prosody::Native.mock_bootstrap_servers, topic, BATCH_RECORDS))
 
 if (kafka = ENV.fetch("KAFKA_BOOTSTRAP", nil))
   real = Prosody::Client.new(bootstrap_servers: kafka, send_timeout: 30)
   topic = "bench-batch-#{SecureRandom.hex(4)}"
   real.send_message(topic, "k", {}) # created by the broker (auto-create), leaders known
-  print_batch("broker #{kafka}", batch_rate(real, topic, BATCH_RECORDS), raw_rate(kafka, topic, BATCH_RECORDS))
+  print_batch("broker #{kafka}", batch_rate(real, topic, BATCH_RECORDS), raw_rate(RAW, kafka, topic, BATCH_RECORDS))
 end
