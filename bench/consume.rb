@@ -16,35 +16,18 @@ MESSAGES = Integer(ARGV[0] || 200_000)
 # oldest beyond that (rdkafka_mock.c), so a single-partition run uses the most it can hold.
 MOCK_PARTITION_CAP = 99_000
 IO_MESSAGES = Integer(ENV.fetch("IO_MESSAGES", 64_000))
-RAW = ENV.fetch("RAW_CONSUMER") do
-  File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_consumer")
-end
+RAW = example_binary("raw_consumer", "RAW_CONSUMER")
 
-Prosody.logger = Logger.new($stderr, level: Logger::WARN)
-
-# Counts handled messages; the last one signals the waiting thread.
-class CountingHandler < Prosody::EventHandler
+# Reads the payload, and with +io+ does 1 ms of I/O.
+class CountingHandler < BenchHandler
   def initialize(target, io: false)
-    super()
-    @target = target
+    super(target)
     @io = io
-    @count = 0
-    @done = Queue.new
   end
 
-  # @return [Float, nil] monotonic time of the first call
-  attr_reader :first_call
-
-  def on_message(_context, message)
-    @first_call ||= monotonic
+  def work(message)
     message.payload
     sleep 0.001 if @io
-    @count += 1
-    @done << true if @count == @target
-  end
-
-  def wait
-    @done.pop
   end
 end
 

@@ -16,34 +16,18 @@ require_relative "support"
 
 PIPELINE_MESSAGES = Integer(ENV.fetch("PIPELINE_MESSAGES", 20_000))
 BATCH_RECORDS = Integer(ENV.fetch("BATCH_RECORDS", 50_000))
-RAW = ENV.fetch("RAW_PRODUCER") do
-  File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples/raw_producer")
-end
+RAW = example_binary("raw_producer", "RAW_PRODUCER")
 
-Prosody.logger = Logger.new($stderr, level: Logger::WARN)
-
-# Sends one record per message it handles; the last one signals the waiting thread.
-class TransformHandler < Prosody::EventHandler
-  attr_reader :first_call
-
+# Sends one record per message it handles.
+class TransformHandler < BenchHandler
   def initialize(client, out_topic, target)
-    super()
+    super(target)
     @client = client
     @out_topic = out_topic
-    @target = target
-    @count = 0
-    @done = Queue.new
   end
 
-  def on_message(_context, message)
-    @first_call ||= Process.clock_gettime(Process::CLOCK_MONOTONIC)
+  def work(message)
     @client.send_message(@out_topic, message.key, { "id" => message.payload["id"], "seen" => true })
-    @count += 1
-    @done << true if @count == @target
-  end
-
-  def wait
-    @done.pop
   end
 end
 

@@ -8,6 +8,15 @@ require "etc"
 require "prosody"
 require "securerandom"
 
+Prosody.logger = Logger.new($stderr, level: Logger::WARN)
+
+# The path of a release build of core/examples/+name+ (or what +env+ names).
+def example_binary(name, env)
+  ENV.fetch(env) do
+    File.join(ENV.fetch("CARGO_TARGET_DIR", "/var/cache/prosody/target"), "release/examples", name)
+  end
+end
+
 def monotonic
   Process.clock_gettime(Process::CLOCK_MONOTONIC)
 end
@@ -40,4 +49,29 @@ def raw_rate(binary, *args)
   raise "#{File.basename(binary)} failed: #{out}" unless $CHILD_STATUS.success?
 
   Float(out[/messages_per_second=([\d.]+)/, 1])
+end
+
+# Counts handler calls; the +target+th signals the thread waiting in +wait+. Subclasses define
+# +work(message)+.
+class BenchHandler < Prosody::EventHandler
+  # @return [Float, nil] monotonic time of the first call
+  attr_reader :first_call
+
+  def initialize(target)
+    super()
+    @target = target
+    @count = 0
+    @done = Queue.new
+  end
+
+  def on_message(_context, message)
+    @first_call ||= monotonic
+    work(message)
+    @count += 1
+    @done << true if @count == @target
+  end
+
+  def wait
+    @done.pop
+  end
 end
