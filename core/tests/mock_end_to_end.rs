@@ -19,18 +19,16 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     let group = unique("group");
     let client = Client::new(config(&topic, &group, 8, None)).unwrap();
     let rt = prosody_core::runtime::handle().unwrap();
-    let keys = 20;
-    let per_key = 25;
+    let keys: u64 = 20;
+    let per_key: u64 = 25;
+    let send = |k: u64, seq: u64| {
+        let payload = serde_json::json!({ "seq": seq, "key": k }).to_string();
+        let record = common::record(&topic, format!("k{k}").as_bytes(), payload.as_bytes(), &[]);
+        rt.block_on(client.send(&record)).unwrap();
+    };
     for i in 0..per_key {
         for k in 0..keys {
-            let payload = serde_json::json!({ "seq": i, "key": k }).to_string();
-            rt.block_on(client.send(&common::record(
-                &topic,
-                format!("k{k}").as_bytes(),
-                payload.as_bytes(),
-                &[],
-            )))
-            .unwrap();
+            send(k, i);
         }
     }
     let rec = Recorder::new();
@@ -56,7 +54,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     for (key, seqs) in rec.seqs_by_key() {
         assert_eq!(
             seqs,
-            (0..per_key as u64).collect::<Vec<_>>(),
+            (0..per_key).collect::<Vec<_>>(),
             "order of key {key:?}"
         );
     }
@@ -73,14 +71,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
 
     // A new subscription of the same group resumes after the committed offsets.
     for k in 0..keys {
-        let payload = serde_json::json!({ "seq": per_key, "key": k }).to_string();
-        rt.block_on(client.send(&common::record(
-            &topic,
-            format!("k{k}").as_bytes(),
-            payload.as_bytes(),
-            &[],
-        )))
-        .unwrap();
+        send(k, per_key);
     }
     let rec2 = Recorder::new();
     let scheduler = runners(8, rec2.clone());
@@ -101,5 +92,5 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         keys as usize,
         "only the new messages: {seen2:?}"
     );
-    assert!(seen2.iter().all(|(_, _, seq)| *seq == per_key as u64));
+    assert!(seen2.iter().all(|(_, _, seq)| *seq == per_key));
 }
