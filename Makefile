@@ -73,8 +73,8 @@ test-gem: build
 	  GEM_PATH="/tmp/prosody-gem-check/home:$$(ruby -e 'print Gem.path.join(":")')" ruby -e \
 	  'require "prosody"; c = Prosody::Client.new(mock: true, send_timeout: 10); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
 
-# Runs the consume benchmark with async 1.30, then with async 2 where ../shared/gems/async-2 is
-# (installed as for test-ruby-async2).
+# Runs the consume and produce benchmarks with async 1.30, then with async 2 where
+# ../shared/gems/async-2 is (installed as for test-ruby-async2).
 bench: build
 	$(CARGO) build --release -p prosody-core --example raw_consumer --example raw_producer
 	ruby -Ilib -retc bench/consume.rb
