@@ -162,6 +162,18 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
     GC.stress = false
   end
 
+  # Sends +per_key+ messages for each of +count+ keys named "+prefix+-N" to the topic; the keys.
+  def seed(prefix, count, per_key)
+    keys = Array.new(count) { |k| "#{prefix}-#{k}" }
+    GcStress.send_all(mock_client(topic), topic, keys, per_key)
+    keys
+  end
+
+  # Each key's sequence numbers 0...per_key, as GcStress.by_key gives them.
+  def every_seq(keys, per_key)
+    keys.to_h { |key| [key, (0...per_key).to_a] }
+  end
+
   # Every message the handler kept, read again after a full GC (cached payload and headers).
   def reread(handler, check)
     GC.start
@@ -169,9 +181,8 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
   end
 
   it "hands over every payload, header and key exactly as sent, once and in order per key (6 keys x 25)" do
-    keys = Array.new(6) { |k| "clé-#{k}" }
     per_key = 25
-    GcStress.send_all(mock_client(topic), topic, keys, per_key)
+    keys = seed("clé", 6, per_key)
     check = GcStress.method(:sent_problem)
     handler = GcStressHandler.new(check)
     late = under_gc_stress do
@@ -183,16 +194,15 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
     end
     expect(handler.problems).to be_empty
     expect(late).to be_empty
-    expect(GcStress.by_key(handler.messages)).to eq(keys.to_h { |key| [key, (0...per_key).to_a] })
+    expect(GcStress.by_key(handler.messages)).to eq(every_seq(keys, per_key))
     expect(handler.fewest_collections).to be > 10 # GC.stress was on while handlers ran
   end
 
   it "sends from inside handlers what they built from consumed values, and a second client receives it (5 x 12)" do
     forwarded = unique("gc-forwarded")
     Prosody::Native.mock_create_topic(forwarded, 4)
-    keys = Array.new(5) { |k| "key-#{k}" }
     per_key = 12
-    GcStress.send_all(mock_client(topic), topic, keys, per_key)
+    keys = seed("key", 5, per_key)
     forwarder = mock_client(topic)
     first = GcStressHandler.new(GcStress.method(:sent_problem)) do |_context, message|
       forwarder.send_message(forwarded, message.key, { "original" => message.payload, "headers" => message.headers },
@@ -220,15 +230,14 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
     end
     expect(first.problems + second.problems).to be_empty
     expect(late).to be_empty
-    expected = keys.to_h { |key| [key, (0...per_key).to_a] }
+    expected = every_seq(keys, per_key)
     expect(GcStress.by_key(first.messages)).to eq(expected)
     expect(GcStress.by_key(second.messages)).to eq(expected)
   end
 
   it "schedules timers in on_message, lists them, and fires each for its key at its time (24 keys x 2)" do
-    keys = Array.new(24) { |k| "timer-#{k}" }
     per_key = 2
-    GcStress.send_all(mock_client(topic), topic, keys, per_key)
+    keys = seed("timer", 24, per_key)
     wanted = Hash.new { |h, k| h[k] = [] }
     on_timer = lambda do |context, timer|
       listed = context.scheduled
@@ -251,7 +260,7 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
     end
     expect(handler.problems).to be_empty
     expect(late).to be_empty
-    expect(GcStress.by_key(handler.messages)).to eq(keys.to_h { |key| [key, (0...per_key).to_a] })
+    expect(GcStress.by_key(handler.messages)).to eq(every_seq(keys, per_key))
     fired = handler.timers.group_by(&:first).transform_values { |list| list.map(&:last) }
     expect(fired).to eq(wanted.transform_values(&:uniq))
   end
@@ -259,9 +268,8 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
   it "retries transient failures, dead-letters a permanent one, and a second client reads it back (8 x 6)" do
     dlq = unique("gc-dlq")
     Prosody::Native.mock_create_topic(dlq, 4)
-    keys = Array.new(8) { |k| "key-#{k}" }
     per_key = 6
-    GcStress.send_all(mock_client(topic), topic, keys, per_key)
+    keys = seed("key", 8, per_key)
     attempts = Hash.new(0)
     # Seqs 1 and 4 fail twice, then succeed; seq 5 fails for good.
     handler = GcStressHandler.new(GcStress.method(:sent_problem)) do |_context, message|

@@ -119,10 +119,7 @@ impl Producer {
 
     /// Sends one record and waits for the broker's acknowledgement or `send_timeout`.
     pub async fn send(&self, record: &Record) -> Result<Delivery, SendError> {
-        let shared = self.current();
-        shared.prepare(&record.topic).await;
-        let queued = self.enqueue(&shared, record.as_raw()).await;
-        settle(queued, &shared, record.as_raw()).await
+        self.send_raw(record.as_raw()).await
     }
 
     /// Sends every record at once and waits once: all are queued in order (records of one

@@ -5,8 +5,8 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use magnus::{
-    function, method, prelude::*, value::Lazy, Error, RArray, RHash, RModule, RString, Ruby,
-    Symbol, Value,
+    function, method, prelude::*, value::Lazy, ArgList, Error, RArray, RHash, RModule, RString,
+    Ruby, Symbol, Value,
 };
 use prosody_core::client::{Client as CoreClient, ConsumerState};
 use prosody_core::config::Config;
@@ -88,13 +88,7 @@ impl Client {
         );
         let record = match plain {
             Some(record) => record,
-            None => {
-                let row: Row = ruby
-                    .get_inner(&OUTGOING)
-                    .funcall("row", (topic, key, payload, headers, partition))?;
-                let (topic, key, payload, headers, partition) = row;
-                record(ruby, topic, key, payload, headers, partition)?
-            }
+            None => checked(ruby, "row", (topic, key, payload, headers, partition))?,
         };
         let client = Arc::clone(&rb_self.inner);
         operation::start(ruby, target, async move {
@@ -120,13 +114,7 @@ impl Client {
         for (index, value) in records.into_iter().enumerate() {
             let record = match encode::record(ruby, value) {
                 Some(record) => record,
-                None => {
-                    let row: Row = ruby
-                        .get_inner(&OUTGOING)
-                        .funcall("indexed_row", (value, index))?;
-                    let (topic, key, payload, headers, partition) = row;
-                    record(ruby, topic, key, payload, headers, partition)?
-                }
+                None => checked(ruby, "indexed_row", (value, index))?,
             };
             batch.push(record);
         }
@@ -216,6 +204,14 @@ type Row = (
     Option<RHash>,
     Option<i32>,
 );
+
+/// The record `Prosody::Outgoing.<method>(*args)` checks and encodes (it raises the
+/// `ArgumentError` that names a bad value).
+fn checked(ruby: &Ruby, method: &str, args: impl ArgList) -> Result<Record, Error> {
+    let (topic, key, payload, headers, partition): Row =
+        ruby.get_inner(&OUTGOING).funcall(method, args)?;
+    record(ruby, topic, key, payload, headers, partition)
+}
 
 /// A record from its Ruby parts (already checked by `lib/prosody/client.rb`; this checks again
 /// what the engine relies on).
