@@ -169,6 +169,11 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
     keys
   end
 
+  # A second mock topic (4 partitions), for what handlers forward or dead-letter.
+  def other_topic(prefix)
+    unique(prefix).tap { |name| Prosody::Native.mock_create_topic(name, 4) }
+  end
+
   # Each key's sequence numbers 0...per_key, as GcStress.by_key gives them.
   def every_seq(keys, per_key)
     keys.to_h { |key| [key, (0...per_key).to_a] }
@@ -199,8 +204,7 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
   end
 
   it "sends from inside handlers what they built from consumed values, and a second client receives it (5 x 12)" do
-    forwarded = unique("gc-forwarded")
-    Prosody::Native.mock_create_topic(forwarded, 4)
+    forwarded = other_topic("gc-forwarded")
     per_key = 12
     keys = seed("key", 5, per_key)
     forwarder = mock_client(topic)
@@ -266,8 +270,7 @@ RSpec.describe "the binding under GC.stress (mock mode)", :gc_stress do
   end
 
   it "retries transient failures, dead-letters a permanent one, and a second client reads it back (8 x 6)" do
-    dlq = unique("gc-dlq")
-    Prosody::Native.mock_create_topic(dlq, 4)
+    dlq = other_topic("gc-dlq")
     per_key = 6
     keys = seed("key", 8, per_key)
     attempts = Hash.new(0)
