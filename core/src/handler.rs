@@ -2,8 +2,10 @@
 //!
 //! The engine submits a [`Job`] to the subscription's [`Scheduler`](crate::scheduler::Scheduler)
 //! and a runner takes it from there. The job's [`Completion`] sends the outcome straight into
-//! the channel of the partition worker that owns the event: no lock, no runtime, no task per
-//! event, so the runner (a Ruby thread) completes a job without touching the engine's threads.
+//! the channel of the partition worker that owns the event: no lock, no task per event. Each
+//! send wakes that worker, which costs the runner a system call when the engine's threads are
+//! parked; a runner that finishes many jobs at once hands them to a [`Relay`] instead, which
+//! wakes the engine once for the whole batch.
 
 use tokio::sync::mpsc;
 
@@ -193,8 +195,144 @@ impl Completion {
     }
 }
 
+impl Completion {
+    /// Whether both outcomes go to the same partition worker.
+    fn same_worker(&self, other: &Completion) -> bool {
+        match (&self.target, &other.target) {
+            (Some((a, ..)), Some((b, ..))) => a.same_channel(b),
+            _ => false,
+        }
+    }
+}
+
+/// Carries batches of outcomes from a runner thread (the Ruby processor) to the partition
+/// workers through one engine task. Completing a batch directly wakes every partition worker it
+/// touches, one wake-up of a parked engine thread (a futex or eventfd write) each, all paid on
+/// the runner's thread; through the relay the runner pays one, and the per-partition wake-ups
+/// happen on the engine's own threads. A batch for a single partition worker is sent directly
+/// (one wake-up either way, and no extra hop).
+///
+/// Outcomes of one batch reach each worker in batch order. A batch sent directly may overtake an
+/// earlier one still in the relay; that is harmless, since a key has at most one event in
+/// flight, so two outcomes in flight at once are always for different keys.
+///
+/// The relay's task is owned by its senders: it ends once the last clone is dropped and every
+/// batch sent before was delivered.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The task's queue of batches.
+    batches: mpsc::UnboundedSender<Vec<(Completion, Outcome)>>,
+}
+
+impl Relay {
+    /// Starts the relay's task on `runtime`.
+    pub fn start(runtime: &tokio::runtime::Handle) -> Self {
+        let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<(Completion, Outcome)>>();
+        runtime.spawn(async move {
+            while let Some(batch) = incoming.recv().await {
+                complete_all(batch);
+            }
+        });
+        Self { batches }
+    }
+
+    /// Delivers every outcome of `batch`, each to its partition worker, in order per worker.
+    pub fn send(&self, batch: Vec<(Completion, Outcome)>) {
+        let single_worker = match batch.split_first() {
+            Some(((first, _), rest)) => rest.iter().all(|(c, _)| c.same_worker(first)),
+            None => return,
+        };
+        if single_worker {
+            complete_all(batch);
+        } else if let Err(unsent) = self.batches.send(batch) {
+            // The runtime is shutting down: deliver here, as before the relay existed.
+            complete_all(unsent.0);
+        }
+    }
+}
+
+fn complete_all(batch: Vec<(Completion, Outcome)>) {
+    for (completion, outcome) in batch {
+        completion.complete(outcome);
+    }
+}
+
 impl Drop for Completion {
     fn drop(&mut self) {
         self.send(Outcome::Abandoned);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::event::TimerEvent;
+
+    /// A job for partition worker `done`, as a timer at `time` (the simplest event to build).
+    fn completion(done: &mpsc::UnboundedSender<Finished>, time: i64) -> Completion {
+        let key: crate::event::Key = Arc::from(&b"k"[..]);
+        let event = Event::Timer(TimerEvent {
+            topic: Arc::from("t"),
+            partition: 0,
+            key: key.clone(),
+            time,
+        });
+        let job = Job::new(
+            event,
+            CancelToken::new(),
+            CancelToken::new(),
+            None,
+            done.clone(),
+            Some(key),
+            Slot::Timer(time),
+        );
+        job.into_parts().3
+    }
+
+    fn slots(rx: &mut mpsc::UnboundedReceiver<Finished>) -> Vec<(Slot, Outcome)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| (f.slot, f.outcome))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn relay_delivers_every_outcome_in_order_per_worker() {
+        let relay = Relay::start(&tokio::runtime::Handle::current());
+        let (a, mut a_rx) = mpsc::unbounded_channel();
+        let (b, mut b_rx) = mpsc::unbounded_channel();
+        let failure = Outcome::Failure(Failure::transient("E", "boom"));
+        // Spans two workers: goes through the relay's task.
+        relay.send(vec![
+            (completion(&a, 1), Outcome::Success),
+            (completion(&b, 2), failure.clone()),
+            (completion(&a, 3), Outcome::Abandoned),
+        ]);
+        // One worker: delivered at once, on this thread.
+        relay.send(vec![(completion(&b, 4), Outcome::Success)]);
+        drop(relay);
+        // The task ends once its last sender is gone and everything was delivered.
+        let _ = a_rx
+            .recv()
+            .await
+            .map(|f| assert_eq!(f.slot, Slot::Timer(1)));
+        assert_eq!(slots(&mut a_rx), vec![(Slot::Timer(3), Outcome::Abandoned)]);
+        // The direct batch may overtake the relayed one (different keys in real use).
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let f = b_rx.recv().await.expect("b's outcomes");
+            got.push((f.slot, f.outcome));
+        }
+        got.sort_by_key(|(slot, _)| match slot {
+            Slot::Timer(t) | Slot::Offset(t) => *t,
+        });
+        assert_eq!(
+            got,
+            vec![
+                (Slot::Timer(2), failure),
+                (Slot::Timer(4), Outcome::Success)
+            ]
+        );
     }
 }

@@ -37,6 +37,15 @@ impl<T: 'static> PerProcess<T> {
         *slot = Some((pid, value));
         Ok(value)
     }
+
+    /// This process's value, if it was created (never creates it).
+    pub fn get(&self) -> Option<&'static T> {
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match *slot {
+            Some((owner, value)) if is_current(owner) => Some(value),
+            _ => None,
+        }
+    }
 }
 
 impl<T: 'static> Default for PerProcess<T> {

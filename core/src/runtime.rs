@@ -22,3 +22,8 @@ pub fn handle() -> Result<Handle, String> {
         })
         .map(|rt| rt.handle().clone())
 }
+
+/// The shared runtime's handle if this process already started it (never starts it).
+pub fn existing_handle() -> Option<Handle> {
+    RUNTIME.get().map(|rt| rt.handle().clone())
+}

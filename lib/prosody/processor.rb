@@ -121,7 +121,8 @@ module Prosody
       task.async do |worker|
         while (job = @bridge.take) != false
           if job
-            run_job(job, worker, running)
+            id, context, event = job # (a splat in the call would copy the Array three times)
+            run_job(id, context, event, worker, running)
             # A cancelled job's worker was replaced; if its handler swallowed Async::Stop and
             # returned, this worker ends here instead of pulling more jobs.
             break if @retiring.key?(worker)
@@ -147,39 +148,40 @@ module Prosody
       spawn_worker(task, work, running)
     end
 
-    def run_job(job, worker, running)
-      id = job.id
+    # Runs job +id+: the handler gets +context+ and +event+ (a Message, or [key, seconds] for a
+    # timer); the outcome is reported through the bridge with the context.
+    def run_job(id, context, event, worker, running)
       running[id] = worker
       finished = false
-      context = job.context
-      event = job.event
       timer = event.is_a?(Array)
       event = Timer.new(event[0], Time.at(event[1])) if timer
       begin
         timer ? @handler.on_timer(context, event) : @handler.on_message(context, event)
-        completed(job.succeed)
+        completed(@bridge.succeed(context))
         finished = true
       rescue Async::Stop => e
         # Re-raised by the handler (or never caught): a transient failure; the task stops.
-        completed(job.fail("Async::Stop", "cancelled (timeout, revoke or shutdown)", backtrace(e), false))
+        completed(@bridge.fail(context, "Async::Stop", "cancelled (timeout, revoke or shutdown)", backtrace(e), false))
         finished = true
         raise
       rescue Exception => e # rubocop:disable Lint/RescueException
-        failed(job, e, event, timer ? :on_timer : :on_message)
+        failed(context, e, event, timer ? :on_timer : :on_message)
         finished = true
       end
     ensure
       # Interrupted before the outcome was reported (e.g. Async::Stop while the failure was
       # being classified): still return the permit and report a transient failure. Reporting
       # twice is harmless: a job's outcome is sent once.
-      completed(job.fail("Async::Stop", "interrupted before the outcome was reported", "", false)) unless finished
+      unless finished
+        completed(@bridge.fail(context, "Async::Stop", "interrupted before the outcome was reported", "", false))
+      end
       running.delete(id)
     end
 
     # Reports the outcome first (nothing here may yield before the job is finished), then logs.
-    def failed(job, error, event, method_name)
+    def failed(context, error, event, method_name)
       kind = classify(method_name, error)
-      completed(job.fail(error.class.name.to_s, error.message.to_s, backtrace(error), kind == :permanent))
+      completed(@bridge.fail(context, error.class.name.to_s, error.message.to_s, backtrace(error), kind == :permanent))
       report(error, event, kind)
     end
 

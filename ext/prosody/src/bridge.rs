@@ -9,11 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby, Value};
-use prosody_core::handler::{Completion, Outcome};
+use prosody_core::event::Event;
+use prosody_core::handler::{Completion, Failure, Outcome, Relay};
 use prosody_core::scheduler::{Scheduler, Take};
 
-use crate::job::JobObj;
+use crate::context::Context;
+use crate::message::Message;
 use crate::operation::{value_to_ruby, OpResult};
+use crate::ruby::convert;
 use crate::ruby::pipe::WakePipe;
 
 /// Completions buffered before one flush; bounds how long a burst of tiny handlers waits.
@@ -31,6 +34,8 @@ pub struct BridgeInner {
     /// at the reactor's next turn (the processor schedules a flush on the first buffered outcome,
     /// which runs as soon as the running fiber yields).
     pending: Mutex<Vec<(Completion, Outcome)>>,
+    /// Takes each flushed batch to the partition workers with one wake-up of the engine.
+    relay: Relay,
     /// Results of operations started for handler fibers (timer calls, sends), by operation id,
     /// not yet handed to the fibers waiting for them.
     finished_ops: Mutex<Vec<(u64, OpResult)>>,
@@ -64,7 +69,7 @@ impl BridgeInner {
         if pending.len() >= FLUSH_AT {
             let batch = std::mem::take(&mut *pending);
             drop(pending);
-            send_all(batch);
+            self.relay.send(batch);
             return false;
         }
         first
@@ -76,13 +81,7 @@ impl BridgeInner {
             Ok(mut pending) if !pending.is_empty() => std::mem::take(&mut *pending),
             _ => return,
         };
-        send_all(batch);
-    }
-}
-
-fn send_all(batch: Vec<(Completion, Outcome)>) {
-    for (completion, outcome) in batch {
-        completion.complete(outcome);
+        self.relay.send(batch);
     }
 }
 
@@ -102,8 +101,11 @@ impl Bridge {
                 format!("could not open a wake-up pipe: {e}"),
             )
         })?;
+        let runtime = prosody_core::runtime::handle()
+            .map_err(|e| Error::new(ruby.exception_runtime_error(), e))?;
         let inner = Arc::new(BridgeInner {
             pipe,
+            relay: Relay::start(&runtime),
             cancels: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             finished_ops: Mutex::new(Vec::new()),
@@ -130,7 +132,9 @@ impl Bridge {
         self.inner.pipe.read_fd()
     }
 
-    /// The next job, nil when none is ready (wait for the main fiber's signal), false once closed.
+    /// The next job as `[id, context, event]` (the event a `Prosody::Message`, or
+    /// `[key, seconds since the epoch]` for a timer); nil when none is ready (wait for the main
+    /// fiber's signal), false once closed. The job ends with `succeed` or `fail` on its context.
     fn take(ruby: &Ruby, rb_self: &Self) -> Value {
         match rb_self.scheduler.take() {
             Take::Job(job, grant) => {
@@ -144,7 +148,16 @@ impl Bridge {
                         inner.pipe.wake();
                     }
                 });
-                JobObj::new(id, job, grant, rb_self.inner.clone()).into_value_with(ruby)
+                let (event, cancel, timers, completion) = job.into_parts();
+                let context =
+                    Context::new(cancel, timers, rb_self.inner.clone(), id, completion, grant);
+                let event = match event {
+                    Event::Message(m) => ruby.into_value(Message::new(m)),
+                    Event::Timer(t) => {
+                        (convert::bytes_to_ruby(ruby, &t.key), t.time).into_value_with(ruby)
+                    }
+                };
+                (id, context, event).into_value_with(ruby)
             }
             Take::Empty => {
                 // About to wait: the engine must hear about everything finished first.
@@ -173,6 +186,29 @@ impl Bridge {
                 .map(|mut c| std::mem::take(&mut *c))
                 .unwrap_or_default(),
         )
+    }
+
+    /// The handler of `context`'s job returned. True when a flush must be scheduled.
+    fn succeed(&self, context: &Context) -> bool {
+        context.finish(Outcome::Success)
+    }
+
+    /// The handler of `context`'s job raised `error_class: message` (with the first lines of its
+    /// backtrace); `permanent` when retrying cannot help. True when a flush must be scheduled.
+    fn fail(
+        &self,
+        context: &Context,
+        error_class: String,
+        message: String,
+        backtrace: String,
+        permanent: bool,
+    ) -> bool {
+        context.finish(Outcome::Failure(Failure {
+            error_class,
+            message,
+            backtrace,
+            permanent,
+        }))
     }
 
     /// Sends buffered outcomes to the engine.
@@ -215,6 +251,8 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("fd", method!(Bridge::fd, 0))?;
     class.define_method("take", method!(Bridge::take, 0))?;
     class.define_method("cancellations", method!(Bridge::cancellations, 0))?;
+    class.define_method("succeed", method!(Bridge::succeed, 1))?;
+    class.define_method("fail", method!(Bridge::fail, 5))?;
     class.define_method("flush", method!(Bridge::flush, 0))?;
     class.define_method("finished_ops", method!(Bridge::finished_ops, 0))?;
     class.define_method("close", method!(Bridge::close, 0))?;

@@ -2,28 +2,35 @@
 //! `lib/prosody/context.rb` adds the public timer methods (argument checks, `Time` conversion).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use magnus::{method, prelude::*, Error, RModule, Ruby};
 use prosody_core::cancel::CancelToken;
+use prosody_core::handler::{Completion, Outcome};
+use prosody_core::scheduler::Grant;
 use prosody_core::timers::{KeyTimers, TimerError};
 
 use crate::bridge::BridgeInner;
 use crate::operation::{OpResult, OpValue};
 use crate::ruby::errors;
 
-#[magnus::wrap(class = "Prosody::Context", free_immediately, size)]
+#[derive(magnus::TypedData)]
+#[magnus(class = "Prosody::Context", free_immediately, size)]
 pub struct Context {
     /// Cancelled on timeout, revoke or shutdown.
     cancel: CancelToken,
     /// The event key's timers; `None` without a key or without a timer store.
     timers: Option<KeyTimers>,
     /// False once the handler returned.
-    active: Arc<AtomicBool>,
-    /// Where results of timer operations are delivered.
+    active: AtomicBool,
+    /// Where results of timer operations are delivered, and the outcome is buffered.
     bridge: Arc<BridgeInner>,
     /// The job this context belongs to (the id cancellations name).
     job_id: u64,
+    /// The job's outcome handle and scheduler permit, taken once by [`Context::finish`]. A
+    /// context collected unfinished drops them: the permit returns and the event is reported
+    /// abandoned (not committed). Locked only with the GVL held, so never contended.
+    job: Mutex<Option<(Completion, Grant)>>,
 }
 
 /// A timer operation, started on the engine's runtime.
@@ -36,20 +43,36 @@ enum Op {
 }
 
 impl Context {
+    /// The context of job `job_id`, which reports through `completion` and holds `grant`.
     pub fn new(
         cancel: CancelToken,
         timers: Option<KeyTimers>,
-        active: Arc<AtomicBool>,
         bridge: Arc<BridgeInner>,
         job_id: u64,
+        completion: Completion,
+        grant: Grant,
     ) -> Self {
         Self {
             cancel,
             timers,
-            active,
+            active: AtomicBool::new(true),
             bridge,
             job_id,
+            job: Mutex::new(Some((completion, grant))),
         }
+    }
+
+    /// The handler returned (or raised): the context stops working, the permit goes back at once
+    /// (the worker takes its next job right after), and the outcome is buffered for the next
+    /// flush. True when the caller must schedule a flush (the first outcome buffered since the
+    /// last one). A second call does nothing: a job's outcome is sent once.
+    pub fn finish(&self, outcome: Outcome) -> bool {
+        self.active.store(false, Ordering::Release);
+        let Some((completion, grant)) = self.job.lock().ok().and_then(|mut job| job.take()) else {
+            return false;
+        };
+        drop(grant);
+        self.bridge.complete(completion, outcome)
     }
 
     fn job_id(&self) -> u64 {
@@ -142,6 +165,13 @@ impl Context {
 
     fn scheduled(ruby: &Ruby, rb_self: &Self) -> Result<u64, Error> {
         Self::start(ruby, rb_self, Op::Scheduled)
+    }
+}
+
+/// Dropped on an engine thread, not inside the garbage collector (see `ruby::graveyard`).
+impl magnus::DataTypeFunctions for Context {
+    fn free(self: Box<Self>) {
+        crate::ruby::graveyard::bury(self);
     }
 }
 

@@ -6,7 +6,6 @@
 mod bridge;
 mod client;
 mod context;
-mod job;
 mod logging;
 mod message;
 mod operation;
@@ -22,7 +21,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     ruby::errors::init(ruby)?;
     message::init(ruby, prosody)?;
     context::init(ruby, prosody)?;
-    job::init(ruby, native)?;
     bridge::init(ruby, native)?;
     operation::init(ruby, native)?;
     client::init(ruby, native)?;

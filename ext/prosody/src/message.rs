@@ -22,7 +22,12 @@ pub struct Message {
     headers: OnceLock<Opaque<Value>>,
 }
 
+/// Dropped on an engine thread, not inside the garbage collector (see `ruby::graveyard`).
 impl DataTypeFunctions for Message {
+    fn free(self: Box<Self>) {
+        crate::ruby::graveyard::bury(self);
+    }
+
     fn mark(&self, marker: &gc::Marker) {
         for cached in [&self.payload, &self.headers] {
             if let Some(v) = cached.get() {

@@ -1,7 +1,8 @@
 //! Conversions between Ruby values and engine data.
 
 use magnus::{
-    value::ReprValue, Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value,
+    rb_sys::FromRawValue, value::ReprValue, Error, Float, Integer, RArray, RHash, RString, Ruby,
+    Symbol, Value,
 };
 use prosody_core::config::RawValue;
 use serde_json::Value as Json;
@@ -111,10 +112,26 @@ pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Value {
         Json::Object(map) => {
             let hash = ruby.hash_new();
             for (k, v) in map {
-                let _ = hash.aset(ruby.str_new(k), json_to_ruby(ruby, v));
+                let _ = hash.aset(interned_key(ruby, k), json_to_ruby(ruby, v));
             }
             hash.as_value()
         }
+    }
+}
+
+/// A Hash key as `JSON.parse` makes it: a frozen String from Ruby's table of deduplicated
+/// strings. After a key's first use this allocates nothing, and `Hash#[]=` keeps it as it is
+/// (an unfrozen key would be copied and frozen: two objects per key per message).
+fn interned_key(_ruby: &Ruby, key: &str) -> Value {
+    let len = std::os::raw::c_long::try_from(key.len()).unwrap_or(std::os::raw::c_long::MAX);
+    // SAFETY: the GVL is held (the `&Ruby` proves it); `key` is valid UTF-8 that Ruby copies
+    // when its table has no such string yet; the result is a live, frozen String.
+    unsafe {
+        Value::from_raw(rb_sys::rb_enc_interned_str(
+            key.as_ptr().cast(),
+            len,
+            rb_sys::rb_utf8_encoding(),
+        ))
     }
 }
 

@@ -4,5 +4,6 @@ pub mod convert;
 pub mod encode;
 pub mod errors;
 pub mod event_fd;
+pub mod graveyard;
 pub mod gvl;
 pub mod pipe;
