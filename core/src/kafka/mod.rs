@@ -64,6 +64,15 @@ pub struct ProducerContext {
     pub name: String,
 }
 
+/// Delivery reports go to the [`producer::Acks`] of the send that queued the record.
+impl rdkafka::producer::ProducerContext for ProducerContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, opaque: usize) {
+        producer::Acks::report(result, opaque);
+    }
+}
+
 impl ClientContext for ProducerContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         if log_librdkafka(level, facility, message)

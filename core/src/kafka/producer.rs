@@ -1,15 +1,17 @@
 //! The idempotent producer behind `send_message`.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::{KafkaError, ProducerContext};
@@ -65,8 +67,9 @@ struct Shared {
     send_timeout: Duration,
     /// Whether `bootstrap` is the in-process mock cluster.
     mock: bool,
-    /// librdkafka's producer; its own threads do the network work.
-    inner: FutureProducer<ProducerContext>,
+    /// librdkafka's producer; its own threads do the network work, and its polling thread hands
+    /// each delivery report to the [`Acks`] of the send that queued the record.
+    inner: ThreadedProducer<ProducerContext>,
     /// Set (by librdkafka's log callback) when the cluster behind `bootstrap` changed.
     cluster_changed: Arc<OnceLock<String>>,
     /// `None` during the start-up work (see [`Shared::warm_up`]), then whether a broker answered.
@@ -123,8 +126,9 @@ impl Producer {
     }
 
     /// Sends every record at once and waits once: all are queued in order (records of one
-    /// partition are written in that order), then every acknowledgement is awaited. Returns one
-    /// result per record, in order; a failed record does not stop the others.
+    /// partition are written in that order), then the acknowledgements are awaited together
+    /// (one wake-up when the last one came, not one per record). Returns one result per record,
+    /// in order; a failed record does not stop the others.
     pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
         let shared = self.current();
         let mut prepared: HashSet<&str> = HashSet::new();
@@ -133,15 +137,21 @@ impl Producer {
                 shared.prepare(&record.topic).await;
             }
         }
-        let mut queued = Vec::with_capacity(records.len());
-        for record in records {
-            queued.push(self.enqueue(&shared, record.as_raw()).await);
+        let acks = Acks::register(records.len());
+        for (index, record) in records.iter().enumerate() {
+            if let Err(reason) = self.enqueue(&shared, record.as_raw(), &acks, index).await {
+                acks.settle(index, Err(Failed::Local(reason)));
+            }
         }
-        let mut results = Vec::with_capacity(records.len());
-        for (record, queued) in records.iter().zip(queued) {
-            results.push(settle(queued, &shared, record.as_raw()).await);
-        }
-        results
+        // Every record was queued before this instant, so none waits past its own bound.
+        acks.wait(Instant::now() + shared.send_timeout + OUTER_MARGIN)
+            .await;
+        let send_timeout = shared.send_timeout;
+        acks.take()
+            .into_iter()
+            .zip(records)
+            .map(|(outcome, record)| outcome_of(outcome, send_timeout, record.as_raw()))
+            .collect()
     }
 
     /// Sends a record given as bytes (a missing key or payload stays missing). Every header is
@@ -149,13 +159,27 @@ impl Producer {
     pub async fn send_raw(&self, record: RawRecord<'_>) -> Result<Delivery, SendError> {
         let shared = self.current();
         shared.prepare(record.topic).await;
-        let queued = self.enqueue(&shared, record).await;
-        settle(queued, &shared, record).await
+        let acks = Acks::register(1);
+        match self.enqueue(&shared, record, &acks, 0).await {
+            Ok(()) => {
+                acks.wait(Instant::now() + shared.send_timeout + OUTER_MARGIN)
+                    .await;
+            }
+            Err(reason) => acks.settle(0, Err(Failed::Local(reason))),
+        }
+        let outcome = acks.take().pop().flatten();
+        outcome_of(outcome, shared.send_timeout, record)
     }
 
-    /// Hands `record` to librdkafka's queue, waiting (without blocking a thread) while that
-    /// queue is full, at most `send_timeout`.
-    async fn enqueue(&self, shared: &Shared, record: RawRecord<'_>) -> Result<Queued, String> {
+    /// Hands `record` to librdkafka's queue, its report to go to `acks` as record `index`,
+    /// waiting (without blocking a thread) while that queue is full, at most `send_timeout`.
+    async fn enqueue(
+        &self,
+        shared: &Shared,
+        record: RawRecord<'_>,
+        acks: &Acks,
+        index: usize,
+    ) -> Result<(), String> {
         let mut headers =
             OwnedHeaders::new_with_capacity(record.headers.len() + 1).insert(Header {
                 key: SOURCE_SYSTEM_HEADER,
@@ -169,41 +193,37 @@ impl Producer {
                 });
             }
         }
-        let mut future: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(record.topic).headers(headers);
+        let mut base: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(record.topic, acks.opaque(index)).headers(headers);
         if let Some(key) = record.key {
-            future = future.key(key);
+            base = base.key(key);
         }
         if let Some(payload) = record.payload {
-            future = future.payload(payload);
+            base = base.payload(payload);
         }
         if let Some(partition) = record.partition {
-            future = future.partition(partition);
+            base = base.partition(partition);
         }
-        // One clock read per record; a record that waited for room reads it again.
-        let started = Instant::now();
-        let mut now = started;
+        // The clock is read only when the queue is full (the first time, that is when the record
+        // was first tried).
+        let mut started = None;
         loop {
-            match shared.inner.send_result(future) {
-                Ok(delivery) => {
-                    return Ok(Queued {
-                        delivery,
-                        deadline: now + shared.send_timeout + OUTER_MARGIN,
-                    })
-                }
+            match shared.inner.send(base) {
+                Ok(()) => return Ok(()),
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
                     back,
                 )) => {
+                    let now = Instant::now();
+                    let started = *started.get_or_insert(now);
                     if now >= started + shared.send_timeout {
                         return Err(format!(
                             "librdkafka's send queue stayed full for send_timeout ({:?})",
                             shared.send_timeout
                         ));
                     }
-                    future = back;
+                    base = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-                    now = Instant::now();
                 }
                 Err((e, _)) => return Err(e.to_string()),
             }
@@ -218,16 +238,156 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// outer bound, a little later, covers a delivery report that never comes.
 const OUTER_MARGIN: Duration = Duration::from_millis(250);
 
-/// A record in librdkafka's queue: its delivery report, and when to stop waiting for it.
-struct Queued {
-    delivery: DeliveryFuture,
-    deadline: Instant,
+/// Why a record failed.
+#[derive(Debug)]
+pub(super) enum Failed {
+    /// librdkafka's delivery report said so.
+    Kafka(rdkafka::error::KafkaError),
+    /// It never reached librdkafka's queue.
+    Local(String),
 }
 
-/// Waits for a queued record's acknowledgement.
-async fn settle(
-    queued: Result<Queued, String>,
-    shared: &Shared,
+/// The delivery reports of one send (one record, or a batch), filled in by librdkafka's
+/// polling thread through [`ProducerContext`]'s delivery callback. The sender is woken once,
+/// when the last report came.
+///
+/// A queued record carries no allocation of its own through librdkafka: its opaque value is
+/// the send's id (high 32 bits) and the record's index (low 32 bits), and the callback finds the
+/// send in [`WAITING`] (remembering the last one, since a batch's reports come together).
+/// Freeing a per-record allocation on the polling thread contended with the sending thread's
+/// allocations for the allocator's lock.
+#[derive(Debug)]
+pub struct Acks {
+    /// Key in [`WAITING`].
+    id: u32,
+    /// One slot per record, in send order; `None` until its report came.
+    outcomes: Mutex<Vec<Option<Result<Delivery, Failed>>>>,
+    /// Records whose report has not come yet.
+    remaining: AtomicUsize,
+    /// Signalled when `remaining` reaches zero.
+    done: Notify,
+}
+
+/// Sends waiting for delivery reports, by id. A send removes itself when it stops waiting
+/// ([`Registration`]); a report that comes later finds nothing and is dropped.
+static WAITING: Mutex<Option<HashMap<u32, Arc<Acks>>>> = Mutex::new(None);
+
+/// Ids for sends (wrapping; a send waits at most `send_timeout`, so ids never collide).
+static NEXT_SEND: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// The send the polling thread reported to last.
+    static LAST_SEND: RefCell<Option<Arc<Acks>>> = const { RefCell::new(None) };
+}
+
+/// A send's entry in [`WAITING`], removed when dropped.
+pub(super) struct Registration(Arc<Acks>);
+
+impl std::ops::Deref for Registration {
+    type Target = Acks;
+    fn deref(&self) -> &Acks {
+        &self.0
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waiting) = waiting.as_mut() {
+            waiting.remove(&self.0.id);
+        }
+    }
+}
+
+impl Acks {
+    /// A send of `records` records, registered for their reports.
+    fn register(records: usize) -> Registration {
+        let acks = Arc::new(Self {
+            id: NEXT_SEND.fetch_add(1, Ordering::Relaxed),
+            outcomes: Mutex::new(std::iter::repeat_with(|| None).take(records).collect()),
+            remaining: AtomicUsize::new(records),
+            done: Notify::new(),
+        });
+        let mut waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        waiting
+            .get_or_insert_with(HashMap::new)
+            .insert(acks.id, acks.clone());
+        Registration(acks)
+    }
+
+    /// The opaque value of record `index` (indexes beyond 32 bits are not sent: a batch that
+    /// large could not be held in memory).
+    fn opaque(&self, index: usize) -> usize {
+        (usize::try_from(self.id).unwrap_or(0) << 32) | (index & 0xffff_ffff)
+    }
+
+    /// Records the outcome of record `index` (once; a second report for it is ignored).
+    pub(super) fn settle(&self, index: usize, outcome: Result<Delivery, Failed>) {
+        let first = match self.outcomes.lock() {
+            Ok(mut outcomes) => match outcomes.get_mut(index) {
+                Some(slot @ None) => {
+                    *slot = Some(outcome);
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
+        };
+        if first && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stores a permit if the sender is not waiting yet.
+            self.done.notify_one();
+        }
+    }
+
+    /// The delivery callback's half: the report of the record whose opaque value is `opaque`.
+    pub(super) fn report(result: &DeliveryResult<'_>, opaque: usize) {
+        let id = u32::try_from(opaque >> 32).unwrap_or(u32::MAX);
+        let index = opaque & 0xffff_ffff;
+        let Some(acks) = LAST_SEND.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.as_ref().is_none_or(|acks| acks.id != id) {
+                let waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+                *last = waiting.as_ref().and_then(|w| w.get(&id)).cloned();
+            }
+            last.clone()
+        }) else {
+            return;
+        };
+        let outcome = match result {
+            Ok(message) => Ok(Delivery {
+                partition: message.partition(),
+                offset: message.offset(),
+            }),
+            Err((e, _)) => Err(Failed::Kafka(e.clone())),
+        };
+        acks.settle(index, outcome);
+    }
+
+    /// Waits until every report came, or until `deadline`.
+    async fn wait(&self, deadline: Instant) {
+        while self.remaining.load(Ordering::Acquire) > 0 {
+            if tokio::time::timeout_at(deadline, self.done.notified())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The outcomes so far, in send order (`None` for a report that never came).
+    fn take(&self) -> Vec<Option<Result<Delivery, Failed>>> {
+        self.outcomes
+            .lock()
+            .map(|mut outcomes| std::mem::take(&mut *outcomes))
+            .unwrap_or_default()
+    }
+}
+
+/// A record's result as the application sees it.
+fn outcome_of(
+    outcome: Option<Result<Delivery, Failed>>,
+    send_timeout: Duration,
     record: RawRecord<'_>,
 ) -> Result<Delivery, SendError> {
     let fail = |reason: String| SendError {
@@ -235,23 +395,18 @@ async fn settle(
         key: crate::event::show_key(record.key),
         reason,
     };
-    let queued = queued.map_err(fail)?;
-    let send_timeout = shared.send_timeout;
-    match tokio::time::timeout_at(queued.deadline, queued.delivery).await {
-        Err(_) => Err(fail(format!(
+    match outcome {
+        Some(Ok(delivery)) => Ok(delivery),
+        None => Err(fail(format!(
             "no acknowledgement within send_timeout ({send_timeout:?})"
         ))),
-        Ok(Err(_)) => Err(fail("the producer went away before the acknowledgement".into())),
-        Ok(Ok(Err((e, _)))) => Err(fail(match e.rdkafka_error_code() {
+        Some(Err(Failed::Local(reason))) => Err(fail(reason)),
+        Some(Err(Failed::Kafka(e))) => Err(fail(match e.rdkafka_error_code() {
             Some(RDKafkaErrorCode::MessageTimedOut) => format!(
                 "no acknowledgement within send_timeout ({send_timeout:?}); is the broker reachable?"
             ),
             _ => e.to_string(),
         })),
-        Ok(Ok(Ok(d))) => Ok(Delivery {
-            partition: d.partition,
-            offset: d.offset,
-        }),
     }
 }
 
@@ -357,9 +512,9 @@ impl Shared {
     /// record to an internal topic then waits until the producer id is there; on a real cluster
     /// nothing is written, and the first send may still include that wait.
     async fn warm_up(self: Arc<Self>) {
-        let producer = self.inner.clone();
+        let producer = self.clone();
         let connected = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(None, START_UP_WAIT)
+            producer.inner.client().fetch_metadata(None, START_UP_WAIT)
         })
         .await;
         let connected = match connected {
@@ -389,10 +544,16 @@ impl Shared {
             log::debug!("producer warm-up: {e}");
             return;
         }
-        let record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(WARM_UP_TOPIC).payload(b"{}".as_slice());
-        if let Err((e, _)) = self.inner.send(record, START_UP_WAIT).await {
-            log::debug!("producer warm-up: the probe record was not delivered ({e})");
+        let acks = Acks::register(1);
+        let record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(WARM_UP_TOPIC, acks.opaque(0)).payload(b"{}".as_slice());
+        if let Err((e, _)) = self.inner.send(record) {
+            log::debug!("producer warm-up: the probe record was not queued ({e})");
+            return;
+        }
+        acks.wait(Instant::now() + START_UP_WAIT).await;
+        if let Some(Some(Err(e))) = acks.take().pop() {
+            log::debug!("producer warm-up: the probe record was not delivered ({e:?})");
         }
     }
 
@@ -401,7 +562,7 @@ impl Shared {
     /// Skipped when no broker answered the start-up request: the send then fails on its own clock.
     /// Once started and the topic known, this is a read of the start-up state and one lookup:
     /// no timer, no allocation.
-    async fn prepare(&self, topic: &str) {
+    async fn prepare(self: &Arc<Self>, topic: &str) {
         let started = *self.ready.borrow();
         let connected = match started {
             Some(connected) => connected,
@@ -423,10 +584,13 @@ impl Shared {
         if !first {
             return;
         }
-        let producer = self.inner.clone();
+        let producer = self.clone();
         let name = topic.to_owned();
         let fetched = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(Some(&name), START_UP_WAIT)
+            producer
+                .inner
+                .client()
+                .fetch_metadata(Some(&name), START_UP_WAIT)
         })
         .await;
         if let Ok(Err(e)) = fetched {
