@@ -9,7 +9,7 @@ use crate::failure::deadletter::DeadLetters;
 use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
-use crate::kafka::producer::{Delivery, Producer, Record, SendError};
+use crate::kafka::producer::{Delivery, Done, Producer, Record, SendError};
 use crate::kafka::KafkaError;
 use crate::scheduler::{FairConfig, Scheduler};
 use crate::timers::cassandra::CassandraStore;
@@ -89,6 +89,16 @@ impl Client {
         self.prepare_topic(&record.topic)
             .map_err(|e| SendError::of(record, e.to_string()))?;
         self.producer.send(record).await
+    }
+
+    /// Queues `record` at once and reports its outcome to `done` (see [`Producer::send_now`]);
+    /// gives `done` back, with nothing sent, when the send must wait: use [`Client::send`] then.
+    pub fn send_now(&self, record: &Record, done: Done) -> Option<Done> {
+        if let Err(e) = self.prepare_topic(&record.topic) {
+            done(Err(SendError::of(record, e.to_string())));
+            return None;
+        }
+        self.producer.send_now(record, done)
     }
 
     /// Sends every record at once and waits once (see [`Producer::send_batch`]): one result per

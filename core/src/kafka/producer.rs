@@ -125,6 +125,61 @@ impl Producer {
         self.send_raw(record.as_raw()).await
     }
 
+    /// Queues `record` now, on the calling thread, and reports its outcome to `done` from
+    /// librdkafka's polling thread: no task, no timer and no engine wake-up per send (what a
+    /// handler's `send_message` uses). Gives `done` back, with nothing sent, when the record
+    /// cannot be queued at once (the producer is still starting, the topic's leaders were not
+    /// asked for yet, or librdkafka's queue is full); [`Producer::send`] waits for those.
+    /// Bounded like `send`: librdkafka fails an unacknowledged record after `send_timeout`, and
+    /// a sweeper reports a record whose report never came a little later.
+    pub fn send_now(&self, record: &Record, done: Done) -> Option<Done> {
+        let shared = self.current();
+        if !shared.prepared(&record.topic) {
+            return Some(done);
+        }
+        let acks = Acks::register(1);
+        let mut base: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&record.topic, acks.opaque(0))
+                .headers(self.headers(&record.headers))
+                .key(&record.key);
+        if let Some(payload) = &record.payload {
+            base = base.payload(payload);
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        match shared.inner.send(base) {
+            Ok(()) => {}
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                _,
+            )) => {
+                return Some(done);
+            }
+            Err((e, _)) => {
+                done(Err(SendError::of(record, e.to_string())));
+                return None;
+            }
+        }
+        // The report may already have come; `call_when_done` then calls at once.
+        let send_timeout = shared.send_timeout;
+        let (topic, key) = (record.topic.clone(), record.key.clone());
+        acks.call_when_done(
+            Instant::now() + send_timeout + OUTER_MARGIN,
+            Box::new(move |mut outcomes| {
+                let raw = RawRecord {
+                    topic: &topic,
+                    key: Some(&key),
+                    payload: None,
+                    headers: &[],
+                    partition: None,
+                };
+                done(outcome_of(outcomes.pop().flatten(), send_timeout, raw));
+            }),
+        );
+        None
+    }
+
     /// Sends every record at once and waits once: all are queued in order (records of one
     /// partition are written in that order), then the acknowledgements are awaited together
     /// (one wake-up when the last one came, not one per record). Returns one result per record,
@@ -171,6 +226,24 @@ impl Producer {
         outcome_of(outcome, shared.send_timeout, record)
     }
 
+    /// The record's headers with this producer's `source-system` first (one given by the
+    /// application is replaced).
+    fn headers(&self, given: &[(String, Vec<u8>)]) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(given.len() + 1).insert(Header {
+            key: SOURCE_SYSTEM_HEADER,
+            value: Some(self.source_system.as_bytes()),
+        });
+        for (k, v) in given {
+            if k != SOURCE_SYSTEM_HEADER {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_slice()),
+                });
+            }
+        }
+        headers
+    }
+
     /// Hands `record` to librdkafka's queue, its report to go to `acks` as record `index`,
     /// waiting (without blocking a thread) while that queue is full, at most `send_timeout`.
     async fn enqueue(
@@ -180,21 +253,9 @@ impl Producer {
         acks: &Acks,
         index: usize,
     ) -> Result<(), String> {
-        let mut headers =
-            OwnedHeaders::new_with_capacity(record.headers.len() + 1).insert(Header {
-                key: SOURCE_SYSTEM_HEADER,
-                value: Some(self.source_system.as_bytes()),
-            });
-        for (k, v) in record.headers {
-            if k != SOURCE_SYSTEM_HEADER {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_slice()),
-                });
-            }
-        }
         let mut base: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(record.topic, acks.opaque(index)).headers(headers);
+            BaseRecord::with_opaque_to(record.topic, acks.opaque(index))
+                .headers(self.headers(record.headers));
         if let Some(key) = record.key {
             base = base.key(key);
         }
@@ -238,6 +299,13 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 /// outer bound, a little later, covers a delivery report that never comes.
 const OUTER_MARGIN: Duration = Duration::from_millis(250);
 
+/// Where a send started with [`Producer::send_now`] reports its outcome (called once, on
+/// librdkafka's polling thread or the sweeper's).
+pub type Done = Box<dyn FnOnce(Result<Delivery, SendError>) + Send>;
+
+/// What a send started with [`Producer::send_now`] does with its outcomes.
+type Callback = Box<dyn FnOnce(Vec<Option<Result<Delivery, Failed>>>) + Send>;
+
 /// Why a record failed.
 #[derive(Debug)]
 pub(super) enum Failed {
@@ -256,10 +324,13 @@ pub(super) enum Failed {
 /// send in [`WAITING`] (remembering the last one, since a batch's reports come together).
 /// Freeing a per-record allocation on the polling thread contended with the sending thread's
 /// allocations for the allocator's lock.
-#[derive(Debug)]
 pub struct Acks {
     /// Key in [`WAITING`].
     id: u32,
+    /// For a send started with [`Producer::send_now`]: when to give up on missing reports, and
+    /// what to call with the outcomes (taken once, by the last report or by the sweeper). It
+    /// holds the send's [`Registration`], so the send stays registered until then.
+    callback: Mutex<Option<(Instant, Callback)>>,
     /// One slot per record, in send order; `None` until its report came.
     outcomes: Mutex<Vec<Option<Result<Delivery, Failed>>>>,
     /// Records whose report has not come yet.
@@ -275,6 +346,66 @@ static WAITING: Mutex<Option<HashMap<u32, Arc<Acks>>>> = Mutex::new(None);
 /// Ids for sends (wrapping; a send waits at most `send_timeout`, so ids never collide).
 static NEXT_SEND: AtomicU32 = AtomicU32::new(0);
 
+/// Sends with a callback still waiting (the sweeper sleeps while there are none).
+static CALLBACK_SENDS: AtomicUsize = AtomicUsize::new(0);
+
+/// How often the sweeper looks for callback sends past their deadline.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// Reports, at their deadline, the records of [`Producer::send_now`] sends whose delivery report
+/// never came (librdkafka sends one for every record, so normally it finds nothing). One task
+/// per process on the shared runtime, started with the first such send; it sleeps on a
+/// notification while no such send waits. Its owner is the process: it lives as long as the
+/// runtime and the producer pool.
+struct Sweeper {
+    /// Wakes the task when the first callback send starts.
+    wake: Notify,
+}
+
+/// This process's sweeper, started on first use.
+static SWEEPER: PerProcess<Sweeper> = PerProcess::new();
+
+impl Sweeper {
+    /// Starts the sweeper if needed and wakes it.
+    fn wake() {
+        let sweeper = SWEEPER.get_or_try_init(|| {
+            let runtime = crate::runtime::handle()?;
+            runtime.spawn(Self::run());
+            Ok::<_, String>(Sweeper {
+                wake: Notify::new(),
+            })
+        });
+        match sweeper {
+            Ok(sweeper) => sweeper.wake.notify_one(),
+            Err(e) => log::error!("could not start the producer's sweeper: {e}"),
+        }
+    }
+
+    async fn run() {
+        loop {
+            if CALLBACK_SENDS.load(Ordering::Acquire) == 0 {
+                match SWEEPER.get() {
+                    Some(sweeper) => sweeper.wake.notified().await,
+                    None => tokio::time::sleep(SWEEP_EVERY).await,
+                }
+                continue;
+            }
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let now = Instant::now();
+            let waiting: Vec<Arc<Acks>> = {
+                let waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+                waiting
+                    .as_ref()
+                    .map(|w| w.values().cloned().collect())
+                    .unwrap_or_default()
+            };
+            for acks in waiting {
+                acks.call_back(Some(now));
+            }
+        }
+    }
+}
+
 thread_local! {
     /// The send the polling thread reported to last.
     static LAST_SEND: RefCell<Option<Arc<Acks>>> = const { RefCell::new(None) };
@@ -287,6 +418,28 @@ impl std::ops::Deref for Registration {
     type Target = Acks;
     fn deref(&self) -> &Acks {
         &self.0
+    }
+}
+
+impl Registration {
+    /// Has `callback` called with the outcomes once every report came (at once if they already
+    /// did), or at `deadline` by the sweeper with what came by then.
+    fn call_when_done(self, deadline: Instant, callback: Callback) {
+        let acks = self.0.clone();
+        // The send stays registered (its reports find it) until its outcomes were taken.
+        let callback: Callback = Box::new(move |outcomes| {
+            drop(self);
+            callback(outcomes);
+        });
+        if let Ok(mut slot) = acks.callback.lock() {
+            *slot = Some((deadline, callback));
+        }
+        if CALLBACK_SENDS.fetch_add(1, Ordering::AcqRel) == 0 {
+            Sweeper::wake();
+        }
+        if acks.remaining.load(Ordering::Acquire) == 0 {
+            acks.call_back(None);
+        }
     }
 }
 
@@ -304,6 +457,7 @@ impl Acks {
     fn register(records: usize) -> Registration {
         let acks = Arc::new(Self {
             id: NEXT_SEND.fetch_add(1, Ordering::Relaxed),
+            callback: Mutex::new(None),
             outcomes: Mutex::new(std::iter::repeat_with(|| None).take(records).collect()),
             remaining: AtomicUsize::new(records),
             done: Notify::new(),
@@ -336,6 +490,22 @@ impl Acks {
         if first && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Stores a permit if the sender is not waiting yet.
             self.done.notify_one();
+            self.call_back(None);
+        }
+    }
+
+    /// Calls the callback, if there is one (and, with `due`, only if its deadline passed).
+    fn call_back(&self, due: Option<Instant>) {
+        let taken = match self.callback.lock() {
+            Ok(mut slot) => match slot.as_ref() {
+                Some((deadline, _)) if due.is_none_or(|now| *deadline <= now) => slot.take(),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        if let Some((_, callback)) = taken {
+            CALLBACK_SENDS.fetch_sub(1, Ordering::AcqRel);
+            callback(self.take());
         }
     }
 
@@ -557,6 +727,16 @@ impl Shared {
         }
     }
 
+    /// Whether a send to `topic` can be queued at once: the start-up work found a broker and
+    /// `topic`'s metadata was asked for (see [`Shared::prepare`]).
+    fn prepared(&self, topic: &str) -> bool {
+        *self.ready.borrow() == Some(true)
+            && self
+                .known_topics
+                .lock()
+                .is_ok_and(|known| known.contains(topic))
+    }
+
     /// Waits (bounded) for the start-up work, and asks once for `topic`'s metadata, so that the
     /// send's clock starts with a producer that knows where to write.
     /// Skipped when no broker answered the start-up request: the send then fails on its own clock.
@@ -596,5 +776,54 @@ impl Shared {
         if let Ok(Err(e)) = fetched {
             log::debug!("no metadata for topic {topic:?} yet ({e})");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for what a callback send reports: whether its one record was acknowledged, and
+    /// whether a report came at all.
+    fn reported(acks: Registration, deadline: Instant) -> (bool, bool) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        acks.call_when_done(
+            deadline,
+            Box::new(move |mut outcomes| {
+                let outcome = outcomes.pop().flatten();
+                let _ = tx.send((matches!(outcome, Some(Ok(_))), outcome.is_some()));
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the callback ran")
+    }
+
+    #[test]
+    fn a_report_that_came_before_the_callback_was_set_is_not_lost() {
+        let acks = Acks::register(1);
+        acks.settle(
+            0,
+            Ok(Delivery {
+                partition: 0,
+                offset: 7,
+            }),
+        );
+        assert_eq!(
+            reported(acks, Instant::now() + Duration::from_secs(60)),
+            (true, true)
+        );
+    }
+
+    #[test]
+    fn a_report_that_never_comes_is_given_up_by_the_sweeper_at_the_deadline() {
+        let acks = Acks::register(1);
+        let id = acks.id;
+        assert_eq!(
+            reported(acks, Instant::now() + Duration::from_millis(50)),
+            (false, false)
+        );
+        // The send is no longer registered: a late report finds nothing.
+        let waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(waiting.as_ref().is_none_or(|w| !w.contains_key(&id)));
     }
 }

@@ -5,12 +5,12 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use magnus::{
-    function, method, prelude::*, value::Lazy, ArgList, Error, RArray, RHash, RModule, RString,
-    Ruby, Symbol, Value,
+    function, method, prelude::*, value::Lazy, ArgList, Error, IntoValue, RArray, RHash, RModule,
+    RString, Ruby, Symbol, Value,
 };
 use prosody_core::client::{Client as CoreClient, ConsumerState};
 use prosody_core::config::Config;
-use prosody_core::kafka::producer::Record;
+use prosody_core::kafka::producer::{Done, Record, SendError};
 
 use crate::bridge::Bridge;
 use crate::operation::{self, OpResult, OpValue};
@@ -91,12 +91,21 @@ impl Client {
             None => checked(ruby, "row", (topic, key, payload, headers, partition))?,
         };
         let client = Arc::clone(&rb_self.inner);
-        operation::start(ruby, target, async move {
-            match client.send(&record).await {
-                Ok(_) => OpResult::Ok(OpValue::Nil),
-                Err(e) => OpResult::Err(errors::Class::Send, e.to_string()),
+        if let Ok(bridge) = <&Bridge>::try_convert(target) {
+            // A handler's send: queued here and reported from librdkafka's thread straight to
+            // the bridge, with no engine task, when the producer can take it at once.
+            let inner = bridge.inner();
+            let id = inner.next_op();
+            let done: Done = Box::new(move |result| inner.op_finished(id, sent(result)));
+            if client.send_now(&record, done).is_none() {
+                return Ok(id.into_value_with(ruby));
             }
-        })
+        }
+        operation::start(
+            ruby,
+            target,
+            async move { sent(client.send(&record).await) },
+        )
     }
 
     /// Sends every record at once and waits once, for the waiter `target` names. `records` are
@@ -185,6 +194,14 @@ impl Client {
 
     fn timers_available(&self) -> bool {
         self.inner.timers_available()
+    }
+}
+
+/// A send's outcome as the waiting fiber receives it: nil, or `Prosody::SendError`.
+fn sent<T>(result: Result<T, SendError>) -> OpResult {
+    match result {
+        Ok(_) => OpResult::Ok(OpValue::Nil),
+        Err(e) => OpResult::Err(errors::Class::Send, e.to_string()),
     }
 }
 
