@@ -9,6 +9,8 @@ use std::io::Write as _;
 
 use magnus::encoding::Coderange;
 use magnus::r_hash::ForEach;
+use magnus::rb_sys::{AsRawValue, FromRawValue};
+use magnus::value::LazyId;
 use magnus::{prelude::*, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value};
 use prosody_core::kafka::producer::Record;
 
@@ -18,28 +20,46 @@ const MAX_NESTING: usize = 100;
 /// The largest partition number (librdkafka's partitions are 32-bit).
 const MAX_PARTITION: i64 = i32::MAX as i64;
 
+/// The fields a record Hash may have, as Symbols.
+static FIELDS: [(&str, LazyId); 6] = [
+    ("topic", LazyId::new("topic")),
+    ("key", LazyId::new("key")),
+    ("payload", LazyId::new("payload")),
+    ("headers", LazyId::new("headers")),
+    ("partition", LazyId::new("partition")),
+    ("tombstone", LazyId::new("tombstone")),
+];
+
 /// The record a `{topic:, key:, payload:, headers:, partition:, tombstone:}` Hash describes, if
-/// it is a plain one (see the module documentation).
+/// it is a plain one (see the module documentation). Each field is looked up by its Symbol; a
+/// Hash with any other key (a String key, a typo) is not plain.
 pub fn record(ruby: &Ruby, value: Value) -> Option<Record> {
     let hash = RHash::from_value(value)?;
     let mut fields = Fields::default();
-    let mut plain = true;
-    let _ = hash.foreach(|k: Value, v: Value| {
-        plain = Symbol::from_value(k)
-            .and_then(|k| k.name().ok())
-            .and_then(|name| fields.set(ruby, &name, v))
-            .is_some();
-        Ok(if plain {
-            ForEach::Continue
-        } else {
-            ForEach::Stop
-        })
-    });
-    if plain {
+    let mut found = 0;
+    for (name, id) in &FIELDS {
+        if let Some(v) = symbol_lookup(hash, ruby.into_value(**id)) {
+            found += 1;
+            fields.set(ruby, name, v)?;
+        }
+    }
+    if found == hash.len() {
         fields.finish()
     } else {
         None
     }
+}
+
+/// `hash[symbol]` without its default, or `None`. A Symbol key is hashed and compared by Ruby
+/// itself, never by a method of the application's, so the lookup runs no Ruby code and cannot
+/// raise (which is why it needs no `rb_protect` around it).
+fn symbol_lookup(hash: RHash, symbol: Value) -> Option<Value> {
+    // SAFETY: called with the GVL held (the callers hold a `&Ruby`); `hash` and `symbol` are live
+    // values; `rb_hash_lookup2` returns the stored value or the given default.
+    let undef = rb_sys::special_consts::Qundef as rb_sys::VALUE;
+    let found = unsafe { rb_sys::rb_hash_lookup2(hash.as_raw(), symbol.as_raw(), undef) };
+    // SAFETY: a value other than the default is a live value stored in `hash`.
+    (found != undef).then(|| unsafe { Value::from_raw(found) })
 }
 
 /// The record of one send (`payload` `None` for a tombstone), if every part is a plain one.
