@@ -9,7 +9,7 @@ use crate::failure::deadletter::DeadLetters;
 use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
-use crate::kafka::producer::{Delivery, Done, Producer, Record, SendError};
+use crate::kafka::producer::{Delivery, Done, Producer, RawRecord, Record, SendError};
 use crate::kafka::KafkaError;
 use crate::scheduler::{FairConfig, Scheduler};
 use crate::timers::cassandra::CassandraStore;
@@ -103,11 +103,11 @@ impl Client {
 
     /// Sends every record at once and waits once (see [`Producer::send_batch`]): one result per
     /// record, in order. Records to a topic that could not be prepared fail; the others are sent.
-    pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
+    pub async fn send_batch(&self, records: &[RawRecord<'_>]) -> Vec<Result<Delivery, SendError>> {
         let mut unprepared: HashMap<&str, String> = HashMap::new();
         let mut prepared: HashSet<&str> = HashSet::new();
         for record in records {
-            let topic = record.topic.as_str();
+            let topic = record.topic;
             if prepared.contains(topic) || unprepared.contains_key(topic) {
                 continue;
             }
@@ -119,19 +119,19 @@ impl Client {
         if unprepared.is_empty() {
             return self.producer.send_batch(records).await;
         }
-        let ready: Vec<Record> = records
+        let ready: Vec<RawRecord<'_>> = records
             .iter()
-            .filter(|r| !unprepared.contains_key(r.topic.as_str()))
-            .cloned()
+            .filter(|r| !unprepared.contains_key(r.topic))
+            .copied()
             .collect();
         let mut sent = self.producer.send_batch(&ready).await.into_iter();
         records
             .iter()
-            .map(|r| match unprepared.get(r.topic.as_str()) {
-                Some(reason) => Err(SendError::of(r, reason.clone())),
-                None => sent
-                    .next()
-                    .unwrap_or_else(|| Err(SendError::of(r, "no result for this record".into()))),
+            .map(|r| match unprepared.get(r.topic) {
+                Some(reason) => Err(SendError::of_raw(*r, reason.clone())),
+                None => sent.next().unwrap_or_else(|| {
+                    Err(SendError::of_raw(*r, "no result for this record".into()))
+                }),
             })
             .collect()
     }

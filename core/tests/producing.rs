@@ -24,7 +24,8 @@ fn a_batch_is_written_in_order_and_one_failure_does_not_stop_the_others() {
         .map(|i| record(&topic, b"k", format!("{{\"seq\":{i}}}").as_bytes(), &[]))
         .collect();
     records[40].partition = Some(1000); // no such partition
-    let results = rt.block_on(client.send_batch(&records));
+    let results =
+        rt.block_on(client.send_batch(&records.iter().map(Record::as_raw).collect::<Vec<_>>()));
     assert_eq!(results.len(), 100);
     let failure = results[40].as_ref().unwrap_err();
     assert_eq!(failure.topic, topic);
@@ -71,11 +72,12 @@ fn a_send_to_an_unreachable_broker_fails_after_send_timeout_naming_the_record() 
     cfg.send_timeout = std::time::Duration::from_millis(300);
     let client = Client::new(cfg).unwrap();
     let rt = prosody_core::runtime::handle().unwrap();
-    let records = vec![
+    let records = [
         record(&topic, b"a", b"1", &[]),
         record(&topic, b"b", b"2", &[]),
     ];
-    let results = rt.block_on(client.send_batch(&records));
+    let results =
+        rt.block_on(client.send_batch(&records.iter().map(Record::as_raw).collect::<Vec<_>>()));
     for (result, key) in results.iter().zip(["\"a\"", "\"b\""]) {
         let e = result.as_ref().unwrap_err();
         assert_eq!(e.key, key);

@@ -33,9 +33,14 @@ pub struct SendError {
 impl SendError {
     /// The failure of `record` for `reason`.
     pub fn of(record: &Record, reason: String) -> Self {
+        Self::of_raw(record.as_raw(), reason)
+    }
+
+    /// The failure of `record` (given as bytes) for `reason`.
+    pub fn of_raw(record: RawRecord<'_>, reason: String) -> Self {
         Self {
-            topic: record.topic.clone(),
-            key: crate::event::show_key(Some(&record.key)),
+            topic: record.topic.to_owned(),
+            key: crate::event::show_key(record.key),
             reason,
         }
     }
@@ -184,17 +189,17 @@ impl Producer {
     /// partition are written in that order), then the acknowledgements are awaited together
     /// (one wake-up when the last one came, not one per record). Returns one result per record,
     /// in order; a failed record does not stop the others.
-    pub async fn send_batch(&self, records: &[Record]) -> Vec<Result<Delivery, SendError>> {
+    pub async fn send_batch(&self, records: &[RawRecord<'_>]) -> Vec<Result<Delivery, SendError>> {
         let shared = self.current();
         let mut prepared: HashSet<&str> = HashSet::new();
         for record in records {
-            if prepared.insert(&record.topic) {
-                shared.prepare(&record.topic).await;
+            if prepared.insert(record.topic) {
+                shared.prepare(record.topic).await;
             }
         }
         let acks = Acks::register(records.len());
         for (index, record) in records.iter().enumerate() {
-            if let Err(reason) = self.enqueue(&shared, record.as_raw(), &acks, index).await {
+            if let Err(reason) = self.enqueue(&shared, *record, &acks, index).await {
                 acks.settle(index, Err(Failed::Local(reason)));
             }
         }
@@ -205,7 +210,7 @@ impl Producer {
         acks.take()
             .into_iter()
             .zip(records)
-            .map(|(outcome, record)| outcome_of(outcome, send_timeout, record.as_raw()))
+            .map(|(outcome, record)| outcome_of(outcome, send_timeout, *record))
             .collect()
     }
 
@@ -596,7 +601,8 @@ pub struct Record {
 }
 
 impl Record {
-    fn as_raw(&self) -> RawRecord<'_> {
+    /// The record as borrowed bytes.
+    pub fn as_raw(&self) -> RawRecord<'_> {
         RawRecord {
             topic: &self.topic,
             key: Some(&self.key),

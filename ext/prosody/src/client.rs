@@ -119,25 +119,25 @@ impl Client {
         target: Value,
         records: RArray,
     ) -> Result<Value, Error> {
-        let mut batch = Vec::with_capacity(records.len());
+        let mut batch = encode::Batch::with_capacity(records.len());
         for (index, value) in records.into_iter().enumerate() {
-            let record = match encode::record(ruby, value) {
-                Some(record) => record,
-                None => checked(ruby, "indexed_row", (value, index))?,
-            };
-            batch.push(record);
+            if !batch.push_plain(ruby, value) {
+                batch.push(checked(ruby, "indexed_row", (value, index))?);
+            }
         }
         let client = Arc::clone(&rb_self.inner);
         operation::start(ruby, target, async move {
-            let results = client.send_batch(&batch).await;
-            let failures = batch
+            let records = batch.raw();
+            let results = client.send_batch(&records).await;
+            let failures = records
                 .into_iter()
                 .zip(results)
                 .enumerate()
                 .filter_map(|(index, (record, result))| {
-                    result
-                        .err()
-                        .map(|e| (index, record.topic, record.key, e.reason))
+                    result.err().map(|e| {
+                        let key = record.key.unwrap_or_default().to_vec();
+                        (index, record.topic.to_owned(), key, e.reason)
+                    })
                 })
                 .collect();
             OpResult::Ok(OpValue::Failures(failures))

@@ -6,13 +6,14 @@
 //! what is wrong. Both produce the same record for the same input.
 
 use std::io::Write as _;
+use std::ops::Range;
 
 use magnus::encoding::Coderange;
 use magnus::r_hash::ForEach;
 use magnus::rb_sys::{AsRawValue, FromRawValue};
 use magnus::value::LazyId;
 use magnus::{prelude::*, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value};
-use prosody_core::kafka::producer::Record;
+use prosody_core::kafka::producer::{RawRecord, Record};
 
 /// `JSON.generate`'s default `max_nesting`.
 const MAX_NESTING: usize = 100;
@@ -30,24 +31,100 @@ static FIELDS: [(&str, LazyId); 6] = [
     ("tombstone", LazyId::new("tombstone")),
 ];
 
-/// The record a `{topic:, key:, payload:, headers:, partition:, tombstone:}` Hash describes, if
-/// it is a plain one (see the module documentation). Each field is looked up by its Symbol; a
-/// Hash with any other key (a String key, a typo) is not plain.
-pub fn record(ruby: &Ruby, value: Value) -> Option<Record> {
-    let hash = RHash::from_value(value)?;
-    let mut fields = Fields::default();
-    let mut found = 0;
-    for (name, id) in &FIELDS {
-        if let Some(v) = symbol_lookup(hash, ruby.into_value(**id)) {
-            found += 1;
-            fields.set(ruby, name, v)?;
+/// The records of one `send_messages` call, their topics, keys and payloads in one buffer (no
+/// allocation per record; librdkafka copies each record from it when it is queued).
+#[derive(Default)]
+pub struct Batch {
+    /// Every record's bytes, one after another.
+    bytes: Vec<u8>,
+    /// Where each record's parts are in `bytes`.
+    records: Vec<Span>,
+}
+
+impl Batch {
+    /// An empty batch with room for `records` records.
+    pub fn with_capacity(records: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(records * 48),
+            records: Vec::with_capacity(records),
         }
     }
-    if found == hash.len() {
-        fields.finish()
-    } else {
-        None
+
+    /// Appends the record a `{topic:, key:, payload:, headers:, partition:, tombstone:}` Hash
+    /// describes, if it is a plain one (see the module documentation); otherwise appends nothing
+    /// and returns false. Each field is looked up by its Symbol; a Hash with any other key (a
+    /// String key, a typo) is not plain.
+    pub fn push_plain(&mut self, ruby: &Ruby, value: Value) -> bool {
+        let mark = self.bytes.len();
+        let span = RHash::from_value(value).and_then(|hash| {
+            let mut fields = Fields::new(&mut self.bytes);
+            let mut found = 0;
+            for (name, id) in &FIELDS {
+                if let Some(v) = symbol_lookup(hash, ruby.into_value(**id)) {
+                    found += 1;
+                    fields.set(ruby, name, v)?;
+                }
+            }
+            (found == hash.len()).then_some(())?;
+            fields.finish()
+        });
+        match span {
+            Some(span) => {
+                self.records.push(span);
+                true
+            }
+            None => {
+                self.bytes.truncate(mark);
+                false
+            }
+        }
     }
+
+    /// Appends a record read elsewhere (by `Prosody::Outgoing`).
+    pub fn push(&mut self, record: Record) {
+        let topic = append(&mut self.bytes, record.topic.as_bytes());
+        let key = append(&mut self.bytes, &record.key);
+        let payload = record.payload.map(|p| append(&mut self.bytes, &p));
+        self.records.push(Span {
+            topic,
+            key,
+            payload,
+            headers: record.headers,
+            partition: record.partition,
+        });
+    }
+
+    /// The records, borrowing their bytes.
+    pub fn raw(&self) -> Vec<RawRecord<'_>> {
+        self.records
+            .iter()
+            .map(|span| RawRecord {
+                // Topics were checked to be UTF-8 when read.
+                topic: std::str::from_utf8(&self.bytes[span.topic.clone()]).unwrap_or_default(),
+                key: Some(&self.bytes[span.key.clone()]),
+                payload: span.payload.clone().map(|p| &self.bytes[p]),
+                headers: &span.headers,
+                partition: span.partition,
+            })
+            .collect()
+    }
+}
+
+/// Appends `part` to `bytes` and returns where it is.
+fn append(bytes: &mut Vec<u8>, part: &[u8]) -> Range<usize> {
+    let start = bytes.len();
+    bytes.extend_from_slice(part);
+    start..bytes.len()
+}
+
+/// Where one record's parts are in its buffer.
+struct Span {
+    topic: Range<usize>,
+    key: Range<usize>,
+    /// `None` for a tombstone.
+    payload: Option<Range<usize>>,
+    headers: Vec<(String, Vec<u8>)>,
+    partition: Option<i32>,
 }
 
 /// `hash[symbol]` without its default, or `None`. A Symbol key is hashed and compared by Ruby
@@ -71,7 +148,8 @@ pub fn record_from_parts(
     headers: Value,
     partition: Value,
 ) -> Option<Record> {
-    let mut fields = Fields::default();
+    let mut bytes = Vec::with_capacity(64);
+    let mut fields = Fields::new(&mut bytes);
     fields.set(ruby, "topic", topic)?;
     fields.set(ruby, "key", key)?;
     match payload {
@@ -80,30 +158,55 @@ pub fn record_from_parts(
     }
     fields.set(ruby, "headers", headers)?;
     fields.set(ruby, "partition", partition)?;
-    fields.finish()
+    let span = fields.finish()?;
+    Some(Record {
+        topic: String::from_utf8(bytes[span.topic].to_vec()).ok()?,
+        key: bytes[span.key].to_vec(),
+        payload: span.payload.map(|p| bytes[p].to_vec()),
+        headers: span.headers,
+        partition: span.partition,
+    })
 }
 
-/// A record's fields as read so far.
-#[derive(Default)]
-struct Fields {
-    topic: Option<String>,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
+/// A record's fields as read so far, their bytes appended to `out`.
+struct Fields<'a> {
+    out: &'a mut Vec<u8>,
+    topic: Option<Range<usize>>,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
     headers: Vec<(String, Vec<u8>)>,
     partition: Option<i32>,
     tombstone: bool,
 }
 
-impl Fields {
+impl<'a> Fields<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        Self {
+            out,
+            topic: None,
+            key: None,
+            payload: None,
+            headers: Vec::new(),
+            partition: None,
+            tombstone: false,
+        }
+    }
+
     /// Reads field `name`; `None` when it is not a plain one.
     fn set(&mut self, ruby: &Ruby, name: &str, v: Value) -> Option<()> {
+        let start = self.out.len();
         match name {
-            "topic" => self.topic = Some(String::from_utf8(text(v)?).ok()?),
-            "key" => self.key = Some(bytes_or_symbol(v)?),
+            "topic" => {
+                append_text(v, self.out)?;
+                self.topic = Some(start..self.out.len());
+            }
+            "key" => {
+                append_bytes_or_symbol(v, self.out)?;
+                self.key = Some(start..self.out.len());
+            }
             "payload" => {
-                let mut out = Vec::with_capacity(64);
-                json(ruby, v, &mut out, 0)?;
-                self.payload = Some(out);
+                json(ruby, v, self.out, 0)?;
+                self.payload = Some(start..self.out.len());
             }
             "headers" => self.headers = headers(RHash::from_value(v)?)?,
             "partition" if v.is_nil() => {}
@@ -122,14 +225,14 @@ impl Fields {
         Some(())
     }
 
-    /// The record, when the fields make a whole one.
-    fn finish(self) -> Option<Record> {
+    /// Where the record's parts are, when the fields make a whole one.
+    fn finish(self) -> Option<Span> {
         let payload = match (self.tombstone, self.payload) {
             (true, None) => None,
             (false, Some(payload)) => Some(payload),
             _ => return None,
         };
-        Some(Record {
+        Some(Span {
             topic: self.topic.filter(|t| !t.is_empty())?,
             key: self.key?,
             payload,
@@ -170,22 +273,40 @@ fn boolean(ruby: &Ruby, v: Value) -> Option<bool> {
     }
 }
 
-/// A String's bytes (any encoding) or a Symbol's name.
-fn bytes_or_symbol(v: Value) -> Option<Vec<u8>> {
+/// Appends a String's bytes (any encoding) or a Symbol's name.
+fn append_bytes_or_symbol(v: Value, out: &mut Vec<u8>) -> Option<()> {
     if let Some(s) = RString::from_value(v) {
         // SAFETY: copied before any other Ruby code runs.
-        return Some(unsafe { s.as_slice() }.to_vec());
+        out.extend_from_slice(unsafe { s.as_slice() });
+        return Some(());
     }
-    Some(Symbol::from_value(v)?.name().ok()?.as_bytes().to_vec())
+    out.extend_from_slice(Symbol::from_value(v)?.name().ok()?.as_bytes());
+    Some(())
+}
+
+/// A String's bytes (any encoding) or a Symbol's name.
+fn bytes_or_symbol(v: Value) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    append_bytes_or_symbol(v, &mut out)?;
+    Some(out)
+}
+
+/// Appends the UTF-8 bytes of a String in a UTF-8 compatible encoding (or of ASCII-only bytes),
+/// or of a Symbol's name.
+fn append_text(v: Value, out: &mut Vec<u8>) -> Option<()> {
+    if let Some(s) = RString::from_value(v) {
+        return with_utf8(s, |bytes| out.extend_from_slice(bytes));
+    }
+    out.extend_from_slice(Symbol::from_value(v)?.name().ok()?.as_bytes());
+    Some(())
 }
 
 /// The UTF-8 bytes of a String in a UTF-8 compatible encoding (or of ASCII-only bytes), or of a
 /// Symbol's name.
 fn text(v: Value) -> Option<Vec<u8>> {
-    if let Some(s) = RString::from_value(v) {
-        return with_utf8(s, <[u8]>::to_vec);
-    }
-    Some(Symbol::from_value(v)?.name().ok()?.as_bytes().to_vec())
+    let mut out = Vec::new();
+    append_text(v, &mut out)?;
+    Some(out)
 }
 
 /// `f` of the bytes of `s`, when they are UTF-8 text as `JSON.generate` takes it without
