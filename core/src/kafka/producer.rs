@@ -436,11 +436,12 @@ impl Registration {
             drop(self);
             callback(outcomes);
         });
-        if let Ok(mut slot) = acks.callback.lock() {
-            *slot = Some((deadline, callback));
-        }
+        // Counted before it can be called (the count never goes below zero).
         if CALLBACK_SENDS.fetch_add(1, Ordering::AcqRel) == 0 {
             Sweeper::wake();
+        }
+        if let Ok(mut slot) = acks.callback.lock() {
+            *slot = Some((deadline, callback));
         }
         if acks.remaining.load(Ordering::Acquire) == 0 {
             acks.call_back(None);

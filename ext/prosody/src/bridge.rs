@@ -160,8 +160,10 @@ impl Bridge {
                 (id, context, event).into_value_with(ruby)
             }
             Take::Empty => {
-                // About to wait: the engine must hear about everything finished first.
+                // About to wait: the engine must hear about everything finished first, and dead
+                // objects of the burst are dropped now rather than with the next one.
                 rb_self.inner.flush();
+                crate::ruby::graveyard::flush();
                 ruby.qnil().as_value()
             }
             Take::Closed => {

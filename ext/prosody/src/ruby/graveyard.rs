@@ -1,18 +1,18 @@
 //! Where Ruby's garbage collector leaves the native halves of dead per-event objects
-//! (`Prosody::Message`, `Prosody::Context`), to be dropped on an engine
-//! thread.
+//! (`Prosody::Message`, `Prosody::Context`), to be dropped on an engine thread.
 //!
 //! Dropping them inside the collector was most of its pause: each drop releases shared
 //! reference counts and frees the record's payload, headers and cancellation hooks, memory that
-//! has long left the cache by the time the object is swept. Every handler fiber waits through
-//! the pause. Measured with the I/O benchmark (32 handlers each sleeping 1 ms): 230–270 ms of GC
-//! in a 2.7 s run with the drops in the collector, 85–110 ms without them. A free function here
-//! only moves a pointer into a batch; a full batch is dropped by a task on the engine's runtime,
-//! whose threads are mostly idle while Ruby code runs.
+//! has long left the cache by the time the object is swept, and every handler fiber waits
+//! through the pause. With the I/O benchmark (32 handlers each sleeping 1 ms), leaving those
+//! drops out of the collector cut its time from 230–270 ms to 85–110 ms of a 2.7 s run. A free
+//! function here only moves a pointer into a batch; a full batch is dropped by a task on the
+//! engine's runtime, whose threads are mostly idle while Ruby code runs.
 //!
-//! Up to [`BATCH`] dead objects wait for the next batch (their memory is held that long). In a
-//! process forked while a batch was being filled, that batch is left alone (its memory is the
-//! parent's copy; dropping it could touch handles whose threads the child does not have).
+//! A batch is handed over when it is full ([`BATCH`]) and whenever a processor runs out of work
+//! ([`flush`]), so dead objects are not held past the burst that made them. In a process forked
+//! while a batch was being filled, that batch is left alone (its memory is the parent's copy;
+//! dropping it could touch handles whose threads the child does not have).
 
 use std::sync::Mutex;
 
@@ -37,19 +37,44 @@ pub fn bury<T: Send + 'static>(object: Box<T>) {
         if grave.1.len() < BATCH {
             return;
         }
-        let full = std::mem::replace(&mut grave.1, Vec::with_capacity(BATCH));
-        if grave.0 != std::process::id() {
-            // Started before a fork: the parent's corpses are not ours to drop (the child's
-            // few buried since the fork are leaked with them).
-            std::mem::forget(full);
+        take(&mut grave)
+    };
+    drop_elsewhere(full);
+}
+
+/// Hands over what was buried so far (called with the GVL held, when a processor found no work).
+pub fn flush() {
+    let some = {
+        let mut grave = GRAVE.lock().unwrap_or_else(|p| p.into_inner());
+        if grave.1.is_empty() {
             return;
         }
-        full
+        take(&mut grave)
     };
+    drop_elsewhere(some);
+}
+
+/// The batch, unless it was started before a fork (then it is forgotten: the parent's corpses
+/// are not ours to drop, and the child's few buried since the fork are leaked with them).
+fn take(grave: &mut (u32, Vec<Corpse>)) -> Vec<Corpse> {
+    let batch = std::mem::replace(&mut grave.1, Vec::with_capacity(BATCH));
+    if grave.0 == std::process::id() {
+        batch
+    } else {
+        std::mem::forget(batch);
+        Vec::new()
+    }
+}
+
+/// Drops `batch` on an engine thread.
+fn drop_elsewhere(batch: Vec<Corpse>) {
+    if batch.is_empty() {
+        return;
+    }
     match prosody_core::runtime::existing_handle() {
         // A runtime that is shutting down drops the task, and with it the batch, at once.
-        Some(runtime) => drop(runtime.spawn(async move { drop(full) })),
+        Some(runtime) => drop(runtime.spawn(async move { drop(batch) })),
         // No engine in this process (objects made by tests without a client): drop them here.
-        None => drop(full),
+        None => drop(batch),
     }
 }
