@@ -136,9 +136,14 @@ impl Client {
             .collect()
     }
 
-    /// Subscribes the configured topics. Ready events go to `scheduler`, from which the caller's
-    /// runners pull them; the caller closes it after `unsubscribe`.
-    pub fn subscribe(&self, scheduler: Arc<Scheduler>) -> Result<(), KafkaError> {
+    /// Subscribes the configured topics and returns the subscription's scheduler, built from this
+    /// client's configuration, from which the caller's runners pull ready events; `notify` is
+    /// called when events arrive while runners are idle. The caller closes the scheduler after
+    /// `unsubscribe`.
+    pub fn subscribe(
+        &self,
+        notify: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Arc<Scheduler>, KafkaError> {
         let mut slot = self
             .subscription
             .lock()
@@ -161,7 +166,10 @@ impl Client {
             None => None,
         };
         let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
-        scheduler.configure(FairConfig::from_config(&self.config));
+        let scheduler = Arc::new(Scheduler::with_config(FairConfig::from_config(
+            &self.config,
+        )));
+        scheduler.set_notify(notify);
         let engine = Arc::new(Engine {
             config: self.config.clone(),
             scheduler: scheduler.clone(),
@@ -174,7 +182,7 @@ impl Client {
         });
         *slot = Some(Subscription::start(engine, &self.bootstrap)?);
         scheduler.watch(&runtime);
-        Ok(())
+        Ok(scheduler)
     }
 
     /// Whether timers can be used: in mock mode (memory) or with `cassandra_nodes`.

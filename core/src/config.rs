@@ -813,6 +813,17 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_schedulers_hand_made_defaults_are_the_tables() {
+        let config =
+            Config::resolve_with_env(vec![("mock".into(), RawValue::Bool(true))], &|_| None)
+                .unwrap();
+        assert_eq!(
+            crate::scheduler::FairConfig::from_config(&config),
+            crate::scheduler::FairConfig::default()
+        );
+    }
+
     use super::*;
 
     fn resolve(explicit: &[(&str, RawValue)], env: &[(&str, &str)]) -> Result<Config, ConfigError> {

@@ -15,7 +15,7 @@ use prosody_core::client::Client;
 use prosody_core::config::RawValue;
 use prosody_core::event::Event;
 use prosody_core::handler::{Failure, Outcome};
-use prosody_core::scheduler::{Scheduler, Take};
+use prosody_core::scheduler::Take;
 
 /// Calls per key; keys starting with `fail-` fail transiently, `perm-` permanently.
 type Calls = Arc<Mutex<HashMap<String, usize>>>;
@@ -38,7 +38,7 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
     );
     let client = Client::new(config).unwrap();
     let calls: Calls = Arc::default();
-    let scheduler = Arc::new(Scheduler::new());
+    let scheduler = client.subscribe(|| {}).unwrap();
     let rt = prosody_core::runtime::handle().unwrap();
     {
         let (scheduler, calls) = (scheduler.clone(), calls.clone());
@@ -66,7 +66,6 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
             }
         });
     }
-    client.subscribe(scheduler).unwrap();
     for key in keys {
         rt.block_on(client.send(&common::record(&topic, key.as_bytes(), b"{\"n\":1}", &[])))
             .unwrap();

@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{config, runners, unique, wait_until, Recorder};
+use common::{config, subscribe_runners, unique, wait_until, Recorder};
 use prosody_core::client::Client;
 
 #[test]
@@ -32,8 +32,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         }
     }
     let rec = Recorder::new();
-    let scheduler = runners(8, rec.clone());
-    client.subscribe(scheduler.clone()).unwrap();
+    let scheduler = subscribe_runners(&client, 8, rec.clone());
     let total = keys * per_key;
     assert!(
         wait_until(Duration::from_secs(30), || rec.seen.lock().unwrap().len()
@@ -74,8 +73,7 @@ fn per_key_order_concurrency_and_resume_after_commit() {
         send(k, per_key);
     }
     let rec2 = Recorder::new();
-    let scheduler = runners(8, rec2.clone());
-    client.subscribe(scheduler.clone()).unwrap();
+    let scheduler = subscribe_runners(&client, 8, rec2.clone());
     assert!(wait_until(Duration::from_secs(30), || rec2
         .seen
         .lock()

@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{config, runners, unique, wait_until, Recorder};
+use common::{config, subscribe_runners, unique, wait_until, Recorder};
 use prosody_core::client::Client;
 
 const KAFKA: &str = "127.0.0.1:9092";
@@ -42,8 +42,7 @@ fn kafka_round_trip_with_order_and_headers() {
         }
     }
     let rec = Recorder::new();
-    let scheduler = runners(8, rec.clone());
-    client.subscribe(scheduler.clone()).unwrap();
+    let scheduler = subscribe_runners(&client, 8, rec.clone());
     let total = (keys * per_key) as usize;
     assert!(
         wait_until(Duration::from_secs(60), || rec.seen.lock().unwrap().len()

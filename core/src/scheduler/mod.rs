@@ -63,7 +63,7 @@ impl Class {
 }
 
 /// The scheduler's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FairConfig {
     /// Permits: handler calls running at once.
     pub max_concurrency: usize,
@@ -81,6 +81,8 @@ pub struct FairConfig {
     pub grace: Duration,
 }
 
+/// For tests and benchmarks that build a scheduler by hand: the values of the configuration
+/// table's defaults (a unit test keeps the two equal; subscriptions use `from_config`).
 impl Default for FairConfig {
     fn default() -> Self {
         Self {
@@ -417,36 +419,15 @@ pub struct Scheduler {
     core: Arc<Core>,
 }
 
-impl Default for Scheduler {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Scheduler {
-    /// A scheduler with default settings and no notifier.
-    pub fn new() -> Self {
-        Self::with_config(FairConfig::default())
-    }
-
-    /// A scheduler with these settings.
+    /// A scheduler with these settings and no notifier (`Client::subscribe` makes one from the
+    /// client's configuration).
     pub fn with_config(config: FairConfig) -> Self {
         Self {
             core: Arc::new(Core {
                 state: Mutex::new(State::new(config)),
                 notify: OnceLock::new(),
             }),
-        }
-    }
-
-    /// Replaces the settings; call before any job is submitted. Whether runners are idle (they
-    /// may have started pulling already) and whether it is closed are kept.
-    pub fn configure(&self, config: FairConfig) {
-        if let Ok(mut state) = self.core.state.lock() {
-            let (idle, closed) = (state.idle, state.closed);
-            *state = State::new(config);
-            state.idle = idle;
-            state.closed = closed;
         }
     }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prosody_core::client::Client;
 use prosody_core::config::{Config, RawValue};
 use prosody_core::event::Event;
 use prosody_core::handler::{Job, Outcome};
@@ -47,12 +48,14 @@ impl Recorder {
     }
 }
 
-/// Starts `n` runners that pull jobs from `scheduler`, as the Ruby processor's workers do.
-pub fn runners(n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
-    let scheduler = Arc::new(Scheduler::new());
+/// Subscribes `client` and starts `n` runners that pull jobs from its scheduler, as the Ruby
+/// processor's workers do.
+pub fn subscribe_runners(client: &Client, n: usize, rec: Arc<Recorder>) -> Arc<Scheduler> {
     let notify = Arc::new(tokio::sync::Notify::new());
     let wake = notify.clone();
-    scheduler.set_notify(move || wake.notify_waiters());
+    let scheduler = client
+        .subscribe(move || wake.notify_waiters())
+        .expect("subscribe");
     let rt = prosody_core::runtime::handle().unwrap();
     for _ in 0..n {
         let (scheduler, notify, rec) = (scheduler.clone(), notify.clone(), rec.clone());

@@ -5,8 +5,8 @@
 //! processor through a pipe (which `IO#wait_readable` turns into a fiber-scheduler wait, not a
 //! frozen reactor), once per idle period, never once per message.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use magnus::{function, method, prelude::*, Error, IntoValue, RArray, RModule, Ruby, Value};
 use prosody_core::event::Event;
@@ -87,8 +87,11 @@ impl BridgeInner {
 
 #[magnus::wrap(class = "Prosody::Native::Bridge", free_immediately, size)]
 pub struct Bridge {
-    /// The subscription's ready queue.
-    scheduler: Arc<Scheduler>,
+    /// The subscription's ready queue, made by `Client#subscribe` from the client's
+    /// configuration ([`Bridge::attach`]); until then workers find nothing to do.
+    scheduler: OnceLock<Arc<Scheduler>>,
+    /// Set by `close`, which may come before a scheduler was attached (a failed subscribe).
+    closed: AtomicBool,
     /// Pipe and pending cancellations.
     inner: Arc<BridgeInner>,
 }
@@ -111,10 +114,11 @@ impl Bridge {
             finished_ops: Mutex::new(Vec::new()),
             next_op: AtomicU64::new(1),
         });
-        let scheduler = Arc::new(Scheduler::new());
-        let notify = inner.clone();
-        scheduler.set_notify(move || notify.pipe.wake());
-        Ok(Self { scheduler, inner })
+        Ok(Self {
+            scheduler: OnceLock::new(),
+            closed: AtomicBool::new(false),
+            inner,
+        })
     }
 
     /// What operations started for this processor's fibers report to.
@@ -122,9 +126,24 @@ impl Bridge {
         self.inner.clone()
     }
 
-    /// The ready queue to hand to the engine.
-    pub fn scheduler(&self) -> Arc<Scheduler> {
-        self.scheduler.clone()
+    /// What the subscription's scheduler calls when events arrive while workers are idle.
+    pub fn notifier(&self) -> impl Fn() + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move || inner.pipe.wake()
+    }
+
+    /// Hands the workers the subscription's scheduler, and wakes them to pull from it.
+    pub fn attach(&self, scheduler: Arc<Scheduler>) {
+        if self.closed.load(Ordering::Acquire) {
+            scheduler.close();
+        }
+        let _ = self.scheduler.set(scheduler);
+        self.inner.pipe.wake();
+    }
+
+    /// Whether `take` hands out nothing more.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.scheduler.get().is_some_and(|s| s.is_closed())
     }
 
     /// File descriptor the main fiber waits on with `IO#wait_readable`.
@@ -136,7 +155,12 @@ impl Bridge {
     /// `[key, seconds since the epoch]` for a timer); nil when none is ready (wait for the main
     /// fiber's signal), false once closed. The job ends with `succeed` or `fail` on its context.
     fn take(ruby: &Ruby, rb_self: &Self) -> Value {
-        match rb_self.scheduler.take() {
+        let taken = match rb_self.scheduler.get() {
+            _ if rb_self.closed.load(Ordering::Acquire) => Take::Closed,
+            Some(scheduler) => scheduler.take(),
+            None => Take::Empty,
+        };
+        match taken {
             Take::Job(job, grant) => {
                 let id = grant.id();
                 let weak = Arc::downgrade(&rb_self.inner);
@@ -178,7 +202,7 @@ impl Bridge {
     fn cancellations(&self) -> Option<Vec<u64>> {
         self.inner.pipe.clear();
         self.inner.flush();
-        if self.scheduler.is_closed() {
+        if self.is_closed() {
             return None;
         }
         Some(
@@ -242,8 +266,13 @@ impl Bridge {
     /// Stops handing out jobs: queued ones are reported abandoned (uncommitted) and `take`
     /// returns false.
     fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.inner.flush();
-        self.scheduler.close();
+        if let Some(scheduler) = self.scheduler.get() {
+            scheduler.close();
+        }
+        // The main fiber learns it from the pipe (the scheduler, if any, wakes it too).
+        self.inner.pipe.wake();
     }
 }
 

@@ -147,8 +147,11 @@ impl Client {
     /// Starts consuming; the processor pulls jobs through `bridge`.
     fn subscribe(ruby: &Ruby, rb_self: &Self, bridge: &Bridge) -> Result<(), Error> {
         let client = Arc::clone(&rb_self.inner);
-        let scheduler = bridge.scheduler();
-        without_gvl(ruby, move |_| client.subscribe(scheduler))?.map_err(|e| errors::kafka(ruby, e))
+        let notify = bridge.notifier();
+        let scheduler = without_gvl(ruby, move |_| client.subscribe(notify))?
+            .map_err(|e| errors::kafka(ruby, e))?;
+        bridge.attach(scheduler);
+        Ok(())
     }
 
     /// Drains, commits and stops consuming. Blocks up to about `shutdown_timeout` with the GVL
