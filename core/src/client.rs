@@ -86,16 +86,22 @@ impl Client {
 
     /// Sends one record and waits for its acknowledgement (at most `send_timeout`).
     pub async fn send(&self, record: &Record) -> Result<Delivery, SendError> {
-        self.prepare_topic(&record.topic)
-            .map_err(|e| SendError::of(record, e.to_string()))?;
-        self.producer.send(record).await
+        self.send_raw(record.as_raw()).await
+    }
+
+    /// [`Client::send`] for a record given as bytes.
+    pub async fn send_raw(&self, record: RawRecord<'_>) -> Result<Delivery, SendError> {
+        self.prepare_topic(record.topic)
+            .map_err(|e| SendError::of_raw(record, e.to_string()))?;
+        self.producer.send_raw(record).await
     }
 
     /// Queues `record` at once and reports its outcome to `done` (see [`Producer::send_now`]);
-    /// gives `done` back, with nothing sent, when the send must wait: use [`Client::send`] then.
-    pub fn send_now(&self, record: &Record, done: Done) -> Option<Done> {
-        if let Err(e) = self.prepare_topic(&record.topic) {
-            done(Err(SendError::of(record, e.to_string())));
+    /// gives `done` back, with nothing sent, when the send must wait: use [`Client::send_raw`]
+    /// then.
+    pub fn send_now(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
+        if let Err(e) = self.prepare_topic(record.topic) {
+            done(Err(SendError::of_raw(record, e.to_string())));
             return None;
         }
         self.producer.send_now(record, done)

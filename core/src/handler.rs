@@ -268,34 +268,21 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::event::TimerEvent;
+    use crate::testing::timer_job;
 
-    /// A job for partition worker `done`, as a timer at `time` (the simplest event to build).
-    fn completion(done: &mpsc::UnboundedSender<Finished>, time: i64) -> Completion {
-        let key: crate::event::Key = Arc::from(&b"k"[..]);
-        let event = Event::Timer(TimerEvent {
-            topic: Arc::from("t"),
-            partition: 0,
-            key: key.clone(),
-            time,
-        });
-        let job = Job::new(
-            event,
-            CancelToken::new(),
-            CancelToken::new(),
-            None,
-            done.clone(),
-            Some(key),
-            Slot::Timer(time),
-        );
-        job.into_parts().3
+    /// The outcome handle of a job for key `key` whose outcome goes to `done`.
+    fn completion(done: &mpsc::UnboundedSender<Finished>, key: &str) -> Completion {
+        timer_job(&Arc::from(key.as_bytes()), done, Class::Fresh)
+            .into_parts()
+            .3
     }
 
-    /// Everything `rx` receives until every sender is gone.
-    async fn slots(rx: &mut mpsc::UnboundedReceiver<Finished>) -> Vec<(Slot, Outcome)> {
+    /// The keys and outcomes `rx` receives until every sender is gone.
+    async fn received(rx: &mut mpsc::UnboundedReceiver<Finished>) -> Vec<(String, Outcome)> {
         let mut got = Vec::new();
         while let Some(f) = rx.recv().await {
-            got.push((f.slot, f.outcome));
+            let key = String::from_utf8_lossy(f.key.as_deref().unwrap_or_default()).into_owned();
+            got.push((key, f.outcome));
         }
         got
     }
@@ -308,33 +295,28 @@ mod tests {
         let failure = Outcome::Failure(Failure::transient("E", "boom"));
         // Spans two workers: goes through the relay's task.
         relay.send(vec![
-            (completion(&a, 1), Outcome::Success),
-            (completion(&b, 2), failure.clone()),
-            (completion(&a, 3), Outcome::Abandoned),
+            (completion(&a, "1"), Outcome::Success),
+            (completion(&b, "2"), failure.clone()),
+            (completion(&a, "3"), Outcome::Abandoned),
         ]);
         // One worker: delivered at once, on this thread.
-        relay.send(vec![(completion(&b, 4), Outcome::Success)]);
+        relay.send(vec![(completion(&b, "4"), Outcome::Success)]);
         drop((relay, a, b));
         // Each channel ends once every outcome for it was delivered (the relay's task held the
         // last senders).
         assert_eq!(
-            slots(&mut a_rx).await,
+            received(&mut a_rx).await,
             vec![
-                (Slot::Timer(1), Outcome::Success),
-                (Slot::Timer(3), Outcome::Abandoned)
+                ("1".into(), Outcome::Success),
+                ("3".into(), Outcome::Abandoned)
             ]
         );
         // The direct batch may overtake the relayed one (different keys in real use).
-        let mut got = slots(&mut b_rx).await;
-        got.sort_by_key(|(slot, _)| match slot {
-            Slot::Timer(t) | Slot::Offset(t) => *t,
-        });
+        let mut got = received(&mut b_rx).await;
+        got.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             got,
-            vec![
-                (Slot::Timer(2), failure),
-                (Slot::Timer(4), Outcome::Success)
-            ]
+            vec![("2".into(), failure), ("4".into(), Outcome::Success)]
         );
     }
 }

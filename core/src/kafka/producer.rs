@@ -137,22 +137,13 @@ impl Producer {
     /// asked for yet, or librdkafka's queue is full); [`Producer::send`] waits for those.
     /// Bounded like `send`: librdkafka fails an unacknowledged record after `send_timeout`, and
     /// a sweeper reports a record whose report never came a little later.
-    pub fn send_now(&self, record: &Record, done: Done) -> Option<Done> {
+    pub fn send_now(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
         let shared = self.current();
-        if !shared.prepared(&record.topic) {
+        if !shared.prepared(record.topic) {
             return Some(done);
         }
         let acks = Acks::register(1);
-        let mut base: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(&record.topic, acks.opaque(0))
-                .headers(self.headers(&record.headers))
-                .key(&record.key);
-        if let Some(payload) = &record.payload {
-            base = base.payload(payload);
-        }
-        if let Some(partition) = record.partition {
-            base = base.partition(partition);
-        }
+        let base = self.base_record(record, acks.opaque(0));
         match shared.inner.send(base) {
             Ok(()) => {}
             Err((
@@ -162,19 +153,19 @@ impl Producer {
                 return Some(done);
             }
             Err((e, _)) => {
-                done(Err(SendError::of(record, e.to_string())));
+                done(Err(SendError::of_raw(record, e.to_string())));
                 return None;
             }
         }
         // The report may already have come; `call_when_done` then calls at once.
         let send_timeout = shared.send_timeout;
-        let (topic, key) = (record.topic.clone(), record.key.clone());
+        let (topic, key) = (record.topic.to_owned(), record.key.map(<[u8]>::to_vec));
         acks.call_when_done(
             Instant::now() + send_timeout + OUTER_MARGIN,
             Box::new(move |mut outcomes| {
                 let raw = RawRecord {
                     topic: &topic,
-                    key: Some(&key),
+                    key: key.as_deref(),
                     payload: None,
                     headers: &[],
                     partition: None,
@@ -231,14 +222,19 @@ impl Producer {
         outcome_of(outcome, shared.send_timeout, record)
     }
 
-    /// The record's headers with this producer's `source-system` first (one given by the
-    /// application is replaced).
-    fn headers(&self, given: &[(String, Vec<u8>)]) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new_with_capacity(given.len() + 1).insert(Header {
-            key: SOURCE_SYSTEM_HEADER,
-            value: Some(self.source_system.as_bytes()),
-        });
-        for (k, v) in given {
+    /// `record` as librdkafka takes it, with this producer's `source-system` header first (one
+    /// given by the application is replaced) and `opaque` for its delivery report.
+    fn base_record<'a>(
+        &self,
+        record: RawRecord<'a>,
+        opaque: usize,
+    ) -> BaseRecord<'a, [u8], [u8], usize> {
+        let mut headers =
+            OwnedHeaders::new_with_capacity(record.headers.len() + 1).insert(Header {
+                key: SOURCE_SYSTEM_HEADER,
+                value: Some(self.source_system.as_bytes()),
+            });
+        for (k, v) in record.headers {
             if k != SOURCE_SYSTEM_HEADER {
                 headers = headers.insert(Header {
                     key: k,
@@ -246,7 +242,17 @@ impl Producer {
                 });
             }
         }
-        headers
+        let mut base = BaseRecord::with_opaque_to(record.topic, opaque).headers(headers);
+        if let Some(key) = record.key {
+            base = base.key(key);
+        }
+        if let Some(payload) = record.payload {
+            base = base.payload(payload);
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        base
     }
 
     /// Hands `record` to librdkafka's queue, its report to go to `acks` as record `index`,
@@ -258,18 +264,7 @@ impl Producer {
         acks: &Acks,
         index: usize,
     ) -> Result<(), String> {
-        let mut base: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(record.topic, acks.opaque(index))
-                .headers(self.headers(record.headers));
-        if let Some(key) = record.key {
-            base = base.key(key);
-        }
-        if let Some(payload) = record.payload {
-            base = base.payload(payload);
-        }
-        if let Some(partition) = record.partition {
-            base = base.partition(partition);
-        }
+        let mut base = self.base_record(record, acks.opaque(index));
         // The clock is read only when the queue is full (the first time, that is when the record
         // was first tried).
         let mut started = None;

@@ -90,7 +90,8 @@ pub struct Bridge {
     /// The subscription's ready queue, made by `Client#subscribe` from the client's
     /// configuration ([`Bridge::attach`]); until then workers find nothing to do.
     scheduler: OnceLock<Arc<Scheduler>>,
-    /// Set by `close`, which may come before a scheduler was attached (a failed subscribe).
+    /// Set by `close` (the only closer of the scheduler), which may come before a scheduler was
+    /// attached (a failed subscribe).
     closed: AtomicBool,
     /// Pipe and pending cancellations.
     inner: Arc<BridgeInner>,
@@ -141,11 +142,6 @@ impl Bridge {
         self.inner.pipe.wake();
     }
 
-    /// Whether `take` hands out nothing more.
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.scheduler.get().is_some_and(|s| s.is_closed())
-    }
-
     /// File descriptor the main fiber waits on with `IO#wait_readable`.
     fn fd(&self) -> i32 {
         self.inner.pipe.read_fd()
@@ -156,8 +152,8 @@ impl Bridge {
     /// fiber's signal), false once closed. The job ends with `succeed` or `fail` on its context.
     fn take(ruby: &Ruby, rb_self: &Self) -> Value {
         let taken = match rb_self.scheduler.get() {
-            _ if rb_self.closed.load(Ordering::Acquire) => Take::Closed,
             Some(scheduler) => scheduler.take(),
+            None if rb_self.closed.load(Ordering::Acquire) => Take::Closed,
             None => Take::Empty,
         };
         match taken {
@@ -202,7 +198,7 @@ impl Bridge {
     fn cancellations(&self) -> Option<Vec<u64>> {
         self.inner.pipe.clear();
         self.inner.flush();
-        if self.is_closed() {
+        if self.closed.load(Ordering::Acquire) {
             return None;
         }
         Some(

@@ -78,18 +78,21 @@ impl Client {
         partition: Value,
         tombstone: bool,
     ) -> Result<Value, Error> {
-        let plain = encode::record_from_parts(
+        let mut one = encode::Batch::with_capacity(1);
+        if !one.push_plain_parts(
             ruby,
             topic,
             key,
             (!tombstone).then_some(payload),
             headers,
             partition,
-        );
-        let record = match plain {
-            Some(record) => record,
-            None => checked(ruby, "row", (topic, key, payload, headers, partition))?,
-        };
+        ) {
+            one.push(checked(
+                ruby,
+                "row",
+                (topic, key, payload, headers, partition),
+            )?);
+        }
         let client = Arc::clone(&rb_self.inner);
         if let Ok(bridge) = <&Bridge>::try_convert(target) {
             // A handler's send: queued here and reported from librdkafka's thread straight to
@@ -97,15 +100,19 @@ impl Client {
             let inner = bridge.inner();
             let id = inner.next_op();
             let done: Done = Box::new(move |result| inner.op_finished(id, sent(result)));
-            if client.send_now(&record, done).is_none() {
+            if one
+                .get(0)
+                .is_some_and(|record| client.send_now(record, done).is_none())
+            {
                 return Ok(id.into_value_with(ruby));
             }
         }
-        operation::start(
-            ruby,
-            target,
-            async move { sent(client.send(&record).await) },
-        )
+        operation::start(ruby, target, async move {
+            match one.get(0) {
+                Some(record) => sent(client.send_raw(record).await),
+                None => OpResult::Err(errors::Class::Send, "nothing to send".into()),
+            }
+        })
     }
 
     /// Sends every record at once and waits once, for the waiter `target` names. `records` are

@@ -68,16 +68,7 @@ impl Batch {
             (found == hash.len()).then_some(())?;
             fields.finish()
         });
-        match span {
-            Some(span) => {
-                self.records.push(span);
-                true
-            }
-            None => {
-                self.bytes.truncate(mark);
-                false
-            }
-        }
+        self.keep(mark, span)
     }
 
     /// Appends a record read elsewhere (by `Prosody::Outgoing`).
@@ -96,17 +87,64 @@ impl Batch {
 
     /// The records, borrowing their bytes.
     pub fn raw(&self) -> Vec<RawRecord<'_>> {
-        self.records
-            .iter()
-            .map(|span| RawRecord {
-                // Topics were checked to be UTF-8 when read.
-                topic: std::str::from_utf8(&self.bytes[span.topic.clone()]).unwrap_or_default(),
-                key: Some(&self.bytes[span.key.clone()]),
-                payload: span.payload.clone().map(|p| &self.bytes[p]),
-                headers: &span.headers,
-                partition: span.partition,
-            })
+        (0..self.records.len())
+            .filter_map(|i| self.get(i))
             .collect()
+    }
+
+    /// Record `index`, borrowing its bytes.
+    pub fn get(&self, index: usize) -> Option<RawRecord<'_>> {
+        let span = self.records.get(index)?;
+        Some(RawRecord {
+            // Topics were checked to be UTF-8 when read.
+            topic: std::str::from_utf8(&self.bytes[span.topic.clone()]).unwrap_or_default(),
+            key: Some(&self.bytes[span.key.clone()]),
+            payload: span.payload.clone().map(|p| &self.bytes[p]),
+            headers: &span.headers,
+            partition: span.partition,
+        })
+    }
+
+    /// Appends the record of one send (`payload` `None` for a tombstone), if every part is a
+    /// plain one; otherwise appends nothing and returns false.
+    pub fn push_plain_parts(
+        &mut self,
+        ruby: &Ruby,
+        topic: Value,
+        key: Value,
+        payload: Option<Value>,
+        headers: Value,
+        partition: Value,
+    ) -> bool {
+        let mark = self.bytes.len();
+        let mut fields = Fields::new(&mut self.bytes);
+        let read = (|| {
+            fields.set(ruby, "topic", topic)?;
+            fields.set(ruby, "key", key)?;
+            match payload {
+                Some(payload) => fields.set(ruby, "payload", payload)?,
+                None => fields.tombstone = true,
+            }
+            fields.set(ruby, "headers", headers)?;
+            fields.set(ruby, "partition", partition)?;
+            Some(())
+        })();
+        let span = read.and_then(|()| fields.finish());
+        self.keep(mark, span)
+    }
+
+    /// Keeps `span` as the next record, or drops the bytes written since `mark`.
+    fn keep(&mut self, mark: usize, span: Option<Span>) -> bool {
+        match span {
+            Some(span) => {
+                self.records.push(span);
+                true
+            }
+            None => {
+                self.bytes.truncate(mark);
+                false
+            }
+        }
     }
 }
 
@@ -137,35 +175,6 @@ fn symbol_lookup(hash: RHash, symbol: Value) -> Option<Value> {
     let found = unsafe { rb_sys::rb_hash_lookup2(hash.as_raw(), symbol.as_raw(), undef) };
     // SAFETY: a value other than the default is a live value stored in `hash`.
     (found != undef).then(|| unsafe { Value::from_raw(found) })
-}
-
-/// The record of one send (`payload` `None` for a tombstone), if every part is a plain one.
-pub fn record_from_parts(
-    ruby: &Ruby,
-    topic: Value,
-    key: Value,
-    payload: Option<Value>,
-    headers: Value,
-    partition: Value,
-) -> Option<Record> {
-    let mut bytes = Vec::with_capacity(64);
-    let mut fields = Fields::new(&mut bytes);
-    fields.set(ruby, "topic", topic)?;
-    fields.set(ruby, "key", key)?;
-    match payload {
-        Some(payload) => fields.set(ruby, "payload", payload)?,
-        None => fields.tombstone = true,
-    }
-    fields.set(ruby, "headers", headers)?;
-    fields.set(ruby, "partition", partition)?;
-    let span = fields.finish()?;
-    Some(Record {
-        topic: String::from_utf8(bytes[span.topic].to_vec()).ok()?,
-        key: bytes[span.key].to_vec(),
-        payload: span.payload.map(|p| bytes[p].to_vec()),
-        headers: span.headers,
-        partition: span.partition,
-    })
 }
 
 /// A record's fields as read so far, their bytes appended to `out`.
@@ -247,12 +256,13 @@ fn headers(hash: RHash) -> Option<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::with_capacity(hash.len());
     let mut plain = true;
     let _ = hash.foreach(|k: Value, v: Value| {
-        match (
-            text(k).and_then(|n| String::from_utf8(n).ok()),
-            bytes_or_symbol(v),
-        ) {
-            (Some(name), Some(value)) => out.push((name, value)),
-            _ => plain = false,
+        let (mut name, mut value) = (Vec::new(), Vec::new());
+        let pair = append_text(k, &mut name)
+            .and_then(|()| String::from_utf8(name).ok())
+            .zip(append_bytes_or_symbol(v, &mut value).map(|()| value));
+        match pair {
+            Some(pair) => out.push(pair),
+            None => plain = false,
         }
         Ok(if plain {
             ForEach::Continue
@@ -284,13 +294,6 @@ fn append_bytes_or_symbol(v: Value, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// A String's bytes (any encoding) or a Symbol's name.
-fn bytes_or_symbol(v: Value) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    append_bytes_or_symbol(v, &mut out)?;
-    Some(out)
-}
-
 /// Appends the UTF-8 bytes of a String in a UTF-8 compatible encoding (or of ASCII-only bytes),
 /// or of a Symbol's name.
 fn append_text(v: Value, out: &mut Vec<u8>) -> Option<()> {
@@ -299,14 +302,6 @@ fn append_text(v: Value, out: &mut Vec<u8>) -> Option<()> {
     }
     out.extend_from_slice(Symbol::from_value(v)?.name().ok()?.as_bytes());
     Some(())
-}
-
-/// The UTF-8 bytes of a String in a UTF-8 compatible encoding (or of ASCII-only bytes), or of a
-/// Symbol's name.
-fn text(v: Value) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    append_text(v, &mut out)?;
-    Some(out)
 }
 
 /// `f` of the bytes of `s`, when they are UTF-8 text as `JSON.generate` takes it without
