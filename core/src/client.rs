@@ -3,18 +3,19 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
+use crate::defer::gate::FailureRate;
+use crate::defer::{Backoff, Deferral};
 use crate::engine::Engine;
 use crate::failure::deadletter::DeadLetters;
 use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
 use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Done, Producer, RawRecord, Record, SendError};
+use crate::kafka::reload::Reloader;
 use crate::kafka::KafkaError;
 use crate::scheduler::{FairConfig, Scheduler};
-use crate::timers::cassandra::CassandraStore;
-use crate::timers::memory::MemoryStore;
-use crate::timers::TimerStore;
+use crate::stores::Stores;
 
 /// Lifecycle of the consumer side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,8 +38,8 @@ pub struct Client {
     producer: Arc<Producer>,
     /// The running subscription, if any.
     subscription: Mutex<Option<Subscription>>,
-    /// The Cassandra timer store, set up on the first subscribe and kept for later ones.
-    cassandra: Mutex<Option<Arc<dyn TimerStore>>>,
+    /// The stores (Cassandra ones are opened on the first subscribe and kept for later ones).
+    stores: Mutex<Option<Stores>>,
 }
 
 impl Client {
@@ -67,7 +68,7 @@ impl Client {
             bootstrap,
             producer: Arc::new(producer),
             subscription: Mutex::new(None),
-            cassandra: Mutex::new(None),
+            stores: Mutex::new(None),
         })
     }
 
@@ -176,11 +177,14 @@ impl Client {
             &self.config,
         )));
         scheduler.set_notify(notify);
+        let stores = self.stores()?;
+        let deferral = self.deferral(stores.as_ref())?;
         let engine = Arc::new(Engine {
             config: self.config.clone(),
             scheduler: scheduler.clone(),
             runtime: runtime.clone(),
-            timers: self.timer_store()?,
+            timers: stores.map(|s| s.timers),
+            deferral,
             policy: Policy::from_config(&self.config),
             dead_letters,
             partitions: Mutex::new(HashMap::new()),
@@ -191,54 +195,72 @@ impl Client {
         Ok(scheduler)
     }
 
-    /// Whether timers can be used: in mock mode (memory) or with `cassandra_nodes`.
+    /// Whether timers (and deferred retry) can be used: in mock mode (memory) or with
+    /// `cassandra_nodes`.
     pub fn timers_available(&self) -> bool {
         self.config.mock || !self.config.cassandra_nodes.is_empty()
     }
 
-    /// The timer store: in memory in mock mode; in Cassandra when `cassandra_nodes` is set
-    /// (connecting and migrating on first use; blocks); `None` otherwise.
-    pub fn timer_store(&self) -> Result<Option<Arc<dyn TimerStore>>, KafkaError> {
+    /// The client's stores: in memory in mock mode; in Cassandra when `cassandra_nodes` is set
+    /// (connecting and migrating once, on first use; blocks); `None` otherwise.
+    pub fn stores(&self) -> Result<Option<Stores>, KafkaError> {
         if !self.timers_available() {
             return Ok(None);
         }
         if self.config.mock {
-            return Ok(Some(MemoryStore::shared()));
+            return Ok(Some(Stores::memory()));
         }
         let mut cached = self
-            .cassandra
+            .stores
             .lock()
-            .map_err(|_| KafkaError::Timers("timer store state poisoned".into()))?;
-        if let Some(store) = cached.as_ref() {
-            return Ok(Some(store.clone()));
+            .map_err(|_| KafkaError::Timers("store state poisoned".into()))?;
+        if let Some(stores) = cached.as_ref() {
+            return Ok(Some(stores.clone()));
         }
         let config = self.config.clone();
         let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
-        let store: Arc<dyn TimerStore> = runtime.block_on(async move {
-            let session = crate::cassandra::connect(&config)
-                .await
-                .map_err(|e| KafkaError::Timers(e.to_string()))?;
-            crate::cassandra::migrate(
-                &session,
-                &config.cassandra_keyspace,
-                &config.cassandra_replication,
-                crate::timers::cassandra::MIGRATIONS,
-            )
-            .await
-            .map_err(|e| KafkaError::Timers(e.to_string()))?;
-            let seconds = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            let store = CassandraStore::new(
-                session,
-                &config.cassandra_keyspace,
-                seconds(config.slab_size),
-                seconds(config.cassandra_retention),
-            )
-            .await
-            .map_err(|e| KafkaError::Timers(e.to_string()))?;
-            Ok::<_, KafkaError>(Arc::new(store))
-        })?;
-        *cached = Some(store.clone());
-        Ok(Some(store))
+        let stores = runtime
+            .block_on(async move { Stores::cassandra(&config).await })
+            .map_err(KafkaError::Timers)?;
+        *cached = Some(stores.clone());
+        Ok(Some(stores))
+    }
+
+    /// Deferred retry for a subscription: in pipeline mode with `defer_enabled`, when a store is
+    /// available.
+    fn deferral(&self, stores: Option<&Stores>) -> Result<Option<Arc<Deferral>>, KafkaError> {
+        let config = &self.config;
+        let Some(stores) = stores else {
+            if config.mode == Mode::Pipeline && config.defer_enabled {
+                log::info!(
+                    "deferred retry needs a store (cassandra_nodes, or mock: true); failing \
+                     messages retry in place and hold their partition"
+                );
+            }
+            return Ok(None);
+        };
+        if config.mode != Mode::Pipeline || !config.defer_enabled {
+            return Ok(None);
+        }
+        let reloader = Reloader::start(
+            &self.bootstrap,
+            config.group_id.as_deref().unwrap_or_default(),
+            config.defer_seek_timeout,
+            config.defer_discard_threshold,
+        )?;
+        Ok(Some(Arc::new(Deferral {
+            store: stores.defer.clone(),
+            reloader,
+            backoff: Backoff {
+                base: config.defer_base,
+                max: config.defer_max_delay,
+            },
+            gate: FailureRate::new(config.defer_failure_window, config.defer_failure_threshold),
+            max_retries: config
+                .defer_max_retries
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+            cache_size: usize::try_from(config.defer_cache_size).unwrap_or(usize::MAX),
+        })))
     }
 
     /// Stops the subscription (drains, commits, leaves the group). A no-op when not subscribed.

@@ -564,21 +564,24 @@ options! {
 
     // --- Deferral
     /// Defer failing keys to timers.
-    defer_enabled: bool, "PROSODY_DEFER_ENABLED", Some("true"), LATER;
+    defer_enabled: bool, "PROSODY_DEFER_ENABLED", Some("true"), YES;
     /// First deferred retry delay.
-    defer_base: Duration, "PROSODY_DEFER_BASE", Some("1s"), LATER;
+    defer_base: Duration, "PROSODY_DEFER_BASE", Some("1s"), YES;
     /// Longest deferred retry delay.
-    defer_max_delay: Duration, "PROSODY_DEFER_MAX_DELAY", Some("24h"), LATER;
+    defer_max_delay: Duration, "PROSODY_DEFER_MAX_DELAY", Some("24h"), YES;
     /// Failure rate above which deferral switches off.
-    defer_failure_threshold: f64, "PROSODY_DEFER_FAILURE_THRESHOLD", Some("0.9"), LATER;
+    defer_failure_threshold: f64, "PROSODY_DEFER_FAILURE_THRESHOLD", Some("0.9"), YES;
     /// Window for the failure rate.
-    defer_failure_window: Duration, "PROSODY_DEFER_FAILURE_WINDOW", Some("5m"), LATER;
+    defer_failure_window: Duration, "PROSODY_DEFER_FAILURE_WINDOW", Some("5m"), YES;
     /// Deferred keys tracked in memory.
-    defer_cache_size: u64, "PROSODY_DEFER_CACHE_SIZE", Some("1024"), LATER;
+    defer_cache_size: u64, "PROSODY_DEFER_CACHE_SIZE", Some("1024"), YES;
     /// Timeout when reloading deferred messages.
-    defer_seek_timeout: Duration, "PROSODY_DEFER_SEEK_TIMEOUT", Some("30s"), LATER;
+    defer_seek_timeout: Duration, "PROSODY_DEFER_SEEK_TIMEOUT", Some("30s"), YES;
     /// Read optimisation for deferred reloads.
-    defer_discard_threshold: u64, "PROSODY_DEFER_DISCARD_THRESHOLD", Some("100"), LATER;
+    defer_discard_threshold: u64, "PROSODY_DEFER_DISCARD_THRESHOLD", Some("100"), YES;
+    /// Deferred retries of one message before it goes to the failure topic (or is logged and
+    /// skipped); none: retry until it succeeds.
+    defer_max_retries: Option<NonZeroU64>, "PROSODY_DEFER_MAX_RETRIES", None, YES;
 
     // --- Monopolization
     /// Reject keys that use most of the handler time.

@@ -28,6 +28,8 @@ pub struct Engine {
     pub timers: Option<Arc<dyn TimerStore>>,
     /// What happens after a handler failed.
     pub policy: Policy,
+    /// Deferred retry, in pipeline mode with `defer_enabled` and a store.
+    pub deferral: Option<Arc<crate::defer::Deferral>>,
     /// The failure topic, when one is configured.
     pub dead_letters: Option<Arc<DeadLetters>>,
     /// Assigned partitions' shared state, for health checks.

@@ -22,11 +22,14 @@
 //! | raw producer for tests and benchmarks | [`testing`] |
 //! | per-key timers: store contract, memory and Cassandra stores, context handle | [`timers`] |
 //! | Cassandra session and versioned schema migrations | [`cassandra`] |
+//! | deferred retry: store contract, memory and Cassandra stores, failure-rate gate | [`defer`] |
+//! | the one place that opens a client's stores | [`stores`] |
 
 pub mod cancel;
 pub mod cassandra;
 pub mod client;
 pub mod config;
+pub mod defer;
 pub mod engine;
 pub mod event;
 pub mod failure;
@@ -36,6 +39,7 @@ pub mod partition;
 pub mod process;
 pub mod runtime;
 pub mod scheduler;
+pub mod stores;
 pub mod testing;
 pub mod timers;
 pub mod waker;

@@ -34,6 +34,8 @@ fn run(mode: &str, keys: &[&str]) -> (Calls, String, Client) {
             ("max_retries", RawValue::Int(2)),
             ("retry_base", RawValue::Float(0.005)),
             ("max_retry_delay", RawValue::Float(0.02)),
+            ("defer_base", RawValue::Float(0.005)),
+            ("defer_max_delay", RawValue::Float(0.02)),
         ],
     );
     let client = Client::new(config).unwrap();

@@ -103,12 +103,15 @@ impl Policy {
 
     /// The largest delay retry number `retry` can get.
     pub fn ceiling(&self, retry: u32) -> Duration {
-        let doublings = retry.saturating_sub(1).min(62);
-        self.retry_base
-            .checked_mul(1u32 << doublings.min(31))
-            .unwrap_or(self.max_retry_delay)
-            .min(self.max_retry_delay)
+        ceiling(self.retry_base, self.max_retry_delay, retry)
     }
+}
+
+/// `base · 2^(retry − 1)` capped at `max` (retry 1 = the first): the ceiling of an exponential
+/// backoff.
+pub fn ceiling(base: Duration, max: Duration, retry: u32) -> Duration {
+    let doublings = retry.saturating_sub(1).min(31);
+    base.checked_mul(1u32 << doublings).unwrap_or(max).min(max)
 }
 
 /// A uniform number in [0, 1) from a SplitMix64 sequence seeded once per process (not for

@@ -3,6 +3,7 @@
 pub mod consumer;
 pub mod mock;
 pub mod producer;
+pub mod reload;
 
 use std::sync::{Arc, OnceLock};
 

@@ -1,8 +1,11 @@
-//! Per-partition processing: key queues, offset tracking, and the worker task that owns them.
+//! Per-partition processing: key queues, offset tracking, the stage list around the handler,
+//! and the worker task that owns them.
 
 pub mod keys;
 pub mod offsets;
+mod shared;
+pub(crate) mod stages;
 mod worker;
 
-pub use worker::PartitionShared;
+pub use shared::PartitionShared;
 pub(crate) use worker::{spawn_worker, WorkerInput};

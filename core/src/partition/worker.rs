@@ -1,40 +1,44 @@
 //! The worker of one assigned partition: a tokio task that owns the partition's key queues and
 //! offset tracker. Messages arrive from the poll thread; completions arrive from the runners that
-//! ran each event; retry and dead-letter results arrive from small tasks this worker spawned.
-//! Everything that mutates the queues or the tracker happens on this one task, so neither needs
-//! a lock.
+//! ran each event; retry, dead-letter and store results arrive from small tasks this worker
+//! spawned. Everything that mutates the queues or the tracker happens on this one task, so
+//! neither needs a lock.
 //!
-//! A failed event stays its key's in-flight event until the failure policy is done with it: a
-//! retry waits in place (blocking only that key), a dead-letter send must be acknowledged before
-//! the offset retires. Other keys keep flowing meanwhile.
+//! An event goes through the stage list of [`super::stages`]: the admit stages when it is about
+//! to become its key's in-flight event, the outcome stages after its handler. The parts of the
+//! worker live beside this file: `timers.rs` (the partition's timers), `failure.rs` (the failure
+//! policy, undecodable records), `deferral.rs` (deferred keys).
+
+mod deferral;
+mod failure;
+mod timers;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use foldhash::quality::RandomState;
 use rdkafka::message::OwnedMessage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until;
 
+use self::deferral::{DeferReport, PartitionDeferral};
+use self::timers::PartitionTimers;
 use super::keys::KeyQueues;
 use super::offsets::OffsetTracker;
+use super::shared::{mono_ms, PartitionShared};
+use super::stages::{self, Admission, Handled, ADMIT, OUTCOME};
 use crate::cancel::CancelToken;
 use crate::engine::Engine;
-use crate::event::{show_key, ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
-use crate::failure::deadletter::{dead_letter_headers, DeadLetters};
-use crate::failure::{Decision, Reason};
+use crate::event::{ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
 use crate::handler::{Failure, Finished, Job, Outcome, Slot};
-use crate::timers::{self, KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
-use crate::waker::Waker;
+use crate::timers::{KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
 
 type Key = Option<crate::event::Key>;
 
 /// Error class reported for a handler that ignored its cancellation.
 const QUARANTINED: &str = "Prosody::HandlerQuarantined";
-/// Error class reported for a payload that is not JSON.
-const UNDECODABLE: &str = "Prosody::UndecodablePayload";
 
 /// An event waiting in (or at the head of) its key's queue.
 #[derive(Debug, Clone)]
@@ -43,6 +47,18 @@ enum Pending {
     Message(Arc<ConsumedMessage>),
     /// A due timer of the key, by its time.
     Timer(crate::event::Key, Seconds),
+    /// A deferred message re-read for its retry; its offset finished when it was deferred.
+    Deferred(Arc<ConsumedMessage>),
+}
+
+impl Pending {
+    /// The event's key queue and its slot.
+    fn id(&self) -> (Key, Slot) {
+        match self {
+            Pending::Message(m) | Pending::Deferred(m) => (m.key.clone(), Slot::Offset(m.offset)),
+            Pending::Timer(key, time) => (Some(key.clone()), Slot::Timer(*time)),
+        }
+    }
 }
 
 /// Where a key's in-flight event is.
@@ -56,6 +72,8 @@ enum Stage {
     Waiting,
     /// Being sent to the failure topic.
     DeadLettering,
+    /// Failed; its key's deferral is being stored.
+    Deferring,
 }
 
 /// A key's in-flight event.
@@ -77,146 +95,8 @@ enum Internal {
     DeadLettered(Key, Slot),
     /// This undecodable record reached the failure topic.
     UndecodableSent(i64),
-}
-
-/// The partition's timers as the worker schedules them.
-struct PartitionTimers {
-    /// Store, scope and change channel, shared with the contexts of this partition's jobs.
-    handle: Arc<PartitionTimerHandle>,
-    /// Stored timers not yet handed to their key's queue, earliest first.
-    pending: BTreeSet<(Seconds, crate::event::Key)>,
-    /// Timers in a key queue or running; removed from the store only after success.
-    firing: HashSet<(crate::event::Key, Seconds)>,
-    /// Firing timers that their key scheduled again meanwhile (e.g. `on_timer` re-arming for the
-    /// same second): kept and fired again instead of deleted after success.
-    rearmed: HashSet<(crate::event::Key, Seconds)>,
-    /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
-    horizon: Duration,
-    /// When to load the next window of stored timers.
-    next_load: Instant,
-}
-
-impl PartitionTimers {
-    fn apply(&mut self, change: TimerChange) {
-        match change {
-            TimerChange::Added(key, time) => {
-                if self.firing.contains(&(key.clone(), time)) {
-                    self.rearmed.insert((key, time));
-                } else {
-                    self.pending.insert((time, key));
-                }
-            }
-            TimerChange::Removed(key, time) => {
-                self.rearmed.remove(&(key.clone(), time));
-                self.pending.remove(&(time, key));
-            }
-            TimerChange::Cleared(key) => {
-                self.rearmed.retain(|(k, _)| *k != key);
-                self.pending.retain(|(_, k)| *k != key);
-            }
-        }
-    }
-
-    /// A firing timer stopped running; returns whether its key scheduled it again meanwhile.
-    fn unfire(&mut self, key: &crate::event::Key, time: Seconds) -> bool {
-        let id = (key.clone(), time);
-        self.firing.remove(&id);
-        self.rearmed.remove(&id)
-    }
-
-    /// When the earliest pending timer is due, as a monotonic instant.
-    fn next_due(&self) -> Option<Instant> {
-        let (time, _) = self.pending.first()?;
-        let wall = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(*time).unwrap_or(0));
-        let wait = wall
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        Some(Instant::now() + wait)
-    }
-
-    /// Takes every pending timer whose time has come (never early: whole seconds elapsed).
-    fn take_due(&mut self) -> Vec<(crate::event::Key, Seconds)> {
-        let now = timers::now();
-        let mut due = Vec::new();
-        while let Some((time, _)) = self.pending.first() {
-            if *time > now {
-                break;
-            }
-            if let Some((time, key)) = self.pending.pop_first() {
-                self.firing.insert((key.clone(), time));
-                due.push((key, time));
-            }
-        }
-        due
-    }
-}
-
-/// Milliseconds on a process-wide monotonic clock, plus one (so 0 can mean "none").
-fn mono_ms(at: Instant) -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX - 1) + 1
-}
-
-/// State of a partition shared between its worker, the poll thread and health checks.
-#[derive(Debug)]
-pub struct PartitionShared {
-    /// Messages taken from Kafka and not yet retired below the commit watermark. The poll thread
-    /// only reads the partition while this is below `max_uncommitted`.
-    held: AtomicUsize,
-    /// The `max_uncommitted` bound.
-    max: usize,
-    /// Position the worker allows to commit; -1 until something finished.
-    committable: AtomicI64,
-    /// When the oldest unfinished message was taken ([`mono_ms`]); 0 when none is unfinished.
-    oldest_unfinished: AtomicU64,
-    /// Wakes the poll thread when the partition regains room.
-    waker: Arc<Waker>,
-}
-
-impl PartitionShared {
-    pub(crate) fn new(max: usize, waker: Arc<Waker>) -> Self {
-        Self {
-            held: AtomicUsize::new(0),
-            max: max.max(1),
-            committable: AtomicI64::new(-1),
-            oldest_unfinished: AtomicU64::new(0),
-            waker,
-        }
-    }
-
-    /// Free room, as seen by the poll thread.
-    pub(crate) fn room(&self) -> usize {
-        self.max.saturating_sub(self.held.load(Ordering::Acquire))
-    }
-
-    /// The poll thread took one message.
-    pub(crate) fn took(&self) {
-        self.held.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn release(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let before = self.held.fetch_sub(n, Ordering::AcqRel);
-        // Wake the poll thread only on the full -> room transition, not once per message.
-        if before >= self.max && before - n < self.max {
-            self.waker.wake();
-        }
-    }
-
-    /// The committable position, if any.
-    pub(crate) fn committable(&self) -> Option<i64> {
-        let p = self.committable.load(Ordering::Acquire);
-        (p >= 0).then_some(p)
-    }
-
-    /// Whether the oldest unfinished message has waited longer than `threshold`.
-    pub(crate) fn stalled(&self, threshold: Duration) -> bool {
-        let since = self.oldest_unfinished.load(Ordering::Acquire);
-        since != 0 && mono_ms(Instant::now()).saturating_sub(since) > threshold.as_millis() as u64
-    }
+    /// A deferral store operation or read finished.
+    Defer(DeferReport),
 }
 
 /// What the worker receives.
@@ -256,6 +136,8 @@ struct Worker {
     undecodable: usize,
     /// The partition's timers, when a store is configured.
     timers: Option<PartitionTimers>,
+    /// The partition's deferred keys (pipeline mode with deferral on).
+    deferral: Option<PartitionDeferral>,
     /// Cancelled on drain so events still waiting for a runner never start, and helper tasks
     /// (retry delays, dead-letter sends) stop.
     abort: CancelToken,
@@ -272,14 +154,19 @@ pub(crate) fn spawn_worker(
     let (done, done_rx) = mpsc::unbounded_channel();
     let (internal, internal_rx) = mpsc::unbounded_channel();
     let (changes, changes_rx) = mpsc::unbounded_channel();
+    let scope = Scope {
+        group: Arc::from(engine.config.group_id.as_deref().unwrap_or_default()),
+        topic: topic.clone(),
+        partition,
+    };
+    let deferral = engine
+        .deferral
+        .clone()
+        .map(|setup| PartitionDeferral::new(setup, scope.clone()));
     let timers = engine.timers.clone().map(|store| PartitionTimers {
         handle: Arc::new(PartitionTimerHandle {
             store,
-            scope: Scope {
-                group: Arc::from(engine.config.group_id.as_deref().unwrap_or_default()),
-                topic: topic.clone(),
-                partition,
-            },
+            scope,
             changes,
         }),
         pending: BTreeSet::new(),
@@ -300,6 +187,7 @@ pub(crate) fn spawn_worker(
         in_flight: HashMap::default(),
         undecodable: 0,
         timers,
+        deferral,
         abort: CancelToken::new(),
     };
     let name = format!("{}/{partition}", worker.topic);
@@ -322,6 +210,10 @@ pub(crate) fn spawn_worker(
     tx
 }
 
+/// What the worker's wake-up sleep is armed for: (earliest pending timer, next timer load) and
+/// the earliest deferred retry.
+type Plan = (Option<(Option<Seconds>, Instant)>, Option<i64>);
+
 impl Worker {
     async fn run(
         mut self,
@@ -330,23 +222,19 @@ impl Worker {
         mut internal_rx: mpsc::UnboundedReceiver<Internal>,
         mut changes_rx: mpsc::UnboundedReceiver<TimerChange>,
     ) {
+        self.load_deferred().await;
         self.load_timers().await;
-        // One sleep for the timer schedule, re-armed only when the plan (earliest pending timer,
-        // next load) changes: building a fresh sleep per loop turn would register and drop a
-        // timer-wheel entry for every message.
+        self.fire_deferred();
+        // One sleep for the schedule of timers and deferred retries, re-armed only when the plan
+        // (earliest pending timer, next timer load, earliest deferred retry) changes: building a
+        // fresh sleep per loop turn would register and drop a timer-wheel entry per message.
         let wake = sleep_until(Instant::now().into());
         tokio::pin!(wake);
-        let mut armed: Option<(Option<Seconds>, Instant)> = None;
+        let mut armed: Option<Plan> = None;
         loop {
-            let plan = self
-                .timers
-                .as_ref()
-                .map(|t| (t.pending.first().map(|(s, _)| *s), t.next_load));
+            let plan = self.plan();
             if plan != armed {
-                if let Some(timers) = self.timers.as_ref() {
-                    let at = timers
-                        .next_due()
-                        .map_or(timers.next_load, |due| due.min(timers.next_load));
+                if let Some(at) = self.wake_at() {
                     wake.as_mut().reset(at.into());
                 }
                 armed = plan;
@@ -368,6 +256,7 @@ impl Worker {
                         self.load_timers().await;
                     }
                     self.fire_due();
+                    self.fire_deferred();
                 }
                 input = rx.recv() => match input {
                     Some(WorkerInput::Record(record)) => self.on_record(record),
@@ -379,6 +268,36 @@ impl Worker {
                     None => return,
                 },
             }
+        }
+    }
+
+    /// What the wake-up sleep is armed for; `None` when nothing is scheduled.
+    fn plan(&self) -> Option<Plan> {
+        let timers = self
+            .timers
+            .as_ref()
+            .map(|t| (t.pending.first().map(|(s, _)| *s), t.next_load));
+        let deferred = self
+            .deferral
+            .as_ref()
+            .and_then(PartitionDeferral::next_due_ms);
+        (timers.is_some() || deferred.is_some()).then_some((timers, deferred))
+    }
+
+    /// When the earliest timer, timer load or deferred retry is due.
+    fn wake_at(&self) -> Option<Instant> {
+        let timers = self
+            .timers
+            .as_ref()
+            .map(|t| t.next_due().map_or(t.next_load, |due| due.min(t.next_load)));
+        let deferred = self
+            .deferral
+            .as_ref()
+            .and_then(PartitionDeferral::next_due_ms)
+            .map(deferral::instant_of_ms);
+        match (timers, deferred) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -400,103 +319,84 @@ impl Worker {
                 return;
             }
         };
-        if let Some(group) = self.engine.config.group_id.as_deref() {
-            if message.header(SOURCE_SYSTEM_HEADER) == Some(group.as_bytes()) {
-                log::debug!(
-                    "skipping record produced by this group topic={} partition={} offset={}",
-                    self.topic,
-                    self.partition,
-                    offset
-                );
-                self.retire(offset);
-                return;
-            }
-        }
         let key = message.key.clone();
         if let Some(ready) = self.keys.push(key, Pending::Message(Arc::new(message))) {
             self.start(ready);
         }
     }
 
-    /// A record whose payload is not JSON: dead-lettered with its raw bytes when a failure topic
-    /// is set (committed once the send is acknowledged), otherwise logged and committed.
-    fn on_undecodable(&mut self, bad: crate::event::Undecodable) {
-        let crate::event::Undecodable {
-            offset,
-            key,
-            reason,
-            raw,
-        } = bad;
-        let Some(dead_letters) = self.engine.dead_letters.clone() else {
-            log::error!(
-                "skipping undecodable record topic={} partition={} offset={offset} key={}: {reason} \
-                 (set failure_topic to keep such records)",
-                self.topic,
-                self.partition,
-                show_key(key.as_deref()),
-            );
-            self.retire(offset);
-            return;
+    /// Walks the admit stages for an event that is about to become its key's in-flight event;
+    /// runs it when every stage lets it through. When a stage takes it over, the key's next
+    /// waiting event is walked the same way.
+    fn start(&mut self, first: Pending) {
+        let mut pending = first;
+        loop {
+            if ADMIT
+                .iter()
+                .all(|stage| self.admit_stage(*stage, &pending) == Admission::Pass)
+            {
+                self.submit(pending);
+                return;
+            }
+            if self.abort.is_cancelled() {
+                return;
+            }
+            match self.keys.finish(&pending.id().0) {
+                Some(next) => pending = next,
+                None => return,
+            }
+        }
+    }
+
+    fn admit_stage(&mut self, stage: stages::Admit, pending: &Pending) -> Admission {
+        match stage {
+            stages::Admit::SourceSystem => self.admit_source_system(pending),
+            stages::Admit::Deferred => self.admit_deferred(pending),
+        }
+    }
+
+    /// The [`Admit::SourceSystem`](stages::Admit) stage: records this group produced finish
+    /// without a handler call.
+    fn admit_source_system(&mut self, pending: &Pending) -> Admission {
+        let (Pending::Message(message), Some(group)) =
+            (pending, self.engine.config.group_id.as_deref())
+        else {
+            return Admission::Pass;
         };
-        log::error!(
-            "sending undecodable record topic={} partition={} offset={offset} key={} to {}: {reason}",
+        if message.header(SOURCE_SYSTEM_HEADER) != Some(group.as_bytes()) {
+            return Admission::Pass;
+        }
+        log::debug!(
+            "skipping record produced by this group topic={} partition={} offset={}",
             self.topic,
             self.partition,
-            show_key(key.as_deref()),
-            dead_letters.topic
+            message.offset
         );
-        self.undecodable += 1;
-        let failure = Failure::permanent(UNDECODABLE, reason);
-        self.spawn_dead_letter(
-            dead_letters,
-            raw,
-            Reason::Undecodable,
-            &failure,
-            0,
-            Internal::UndecodableSent(offset),
-        );
+        self.retire(message.offset);
+        Admission::Taken
     }
 
-    /// Loads the partition's overdue and near-future stored timers (up to `horizon` ahead) into
-    /// the schedule; called on assignment and every half horizon after.
-    async fn load_timers(&mut self) {
-        let Some(timers) = self.timers.as_mut() else {
-            return;
-        };
-        let horizon = i64::try_from(timers.horizon.as_secs()).unwrap_or(timers::MAX_TIME);
-        let until = timers::now().saturating_add(horizon).min(timers::MAX_TIME);
-        timers.next_load = Instant::now() + (timers.horizon / 2).max(Duration::from_secs(1));
-        match timers.handle.store.load(&timers.handle.scope, until).await {
-            Ok(loaded) => {
-                for (key, time) in loaded {
-                    if !timers.firing.contains(&(key.clone(), time)) {
-                        timers.pending.insert((time, key));
-                    }
-                }
-            }
-            Err(e) => log::error!(
-                "could not load the timers of topic={} partition={}: {e}; they fire after the next assignment",
-                self.topic,
-                self.partition
-            ),
+    /// Makes the event its key's in-flight event and submits it to the scheduler; the runner's
+    /// completion sends the outcome back to this worker.
+    fn submit(&mut self, pending: Pending) {
+        let cancel = CancelToken::new();
+        let (key, slot) = pending.id();
+        let deferred = matches!(pending, Pending::Deferred(_));
+        let mut job = self.job(key.clone(), slot, pending.clone(), cancel.clone());
+        if deferred {
+            // A deferred message's run is a retry: charged to the retries' share.
+            job = job.retry();
         }
-        self.fire_due();
-    }
-
-    /// Hands every due timer to its key's queue.
-    fn fire_due(&mut self) {
-        if self.abort.is_cancelled() {
-            return;
-        }
-        let due = match self.timers.as_mut() {
-            Some(timers) => timers.take_due(),
-            None => return,
-        };
-        for (key, time) in due {
-            if let Some(ready) = self.keys.push(Some(key.clone()), Pending::Timer(key, time)) {
-                self.start(ready);
-            }
-        }
+        self.in_flight.insert(
+            (key, slot),
+            Flight {
+                event: pending,
+                cancel,
+                attempts: 1,
+                stage: Stage::Running,
+            },
+        );
+        self.engine.scheduler.submit(job);
     }
 
     async fn on_finished(&mut self, finished: Finished) {
@@ -506,7 +406,7 @@ impl Worker {
             return;
         };
         let quarantined = stage == Stage::Quarantined;
-        match outcome {
+        let result = match outcome {
             Outcome::Quarantined => {
                 // Only for the attempt the watchdog cancelled and that is still running: a notice
                 // that arrives after that attempt's own outcome (it is sent outside the
@@ -516,194 +416,103 @@ impl Worker {
                         flight.stage = Stage::Quarantined;
                     }
                 }
+                return;
             }
             Outcome::Abandoned => {
-                // Not finished: the offset stays uncommitted and is re-delivered after a
-                // restart; a timer stays stored.
-                self.in_flight.remove(&id);
-                // A timer stays stored: it fires again (unless the partition is going away).
-                if let (Slot::Timer(time), Some(key)) = (id.1, id.0.clone()) {
-                    if let Some(timers) = self.timers.as_mut() {
-                        timers.unfire(&key, time);
-                        if !self.abort.is_cancelled() {
-                            timers.pending.insert((time, key));
-                        }
-                    }
-                }
-                self.next_of(&id.0);
+                self.abandoned(id);
+                return;
             }
             // Whatever a quarantined handler finally reports counts as a transient failure.
             _ if quarantined => {
                 let timeout = self.engine.config.effective_timeout();
-                let failure = Failure::transient(
+                Err(Failure::transient(
                     QUARANTINED,
                     format!(
                         "the handler ignored its cancellation after the {timeout:?} timeout and \
                          was quarantined; its result does not count"
                     ),
-                );
-                self.failed(id, failure).await;
+                ))
             }
-            Outcome::Success => self.succeeded(id).await,
-            Outcome::Failure(failure) => self.failed(id, failure).await,
+            Outcome::Success => Ok(()),
+            Outcome::Failure(failure) => Err(failure),
+        };
+        for stage in OUTCOME {
+            if self.outcome_stage(stage, &id, &result).await == Handled::Done {
+                return;
+            }
         }
     }
 
-    /// The event is done: retire its offset, or delete its timer; start the key's next event.
-    async fn succeeded(&mut self, id: (Key, Slot)) {
-        self.in_flight.remove(&id);
-        match id.1 {
-            Slot::Offset(offset) => self.retire(offset),
-            Slot::Timer(time) => {
-                if let Some(key) = id.0.clone() {
-                    self.timer_done(key, time).await;
+    async fn outcome_stage(
+        &mut self,
+        stage: stages::Outcome,
+        id: &(Key, Slot),
+        result: &Result<(), Failure>,
+    ) -> Handled {
+        match (stage, result) {
+            (stages::Outcome::Account, _) => {
+                if let Some(d) = self.deferral.as_ref() {
+                    d.gate().record(result.is_err());
+                }
+                Handled::Next
+            }
+            (stages::Outcome::Defer, Err(failure)) => self.defer_failure(id, failure).await,
+            (stages::Outcome::Defer, Ok(())) => Handled::Next,
+            (stages::Outcome::Policy, Ok(())) => {
+                self.succeeded(id.clone()).await;
+                Handled::Done
+            }
+            (stages::Outcome::Policy, Err(failure)) => {
+                self.apply_policy(id.clone(), failure.clone()).await;
+                Handled::Done
+            }
+        }
+    }
+
+    /// Not finished: the offset stays uncommitted and is re-delivered after a restart; a timer
+    /// stays stored; a deferred message stays deferred.
+    fn abandoned(&mut self, id: (Key, Slot)) {
+        let flight = self.in_flight.remove(&id);
+        match (id.1, id.0.clone(), flight.map(|f| f.event)) {
+            (Slot::Timer(time), Some(key), _) => {
+                // It fires again (unless the partition is going away).
+                if let Some(timers) = self.timers.as_mut() {
+                    timers.unfire(&key, time);
+                    if !self.abort.is_cancelled() {
+                        timers.pending.insert((time, key));
+                    }
                 }
             }
+            (_, _, Some(Pending::Deferred(message))) => self.deferred_abandoned(message),
+            _ => {}
         }
         self.next_of(&id.0);
-    }
-
-    /// Applies the failure policy to a failed event.
-    async fn failed(&mut self, id: (Key, Slot), failure: Failure) {
-        let what = self.describe(&id);
-        let Some(flight) = self.in_flight.get_mut(&id) else {
-            return;
-        };
-        let attempts = flight.attempts;
-        let decision = self.engine.policy.decide(&failure, attempts);
-        match decision {
-            Decision::Retry(delay) => {
-                flight.stage = Stage::Waiting;
-                log::warn!("{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}");
-                let internal = self.internal.clone();
-                let abort = self.abort.clone();
-                let (key, slot) = id;
-                self.engine.runtime.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if !abort.is_cancelled() {
-                        let _ = internal.send(Internal::RetryDue(key, slot));
-                    }
-                });
-            }
-            Decision::DeadLetter(reason) => {
-                // Timers have no record to dead-letter: they are given up instead.
-                let raw = match &flight.event {
-                    Pending::Message(message) => message.raw.clone(),
-                    Pending::Timer(..) => None,
-                };
-                let (Some(raw), Some(dead_letters)) = (raw, self.engine.dead_letters.clone())
-                else {
-                    self.give_up(id, &what, &failure, attempts).await;
-                    return;
-                };
-                log::error!(
-                    "{what} failed (attempt {attempts}, {failure}); sending it to {} ({})",
-                    dead_letters.topic,
-                    reason.as_str()
-                );
-                flight.stage = Stage::DeadLettering;
-                let (key, slot) = id;
-                self.spawn_dead_letter(
-                    dead_letters,
-                    raw,
-                    reason,
-                    &failure,
-                    attempts,
-                    Internal::DeadLettered(key, slot),
-                );
-            }
-            Decision::GiveUp => self.give_up(id, &what, &failure, attempts).await,
+        if let Some(key) = id.0 {
+            self.advance(&key);
         }
     }
 
-    /// Logs the failure of `what` and lets the event go (commits its offset, deletes its timer).
-    async fn give_up(&mut self, id: (Key, Slot), what: &str, failure: &Failure, attempts: u32) {
-        log::error!("{what} failed (attempt {attempts}, {failure}); giving up on it and moving on");
-        self.succeeded(id).await;
-    }
-
-    fn describe(&self, id: &(Key, Slot)) -> String {
-        match id.1 {
-            Slot::Offset(offset) => format!(
-                "message topic={} partition={} offset={offset} key={}",
-                self.topic,
-                self.partition,
-                show_key(id.0.as_deref())
-            ),
-            Slot::Timer(time) => format!(
-                "timer topic={} partition={} key={} time={time}",
-                self.topic,
-                self.partition,
-                show_key(id.0.as_deref())
-            ),
+    /// The event is done: retire its offset (a deferred message's finished when it was
+    /// deferred: it leaves its key's list instead), or delete its timer; start the key's next
+    /// event.
+    async fn succeeded(&mut self, id: (Key, Slot)) {
+        let flight = self.in_flight.remove(&id);
+        let deferred = matches!(flight.map(|f| f.event), Some(Pending::Deferred(_)));
+        match (id.1, id.0.clone()) {
+            (Slot::Offset(offset), Some(key)) if deferred => self.deferred_done(key, offset),
+            (Slot::Offset(offset), _) => self.retire(offset),
+            (Slot::Timer(time), Some(key)) => self.timer_done(key, time).await,
+            (Slot::Timer(_), None) => {}
         }
-    }
-
-    /// Sends `raw` to the failure topic, retrying with backoff until it is acknowledged (the
-    /// record is never dropped); reports `done` to this worker once sent. Stops when the
-    /// partition is released (the offset then stays uncommitted).
-    fn spawn_dead_letter(
-        &self,
-        dead_letters: Arc<DeadLetters>,
-        raw: OwnedMessage,
-        reason: Reason,
-        failure: &Failure,
-        attempts: u32,
-        done: Internal,
-    ) {
-        let headers = dead_letter_headers(&raw, &dead_letters.group, reason, failure, attempts);
-        let internal = self.internal.clone();
-        let abort = self.abort.clone();
-        let policy = self.engine.policy.clone();
-        self.engine.runtime.spawn(async move {
-            let mut tries = 0u32;
-            loop {
-                match dead_letters.send(&raw, &headers).await {
-                    Ok(()) => {
-                        let _ = internal.send(done);
-                        return;
-                    }
-                    Err(e) => {
-                        tries = tries.saturating_add(1);
-                        let delay = policy.ceiling(tries);
-                        log::error!(
-                            "could not send topic={} partition={} offset={} to the failure topic ({}); retrying in {delay:?}",
-                            rdkafka::Message::topic(&raw),
-                            rdkafka::Message::partition(&raw),
-                            rdkafka::Message::offset(&raw),
-                            e.reason
-                        );
-                        tokio::time::sleep(delay).await;
-                        if abort.is_cancelled() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        self.next_of(&id.0);
+        if let (true, Some(key)) = (deferred, id.0) {
+            self.advance(&key);
+        }
     }
 
     async fn on_internal(&mut self, internal: Internal) {
         match internal {
-            Internal::RetryDue(key, slot) => {
-                if self.abort.is_cancelled() {
-                    return;
-                }
-                let id = (key, slot);
-                let Some(flight) = self.in_flight.get_mut(&id) else {
-                    return;
-                };
-                if flight.stage != Stage::Waiting {
-                    return;
-                }
-                flight.stage = Stage::Running;
-                flight.attempts = flight.attempts.saturating_add(1);
-                flight.cancel = CancelToken::new();
-                let event = flight.event.clone();
-                let cancel = flight.cancel.clone();
-                let job = self.job(id.0, id.1, event, cancel).retry();
-                self.engine.scheduler.submit(job);
-            }
+            Internal::RetryDue(key, slot) => self.retry_due(key, slot),
             Internal::DeadLettered(key, slot) => {
                 let id = (key, slot);
                 if self
@@ -718,6 +527,7 @@ impl Worker {
                 self.undecodable = self.undecodable.saturating_sub(1);
                 self.retire(offset);
             }
+            Internal::Defer(report) => self.on_defer_report(report).await,
         }
     }
 
@@ -728,28 +538,6 @@ impl Worker {
         }
         if let Some(next) = self.keys.finish(key) {
             self.start(next);
-        }
-    }
-
-    /// A timer is done (succeeded or given up): delete it, unless its key scheduled it again
-    /// while it ran (then it fires once more).
-    async fn timer_done(&mut self, key: crate::event::Key, time: Seconds) {
-        let Some(timers) = self.timers.as_mut() else {
-            return;
-        };
-        if timers.unfire(&key, time) {
-            timers.pending.insert((time, key));
-            return;
-        }
-        if let Err(e) = timers
-            .handle
-            .store
-            .unschedule(&timers.handle.scope, &key, time)
-            .await
-        {
-            log::warn!(
-                "could not delete fired timer key={key:?} time={time}: {e}; it may fire again"
-            );
         }
     }
 
@@ -772,9 +560,14 @@ impl Worker {
             .store(value, Ordering::Release);
     }
 
+    /// Store writes of this partition still in flight.
+    fn writes(&self) -> usize {
+        self.deferral.as_ref().map_or(0, |d| d.writes)
+    }
+
     fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {
         let event = match event {
-            Pending::Message(message) => Event::Message(message),
+            Pending::Message(message) | Pending::Deferred(message) => Event::Message(message),
             Pending::Timer(key, time) => Event::Timer(TimerEvent {
                 topic: self.topic.clone(),
                 partition: self.partition,
@@ -797,27 +590,6 @@ impl Worker {
         )
     }
 
-    /// Starts the key's in-flight event: submits it to the scheduler; the runner's completion
-    /// sends the outcome back to this worker.
-    fn start(&mut self, pending: Pending) {
-        let cancel = CancelToken::new();
-        let (key, slot) = match &pending {
-            Pending::Message(message) => (message.key.clone(), Slot::Offset(message.offset)),
-            Pending::Timer(key, time) => (Some(key.clone()), Slot::Timer(*time)),
-        };
-        let job = self.job(key.clone(), slot, pending.clone(), cancel.clone());
-        self.in_flight.insert(
-            (key, slot),
-            Flight {
-                event: pending,
-                cancel,
-                attempts: 1,
-                stage: Stage::Running,
-            },
-        );
-        self.engine.scheduler.submit(job);
-    }
-
     async fn drain(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<WorkerInput>,
@@ -836,7 +608,7 @@ impl Worker {
         // `done_rx` (this worker holds a sender of it, so it never closes here).
         let mut input_open = true;
         let started = Instant::now();
-        while !self.in_flight.is_empty() || self.undecodable > 0 {
+        while !self.in_flight.is_empty() || self.undecodable > 0 || self.writes() > 0 {
             let deadline = if cancelled { give_up_at } else { cancel_at };
             tokio::select! {
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,
@@ -850,7 +622,7 @@ impl Worker {
                     if cancelled {
                         log::warn!(
                             "releasing topic={} partition={} with {} event(s) still in flight after the shutdown timeout; they stay uncommitted",
-                            self.topic, self.partition, self.in_flight.len() + self.undecodable
+                            self.topic, self.partition, self.in_flight.len() + self.undecodable + self.writes()
                         );
                         break;
                     }

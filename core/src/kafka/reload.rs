@@ -1,0 +1,265 @@
+//! Re-reading deferred messages from Kafka by offset.
+//!
+//! One reader thread per subscription owns a consumer that is not part of the group (it never
+//! commits; it only assigns). A request names one partition and the offsets wanted, lowest
+//! first; the reader reads them in one forward pass: it seeks (re-assigns) only when the next
+//! wanted offset is behind its position or more than `defer_discard_threshold` records ahead,
+//! and otherwise reads on, discarding what is not wanted. So the contiguous or nearby offsets of
+//! many keys come back from one fetch stream. An offset that the log no longer holds (deleted by
+//! retention, compacted away) is reported [`Fetched::Gone`]: the reader saw a later record, or
+//! the end of the partition, instead.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use super::KafkaError;
+
+/// How long the reader waits for a request before checking whether it should stop.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// One wanted offset's result.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The record as stored.
+    Found(OwnedMessage),
+    /// The log no longer holds this offset.
+    Gone(i64),
+}
+
+/// A request to the reader thread.
+struct Request {
+    topic: Arc<str>,
+    partition: i32,
+    /// Ascending, without duplicates.
+    offsets: Vec<i64>,
+    reply: oneshot::Sender<Result<Vec<Fetched>, String>>,
+}
+
+/// The reader of a subscription. Dropping it stops the thread (it ends within [`IDLE_POLL`]).
+pub struct Reloader {
+    requests: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reloader {
+    /// Starts the reader thread against `bootstrap`.
+    pub fn start(
+        bootstrap: &str,
+        group: &str,
+        timeout: Duration,
+        discard_threshold: u64,
+    ) -> Result<Self, KafkaError> {
+        let mut settings = ClientConfig::new();
+        settings
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("{group}.prosody-reload"))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            // A reader waits for the records it asked for: a fetch that finds nothing new (at
+            // the end of the partition) must not hold the next seek's fetch for 500 ms.
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.queue.backoff.ms", "1");
+        let consumer: BaseConsumer<ReaderContext> = settings
+            .create_with_context(ReaderContext)
+            .map_err(|source| KafkaError::Create {
+                what: "deferred message reader",
+                source,
+            })?;
+        let (requests, inbox) = mpsc::channel::<Request>();
+        let reader = Reader {
+            consumer,
+            position: None,
+            timeout,
+            discard_threshold: i64::try_from(discard_threshold).unwrap_or(i64::MAX),
+        };
+        let thread = std::thread::Builder::new()
+            .name("prosody-reload".into())
+            .spawn(move || reader.run(&inbox))
+            .map_err(|source| KafkaError::Thread {
+                what: "deferred message reader",
+                source,
+            })?;
+        Ok(Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
+    }
+
+    /// Reads `offsets` (ascending) of one partition: one result per offset, in order, or an
+    /// error when the reader could not finish within `defer_seek_timeout`.
+    pub async fn fetch(
+        &self,
+        topic: Arc<str>,
+        partition: i32,
+        offsets: Vec<i64>,
+    ) -> Result<Vec<Fetched>, String> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            topic,
+            partition,
+            offsets,
+            reply,
+        };
+        self.requests
+            .as_ref()
+            .ok_or("the deferred message reader stopped")?
+            .send(request)
+            .map_err(|_| "the deferred message reader stopped".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the deferred message reader stopped".to_owned())?
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        // Disconnecting is enough: the thread ends at its next idle check.
+        self.requests = None;
+    }
+}
+
+/// The reader's librdkafka callbacks: its log lines as usual; the end of a partition, which
+/// the reader asks for, is not an error.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        super::log_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        let end = matches!(
+            error,
+            RdKafkaError::PartitionEOF(_) | RdKafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
+            super::log_client_error(&error, reason);
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+struct Reader {
+    consumer: BaseConsumer<ReaderContext>,
+    /// The partition assigned and the offset the next record will have.
+    position: Option<(Arc<str>, i32, i64)>,
+    timeout: Duration,
+    discard_threshold: i64,
+}
+
+impl Reader {
+    fn run(mut self, inbox: &mpsc::Receiver<Request>) {
+        loop {
+            match inbox.recv_timeout(IDLE_POLL) {
+                Ok(request) => {
+                    let result = self.read(&request.topic, request.partition, &request.offsets);
+                    if result.is_err() {
+                        // Start from a clean seek next time.
+                        self.position = None;
+                    }
+                    let _ = request.reply.send(result);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn seek(&mut self, topic: &Arc<str>, partition: i32, offset: i64) -> Result<(), String> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|e| e.to_string())?;
+        self.consumer.assign(&list).map_err(|e| e.to_string())?;
+        self.position = Some((topic.clone(), partition, offset));
+        Ok(())
+    }
+
+    fn read(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        wanted: &[i64],
+    ) -> Result<Vec<Fetched>, String> {
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut next = 0;
+        while next < wanted.len() {
+            let target = wanted[next];
+            let reusable = match &self.position {
+                Some((t, p, at)) => {
+                    t == topic
+                        && *p == partition
+                        && *at <= target
+                        && target - *at <= self.discard_threshold
+                }
+                None => false,
+            };
+            if !reusable {
+                self.seek(topic, partition, target)?;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "could not read offset {target} of topic={topic} partition={partition} within \
+                     defer_seek_timeout ({:?})",
+                    self.timeout
+                ));
+            }
+            match self.consumer.poll(left.min(IDLE_POLL)) {
+                None => {}
+                Some(Ok(record)) => {
+                    if record.topic() != &**topic || record.partition() != partition {
+                        continue;
+                    }
+                    let offset = record.offset();
+                    self.position = Some((topic.clone(), partition, offset + 1));
+                    while next < wanted.len() && wanted[next] < offset {
+                        out.push(Fetched::Gone(wanted[next]));
+                        next += 1;
+                    }
+                    if next < wanted.len() && wanted[next] == offset {
+                        out.push(Fetched::Found(record.detach()));
+                        next += 1;
+                    }
+                }
+                Some(Err(RdKafkaError::PartitionEOF(p))) if p == partition => {
+                    // The end of the partition, perhaps reported for an earlier position: only
+                    // the broker's high watermark says whether the offset is past it for good.
+                    let (_, high) = self
+                        .consumer
+                        .fetch_watermarks(topic, partition, left.min(Duration::from_secs(5)))
+                        .map_err(|e| e.to_string())?;
+                    if target >= high {
+                        while next < wanted.len() {
+                            out.push(Fetched::Gone(wanted[next]));
+                            next += 1;
+                        }
+                    }
+                }
+                Some(Err(e)) => log::debug!("deferred message reader: {e}"),
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,77 @@
+//! State of a partition shared between its worker, the poll thread and health checks: room
+//! (backpressure), the committable position, and when the oldest unfinished message was taken.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::waker::Waker;
+
+/// Milliseconds on a process-wide monotonic clock, plus one (so 0 can mean "none").
+pub(crate) fn mono_ms(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
+
+/// State of a partition shared between its worker, the poll thread and health checks.
+#[derive(Debug)]
+pub struct PartitionShared {
+    /// Messages taken from Kafka and not yet retired below the commit watermark. The poll thread
+    /// only reads the partition while this is below `max_uncommitted`.
+    held: AtomicUsize,
+    /// The `max_uncommitted` bound.
+    max: usize,
+    /// Position the worker allows to commit; -1 until something finished.
+    pub(crate) committable: AtomicI64,
+    /// When the oldest unfinished message was taken ([`mono_ms`]); 0 when none is unfinished.
+    pub(crate) oldest_unfinished: AtomicU64,
+    /// Wakes the poll thread when the partition regains room.
+    waker: Arc<Waker>,
+}
+
+impl PartitionShared {
+    pub(crate) fn new(max: usize, waker: Arc<Waker>) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            max: max.max(1),
+            committable: AtomicI64::new(-1),
+            oldest_unfinished: AtomicU64::new(0),
+            waker,
+        }
+    }
+
+    /// Free room, as seen by the poll thread.
+    pub(crate) fn room(&self) -> usize {
+        self.max.saturating_sub(self.held.load(Ordering::Acquire))
+    }
+
+    /// The poll thread took one message.
+    pub(crate) fn took(&self) {
+        self.held.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `n` messages were retired below the commit watermark: room for the poll thread.
+    pub(crate) fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self.held.fetch_sub(n, Ordering::AcqRel);
+        // Wake the poll thread only on the full -> room transition, not once per message.
+        if before >= self.max && before - n < self.max {
+            self.waker.wake();
+        }
+    }
+
+    /// The committable position, if any.
+    pub(crate) fn committable(&self) -> Option<i64> {
+        let p = self.committable.load(Ordering::Acquire);
+        (p >= 0).then_some(p)
+    }
+
+    /// Whether the oldest unfinished message has waited longer than `threshold`.
+    pub(crate) fn stalled(&self, threshold: Duration) -> bool {
+        let since = self.oldest_unfinished.load(Ordering::Acquire);
+        since != 0 && mono_ms(Instant::now()).saturating_sub(since) > threshold.as_millis() as u64
+    }
+}

@@ -1,0 +1,66 @@
+//! The stages around the handler, in the order they run. This list is the one place that says
+//! what happens to an event before and after its handler; the partition worker walks it and does
+//! not grow a branch per feature.
+//!
+//! **Admit** stages run when an event is about to become its key's in-flight event (so they see
+//! the key's earlier events finished). Each may let the event through or take it over:
+//! - [`Admit::SourceSystem`]: a record whose `source-system` header names this consumer group
+//!   was produced by this group itself; its offset finishes without a handler call.
+//! - [`Admit::Deferred`] (pipeline mode): a message of a deferred key is appended to the key's
+//!   deferred list instead of running; its offset finishes once the store acknowledged it.
+//!
+//! **Outcome** stages run, in order, after a handler call ended; the first that takes the event
+//! over ends the walk:
+//! - [`Outcome::Account`]: counts the call for failure-rate gating (never takes over).
+//! - [`Outcome::Defer`] (pipeline mode): a transient failure defers the key while the failure
+//!   rate allows it; a deferred message that failed again waits for its next retry.
+//! - [`Outcome::Policy`]: the failure policy of the mode: retry in place, dead-letter, or give up
+//!   (see [`crate::failure`]); a success finishes the event.
+//!
+//! To add a stage, add a variant at its place in [`ADMIT`] or [`OUTCOME`], and its arm in the
+//! worker's `admit_stage` or `outcome_stage` (`partition/worker.rs`), which calls into the
+//! stage's own module. Document it here and in ARCHITECTURE.md.
+
+/// Admit stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Skip records this consumer group produced.
+    SourceSystem,
+    /// Append messages of deferred keys to their list.
+    Deferred,
+}
+
+/// The admit stages, in the order they run.
+pub(crate) const ADMIT: [Admit; 2] = [Admit::SourceSystem, Admit::Deferred];
+
+/// What an admit stage decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// On to the next stage (after the last: run the handler).
+    Pass,
+    /// The stage took the event over; the key's next event may start.
+    Taken,
+}
+
+/// Outcome stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Count the call for failure-rate gating.
+    Account,
+    /// Defer a transiently failing key (pipeline mode).
+    Defer,
+    /// Apply the mode's failure policy, or finish a success.
+    Policy,
+}
+
+/// The outcome stages, in the order they run.
+pub(crate) const OUTCOME: [Outcome; 3] = [Outcome::Account, Outcome::Defer, Outcome::Policy];
+
+/// What an outcome stage did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// On to the next stage.
+    Next,
+    /// The stage took the event over.
+    Done,
+}

@@ -1,0 +1,824 @@
+//! Deferred retry inside a partition worker (pipeline mode; see [`crate::defer`]).
+//!
+//! A deferred key goes through these phases: `Waiting` for its retry's due time; `Reading` its
+//! next offsets (from the cache or the store) and their records (from Kafka, one fetch for every
+//! key due at once); `Running` one re-read message in the key's queue, so it never overlaps the
+//! key's timers; `Idle` between two runs, or while an append is not yet acknowledged. A success
+//! runs the key's next message at once; a transient failure waits for the next retry, with the
+//! message kept in memory; the key leaves deferral when its list is empty.
+//!
+//! Order: a key's offsets run lowest first, and an offset is taken only when no lower append of
+//! the key is still unacknowledged (acknowledgements may come back out of order).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use foldhash::quality::RandomState;
+
+use super::{Internal, Key, Pending, Stage, Worker};
+use crate::defer::{now_ms, DeferError, Deferral, Offset, Retry};
+use crate::event::{self, show_key, ConsumedMessage};
+use crate::failure::Reason;
+use crate::handler::{Failure, Slot};
+use crate::kafka::reload::Fetched;
+use crate::partition::stages::{Admission, Handled};
+use crate::timers::Scope;
+
+/// Offsets of one key taken per read.
+const PAGE: usize = 256;
+
+/// Where a deferred key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the retry's due time.
+    Waiting,
+    /// Its next offsets are being read.
+    Reading,
+    /// One re-read message is in the key's queue or running.
+    Running,
+    /// Between runs, or waiting for an append's acknowledgement.
+    Idle,
+}
+
+/// A deferred key of this partition.
+#[derive(Debug)]
+struct DeferredKey {
+    /// Failed attempts of the key's oldest message, and when it runs again.
+    retry: Retry,
+    phase: Phase,
+    /// Stored offsets above `last` that this worker knows, lowest first.
+    cached: BTreeSet<Offset>,
+    /// Whether `cached` holds every stored offset above `last`.
+    complete: bool,
+    /// An acknowledged append was not cached since the last store read began.
+    overflowed: bool,
+    /// Highest offset taken for a run (store reads go above it).
+    last: Offset,
+    /// Appends not yet acknowledged.
+    appending: BTreeSet<Offset>,
+    /// Re-read messages waiting their turn, lowest offset first.
+    loaded: VecDeque<Arc<ConsumedMessage>>,
+}
+
+impl DeferredKey {
+    fn new(retry: Retry, complete: bool) -> Self {
+        Self {
+            retry,
+            phase: Phase::Waiting,
+            cached: BTreeSet::new(),
+            complete,
+            overflowed: false,
+            last: -1,
+            appending: BTreeSet::new(),
+            loaded: VecDeque::new(),
+        }
+    }
+
+    /// Cached offsets that may run now: those below every unacknowledged append.
+    fn takeable(&self) -> impl Iterator<Item = Offset> + '_ {
+        let bound = self.appending.first().copied().unwrap_or(Offset::MAX);
+        self.cached.iter().copied().take_while(move |o| *o < bound)
+    }
+}
+
+/// The deferred keys of one partition.
+pub(super) struct PartitionDeferral {
+    /// The subscription's store, reader and settings.
+    setup: Arc<Deferral>,
+    /// This partition, for the store.
+    scope: Scope,
+    /// Every deferred key of the partition.
+    keys: HashMap<event::Key, DeferredKey, RandomState>,
+    /// Keys in `Waiting`, by due time (milliseconds since the epoch).
+    due: BTreeSet<(i64, event::Key)>,
+    /// Store writes in flight; a drain waits for them.
+    pub(super) writes: usize,
+}
+
+impl PartitionDeferral {
+    pub(super) fn new(setup: Arc<Deferral>, scope: Scope) -> Self {
+        Self {
+            setup,
+            scope,
+            keys: HashMap::default(),
+            due: BTreeSet::new(),
+            writes: 0,
+        }
+    }
+
+    /// The subscription's failure rate.
+    pub(super) fn gate(&self) -> &crate::defer::gate::FailureRate {
+        &self.setup.gate
+    }
+
+    /// When the earliest waiting key is due (milliseconds since the epoch).
+    pub(super) fn next_due_ms(&self) -> Option<i64> {
+        self.due.first().map(|(ms, _)| *ms)
+    }
+
+    fn wait(&mut self, key: &event::Key, retry: Retry) {
+        if let Some(state) = self.keys.get_mut(key) {
+            self.due.remove(&(state.retry.due_ms, key.clone()));
+            state.retry = retry;
+            state.phase = Phase::Waiting;
+            self.due.insert((retry.due_ms, key.clone()));
+        }
+    }
+}
+
+/// What deferral's helper tasks report to the worker.
+#[derive(Debug)]
+pub(super) enum DeferReport {
+    /// A failed message's deferral was stored, or could not be.
+    Deferred {
+        key: event::Key,
+        offset: Offset,
+        retry: Retry,
+        failure: Failure,
+        result: Result<(), DeferError>,
+    },
+    /// A message of a deferred key was appended to its list (or the partition went away first).
+    Appended {
+        key: event::Key,
+        offset: Offset,
+        stored: bool,
+    },
+    /// A store write that only needed to land.
+    Written,
+    /// Offsets read for these keys, with whether the store has no more, and their records.
+    Read {
+        batch: Vec<(event::Key, Vec<Offset>, Option<bool>)>,
+        fetched: Result<HashMap<Offset, Fetched>, String>,
+    },
+}
+
+/// Monotonic instant of a wall-clock time in milliseconds since the epoch.
+pub(super) fn instant_of_ms(ms: i64) -> Instant {
+    let wait = u64::try_from(ms.saturating_sub(now_ms())).unwrap_or(0);
+    Instant::now() + Duration::from_millis(wait)
+}
+
+impl Worker {
+    /// Loads the partition's deferred keys from the store (on assignment).
+    pub(super) async fn load_deferred(&mut self) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        match d.setup.store.load(&d.scope).await {
+            Ok(keys) => {
+                if !keys.is_empty() {
+                    log::info!(
+                        "topic={} partition={} has {} deferred key(s); retrying them when due",
+                        self.topic,
+                        self.partition,
+                        keys.len()
+                    );
+                }
+                for (key, retry) in keys {
+                    d.due.insert((retry.due_ms, key.clone()));
+                    d.keys.insert(key, DeferredKey::new(retry, false));
+                }
+            }
+            Err(e) => {
+                // Without its deferred keys the partition could run their later messages
+                // before the deferred ones: stop consuming it rather than break key order.
+                self.engine.fail(format!(
+                    "could not load the deferred keys of topic={} partition={}: {e}",
+                    self.topic, self.partition
+                ));
+            }
+        }
+    }
+
+    /// Runs a store write on the runtime, again after a backoff until it lands (or the
+    /// partition is released), then reports `done(landed)`.
+    fn spawn_write<F, Fut>(
+        &mut self,
+        what: String,
+        op: F,
+        done: impl FnOnce(bool) -> Internal + Send + 'static,
+    ) where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), DeferError>> + Send,
+    {
+        if let Some(d) = self.deferral.as_mut() {
+            d.writes += 1;
+        }
+        let internal = self.internal.clone();
+        let abort = self.abort.clone();
+        let policy = self.engine.policy.clone();
+        self.engine.runtime.spawn(async move {
+            let mut tries = 0u32;
+            let landed = loop {
+                match op().await {
+                    Ok(()) => break true,
+                    Err(e) => {
+                        tries = tries.saturating_add(1);
+                        let delay = policy.ceiling(tries);
+                        log::warn!("could not {what} ({e}); trying again in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        if abort.is_cancelled() {
+                            break false;
+                        }
+                    }
+                }
+            };
+            let _ = internal.send(done(landed));
+        });
+    }
+
+    /// Stores a write that only needs to land (remove, retry state, release).
+    fn write(&mut self, what: String, op: impl FnOnce(&PartitionDeferral) -> WriteOp) {
+        let Some(d) = self.deferral.as_ref() else {
+            return;
+        };
+        let store = d.setup.store.clone();
+        let scope = d.scope.clone();
+        let op = op(d);
+        self.spawn_write(
+            what,
+            move || {
+                let (store, scope, op) = (store.clone(), scope.clone(), op.clone());
+                async move {
+                    match op {
+                        WriteOp::Remove(key, offset) => store.remove(&scope, &key, offset).await,
+                        WriteOp::Retry(key, retry) => store.set_retry(&scope, &key, retry).await,
+                        WriteOp::Release(key) => store.release(&scope, &key).await,
+                    }
+                }
+            },
+            |_| Internal::Defer(DeferReport::Written),
+        );
+    }
+
+    /// The [`Admit::Deferred`](crate::partition::stages::Admit) stage: a message of a deferred
+    /// key joins the key's list; its offset finishes once the append is acknowledged.
+    pub(super) fn admit_deferred(&mut self, pending: &Pending) -> Admission {
+        let Pending::Message(message) = pending else {
+            return Admission::Pass;
+        };
+        let (Some(key), Some(d)) = (message.key.as_ref(), self.deferral.as_mut()) else {
+            return Admission::Pass;
+        };
+        let Some(state) = d.keys.get_mut(key) else {
+            return Admission::Pass;
+        };
+        let offset = message.offset;
+        state.appending.insert(offset);
+        let (store, scope, key) = (d.setup.store.clone(), d.scope.clone(), key.clone());
+        log::debug!(
+            "message topic={} partition={} offset={offset} key={} joins its key's deferred messages",
+            self.topic,
+            self.partition,
+            show_key(Some(&key))
+        );
+        let what = format!(
+            "append offset {offset} of topic={} partition={} to its key's deferred messages",
+            self.topic, self.partition
+        );
+        let report_key = key.clone();
+        self.spawn_write(
+            what,
+            move || {
+                let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
+                async move { store.append(&scope, &key, offset).await }
+            },
+            move |stored| {
+                Internal::Defer(DeferReport::Appended {
+                    key: report_key,
+                    offset,
+                    stored,
+                })
+            },
+        );
+        Admission::Taken
+    }
+
+    /// The [`Outcome::Defer`](crate::partition::stages::Outcome) stage.
+    pub(super) async fn defer_failure(&mut self, id: &(Key, Slot), failure: &Failure) -> Handled {
+        let Some(d) = self.deferral.as_ref() else {
+            return Handled::Next;
+        };
+        let (Some(key), Slot::Offset(offset)) = (id.0.clone(), id.1) else {
+            return Handled::Next;
+        };
+        let Some(flight) = self.in_flight.get_mut(id) else {
+            return Handled::Next;
+        };
+        match &flight.event {
+            // A deferred message failed again: it stays deferred, whatever the failure rate.
+            Pending::Deferred(message) if !failure.permanent => {
+                let message = message.clone();
+                let attempts = d
+                    .keys
+                    .get(&key)
+                    .map_or(1, |s| s.retry.attempts)
+                    .saturating_add(1);
+                if d.setup.max_retries.is_some_and(|max| attempts > max) {
+                    return self.poisoned(id.clone(), failure, attempts).await;
+                }
+                let delay = d.setup.backoff.delay(attempts);
+                let retry = Retry {
+                    attempts,
+                    due_ms: now_ms().saturating_add(delay.as_millis() as i64),
+                };
+                log::warn!(
+                    "{} failed again (deferred retry {}, {failure}); next retry in {delay:?}",
+                    self.describe(id),
+                    attempts - 1
+                );
+                self.in_flight.remove(id);
+                if let Some(d) = self.deferral.as_mut() {
+                    if let Some(state) = d.keys.get_mut(&key) {
+                        state.loaded.push_front(message);
+                    }
+                    d.wait(&key, retry);
+                }
+                let what = format!(
+                    "store the retry of a deferred key of topic={} partition={}",
+                    self.topic, self.partition
+                );
+                self.write(what, |_| WriteOp::Retry(key.clone(), retry));
+                self.next_of(&id.0);
+                Handled::Done
+            }
+            Pending::Message(_) if !failure.permanent && d.setup.gate.allows_deferral() => {
+                let delay = d.setup.backoff.delay(1);
+                let retry = Retry {
+                    attempts: 1,
+                    due_ms: now_ms().saturating_add(delay.as_millis() as i64),
+                };
+                flight.stage = Stage::Deferring;
+                log::warn!(
+                    "{} failed ({failure}); deferring its key, first retry in {delay:?}",
+                    self.describe(id)
+                );
+                let (store, scope) = (d.setup.store.clone(), d.scope.clone());
+                let failure = failure.clone();
+                let internal = self.internal.clone();
+                if let Some(d) = self.deferral.as_mut() {
+                    d.writes += 1;
+                }
+                self.engine.runtime.spawn(async move {
+                    let result = store.defer(&scope, &key, offset, retry).await;
+                    let _ = internal.send(Internal::Defer(DeferReport::Deferred {
+                        key,
+                        offset,
+                        retry,
+                        failure,
+                        result,
+                    }));
+                });
+                Handled::Done
+            }
+            _ => Handled::Next,
+        }
+    }
+
+    /// A deferred message failed `defer_max_retries` deferred retries: dead-letter it (or log
+    /// and skip it) and let the key move on.
+    async fn poisoned(&mut self, id: (Key, Slot), failure: &Failure, attempts: u32) -> Handled {
+        let what = self.describe(&id);
+        let raw = match self.in_flight.get(&id).map(|f| &f.event) {
+            Some(Pending::Deferred(message)) => message.raw.clone(),
+            _ => None,
+        };
+        match (raw, self.engine.dead_letters.clone()) {
+            (Some(raw), Some(dead_letters)) => {
+                log::error!(
+                    "{what} failed {attempts} times ({failure}), past defer_max_retries; sending it to {}",
+                    dead_letters.topic
+                );
+                if let Some(flight) = self.in_flight.get_mut(&id) {
+                    flight.stage = Stage::DeadLettering;
+                }
+                let (key, slot) = id;
+                self.spawn_dead_letter(
+                    dead_letters,
+                    raw,
+                    Reason::RetriesExhausted,
+                    failure,
+                    attempts,
+                    Internal::DeadLettered(key, slot),
+                );
+                Handled::Done
+            }
+            _ => {
+                log::error!(
+                    "{what} failed {attempts} times ({failure}), past defer_max_retries; skipping it \
+                     (set failure_topic to keep such messages)"
+                );
+                self.succeeded(id).await;
+                Handled::Done
+            }
+        }
+    }
+
+    /// A deferral was stored (the offset finishes and the key's next event may start) or could
+    /// not be (the failure is retried in place instead).
+    async fn deferred(
+        &mut self,
+        key: event::Key,
+        offset: Offset,
+        retry: Retry,
+        failure: Failure,
+        result: Result<(), DeferError>,
+    ) {
+        let id = (Some(key.clone()), Slot::Offset(offset));
+        let Some(flight) = self.in_flight.get_mut(&id) else {
+            return;
+        };
+        if flight.stage != Stage::Deferring {
+            return;
+        }
+        if let Err(e) = result {
+            log::error!(
+                "could not defer {} ({e}); retrying it in place",
+                self.describe(&id)
+            );
+            if let Some(flight) = self.in_flight.get_mut(&id) {
+                flight.stage = Stage::Running;
+            }
+            self.apply_policy(id, failure).await;
+            return;
+        }
+        let message = match self.in_flight.remove(&id).map(|f| f.event) {
+            Some(Pending::Message(message)) => Some(message),
+            _ => None,
+        };
+        if let Some(d) = self.deferral.as_mut() {
+            let mut state = DeferredKey::new(retry, true);
+            state.last = offset;
+            // The failed message is kept for its retry while the cache has room; otherwise it
+            // is read again from Kafka.
+            match message {
+                Some(message) if d.keys.len() < d.setup.cache_size => {
+                    state.loaded.push_back(message)
+                }
+                _ => {
+                    state.last = offset - 1;
+                    state.cached.insert(offset);
+                }
+            }
+            d.due.insert((retry.due_ms, key.clone()));
+            d.keys.insert(key, state);
+        }
+        self.retire(offset);
+        self.next_of(&id.0);
+    }
+
+    /// A deferred message's run is over (succeeded, given up, dead-lettered): forget its offset
+    /// and run the key's next one.
+    pub(super) fn deferred_done(&mut self, key: event::Key, offset: Offset) {
+        if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
+            state.retry = Retry {
+                attempts: 0,
+                due_ms: 0,
+            };
+            state.phase = Phase::Idle;
+        }
+        let what = format!(
+            "remove offset {offset} of topic={} partition={} from its key's deferred messages",
+            self.topic, self.partition
+        );
+        self.write(what, |_| WriteOp::Remove(key, offset));
+    }
+
+    /// A deferred message's run was abandoned (shutdown): keep it for the next run.
+    pub(super) fn deferred_abandoned(&mut self, message: Arc<ConsumedMessage>) {
+        let Some(key) = message.key.clone() else {
+            return;
+        };
+        if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
+            state.loaded.push_front(message);
+            state.phase = Phase::Idle;
+        }
+    }
+
+    /// Starts the retries that are due.
+    pub(super) fn fire_deferred(&mut self) {
+        if self.abort.is_cancelled() {
+            return;
+        }
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        let mut ready = Vec::new();
+        while d.due.first().is_some_and(|(ms, _)| *ms <= now) {
+            if let Some((_, key)) = d.due.pop_first() {
+                if let Some(state) = d.keys.get_mut(&key) {
+                    if state.phase == Phase::Waiting {
+                        state.phase = Phase::Idle;
+                        ready.push(key);
+                    }
+                }
+            }
+        }
+        let mut read = Vec::new();
+        for key in ready {
+            let loaded = d.keys.get(&key).is_some_and(|s| !s.loaded.is_empty());
+            if !loaded {
+                read.push(key);
+            }
+        }
+        self.read_deferred(read);
+        // Keys whose next message is already in memory.
+        let keys: Vec<event::Key> = self
+            .deferral
+            .as_ref()
+            .map(|d| {
+                d.keys
+                    .iter()
+                    .filter(|(_, s)| s.phase == Phase::Idle && !s.loaded.is_empty())
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for key in keys {
+            self.advance(&key);
+        }
+    }
+
+    /// Moves a key on: runs its next loaded message, reads more, waits for an append, or ends
+    /// its deferral.
+    pub(super) fn advance(&mut self, key: &event::Key) {
+        if self.abort.is_cancelled() {
+            return;
+        }
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let Some(state) = d.keys.get_mut(key) else {
+            return;
+        };
+        if state.phase != Phase::Idle {
+            return;
+        }
+        if let Some(message) = state.loaded.pop_front() {
+            state.phase = Phase::Running;
+            if let Some(ready) = self
+                .keys
+                .push(Some(key.clone()), Pending::Deferred(message))
+            {
+                self.start(ready);
+            }
+            return;
+        }
+        if state.takeable().next().is_some() || !state.complete {
+            self.read_deferred(vec![key.clone()]);
+            return;
+        }
+        if !state.appending.is_empty() || !state.cached.is_empty() {
+            // An acknowledgement of a lower append will move it on.
+            return;
+        }
+        d.keys.remove(key);
+        log::info!(
+            "key={} of topic={} partition={} has no deferred messages left; it runs normally again",
+            show_key(Some(key)),
+            self.topic,
+            self.partition
+        );
+        let what = format!(
+            "forget a deferred key of topic={} partition={}",
+            self.topic, self.partition
+        );
+        self.write(what, |_| WriteOp::Release(key.clone()));
+    }
+
+    /// Reads the next offsets of `keys` (cache, else store) and their records from Kafka, in one
+    /// fetch; reports [`DeferReport::Read`].
+    fn read_deferred(&mut self, keys: Vec<event::Key>) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let mut plan = Vec::new();
+        for key in keys {
+            let Some(state) = d.keys.get_mut(&key) else {
+                continue;
+            };
+            state.phase = Phase::Reading;
+            // A complete cache says it all; otherwise the store may hold offsets below the
+            // cached ones (a new owner's cache holds only what it appended itself), so the
+            // store is read from `last` on and merged with the cache.
+            let plan_key = if state.complete {
+                (key, state.takeable().take(PAGE).collect(), None)
+            } else {
+                state.overflowed = false;
+                let cached: Vec<Offset> = state.cached.iter().copied().take(PAGE).collect();
+                (key, cached, Some(state.last))
+            };
+            plan.push(plan_key);
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let store = d.setup.store.clone();
+        let scope = d.scope.clone();
+        let setup = d.setup.clone();
+        let internal = self.internal.clone();
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        self.engine.runtime.spawn(async move {
+            let mut batch = Vec::with_capacity(plan.len());
+            let mut all = Vec::new();
+            for (key, mut offsets, after) in plan {
+                let mut complete = None;
+                if let Some(after) = after {
+                    match store.offsets(&scope, &key, after, PAGE).await {
+                        Ok(more) => {
+                            complete = Some(more.len() < PAGE);
+                            offsets.extend(more);
+                            offsets.sort_unstable();
+                            offsets.dedup();
+                            if offsets.len() > PAGE {
+                                offsets.truncate(PAGE);
+                                complete = Some(false);
+                            }
+                        }
+                        Err(e) => {
+                            let fetched = Err(format!("could not read deferred offsets: {e}"));
+                            batch.push((key, offsets, None));
+                            let _ = internal
+                                .send(Internal::Defer(DeferReport::Read { batch, fetched }));
+                            return;
+                        }
+                    }
+                }
+                all.extend(offsets.iter().copied());
+                batch.push((key, offsets, complete));
+            }
+            all.sort_unstable();
+            all.dedup();
+            let fetched = if all.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                setup
+                    .reloader
+                    .fetch(topic, partition, all)
+                    .await
+                    .map(|records| {
+                        records
+                            .into_iter()
+                            .map(|f| match &f {
+                                Fetched::Found(record) => (rdkafka::Message::offset(record), f),
+                                Fetched::Gone(offset) => (*offset, f),
+                            })
+                            .collect()
+                    })
+            };
+            let _ = internal.send(Internal::Defer(DeferReport::Read { batch, fetched }));
+        });
+    }
+
+    /// Records of deferred keys were read: queue them, or retry the read later.
+    fn on_read(
+        &mut self,
+        batch: Vec<(event::Key, Vec<Offset>, Option<bool>)>,
+        fetched: Result<HashMap<Offset, Fetched>, String>,
+    ) {
+        let mut fetched = match fetched {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                log::warn!(
+                    "could not read deferred messages of topic={} partition={}: {e}; trying again later",
+                    self.topic,
+                    self.partition
+                );
+                let Some(d) = self.deferral.as_mut() else {
+                    return;
+                };
+                for (key, _, _) in batch {
+                    let attempts = d.keys.get(&key).map_or(1, |s| s.retry.attempts.max(1));
+                    let delay = d.setup.backoff.delay(attempts);
+                    let retry = Retry {
+                        attempts,
+                        due_ms: now_ms().saturating_add(delay.as_millis() as i64),
+                    };
+                    d.wait(&key, retry);
+                }
+                return;
+            }
+        };
+        let keep_raw = self.engine.dead_letters.is_some();
+        let mut gone = Vec::new();
+        let mut ready = Vec::new();
+        for (key, offsets, complete) in batch {
+            let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) else {
+                continue;
+            };
+            if state.phase != Phase::Reading {
+                continue;
+            }
+            if let Some(complete) = complete {
+                state.complete = complete && !state.overflowed;
+            }
+            // Offsets at or above an append still unacknowledged wait for it (they stay known).
+            let bound = state.appending.first().copied().unwrap_or(Offset::MAX);
+            let mut taken = 0;
+            for offset in offsets {
+                if offset >= bound {
+                    state.cached.insert(offset);
+                    continue;
+                }
+                taken += 1;
+                state.cached.remove(&offset);
+                state.last = state.last.max(offset);
+                match fetched.remove(&offset) {
+                    Some(Fetched::Found(record)) => {
+                        match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
+                            Ok(message) => state.loaded.push_back(Arc::new(message)),
+                            Err(bad) => gone.push((
+                                key.clone(),
+                                offset,
+                                format!("it no longer decodes: {}", bad.reason),
+                            )),
+                        }
+                    }
+                    Some(Fetched::Gone(_)) | None => gone.push((
+                        key.clone(),
+                        offset,
+                        "the log no longer holds it (retention or compaction)".to_owned(),
+                    )),
+                }
+            }
+            state.phase = Phase::Idle;
+            if taken > 0 || state.appending.is_empty() {
+                ready.push(key);
+            }
+        }
+        for (key, offset, why) in gone {
+            log::error!(
+                "skipping deferred message topic={} partition={} offset={offset} key={}: {why}",
+                self.topic,
+                self.partition,
+                show_key(Some(&key))
+            );
+            let what = format!(
+                "remove offset {offset} of topic={} partition={} from its key's deferred messages",
+                self.topic, self.partition
+            );
+            self.write(what, |_| WriteOp::Remove(key, offset));
+        }
+        for key in ready {
+            self.advance(&key);
+        }
+    }
+
+    /// An append was acknowledged (its offset finishes) or the partition went away first.
+    fn appended(&mut self, key: event::Key, offset: Offset, stored: bool) {
+        if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
+            state.appending.remove(&offset);
+            // An offset at or below `last` was re-delivered after it was taken for a run: it is
+            // not run twice from here.
+            if stored && offset > state.last {
+                if state.cached.len() < PAGE {
+                    state.cached.insert(offset);
+                } else {
+                    state.complete = false;
+                    state.overflowed = true;
+                }
+            }
+        }
+        if stored {
+            self.retire(offset);
+            self.advance(&key);
+        }
+    }
+
+    /// A report of a deferral helper task.
+    pub(super) async fn on_defer_report(&mut self, report: DeferReport) {
+        let wrote = !matches!(report, DeferReport::Read { .. });
+        if wrote {
+            if let Some(d) = self.deferral.as_mut() {
+                d.writes = d.writes.saturating_sub(1);
+            }
+        }
+        match report {
+            DeferReport::Deferred {
+                key,
+                offset,
+                retry,
+                failure,
+                result,
+            } => self.deferred(key, offset, retry, failure, result).await,
+            DeferReport::Appended {
+                key,
+                offset,
+                stored,
+            } => self.appended(key, offset, stored),
+            DeferReport::Written => {}
+            DeferReport::Read { batch, fetched } => self.on_read(batch, fetched),
+        }
+    }
+}
+
+/// A store write that only needs to land.
+#[derive(Debug, Clone)]
+enum WriteOp {
+    Remove(event::Key, Offset),
+    Retry(event::Key, Retry),
+    Release(event::Key),
+}
