@@ -106,6 +106,82 @@ RSpec.describe "deferred retry (pipeline mode, mock)" do
     end
   end
 
+  it "rejects a key that monopolizes handler time before its handler runs, defers it, and runs it later in order" do
+    hot = Class.new(SwitchHandler) do
+      def on_message(context, message)
+        sleep 0.15 if message.key == "hot"
+        super
+      end
+    end.new([])
+    client = start(hot, monopolization_window: 1.0, monopolization_threshold: 0.25, defer_base: 0.1,
+                        defer_max_delay: 0.5)
+    send_all(client, (1..8).map { |i| ["hot", { "n" => i }] } + (1..20).map { |i| ["cold#{i % 4}", { "n" => i }] })
+    wait_for(message: "every message") { hot.succeeded.size >= 28 }
+    expect(hot.succeeded("hot")).to eq((1..8).map { |i| { "n" => i } })
+    output = log_output
+    expect(output).to include("of handler time (monopolization_threshold 25%)")
+    expect(output).to include("Prosody::MonopolizationError")
+    expect(output.scan("monopolization_threshold 25%").size).to be <= 3 # once per key per window
+  end
+
+  it "does not reject anyone with monopolization_enabled false" do
+    hot = Class.new(SwitchHandler) do
+      def on_message(context, message)
+        sleep 0.15 if message.key == "hot"
+        super
+      end
+    end.new([])
+    client = start(hot, monopolization_enabled: false, monopolization_window: 1.0, monopolization_threshold: 0.25)
+    send_all(client, (1..8).map { |i| ["hot", { "n" => i }] })
+    wait_for(message: "every message") { hot.succeeded.size >= 8 }
+    expect(log_output).not_to include("MonopolizationError")
+  end
+
+  it "defers a failing timer: the key's messages go on, its later timers wait behind it" do
+    events = Queue.new
+    fail_first = 2
+    first_timer = nil
+    handler = Class.new(Prosody::EventHandler) do
+      define_method(:on_message) do |context, message|
+        events << [:message, message.payload]
+        next unless message.payload == "schedule"
+
+        base = Time.now.to_i + 1
+        first_timer = base
+        context.schedule(Time.at(base))
+        context.schedule(Time.at(base + 1))
+      end
+      define_method(:on_timer) do |_context, timer|
+        if timer.time.to_i == first_timer && fail_first.positive?
+          fail_first -= 1
+          events << [:timer_failed, timer.time.to_i]
+          raise "flaky downstream"
+        end
+        events << [:timer, timer.time.to_i]
+      end
+    end.new
+    client = start(handler, defer_base: 1.5, defer_max_delay: 1.5)
+    client.send_message(topic, "k", "schedule")
+    seen = []
+    wait_for(timeout: 15, message: "the first timer failing") do
+      seen << events.pop until events.empty?
+      seen.any? { |e| e.first == :timer_failed }
+    end
+    # While the timer waits for its deferred retry, the key's messages run.
+    client.send_message(topic, "k", "meanwhile")
+    wait_for(timeout: 15, message: "both timers") do
+      seen << events.pop until events.empty?
+      seen.count { |e| e.first == :timer } == 2
+    end
+    kinds = seen.map { |e| e.first == :message ? e.last : e.first }
+    first_success = kinds.index(:timer)
+    expect(kinds.index("meanwhile")).to be < first_success
+    expect(kinds.count(:timer_failed)).to eq(2)
+    timers = seen.select { |e| e.first == :timer }.map(&:last)
+    expect(timers).to eq(timers.sort) # the later timer waited for the deferred one
+    expect(log_output).to include("deferring it (the key's later timers wait)")
+  end
+
   it "retries in place when defer_enabled is false (the key holds its partition's commit)" do
     handler = SwitchHandler.new(["bad"])
     client = start(handler, defer_enabled: false)

@@ -14,6 +14,7 @@ use crate::kafka::mock;
 use crate::kafka::producer::{Delivery, Done, Producer, RawRecord, Record, SendError};
 use crate::kafka::reload::Reloader;
 use crate::kafka::KafkaError;
+use crate::monopoly::Monopolization;
 use crate::scheduler::{FairConfig, Scheduler};
 use crate::stores::Stores;
 
@@ -179,12 +180,30 @@ impl Client {
         scheduler.set_notify(notify);
         let stores = self.stores()?;
         let deferral = self.deferral(stores.as_ref())?;
+        let monopoly = (self.config.mode == Mode::Pipeline && self.config.monopolization_enabled)
+            .then(|| {
+                let monopoly = Arc::new(Monopolization::new(
+                    self.config.monopolization_window,
+                    self.config.monopolization_threshold,
+                    usize::try_from(self.config.monopolization_cache_size).unwrap_or(usize::MAX),
+                ));
+                let observed = monopoly.clone();
+                scheduler.observe_usage(Arc::new(move |charges| {
+                    observed.record(
+                        charges
+                            .iter()
+                            .filter_map(|(key, secs, at)| key.as_ref().map(|k| (k, *secs, *at))),
+                    );
+                }));
+                monopoly
+            });
         let engine = Arc::new(Engine {
             config: self.config.clone(),
             scheduler: scheduler.clone(),
             runtime: runtime.clone(),
             timers: stores.map(|s| s.timers),
             deferral,
+            monopoly,
             policy: Policy::from_config(&self.config),
             dead_letters,
             partitions: Mutex::new(HashMap::new()),

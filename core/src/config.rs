@@ -585,13 +585,13 @@ options! {
 
     // --- Monopolization
     /// Reject keys that use most of the handler time.
-    monopolization_enabled: bool, "PROSODY_MONOPOLIZATION_ENABLED", Some("true"), LATER;
+    monopolization_enabled: bool, "PROSODY_MONOPOLIZATION_ENABLED", Some("true"), YES;
     /// Fraction of the window above which a key is rejected.
-    monopolization_threshold: f64, "PROSODY_MONOPOLIZATION_THRESHOLD", Some("0.9"), LATER;
+    monopolization_threshold: f64, "PROSODY_MONOPOLIZATION_THRESHOLD", Some("0.9"), YES;
     /// Measurement window.
-    monopolization_window: Duration, "PROSODY_MONOPOLIZATION_WINDOW", Some("5m"), LATER;
+    monopolization_window: Duration, "PROSODY_MONOPOLIZATION_WINDOW", Some("5m"), YES;
     /// Keys tracked.
-    monopolization_cache_size: u64, "PROSODY_MONOPOLIZATION_CACHE_SIZE", Some("8192"), LATER;
+    monopolization_cache_size: u64, "PROSODY_MONOPOLIZATION_CACHE_SIZE", Some("8192"), YES;
 
     // --- Fair scheduling
     /// Share of handler time for retries while fresh work waits.

@@ -30,6 +30,8 @@ pub struct Engine {
     pub policy: Policy,
     /// Deferred retry, in pipeline mode with `defer_enabled` and a store.
     pub deferral: Option<Arc<crate::defer::Deferral>>,
+    /// Monopolization detection, in pipeline mode with `monopolization_enabled`.
+    pub monopoly: Option<Arc<crate::monopoly::Monopolization>>,
     /// The failure topic, when one is configured.
     pub dead_letters: Option<Arc<DeadLetters>>,
     /// Assigned partitions' shared state, for health checks.

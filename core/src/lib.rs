@@ -24,6 +24,7 @@
 //! | Cassandra session and versioned schema migrations | [`cassandra`] |
 //! | deferred retry: store contract, memory and Cassandra stores, failure-rate gate | [`defer`] |
 //! | the one place that opens a client's stores | [`stores`] |
+//! | monopolization detection: per-key handler time over a rolling window | [`monopoly`] |
 
 pub mod cancel;
 pub mod cassandra;
@@ -35,6 +36,7 @@ pub mod event;
 pub mod failure;
 pub mod handler;
 pub mod kafka;
+pub mod monopoly;
 pub mod partition;
 pub mod process;
 pub mod runtime;

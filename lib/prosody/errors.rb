@@ -49,4 +49,10 @@ module Prosody
   # Raise it from a handler to mark the failure transient: a retry may succeed. This is also
   # what every unclassified exception counts as.
   class TransientError < Error; end
+
+  # The error class named (in logs and in the dead-letter headers) when a message was rejected
+  # without running because its key used more than +monopolization_threshold+ of the last
+  # +monopolization_window+ of handler time (pipeline mode). It is transient: the message is
+  # deferred like any transient failure. Prosody never raises it into application code.
+  class MonopolizationError < TransientError; end
 end

@@ -8,6 +8,10 @@
 //!   was produced by this group itself; its offset finishes without a handler call.
 //! - [`Admit::Deferred`] (pipeline mode): a message of a deferred key is appended to the key's
 //!   deferred list instead of running; its offset finishes once the store acknowledged it.
+//! - [`Admit::Monopolization`] (pipeline mode): a message (fresh or deferred) of a key that used
+//!   more than `monopolization_threshold` of the window is rejected without running, as if its
+//!   handler had failed with a transient `Prosody::MonopolizationError`: the outcome stages
+//!   then defer it (or back it off in place while the failure rate gates deferral).
 //!
 //! **Outcome** stages run, in order, after a handler call ended; the first that takes the event
 //! over ends the walk:
@@ -28,18 +32,22 @@ pub(crate) enum Admit {
     SourceSystem,
     /// Append messages of deferred keys to their list.
     Deferred,
+    /// Reject messages of keys that monopolize handler time.
+    Monopolization,
 }
 
 /// The admit stages, in the order they run.
-pub(crate) const ADMIT: [Admit; 2] = [Admit::SourceSystem, Admit::Deferred];
+pub(crate) const ADMIT: [Admit; 3] = [Admit::SourceSystem, Admit::Deferred, Admit::Monopolization];
 
 /// What an admit stage decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Admission {
     /// On to the next stage (after the last: run the handler).
     Pass,
     /// The stage took the event over; the key's next event may start.
     Taken,
+    /// The event fails without running, with this failure: the outcome stages handle it.
+    Reject(crate::handler::Failure),
 }
 
 /// Outcome stages, in order.

@@ -97,6 +97,8 @@ enum Internal {
     UndecodableSent(i64),
     /// A deferral store operation or read finished.
     Defer(DeferReport),
+    /// An admit stage rejected this in-flight event with this failure.
+    Rejected(Key, Slot, Failure),
 }
 
 /// What the worker receives.
@@ -331,12 +333,23 @@ impl Worker {
     fn start(&mut self, first: Pending) {
         let mut pending = first;
         loop {
-            if ADMIT
-                .iter()
-                .all(|stage| self.admit_stage(*stage, &pending) == Admission::Pass)
-            {
-                self.submit(pending);
-                return;
+            let mut admission = Admission::Pass;
+            for stage in ADMIT {
+                admission = self.admit_stage(stage, &pending);
+                if admission != Admission::Pass {
+                    break;
+                }
+            }
+            match admission {
+                Admission::Pass => {
+                    self.submit(pending);
+                    return;
+                }
+                Admission::Reject(failure) => {
+                    self.reject(pending, failure);
+                    return;
+                }
+                Admission::Taken => {}
             }
             if self.abort.is_cancelled() {
                 return;
@@ -352,7 +365,57 @@ impl Worker {
         match stage {
             stages::Admit::SourceSystem => self.admit_source_system(pending),
             stages::Admit::Deferred => self.admit_deferred(pending),
+            stages::Admit::Monopolization => self.admit_monopolization(pending),
         }
+    }
+
+    /// The [`Admit::Monopolization`](stages::Admit) stage.
+    fn admit_monopolization(&self, pending: &Pending) -> Admission {
+        let (Pending::Message(message) | Pending::Deferred(message)) = pending else {
+            return Admission::Pass;
+        };
+        let (Some(monopoly), Some(key)) = (self.engine.monopoly.as_ref(), message.key.as_ref())
+        else {
+            return Admission::Pass;
+        };
+        let Some((share, log)) = monopoly.check(key) else {
+            return Admission::Pass;
+        };
+        let window = monopoly.window();
+        if log {
+            log::warn!(
+                "key={} of topic={} partition={} used {:.0}% of the last {window:?} of handler time \
+                 (monopolization_threshold {:.0}%); its messages are rejected until it falls under",
+                crate::event::show_key(Some(key)),
+                self.topic,
+                self.partition,
+                share * 100.0,
+                self.engine.config.monopolization_threshold * 100.0
+            );
+        }
+        Admission::Reject(Failure::transient(
+            crate::monopoly::MONOPOLIZATION_ERROR,
+            format!(
+                "the key used {:.0}% of the last {window:?} of handler time",
+                share * 100.0
+            ),
+        ))
+    }
+
+    /// Makes the event its key's in-flight event as if its handler had failed with `failure`;
+    /// the outcome stages take it from there.
+    fn reject(&mut self, pending: Pending, failure: Failure) {
+        let (key, slot) = pending.id();
+        self.in_flight.insert(
+            (key.clone(), slot),
+            Flight {
+                event: pending,
+                cancel: CancelToken::new(),
+                attempts: 1,
+                stage: Stage::Running,
+            },
+        );
+        let _ = self.internal.send(Internal::Rejected(key, slot, failure));
     }
 
     /// The [`Admit::SourceSystem`](stages::Admit) stage: records this group produced finish
@@ -436,6 +499,11 @@ impl Worker {
             Outcome::Success => Ok(()),
             Outcome::Failure(failure) => Err(failure),
         };
+        self.outcome(id, result).await;
+    }
+
+    /// Walks the outcome stages.
+    async fn outcome(&mut self, id: (Key, Slot), result: Result<(), Failure>) {
         for stage in OUTCOME {
             if self.outcome_stage(stage, &id, &result).await == Handled::Done {
                 return;
@@ -501,7 +569,10 @@ impl Worker {
         match (id.1, id.0.clone()) {
             (Slot::Offset(offset), Some(key)) if deferred => self.deferred_done(key, offset),
             (Slot::Offset(offset), _) => self.retire(offset),
-            (Slot::Timer(time), Some(key)) => self.timer_done(key, time).await,
+            (Slot::Timer(time), Some(key)) => {
+                self.timer_done(key.clone(), time).await;
+                self.timer_deferral_done(&key, time);
+            }
             (Slot::Timer(_), None) => {}
         }
         self.next_of(&id.0);
@@ -528,6 +599,9 @@ impl Worker {
                 self.retire(offset);
             }
             Internal::Defer(report) => self.on_defer_report(report).await,
+            Internal::Rejected(key, slot, failure) => {
+                self.outcome((key, slot), Err(failure)).await;
+            }
         }
     }
 

@@ -162,7 +162,12 @@ struct State {
     idle: bool,
     /// No more jobs are accepted; `take` reports `Closed` once empty.
     closed: bool,
+    /// Told of each batch of key charges (monopolization detection).
+    observer: Option<UsageObserver>,
 }
+
+/// Receives finished handlers' time per key: (key, seconds, when), in batches.
+pub type UsageObserver = Arc<dyn Fn(&[(Key, f64, Instant)]) + Send + Sync>;
 
 impl State {
     fn new(config: FairConfig) -> Self {
@@ -180,6 +185,7 @@ impl State {
             permits: 0,
             idle: false,
             closed: false,
+            observer: None,
             config,
         }
     }
@@ -287,6 +293,9 @@ impl State {
         let charges = std::mem::take(&mut self.charges);
         for (key, secs, at) in &charges {
             self.charge_key(key.clone(), *secs, *at);
+        }
+        if let Some(observer) = &self.observer {
+            observer(&charges);
         }
         // Keep the buffer's capacity.
         self.charges = charges;
@@ -434,6 +443,14 @@ impl Scheduler {
     /// Sets the function that wakes idle runners (once; later calls are ignored).
     pub fn set_notify(&self, notify: impl Fn() + Send + Sync + 'static) {
         let _ = self.core.notify.set(Box::new(notify));
+    }
+
+    /// Sets what is told of finished handlers' time per key (in batches, on the thread that
+    /// applies them).
+    pub fn observe_usage(&self, observer: UsageObserver) {
+        if let Ok(mut state) = self.core.state.lock() {
+            state.observer = Some(observer);
+        }
     }
 
     /// Adds a ready job. A closed scheduler drops it, which reports it abandoned.

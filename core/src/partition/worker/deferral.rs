@@ -24,7 +24,7 @@ use crate::failure::Reason;
 use crate::handler::{Failure, Slot};
 use crate::kafka::reload::Fetched;
 use crate::partition::stages::{Admission, Handled};
-use crate::timers::Scope;
+use crate::timers::{Scope, Seconds};
 
 /// Offsets of one key taken per read.
 const PAGE: usize = 256;
@@ -95,6 +95,24 @@ pub(super) struct PartitionDeferral {
     due: BTreeSet<(i64, event::Key)>,
     /// Store writes in flight; a drain waits for them.
     pub(super) writes: usize,
+    /// Keys whose application timer failed and waits for its deferred retry.
+    timers: HashMap<event::Key, DeferredTimer, RandomState>,
+    /// Deferred timers by due time (milliseconds since the epoch).
+    timer_due: BTreeSet<(i64, event::Key)>,
+}
+
+/// A key's failed timer waiting for its retry. The timer stays stored (a new owner fires it
+/// again); the key's later due timers wait behind it, its messages do not.
+#[derive(Debug)]
+struct DeferredTimer {
+    /// The failed timer.
+    time: Seconds,
+    /// Its failed calls so far.
+    attempts: u32,
+    /// When it runs again.
+    due_ms: i64,
+    /// The key's later timers that came due meanwhile.
+    parked: BTreeSet<Seconds>,
 }
 
 impl PartitionDeferral {
@@ -105,6 +123,8 @@ impl PartitionDeferral {
             keys: HashMap::default(),
             due: BTreeSet::new(),
             writes: 0,
+            timers: HashMap::default(),
+            timer_due: BTreeSet::new(),
         }
     }
 
@@ -115,7 +135,12 @@ impl PartitionDeferral {
 
     /// When the earliest waiting key is due (milliseconds since the epoch).
     pub(super) fn next_due_ms(&self) -> Option<i64> {
-        self.due.first().map(|(ms, _)| *ms)
+        let messages = self.due.first().map(|(ms, _)| *ms);
+        let timers = self.timer_due.first().map(|(ms, _)| *ms);
+        match (messages, timers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn wait(&mut self, key: &event::Key, retry: Retry) {
@@ -256,6 +281,16 @@ impl Worker {
     /// The [`Admit::Deferred`](crate::partition::stages::Admit) stage: a message of a deferred
     /// key joins the key's list; its offset finishes once the append is acknowledged.
     pub(super) fn admit_deferred(&mut self, pending: &Pending) -> Admission {
+        if let (Pending::Timer(key, time), Some(d)) = (pending, self.deferral.as_mut()) {
+            // A later timer of a key whose timer is deferred waits behind it.
+            return match d.timers.get_mut(key) {
+                Some(deferred) if deferred.time != *time => {
+                    deferred.parked.insert(*time);
+                    Admission::Taken
+                }
+                _ => Admission::Pass,
+            };
+        }
         let Pending::Message(message) = pending else {
             return Admission::Pass;
         };
@@ -302,6 +337,9 @@ impl Worker {
             return Handled::Next;
         };
         let (Some(key), Slot::Offset(offset)) = (id.0.clone(), id.1) else {
+            if let (Some(key), Slot::Timer(time)) = (id.0.clone(), id.1) {
+                return self.defer_timer(id, key, time, failure).await;
+            }
             return Handled::Next;
         };
         let Some(flight) = self.in_flight.get_mut(id) else {
@@ -506,6 +544,14 @@ impl Worker {
             return;
         };
         let now = now_ms();
+        let mut timers = Vec::new();
+        while d.timer_due.first().is_some_and(|(ms, _)| *ms <= now) {
+            if let Some((_, key)) = d.timer_due.pop_first() {
+                if let Some(deferred) = d.timers.get(&key) {
+                    timers.push((key, deferred.time));
+                }
+            }
+        }
         let mut ready = Vec::new();
         while d.due.first().is_some_and(|(ms, _)| *ms <= now) {
             if let Some((_, key)) = d.due.pop_first() {
@@ -540,6 +586,90 @@ impl Worker {
         for key in keys {
             self.advance(&key);
         }
+        for (key, time) in timers {
+            if let Some(ready) = self.keys.push(Some(key.clone()), Pending::Timer(key, time)) {
+                self.start(ready);
+            }
+        }
+    }
+
+    /// The [`Outcome::Defer`](crate::partition::stages::Outcome) stage for a timer: a failing
+    /// timer waits for a deferred retry (the key's messages go on; its later timers wait).
+    async fn defer_timer(
+        &mut self,
+        id: &(Key, Slot),
+        key: event::Key,
+        time: Seconds,
+        failure: &Failure,
+    ) -> Handled {
+        let Some(d) = self.deferral.as_mut() else {
+            return Handled::Next;
+        };
+        if failure.permanent {
+            return Handled::Next;
+        }
+        let attempts = match d.timers.get(&key) {
+            Some(deferred) if deferred.time == time => deferred.attempts.saturating_add(1),
+            Some(_) => return Handled::Next,
+            None if d.setup.gate.allows_deferral() => 1,
+            None => return Handled::Next,
+        };
+        if d.setup.max_retries.is_some_and(|max| attempts > max) {
+            let what = self.describe(id);
+            log::error!(
+                "{what} failed {attempts} times ({failure}), past defer_max_retries; giving up on it"
+            );
+            self.succeeded(id.clone()).await;
+            return Handled::Done;
+        }
+        let delay = d.setup.backoff.delay(attempts);
+        let due_ms = now_ms().saturating_add(delay.as_millis() as i64);
+        let parked = match d.timers.remove(&key) {
+            Some(old) => {
+                d.timer_due.remove(&(old.due_ms, key.clone()));
+                old.parked
+            }
+            None => BTreeSet::new(),
+        };
+        d.timers.insert(
+            key.clone(),
+            DeferredTimer {
+                time,
+                attempts,
+                due_ms,
+                parked,
+            },
+        );
+        d.timer_due.insert((due_ms, key));
+        log::warn!(
+            "{} failed ({failure}); deferring it (the key's later timers wait), retry in {delay:?}",
+            self.describe(id)
+        );
+        self.in_flight.remove(id);
+        self.next_of(&id.0);
+        Handled::Done
+    }
+
+    /// A key's timer is done (succeeded or given up): when it was the deferred one, the key's
+    /// parked timers come due again.
+    pub(super) fn timer_deferral_done(&mut self, key: &event::Key, time: Seconds) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        if d.timers.get(key).is_none_or(|t| t.time != time) {
+            return;
+        }
+        let Some(deferred) = d.timers.remove(key) else {
+            return;
+        };
+        d.timer_due.remove(&(deferred.due_ms, key.clone()));
+        if let Some(timers) = self.timers.as_mut() {
+            for parked in deferred.parked {
+                timers.unfire(key, parked);
+                timers.pending.insert((parked, key.clone()));
+            }
+        }
+        self.fire_due();
     }
 
     /// Moves a key on: runs its next loaded message, reads more, waits for an append, or ends
