@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-ruby-async2 test-gc-stress test-gem bench bench-timers bench-scheduler gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-ruby-async2 test-gc-stress test-gem bench bench-timers bench-scheduler bench-defer gem clean
 
 setup:
 	@dev/setup
@@ -89,6 +89,11 @@ bench: build
 # Cost of one fair-scheduler grant with 1k, 10k and 100k events waiting.
 bench-scheduler: setup
 	$(CARGO) run --release -p prosody-core --example scheduler_bench
+
+# Deferred retry's drain: 10,000 deferred messages over 100 keys against the local Kafka and
+# Cassandra (started if needed); prints msg/s and the ratio to the 5,000 msg/s target.
+bench-defer: setup services
+	$(CARGO) run --release -p prosody-core --example defer_drain
 
 # Timers in memory, and in the local Cassandra (started if needed).
 bench-timers: build services
