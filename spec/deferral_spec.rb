@@ -184,9 +184,21 @@ RSpec.describe "deferred retry (pipeline mode, mock)" do
 
   it "retries in place when defer_enabled is false (the key holds its partition's commit)" do
     handler = SwitchHandler.new(["bad"])
-    client = start(handler, defer_enabled: false)
+    client = start(handler, defer_enabled: false, stall_threshold: 0.3)
     client.send_message(topic, "bad", { "n" => 1 })
     wait_for(message: "in-place retries") { handler.count("bad") >= 5 }
+    wait_for(message: "the partition to stall") { client.is_stalled? }
     expect(log_output).not_to include("deferring its key")
+  end
+
+  it "does not stall the partition while a key is deferred" do
+    handler = SwitchHandler.new(["bad"])
+    client = start(handler, stall_threshold: 0.3, defer_base: 5, defer_max_delay: 5)
+    client.send_message(topic, "bad", { "n" => 1 })
+    client.send_message(topic, "good", { "n" => 2 })
+    wait_for(message: "the other key") { handler.succeeded("good").any? }
+    sleep 0.6 # twice stall_threshold: a held offset would read as stalled by now
+    expect(client.is_stalled?).to be(false)
+    expect(handler.count("bad")).to eq(1)
   end
 end

@@ -8,9 +8,9 @@ RSpec.describe "failure handling in mock mode" do
   let(:topic) { unique("fail-topic") }
   let(:dlq) { unique("dlq") }
 
-  # Fast retries unless an example says otherwise.
+  # Fast retries (in place and deferred) unless an example says otherwise.
   def start(handler, **options)
-    super(handler, retry_base: 0.005, max_retry_delay: 0.05, **options)
+    super(handler, retry_base: 0.005, max_retry_delay: 0.05, defer_base: 0.005, defer_max_delay: 0.05, **options)
   end
 
   def dead_letters(count, timeout: 10)
@@ -387,7 +387,8 @@ RSpec.describe "failure handling in mock mode" do
     it "reports is_stalled? while a message waits longer than stall_threshold, and recovers" do
       healthy = false
       handler = FlakyHandler.new(failures: 0) { raise "dependency down" unless healthy }
-      client = start(handler, stall_threshold: 0.4)
+      # Retried in place: a deferred key would not hold its partition (spec/deferral_spec.rb).
+      client = start(handler, stall_threshold: 0.4, defer_enabled: false)
       expect(client.is_stalled?).to be(false)
       client.send_message(topic, "k", 1)
       wait_for(message: "a stall") { client.is_stalled? }

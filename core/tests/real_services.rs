@@ -132,3 +132,123 @@ fn cassandra_smoke_keyspace_table_ttl() {
             .unwrap();
     });
 }
+
+/// Deferred messages that the log no longer holds (deleted by retention here, with the admin
+/// API's DeleteRecords) are dead-lettered as their key with no value (reason `unreadable`) and
+/// skipped; the key's later deferred messages still run, in order, and the store ends empty.
+#[test]
+#[ignore = "needs Kafka and Cassandra: dev/services start all"]
+fn deferred_messages_gone_from_the_log_are_dead_lettered_and_skipped() {
+    use prosody_core::config::RawValue;
+    use prosody_core::defer::{now_ms, Retry};
+    use prosody_core::timers::Scope;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use std::sync::Arc;
+
+    let topic = unique("it-gone");
+    let dlq = unique("it-gone-dlq");
+    let group = unique("group");
+    let keyspace = unique("prosody_it").replace('-', "_");
+    for t in [&topic, &dlq] {
+        prosody_core::testing::create_topic(KAFKA, t, 1, Duration::from_secs(30))
+            .expect("Kafka must run on 127.0.0.1:9092 (dev/services start kafka)");
+    }
+    let rt = prosody_core::runtime::handle().unwrap();
+    let producer = prosody_core::testing::RawProducer::new(KAFKA).unwrap();
+    for seq in 0..20 {
+        let payload = format!("{{\"seq\":{seq}}}");
+        producer
+            .produce(&topic, Some(0), Some(b"k"), Some(payload.as_bytes()), &[])
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let config = common::config_with(
+        &topic,
+        &group,
+        8,
+        Some(KAFKA),
+        &[
+            ("cassandra_nodes", RawValue::Str(CASSANDRA.into())),
+            ("cassandra_keyspace", RawValue::Str(keyspace)),
+            ("failure_topic", RawValue::Str(dlq.clone())),
+        ],
+    );
+    // The key deferred at offset 0 with every later offset appended, due now, and the group's
+    // position past all of them, as a client that deferred them would leave it.
+    let stores = rt
+        .block_on(prosody_core::stores::Stores::cassandra(&config))
+        .expect("Cassandra must run on 127.0.0.1:9042 (dev/services start cassandra)");
+    let scope = Scope {
+        group: Arc::from(group.as_str()),
+        topic: Arc::from(topic.as_str()),
+        partition: 0,
+    };
+    rt.block_on(async {
+        let retry = Retry {
+            attempts: 1,
+            due_ms: now_ms(),
+        };
+        stores.defer.defer(&scope, b"k", 0, retry).await.unwrap();
+        for offset in 1..20 {
+            stores.defer.append(&scope, b"k", offset).await.unwrap();
+        }
+    });
+    let committer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut position = TopicPartitionList::new();
+    position
+        .add_partition_offset(&topic, 0, Offset::Offset(20))
+        .unwrap();
+    committer.commit(&position, CommitMode::Sync).unwrap();
+    // Retention takes offsets 0..9.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .create()
+        .unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&topic, 0, Offset::Offset(10))
+        .unwrap();
+    rt.block_on(admin.delete_records(&before, &AdminOptions::new()))
+        .unwrap();
+
+    let client = Client::new(config).unwrap();
+    let rec = Recorder::new();
+    let scheduler = subscribe_runners(&client, 8, rec.clone());
+    assert!(
+        wait_until(Duration::from_secs(60), || rec.seen.lock().unwrap().len()
+            >= 10),
+        "handled {} of the 10 deferred messages still in the log",
+        rec.seen.lock().unwrap().len()
+    );
+    let dead = prosody_core::testing::read_topic(KAFKA, &dlq, 10, Duration::from_secs(30)).unwrap();
+    client.unsubscribe().expect("unsubscribe");
+    scheduler.close();
+    let offsets: Vec<i64> = rec
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, o, _)| *o)
+        .collect();
+    assert_eq!(offsets, (10..20).collect::<Vec<i64>>());
+    assert_eq!(dead.len(), 10);
+    for record in &dead {
+        assert_eq!(record.key.as_deref(), Some(b"k".as_slice()));
+        assert_eq!(record.payload, None);
+        let reason = record
+            .headers
+            .iter()
+            .find(|(k, _)| k == "prosody-dlq-reason")
+            .map(|(_, v)| v.as_slice());
+        assert_eq!(reason, Some(b"unreadable".as_slice()));
+    }
+    let left = rt.block_on(stores.defer.load(&scope)).unwrap();
+    assert!(left.is_empty(), "the key left deferral: {left:?}");
+}

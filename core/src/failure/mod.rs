@@ -36,6 +36,9 @@ pub enum Reason {
     RetriesExhausted,
     /// The payload could not be decoded.
     Undecodable,
+    /// A deferred message the log no longer holds (retention, compaction): the dead letter has
+    /// its key and no value.
+    Unreadable,
 }
 
 impl Reason {
@@ -45,6 +48,7 @@ impl Reason {
             Reason::Permanent => "permanent",
             Reason::RetriesExhausted => "retries_exhausted",
             Reason::Undecodable => "undecodable",
+            Reason::Unreadable => "unreadable",
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::quality::RandomState;
+use rdkafka::message::OwnedMessage;
 
 use super::{Internal, Key, Pending, Stage, Worker};
 use crate::defer::{now_ms, DeferError, Deferral, Offset, Retry};
@@ -172,6 +173,8 @@ pub(super) enum DeferReport {
     },
     /// A store write that only needed to land.
     Written,
+    /// A deferred message that could not run reached the failure topic.
+    DeadLettered { key: event::Key, offset: Offset },
     /// Offsets read for these keys, with whether the store has no more, and their records.
     Read {
         batch: Vec<(event::Key, Vec<Offset>, Option<bool>)>,
@@ -860,18 +863,30 @@ impl Worker {
                     Some(Fetched::Found(record)) => {
                         match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
                             Ok(message) => state.loaded.push_back(Arc::new(message)),
-                            Err(bad) => gone.push((
-                                key.clone(),
+                            Err(bad) => gone.push(Lost {
+                                key: key.clone(),
                                 offset,
-                                format!("it no longer decodes: {}", bad.reason),
-                            )),
+                                reason: Reason::Undecodable,
+                                why: format!("it no longer decodes: {}", bad.reason),
+                                record: bad.raw,
+                            }),
                         }
                     }
-                    Some(Fetched::Gone(_)) | None => gone.push((
-                        key.clone(),
+                    Some(Fetched::Gone(_)) | None => gone.push(Lost {
+                        key: key.clone(),
                         offset,
-                        "the log no longer holds it (retention or compaction)".to_owned(),
-                    )),
+                        reason: Reason::Unreadable,
+                        why: "the log no longer holds it (retention or compaction)".to_owned(),
+                        record: OwnedMessage::new(
+                            None,
+                            Some(key.to_vec()),
+                            self.topic.to_string(),
+                            rdkafka::Timestamp::NotAvailable,
+                            self.partition,
+                            offset,
+                            None,
+                        ),
+                    }),
                 }
             }
             state.phase = Phase::Idle;
@@ -879,22 +894,61 @@ impl Worker {
                 ready.push(key);
             }
         }
-        for (key, offset, why) in gone {
-            log::error!(
-                "skipping deferred message topic={} partition={} offset={offset} key={}: {why}",
-                self.topic,
-                self.partition,
-                show_key(Some(&key))
-            );
-            let what = format!(
-                "remove offset {offset} of topic={} partition={} from its key's deferred messages",
-                self.topic, self.partition
-            );
-            self.write(what, |_| WriteOp::Remove(key, offset));
+        for lost in gone {
+            self.lost(lost);
         }
         for key in ready {
             self.advance(&key);
         }
+    }
+
+    /// A deferred message that cannot run any more: dead-lettered when a failure topic is set
+    /// (then forgotten), otherwise logged and forgotten.
+    fn lost(&mut self, lost: Lost) {
+        let Lost {
+            key,
+            offset,
+            reason,
+            why,
+            record,
+        } = lost;
+        let what = format!(
+            "deferred message topic={} partition={} offset={offset} key={}",
+            self.topic,
+            self.partition,
+            show_key(Some(&key))
+        );
+        let Some(dead_letters) = self.engine.dead_letters.clone() else {
+            log::error!("skipping {what}: {why} (set failure_topic to keep such messages)");
+            self.forget(key, offset);
+            return;
+        };
+        log::error!("sending {what} to {}: {why}", dead_letters.topic);
+        if let Some(d) = self.deferral.as_mut() {
+            d.writes += 1;
+        }
+        let class = match reason {
+            Reason::Undecodable => super::failure::UNDECODABLE,
+            _ => "Prosody::DeferredMessageGone",
+        };
+        let failure = Failure::permanent(class, why);
+        self.spawn_dead_letter(
+            dead_letters,
+            record,
+            reason,
+            &failure,
+            0,
+            Internal::Defer(DeferReport::DeadLettered { key, offset }),
+        );
+    }
+
+    /// Removes a deferred offset from the store.
+    fn forget(&mut self, key: event::Key, offset: Offset) {
+        let what = format!(
+            "remove offset {offset} of topic={} partition={} from its key's deferred messages",
+            self.topic, self.partition
+        );
+        self.write(what, |_| WriteOp::Remove(key, offset));
     }
 
     /// An append was acknowledged (its offset finishes) or the partition went away first.
@@ -940,9 +994,21 @@ impl Worker {
                 stored,
             } => self.appended(key, offset, stored),
             DeferReport::Written => {}
+            DeferReport::DeadLettered { key, offset } => self.forget(key, offset),
             DeferReport::Read { batch, fetched } => self.on_read(batch, fetched),
         }
     }
+}
+
+/// A deferred message that cannot run any more.
+struct Lost {
+    key: event::Key,
+    offset: Offset,
+    reason: Reason,
+    /// Why, for the log and the dead-letter headers.
+    why: String,
+    /// The record as read, or (when the log no longer holds it) one with its key and no value.
+    record: OwnedMessage,
 }
 
 /// A store write that only needs to land.
