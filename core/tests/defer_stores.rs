@@ -106,7 +106,10 @@ async fn against_model(store: &dyn DeferStore, ops: &[Op]) -> Result<(), TestCas
             }
             Op::Release(k) => {
                 let key = format!("k{k}");
-                store.release(&s, key.as_bytes()).await.unwrap();
+                store
+                    .release(&s, key.as_bytes(), prosody_core::defer::now_us())
+                    .await
+                    .unwrap();
                 model.remove(&key);
                 key
             }
@@ -235,5 +238,28 @@ fn cassandra_store_matches_model() {
             let ops = ops.new_tree(&mut runner).unwrap().current();
             against_model(&store, &ops).await.unwrap();
         }
+    });
+}
+
+/// A release decided before a later deferral of the same key (and retried after it, as a
+/// failed write is) does not erase that deferral.
+#[test]
+#[ignore = "needs Cassandra on 127.0.0.1:9042: dev/services start cassandra"]
+fn cassandra_release_never_erases_a_later_deferral() {
+    prosody_core::runtime::handle().unwrap().block_on(async {
+        let store = cassandra_store().await;
+        let s = scope(0);
+        store.defer(&s, b"k", 1, retry(1)).await.unwrap();
+        let decided = prosody_core::defer::now_us();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        store.defer(&s, b"k", 5, retry(1)).await.unwrap();
+        store.release(&s, b"k", decided).await.unwrap();
+        assert_eq!(store.offsets(&s, b"k", -1, 10).await.unwrap(), vec![5]);
+        assert_eq!(store.load(&s).await.unwrap().len(), 1);
+        store
+            .release(&s, b"k", prosody_core::defer::now_us())
+            .await
+            .unwrap();
+        assert!(store.load(&s).await.unwrap().is_empty());
     });
 }

@@ -11,6 +11,7 @@ use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::frame::types::Consistency;
+use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
 use thiserror::Error;
 
 use crate::config::Config;
@@ -55,7 +56,10 @@ pub async fn connect(config: &Config) -> Result<Arc<Session>, CassandraError> {
         .consistency(Consistency::LocalQuorum)
         .build()
         .into_handle();
+    // Client-side timestamps (monotonic per process), so that a write decided earlier and
+    // retried later can carry the moment it was decided (see the defer store's release).
     let mut builder = SessionBuilder::new()
+        .timestamp_generator(Arc::new(MonotonicTimestampGenerator::new()))
         .known_nodes(&config.cassandra_nodes)
         .connection_timeout(Duration::from_secs(10))
         .default_execution_profile_handle(profile);

@@ -9,7 +9,9 @@
 //!   deferral drops its whole partition (one partition tombstone).
 //!
 //! Deferring writes the key's first offset and its retry row in one logged batch, so after a
-//! crash both are there or neither is. Rows expire after `cassandra_retention`.
+//! crash both are there or neither is. Releasing a key deletes with the timestamp of the moment
+//! the worker decided it, so a retried release never erases a later deferral of the key. Rows
+//! expire after `cassandra_retention`.
 
 use std::sync::Arc;
 
@@ -237,11 +239,16 @@ impl DeferStore for CassandraStore {
         &'a self,
         scope: &'a Scope,
         key: &'a [u8],
+        decided_us: i64,
     ) -> BoxFuture<'a, Result<(), DeferError>> {
         Box::pin(async move {
             let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
+            // Deletes with the decision's timestamp: a deferral written later (the session uses
+            // client-side timestamps) survives a release retried after it.
+            let mut batch = self.release_batch.clone();
+            batch.set_timestamp(Some(decided_us));
             self.session
-                .batch(&self.release_batch, ((g, t, p, key), (g, t, p, key)))
+                .batch(&batch, ((g, t, p, key), (g, t, p, key)))
                 .await
                 .map_err(store_error)?;
             Ok(())

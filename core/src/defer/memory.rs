@@ -134,10 +134,13 @@ impl DeferStore for MemoryStore {
         })
     }
 
+    /// The memory store applies every write at once, in order: nothing written after the
+    /// decision can be in the store when the release runs.
     fn release<'a>(
         &'a self,
         scope: &'a Scope,
         key: &'a [u8],
+        _decided_us: i64,
     ) -> BoxFuture<'a, Result<(), DeferError>> {
         self.with(|k| {
             if let Some(s) = k.get_mut(scope) {

@@ -82,11 +82,14 @@ pub trait DeferStore: Send + Sync + 'static {
         after: Offset,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Offset>, DeferError>>;
-    /// Forgets the key: its retry state and every offset.
+    /// Forgets the key: its retry state and every offset written before `decided_us`
+    /// (microseconds since the epoch, when the worker decided to release it), so a release
+    /// retried after a failure never erases a deferral of the key written after that moment.
     fn release<'a>(
         &'a self,
         scope: &'a Scope,
         key: &'a [u8],
+        decided_us: i64,
     ) -> BoxFuture<'a, Result<(), DeferError>>;
     /// Every deferred key of the scope (those with a retry state), in key order.
     fn load<'a>(&'a self, scope: &'a Scope)
@@ -130,6 +133,14 @@ pub struct Deferral {
     /// Deferred keys whose offsets (and re-failed message) are kept in memory
     /// (`defer_cache_size`).
     pub cache_size: usize,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -249,6 +249,13 @@ impl ConsumerContext for PollContext {
                 let Ok(mut partitions) = self.partitions.lock() else {
                     return;
                 };
+                // Deferral needs each new partition's committed position (offsets from there
+                // on come again to the new worker); one round trip for the whole assignment.
+                let committed: HashMap<TopicPartition, i64> = if self.engine.deferral.is_some() {
+                    committed_positions(&consumer, tpl)
+                } else {
+                    HashMap::new()
+                };
                 let mut added = Vec::new();
                 for element in tpl.elements() {
                     let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
@@ -268,8 +275,13 @@ impl ConsumerContext for PollContext {
                     let max = usize::try_from(self.engine.config.max_uncommitted.get())
                         .unwrap_or(usize::MAX);
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));
-                    let worker =
-                        spawn_worker(self.engine.clone(), tp.0.clone(), tp.1, shared.clone());
+                    let worker = spawn_worker(
+                        self.engine.clone(),
+                        tp.0.clone(),
+                        tp.1,
+                        shared.clone(),
+                        committed.get(&tp).copied(),
+                    );
                     if let Ok(mut health) = self.engine.partitions.lock() {
                         health.insert(tp.clone(), shared.clone());
                     }
@@ -296,6 +308,32 @@ impl ConsumerContext for PollContext {
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => log::error!("rebalance failed: {e}"),
+        }
+    }
+}
+
+/// The group's committed positions of the partitions in `tpl` (absent: none committed, or the
+/// lookup failed, which is logged).
+fn committed_positions(
+    consumer: &BaseConsumer<PollContext>,
+    tpl: &TopicPartitionList,
+) -> HashMap<TopicPartition, i64> {
+    match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+        Ok(list) => list
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(((Arc::from(e.topic()), e.partition()), o)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            log::warn!(
+                "could not read the committed positions of the assigned partitions ({e}); \
+                 a deferred key's messages that an earlier owner could not finish storing wait \
+                 until they are read again"
+            );
+            HashMap::new()
         }
     }
 }

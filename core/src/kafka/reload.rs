@@ -201,9 +201,12 @@ impl Reader {
         partition: i32,
         wanted: &[i64],
     ) -> Result<Vec<Fetched>, String> {
-        let deadline = Instant::now() + self.timeout;
+        // `defer_seek_timeout` bounds the wait for each wanted offset, not the whole request.
+        let mut deadline = Instant::now() + self.timeout;
         let mut out = Vec::with_capacity(wanted.len());
         let mut next = 0;
+        // An end of partition seen since the last seek without a record in between.
+        let mut at_end = false;
         while next < wanted.len() {
             let target = wanted[next];
             let reusable = match &self.position {
@@ -226,12 +229,14 @@ impl Reader {
                     self.timeout
                 ));
             }
+            let before = next;
             match self.consumer.poll(left.min(IDLE_POLL)) {
                 None => {}
                 Some(Ok(record)) => {
                     if record.topic() != &**topic || record.partition() != partition {
                         continue;
                     }
+                    at_end = false;
                     let offset = record.offset();
                     self.position = Some((topic.clone(), partition, offset + 1));
                     while next < wanted.len() && wanted[next] < offset {
@@ -244,20 +249,37 @@ impl Reader {
                     }
                 }
                 Some(Err(RdKafkaError::PartitionEOF(p))) if p == partition => {
-                    // The end of the partition, perhaps reported for an earlier position: only
-                    // the broker's high watermark says whether the offset is past it for good.
-                    let (_, high) = self
+                    let (low, high) = self
                         .consumer
                         .fetch_watermarks(topic, partition, left.min(Duration::from_secs(5)))
                         .map_err(|e| e.to_string())?;
-                    if target >= high {
-                        while next < wanted.len() {
-                            out.push(Fetched::Gone(wanted[next]));
-                            next += 1;
-                        }
+                    // Below the log start (retention, DeleteRecords), past its end, or, after a
+                    // second end of partition since a fresh seek (the first may belong to an
+                    // earlier read), removed from the middle (compaction): not there.
+                    let gone_below = if target >= high {
+                        i64::MAX
+                    } else if target < low {
+                        low
+                    } else if at_end {
+                        high
+                    } else {
+                        i64::MIN
+                    };
+                    while next < wanted.len() && wanted[next] < gone_below {
+                        out.push(Fetched::Gone(wanted[next]));
+                        next += 1;
+                    }
+                    if next == before {
+                        at_end = true;
+                        // Read again from the target to see whether the end was this read's.
+                        self.position = None;
                     }
                 }
                 Some(Err(e)) => log::debug!("deferred message reader: {e}"),
+            }
+            if next > before {
+                deadline = Instant::now() + self.timeout;
+                at_end = false;
             }
         }
         Ok(out)

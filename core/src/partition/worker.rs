@@ -16,7 +16,7 @@ mod timers;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use foldhash::quality::RandomState;
 use rdkafka::message::OwnedMessage;
@@ -145,12 +145,14 @@ struct Worker {
     abort: CancelToken,
 }
 
-/// Spawns the worker of one partition on the shared runtime.
+/// Spawns the worker of one partition on the shared runtime; `committed` is the group's
+/// committed position for it, when known (deferral uses it, see `worker/deferral.rs`).
 pub(crate) fn spawn_worker(
     engine: Arc<Engine>,
     topic: Arc<str>,
     partition: i32,
     shared: Arc<PartitionShared>,
+    committed: Option<i64>,
 ) -> mpsc::UnboundedSender<WorkerInput> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (done, done_rx) = mpsc::unbounded_channel();
@@ -164,7 +166,7 @@ pub(crate) fn spawn_worker(
     let deferral = engine
         .deferral
         .clone()
-        .map(|setup| PartitionDeferral::new(setup, scope.clone()));
+        .map(|setup| PartitionDeferral::new(setup, scope.clone(), committed));
     let timers = engine.timers.clone().map(|store| PartitionTimers {
         handle: Arc::new(PartitionTimerHandle {
             store,
@@ -224,9 +226,40 @@ impl Worker {
         mut internal_rx: mpsc::UnboundedReceiver<Internal>,
         mut changes_rx: mpsc::UnboundedReceiver<TimerChange>,
     ) {
-        self.load_deferred().await;
+        // Without its deferred keys the partition could run a deferred key's later messages
+        // before its deferred ones: records wait (the poll thread stops at `max_uncommitted`)
+        // until the load succeeds. A drain meanwhile reports nothing finished.
+        let mut held = Vec::new();
+        let mut tries = 0u32;
+        while let Err(e) = self.load_deferred().await {
+            tries = tries.saturating_add(1);
+            let delay = self
+                .engine
+                .policy
+                .ceiling(tries)
+                .max(Duration::from_millis(100));
+            log::error!(
+                "could not load the deferred keys of topic={} partition={} ({e}); its messages wait, trying again in {delay:?}",
+                self.topic,
+                self.partition
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                input = rx.recv() => match input {
+                    Some(WorkerInput::Record(record)) => held.push(record),
+                    Some(WorkerInput::Drain { ack, .. }) => {
+                        let _ = ack.send(self.tracker.committable());
+                        return;
+                    }
+                    None => return,
+                },
+            }
+        }
         self.load_timers().await;
         self.fire_deferred();
+        for record in held {
+            self.on_record(record);
+        }
         // One sleep for the schedule of timers and deferred retries, re-armed only when the plan
         // (earliest pending timer, next timer load, earliest deferred retry) changes: building a
         // fresh sleep per loop turn would register and drop a timer-wheel entry per message.
@@ -247,6 +280,7 @@ impl Worker {
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,
                 Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 Some(change) = changes_rx.recv() => {
+                    self.deferred_timer_change(&change);
                     if let Some(timers) = self.timers.as_mut() {
                         timers.apply(change);
                     }
@@ -317,10 +351,12 @@ impl Worker {
         let message = match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
             Ok(message) => message,
             Err(bad) => {
+                self.deferral_received(None, offset);
                 self.on_undecodable(*bad);
                 return;
             }
         };
+        self.deferral_received(message.key.as_ref(), offset);
         let key = message.key.clone();
         if let Some(ready) = self.keys.push(key, Pending::Message(Arc::new(message))) {
             self.start(ready);
@@ -340,6 +376,7 @@ impl Worker {
                     break;
                 }
             }
+            self.deferral_admitted(&pending);
             match admission {
                 Admission::Pass => {
                     self.submit(pending);

@@ -59,6 +59,9 @@ struct DeferredKey {
     last: Offset,
     /// Appends not yet acknowledged.
     appending: BTreeSet<Offset>,
+    /// Messages of the key received from Kafka and not yet through the admit stages (waiting
+    /// behind the key's in-flight event): they will be appended, so nothing above them runs.
+    incoming: BTreeSet<Offset>,
     /// Re-read messages waiting their turn, lowest offset first.
     loaded: VecDeque<Arc<ConsumedMessage>>,
 }
@@ -73,14 +76,28 @@ impl DeferredKey {
             overflowed: false,
             last: -1,
             appending: BTreeSet::new(),
+            incoming: BTreeSet::new(),
             loaded: VecDeque::new(),
         }
     }
 
-    /// Cached offsets that may run now: those below every unacknowledged append.
-    fn takeable(&self) -> impl Iterator<Item = Offset> + '_ {
-        let bound = self.appending.first().copied().unwrap_or(Offset::MAX);
+    /// The lowest offset the key must not run yet: an unacknowledged append, a message still
+    /// on its way to the admit stages, or `cap` (what this worker has not received yet).
+    fn bound(&self, cap: Offset) -> Offset {
+        let appending = self.appending.first().copied().unwrap_or(Offset::MAX);
+        let incoming = self.incoming.first().copied().unwrap_or(Offset::MAX);
+        appending.min(incoming).min(cap)
+    }
+
+    /// Cached offsets that may run now: those below [`DeferredKey::bound`].
+    fn takeable(&self, cap: Offset) -> impl Iterator<Item = Offset> + '_ {
+        let bound = self.bound(cap);
         self.cached.iter().copied().take_while(move |o| *o < bound)
+    }
+
+    /// Whether nothing of the key is on its way into its list.
+    fn settled(&self) -> bool {
+        self.appending.is_empty() && self.incoming.is_empty()
     }
 }
 
@@ -96,6 +113,14 @@ pub(super) struct PartitionDeferral {
     due: BTreeSet<(i64, event::Key)>,
     /// Store writes in flight; a drain waits for them.
     pub(super) writes: usize,
+    /// The group's committed position when the partition was assigned (`None`: none, or it
+    /// could not be read). Offsets from there on are re-delivered to this worker.
+    floor: Option<Offset>,
+    /// The highest offset this worker received from Kafka.
+    received: Offset,
+    /// The lowest stored offset a key could not take because this worker had not received it
+    /// yet; when reception passes it, idle keys are moved on again.
+    blocked: Offset,
     /// Keys whose application timer failed and waits for its deferred retry.
     timers: HashMap<event::Key, DeferredTimer, RandomState>,
     /// Deferred timers by due time (milliseconds since the epoch).
@@ -117,16 +142,26 @@ struct DeferredTimer {
 }
 
 impl PartitionDeferral {
-    pub(super) fn new(setup: Arc<Deferral>, scope: Scope) -> Self {
+    pub(super) fn new(setup: Arc<Deferral>, scope: Scope, floor: Option<Offset>) -> Self {
         Self {
             setup,
             scope,
+            floor,
+            received: -1,
+            blocked: Offset::MAX,
             keys: HashMap::default(),
             due: BTreeSet::new(),
             writes: 0,
             timers: HashMap::default(),
             timer_due: BTreeSet::new(),
         }
+    }
+
+    /// Offsets from here on may still be re-delivered to this worker and appended by it:
+    /// a stored offset at or above it (left by an earlier owner whose lower append never landed)
+    /// waits until this worker received it, so a key's order holds across owners.
+    fn cap(&self) -> Offset {
+        self.floor.unwrap_or(0).max(self.received.saturating_add(1))
     }
 
     /// The subscription's failure rate.
@@ -190,9 +225,9 @@ pub(super) fn instant_of_ms(ms: i64) -> Instant {
 
 impl Worker {
     /// Loads the partition's deferred keys from the store (on assignment).
-    pub(super) async fn load_deferred(&mut self) {
+    pub(super) async fn load_deferred(&mut self) -> Result<(), DeferError> {
         let Some(d) = self.deferral.as_mut() else {
-            return;
+            return Ok(());
         };
         match d.setup.store.load(&d.scope).await {
             Ok(keys) => {
@@ -208,15 +243,9 @@ impl Worker {
                     d.due.insert((retry.due_ms, key.clone()));
                     d.keys.insert(key, DeferredKey::new(retry, false));
                 }
+                Ok(())
             }
-            Err(e) => {
-                // Without its deferred keys the partition could run their later messages
-                // before the deferred ones: stop consuming it rather than break key order.
-                self.engine.fail(format!(
-                    "could not load the deferred keys of topic={} partition={}: {e}",
-                    self.topic, self.partition
-                ));
-            }
+            Err(e) => Err(e),
         }
     }
 
@@ -273,7 +302,9 @@ impl Worker {
                     match op {
                         WriteOp::Remove(key, offset) => store.remove(&scope, &key, offset).await,
                         WriteOp::Retry(key, retry) => store.set_retry(&scope, &key, retry).await,
-                        WriteOp::Release(key) => store.release(&scope, &key).await,
+                        WriteOp::Release(key, decided_us) => {
+                            store.release(&scope, &key, decided_us).await
+                        }
                     }
                 }
             },
@@ -304,6 +335,7 @@ impl Worker {
             return Admission::Pass;
         };
         let offset = message.offset;
+        state.incoming.remove(&offset);
         state.appending.insert(offset);
         let (store, scope, key) = (d.setup.store.clone(), d.scope.clone(), key.clone());
         log::debug!(
@@ -332,6 +364,100 @@ impl Worker {
             },
         );
         Admission::Taken
+    }
+
+    /// A record arrived from Kafka: a message of a deferred key is on its way into its list
+    /// (nothing of the key above it may run before it is appended); keys held back because this
+    /// worker had not received an offset yet may move on.
+    pub(super) fn deferral_received(&mut self, key: Option<&event::Key>, offset: Offset) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        d.received = d.received.max(offset);
+        if let Some(state) = key.and_then(|k| d.keys.get_mut(k)) {
+            state.incoming.insert(offset);
+        }
+        if d.blocked < d.cap() {
+            d.blocked = Offset::MAX;
+            let idle: Vec<event::Key> = d
+                .keys
+                .iter()
+                .filter(|(_, s)| s.phase == Phase::Idle)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in idle {
+                self.advance(&key);
+            }
+        }
+    }
+
+    /// A message left the admit stages (run, appended, skipped or rejected): it is no longer on
+    /// its way into its key's list.
+    pub(super) fn deferral_admitted(&mut self, pending: &Pending) {
+        let Pending::Message(message) = pending else {
+            return;
+        };
+        let Some(key) = message.key.as_ref() else {
+            return;
+        };
+        let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(key)) else {
+            return;
+        };
+        if state.incoming.remove(&message.offset) && state.phase == Phase::Idle {
+            self.advance(&key.clone());
+        }
+    }
+
+    /// The application unscheduled or cleared timers of a key: a deferred timer, or timers
+    /// parked behind it, that were removed do not fire.
+    pub(super) fn deferred_timer_change(&mut self, change: &crate::timers::TimerChange) {
+        use crate::timers::TimerChange;
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let (key, removed) = match change {
+            TimerChange::Added(..) => return,
+            TimerChange::Removed(key, time) => (key, Some(*time)),
+            TimerChange::Cleared(key) => (key, None),
+        };
+        let Some(deferred) = d.timers.get_mut(key) else {
+            return;
+        };
+        let mut unfired = Vec::new();
+        match removed {
+            Some(time) if time != deferred.time => {
+                if deferred.parked.remove(&time) {
+                    unfired.push(time);
+                }
+            }
+            Some(_) => {
+                // The deferred timer itself: its parked timers come due again.
+                let deferred = d.timers.remove(key);
+                if let Some(deferred) = deferred {
+                    d.timer_due.remove(&(deferred.due_ms, key.clone()));
+                    unfired.push(deferred.time);
+                    if let Some(timers) = self.timers.as_mut() {
+                        for parked in deferred.parked {
+                            timers.unfire(key, parked);
+                            timers.pending.insert((parked, key.clone()));
+                        }
+                    }
+                }
+            }
+            None => {
+                if let Some(deferred) = d.timers.remove(key) {
+                    d.timer_due.remove(&(deferred.due_ms, key.clone()));
+                    unfired.push(deferred.time);
+                    unfired.extend(deferred.parked);
+                }
+            }
+        }
+        if let Some(timers) = self.timers.as_mut() {
+            for time in unfired {
+                timers.unfire(key, time);
+            }
+        }
+        self.fire_due();
     }
 
     /// The [`Outcome::Defer`](crate::partition::stages::Outcome) stage.
@@ -513,12 +639,26 @@ impl Worker {
     /// A deferred message's run is over (succeeded, given up, dead-lettered): forget its offset
     /// and run the key's next one.
     pub(super) fn deferred_done(&mut self, key: event::Key, offset: Offset) {
+        let mut reset = None;
         if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
-            state.retry = Retry {
-                attempts: 0,
-                due_ms: 0,
-            };
+            // The key's next message starts with no failed attempts; the store hears of it
+            // once, after the success that follows failures (a new owner must not count the
+            // old message's failures against the next one).
+            if state.retry.attempts > 0 {
+                state.retry = Retry {
+                    attempts: 0,
+                    due_ms: now_ms(),
+                };
+                reset = Some(state.retry);
+            }
             state.phase = Phase::Idle;
+        }
+        if let Some(retry) = reset {
+            let what = format!(
+                "store the retry of a deferred key of topic={} partition={}",
+                self.topic, self.partition
+            );
+            self.write(what, |_| WriteOp::Retry(key.clone(), retry));
         }
         let what = format!(
             "remove offset {offset} of topic={} partition={} from its key's deferred messages",
@@ -684,6 +824,7 @@ impl Worker {
         let Some(d) = self.deferral.as_mut() else {
             return;
         };
+        let cap = d.cap();
         let Some(state) = d.keys.get_mut(key) else {
             return;
         };
@@ -700,12 +841,17 @@ impl Worker {
             }
             return;
         }
-        if state.takeable().next().is_some() || !state.complete {
+        if state.takeable(cap).next().is_some()
+            || (!state.complete && state.bound(cap) > state.last)
+        {
             self.read_deferred(vec![key.clone()]);
             return;
         }
-        if !state.appending.is_empty() || !state.cached.is_empty() {
-            // An acknowledgement of a lower append will move it on.
+        if !state.settled() || !state.cached.is_empty() {
+            // An acknowledgement, an admission or a reception below will move it on.
+            if let Some(first) = state.cached.first() {
+                d.blocked = d.blocked.min(*first);
+            }
             return;
         }
         d.keys.remove(key);
@@ -719,7 +865,8 @@ impl Worker {
             "forget a deferred key of topic={} partition={}",
             self.topic, self.partition
         );
-        self.write(what, |_| WriteOp::Release(key.clone()));
+        let decided_us = crate::defer::now_us();
+        self.write(what, |_| WriteOp::Release(key.clone(), decided_us));
     }
 
     /// Reads the next offsets of `keys` (cache, else store) and their records from Kafka, in one
@@ -729,6 +876,7 @@ impl Worker {
             return;
         };
         let mut plan = Vec::new();
+        let cap = d.cap();
         for key in keys {
             let Some(state) = d.keys.get_mut(&key) else {
                 continue;
@@ -738,7 +886,7 @@ impl Worker {
             // cached ones (a new owner's cache holds only what it appended itself), so the
             // store is read from `last` on and merged with the cache.
             let plan_key = if state.complete {
-                (key, state.takeable().take(PAGE).collect(), None)
+                (key, state.takeable(cap).take(PAGE).collect(), None)
             } else {
                 state.overflowed = false;
                 let cached: Vec<Offset> = state.cached.iter().copied().take(PAGE).collect();
@@ -757,7 +905,8 @@ impl Worker {
         self.engine.runtime.spawn(async move {
             let mut batch = Vec::with_capacity(plan.len());
             let mut all = Vec::new();
-            for (key, mut offsets, after) in plan {
+            let mut plan = plan.into_iter();
+            while let Some((key, mut offsets, after)) = plan.next() {
                 let mut complete = None;
                 if let Some(after) = after {
                     match store.offsets(&scope, &key, after, PAGE).await {
@@ -772,8 +921,10 @@ impl Worker {
                             }
                         }
                         Err(e) => {
+                            // Every key of the request hears of it, not only this one.
                             let fetched = Err(format!("could not read deferred offsets: {e}"));
                             batch.push((key, offsets, None));
+                            batch.extend(plan.map(|(key, offsets, _)| (key, offsets, None)));
                             let _ = internal
                                 .send(Internal::Defer(DeferReport::Read { batch, fetched }));
                             return;
@@ -838,8 +989,12 @@ impl Worker {
         let keep_raw = self.engine.dead_letters.is_some();
         let mut gone = Vec::new();
         let mut ready = Vec::new();
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let cap = d.cap();
         for (key, offsets, complete) in batch {
-            let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) else {
+            let Some(state) = d.keys.get_mut(&key) else {
                 continue;
             };
             if state.phase != Phase::Reading {
@@ -848,12 +1003,21 @@ impl Worker {
             if let Some(complete) = complete {
                 state.complete = complete && !state.overflowed;
             }
-            // Offsets at or above an append still unacknowledged wait for it (they stay known).
-            let bound = state.appending.first().copied().unwrap_or(Offset::MAX);
+            // Offsets at or above the key's bound wait (they stay known), and so do those above
+            // an offset that became known while this read was out (an append acknowledged
+            // meanwhile): the key's next read takes them in order.
+            let newer = state
+                .cached
+                .iter()
+                .copied()
+                .find(|o| offsets.binary_search(o).is_err())
+                .unwrap_or(Offset::MAX);
+            let bound = state.bound(cap).min(newer);
             let mut taken = 0;
             for offset in offsets {
                 if offset >= bound {
                     state.cached.insert(offset);
+                    d.blocked = d.blocked.min(offset);
                     continue;
                 }
                 taken += 1;
@@ -890,7 +1054,7 @@ impl Worker {
                 }
             }
             state.phase = Phase::Idle;
-            if taken > 0 || state.appending.is_empty() {
+            if taken > 0 || (state.settled() && state.cached.first().is_none_or(|o| *o < cap)) {
                 ready.push(key);
             }
         }
@@ -923,10 +1087,9 @@ impl Worker {
             self.forget(key, offset);
             return;
         };
+        // Not counted as a store write: if the partition goes away first, the offset stays
+        // stored and the next owner tries again.
         log::error!("sending {what} to {}: {why}", dead_letters.topic);
-        if let Some(d) = self.deferral.as_mut() {
-            d.writes += 1;
-        }
         let class = match reason {
             Reason::Undecodable => super::failure::UNDECODABLE,
             _ => "Prosody::DeferredMessageGone",
@@ -974,7 +1137,10 @@ impl Worker {
 
     /// A report of a deferral helper task.
     pub(super) async fn on_defer_report(&mut self, report: DeferReport) {
-        let wrote = !matches!(report, DeferReport::Read { .. });
+        let wrote = !matches!(
+            report,
+            DeferReport::Read { .. } | DeferReport::DeadLettered { .. }
+        );
         if wrote {
             if let Some(d) = self.deferral.as_mut() {
                 d.writes = d.writes.saturating_sub(1);
@@ -1016,5 +1182,6 @@ struct Lost {
 enum WriteOp {
     Remove(event::Key, Offset),
     Retry(event::Key, Retry),
-    Release(event::Key),
+    /// With the moment the release was decided (microseconds since the epoch).
+    Release(event::Key, i64),
 }
