@@ -174,13 +174,18 @@ fn main() -> Result<(), String> {
         .lock()
         .map_err(|_| "poisoned")?
         .map_or(Duration::ZERO, |f| finished - f);
-    let rate = MESSAGES as f64 / from_first.as_secs_f64();
+    // The target is judged from subscribe: loading the deferred keys, reading their offsets
+    // and re-reading the messages count too.
+    let from_subscribe = finished - subscribed;
+    let rate = MESSAGES as f64 / from_subscribe.as_secs_f64();
     println!(
-        "drained {MESSAGES} deferred messages over {KEYS} keys in {:.3}s from the first run \
-         ({:.3}s from subscribe): {rate:.0} msg/s, {:.2} of the {TARGET:.0} msg/s target; \
-         once each: {once}; in order per key: {in_order}; keys left in the store: {}",
+        "drained {MESSAGES} deferred messages over {KEYS} keys in {:.3}s from subscribe \
+         ({:.3}s from the first run, {:.0} msg/s): {rate:.0} msg/s, {:.2} of the {TARGET:.0} \
+         msg/s target; once each: {once}; in order per key: {in_order}; keys left in the \
+         store: {}",
+        from_subscribe.as_secs_f64(),
         from_first.as_secs_f64(),
-        (finished - subscribed).as_secs_f64(),
+        MESSAGES as f64 / from_first.as_secs_f64(),
         rate / TARGET,
         left.len()
     );

@@ -30,6 +30,10 @@ use crate::timers::{Scope, Seconds};
 /// Offsets of one key taken per read.
 const PAGE: usize = 256;
 
+/// Re-read messages a partition holds in memory at most (waiting in their keys' lists, or
+/// being read); keys due beyond that wait their turn.
+const LOADED_MAX: usize = 16_384;
+
 /// Where a deferred key is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -41,6 +45,8 @@ enum Phase {
     Running,
     /// Between runs, or waiting for an append's acknowledgement.
     Idle,
+    /// Due, waiting for room among the partition's re-read messages ([`LOADED_MAX`]).
+    Queued,
 }
 
 /// A deferred key of this partition.
@@ -113,6 +119,10 @@ pub(super) struct PartitionDeferral {
     due: BTreeSet<(i64, event::Key)>,
     /// Store writes in flight; a drain waits for them.
     pub(super) writes: usize,
+    /// Re-read messages held in keys' lists, plus room reserved by reads in flight.
+    loaded: usize,
+    /// Keys waiting for room to read (`Phase::Queued`), first come first served.
+    queued: VecDeque<event::Key>,
     /// The group's committed position when the partition was assigned (`None`: none, or it
     /// could not be read). Offsets from there on are re-delivered to this worker.
     floor: Option<Offset>,
@@ -146,6 +156,8 @@ impl PartitionDeferral {
         Self {
             setup,
             scope,
+            loaded: 0,
+            queued: VecDeque::new(),
             floor,
             received: -1,
             blocked: Offset::MAX,
@@ -212,7 +224,7 @@ pub(super) enum DeferReport {
     DeadLettered { key: event::Key, offset: Offset },
     /// Offsets read for these keys, with whether the store has no more, and their records.
     Read {
-        batch: Vec<(event::Key, Vec<Offset>, Option<bool>)>,
+        batch: Vec<ReadKey>,
         fetched: Result<HashMap<Offset, Fetched>, String>,
     },
 }
@@ -500,6 +512,7 @@ impl Worker {
                 if let Some(d) = self.deferral.as_mut() {
                     if let Some(state) = d.keys.get_mut(&key) {
                         state.loaded.push_front(message);
+                        d.loaded += 1;
                     }
                     d.wait(&key, retry);
                 }
@@ -621,8 +634,9 @@ impl Worker {
             // The failed message is kept for its retry while the cache has room; otherwise it
             // is read again from Kafka.
             match message {
-                Some(message) if d.keys.len() < d.setup.cache_size => {
-                    state.loaded.push_back(message)
+                Some(message) if d.keys.len() < d.setup.cache_size && d.loaded < LOADED_MAX => {
+                    state.loaded.push_back(message);
+                    d.loaded += 1;
                 }
                 _ => {
                     state.last = offset - 1;
@@ -672,10 +686,35 @@ impl Worker {
         let Some(key) = message.key.clone() else {
             return;
         };
-        if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
-            state.loaded.push_front(message);
-            state.phase = Phase::Idle;
+        if let Some(d) = self.deferral.as_mut() {
+            if let Some(state) = d.keys.get_mut(&key) {
+                state.loaded.push_front(message);
+                state.phase = Phase::Idle;
+                d.loaded += 1;
+            }
         }
+    }
+
+    /// Reads for keys that waited for room among the partition's re-read messages.
+    fn serve_queued(&mut self) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        let mut room = LOADED_MAX.saturating_sub(d.loaded);
+        let mut keys = Vec::new();
+        while room > 0 {
+            let Some(key) = d.queued.pop_front() else {
+                break;
+            };
+            if let Some(state) = d.keys.get_mut(&key) {
+                if state.phase == Phase::Queued {
+                    state.phase = Phase::Idle;
+                    keys.push(key);
+                    room = room.saturating_sub(PAGE);
+                }
+            }
+        }
+        self.read_deferred(keys);
     }
 
     /// Starts the retries that are due.
@@ -833,11 +872,16 @@ impl Worker {
         }
         if let Some(message) = state.loaded.pop_front() {
             state.phase = Phase::Running;
+            d.loaded = d.loaded.saturating_sub(1);
+            let queued = !d.queued.is_empty();
             if let Some(ready) = self
                 .keys
                 .push(Some(key.clone()), Pending::Deferred(message))
             {
                 self.start(ready);
+            }
+            if queued {
+                self.serve_queued();
             }
             return;
         }
@@ -881,16 +925,23 @@ impl Worker {
             let Some(state) = d.keys.get_mut(&key) else {
                 continue;
             };
+            let limit = PAGE.min(LOADED_MAX.saturating_sub(d.loaded));
+            if limit == 0 {
+                state.phase = Phase::Queued;
+                d.queued.push_back(key);
+                continue;
+            }
+            d.loaded += limit;
             state.phase = Phase::Reading;
             // A complete cache says it all; otherwise the store may hold offsets below the
             // cached ones (a new owner's cache holds only what it appended itself), so the
             // store is read from `last` on and merged with the cache.
             let plan_key = if state.complete {
-                (key, state.takeable(cap).take(PAGE).collect(), None)
+                (key, state.takeable(cap).take(limit).collect(), None, limit)
             } else {
                 state.overflowed = false;
-                let cached: Vec<Offset> = state.cached.iter().copied().take(PAGE).collect();
-                (key, cached, Some(state.last))
+                let cached: Vec<Offset> = state.cached.iter().copied().take(limit).collect();
+                (key, cached, Some(state.last), limit)
             };
             plan.push(plan_key);
         }
@@ -906,25 +957,27 @@ impl Worker {
             let mut batch = Vec::with_capacity(plan.len());
             let mut all = Vec::new();
             let mut plan = plan.into_iter();
-            while let Some((key, mut offsets, after)) = plan.next() {
+            while let Some((key, mut offsets, after, limit)) = plan.next() {
                 let mut complete = None;
                 if let Some(after) = after {
-                    match store.offsets(&scope, &key, after, PAGE).await {
+                    match store.offsets(&scope, &key, after, limit).await {
                         Ok(more) => {
-                            complete = Some(more.len() < PAGE);
+                            complete = Some(more.len() < limit);
                             offsets.extend(more);
                             offsets.sort_unstable();
                             offsets.dedup();
-                            if offsets.len() > PAGE {
-                                offsets.truncate(PAGE);
+                            if offsets.len() > limit {
+                                offsets.truncate(limit);
                                 complete = Some(false);
                             }
                         }
                         Err(e) => {
                             // Every key of the request hears of it, not only this one.
                             let fetched = Err(format!("could not read deferred offsets: {e}"));
-                            batch.push((key, offsets, None));
-                            batch.extend(plan.map(|(key, offsets, _)| (key, offsets, None)));
+                            batch.push((key, offsets, None, limit));
+                            batch.extend(
+                                plan.map(|(key, offsets, _, limit)| (key, offsets, None, limit)),
+                            );
                             let _ = internal
                                 .send(Internal::Defer(DeferReport::Read { batch, fetched }));
                             return;
@@ -932,7 +985,7 @@ impl Worker {
                     }
                 }
                 all.extend(offsets.iter().copied());
-                batch.push((key, offsets, complete));
+                batch.push((key, offsets, complete, limit));
             }
             all.sort_unstable();
             all.dedup();
@@ -958,11 +1011,7 @@ impl Worker {
     }
 
     /// Records of deferred keys were read: queue them, or retry the read later.
-    fn on_read(
-        &mut self,
-        batch: Vec<(event::Key, Vec<Offset>, Option<bool>)>,
-        fetched: Result<HashMap<Offset, Fetched>, String>,
-    ) {
+    fn on_read(&mut self, batch: Vec<ReadKey>, fetched: Result<HashMap<Offset, Fetched>, String>) {
         let mut fetched = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
@@ -974,7 +1023,8 @@ impl Worker {
                 let Some(d) = self.deferral.as_mut() else {
                     return;
                 };
-                for (key, _, _) in batch {
+                for (key, _, _, limit) in batch {
+                    d.loaded = d.loaded.saturating_sub(limit);
                     let attempts = d.keys.get(&key).map_or(1, |s| s.retry.attempts.max(1));
                     let delay = d.setup.backoff.delay(attempts);
                     let retry = Retry {
@@ -993,7 +1043,9 @@ impl Worker {
             return;
         };
         let cap = d.cap();
-        for (key, offsets, complete) in batch {
+        for (key, offsets, complete, limit) in batch {
+            // The reservation becomes the messages actually held.
+            d.loaded = d.loaded.saturating_sub(limit);
             let Some(state) = d.keys.get_mut(&key) else {
                 continue;
             };
@@ -1026,7 +1078,10 @@ impl Worker {
                 match fetched.remove(&offset) {
                     Some(Fetched::Found(record)) => {
                         match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
-                            Ok(message) => state.loaded.push_back(Arc::new(message)),
+                            Ok(message) => {
+                                state.loaded.push_back(Arc::new(message));
+                                d.loaded += 1;
+                            }
                             Err(bad) => gone.push(Lost {
                                 key: key.clone(),
                                 offset,
@@ -1061,6 +1116,8 @@ impl Worker {
         for lost in gone {
             self.lost(lost);
         }
+        // Room reserved beyond what the read found is free again.
+        self.serve_queued();
         for key in ready {
             self.advance(&key);
         }
@@ -1116,12 +1173,20 @@ impl Worker {
 
     /// An append was acknowledged (its offset finishes) or the partition went away first.
     fn appended(&mut self, key: event::Key, offset: Offset, stored: bool) {
+        let (keys_len, cache_size) = self
+            .deferral
+            .as_ref()
+            .map_or((0, 0), |d| (d.keys.len(), d.setup.cache_size));
         if let Some(state) = self.deferral.as_mut().and_then(|d| d.keys.get_mut(&key)) {
             state.appending.remove(&offset);
-            // An offset at or below `last` was re-delivered after it was taken for a run: it is
+            // An offset at or below `last` was re-delivered after it ran (a key takes only
+            // offsets below everything it has not received, admitted and stored yet): it does
             // not run twice from here.
             if stored && offset > state.last {
-                if state.cached.len() < PAGE {
+                // Offsets are cached for at most `defer_cache_size` keys (those that started
+                // caching while the partition had no more deferred keys than that), PAGE each.
+                let may_cache = !state.cached.is_empty() || keys_len <= cache_size;
+                if state.cached.len() < PAGE && may_cache {
                     state.cached.insert(offset);
                 } else {
                     state.complete = false;
@@ -1165,6 +1230,10 @@ impl Worker {
         }
     }
 }
+
+/// One key's part of a read: its offsets, whether the store has no more (when it was read),
+/// and the room reserved for it.
+type ReadKey = (event::Key, Vec<Offset>, Option<bool>, usize);
 
 /// A deferred message that cannot run any more.
 struct Lost {
