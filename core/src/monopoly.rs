@@ -25,11 +25,12 @@ const SLICES: u32 = 10;
 /// Error class of a rejection.
 pub const MONOPOLIZATION_ERROR: &str = "Prosody::MonopolizationError";
 
-/// One key's handler time in the window.
+/// One key's handler time in the window, without allocation: slice `n` is kept at index
+/// `n % SLICES`, tagged with `n` so a stale one is recognised.
 #[derive(Debug, Default)]
 struct Usage {
-    /// (slice number, seconds used in it), oldest first, none older than the window.
-    slices: Vec<(u64, f64)>,
+    /// (slice number, seconds used in it).
+    slices: [(u64, f64); SLICES as usize],
     /// When the key was last logged as monopolizing (logged once per window).
     logged: Option<Instant>,
 }
@@ -70,13 +71,16 @@ impl Monopolization {
         };
         for (key, secs, at) in charges {
             let slice = self.slice(at);
-            let usage = keys.entry(key.clone()).or_default();
-            match usage.slices.last_mut() {
-                Some((s, used)) if *s == slice => *used += secs,
-                _ => usage.slices.push((slice, secs)),
+            let usage = match keys.get_mut(key) {
+                Some(usage) => usage,
+                None => keys.entry(key.clone()).or_default(),
+            };
+            let cell = &mut usage.slices[(slice % u64::from(SLICES)) as usize];
+            if cell.0 == slice {
+                cell.1 += secs;
+            } else {
+                *cell = (slice, secs);
             }
-            let oldest = slice.saturating_sub(u64::from(SLICES) - 1);
-            usage.slices.retain(|(s, _)| *s >= oldest);
         }
         if keys.len() > self.cache_size {
             let now = self.slice(Instant::now());

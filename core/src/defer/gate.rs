@@ -4,45 +4,55 @@
 //! exceeds `defer_failure_threshold`, new failures are not deferred: they retry in place and hold
 //! their partition, which is the backpressure an outage calls for. Keys already deferred stay so.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Buckets per window: the rate forgets old calls a tenth of a window at a time.
-const BUCKETS: u32 = 10;
+/// Slices per window: the rate forgets old calls a tenth of a window at a time.
+const SLICES: u64 = 10;
 
 /// Handler calls in the window below which the rate is not trusted (a single failure after a
 /// quiet spell is not an outage).
 pub const MIN_CALLS: u64 = 10;
 
-/// Handler calls counted in one slice of the window.
-#[derive(Debug, Clone, Copy)]
+/// The calls of one slice of the window. Slice `n` lives at index `n % SLICES`, tagged with
+/// `n + 1` (0: never used), so a stale one is recognised and reset.
+#[derive(Debug, Default)]
 struct Bucket {
-    start: Instant,
-    calls: u64,
-    failed: u64,
+    tag: AtomicU64,
+    calls: AtomicU64,
+    failed: AtomicU64,
 }
 
 /// The share of failed handler calls over a sliding window, shared by every partition of a
-/// subscription.
+/// subscription. Lock-free: every handler outcome is counted with two relaxed atomic adds; a
+/// slice being reset while another thread counts into it may lose that one count, which a
+/// rate does not notice.
 #[derive(Debug)]
 pub struct FailureRate {
-    /// `defer_failure_window`.
-    window: Duration,
     /// `defer_failure_threshold`.
     threshold: f64,
-    /// Oldest first; none older than the window.
-    buckets: Mutex<VecDeque<Bucket>>,
+    /// Width of a slice, in nanoseconds.
+    slice_ns: u64,
+    /// Origin of slice numbers.
+    base: Instant,
+    buckets: [Bucket; SLICES as usize],
 }
 
 impl FailureRate {
     /// A rate over `window` that gates deferral above `threshold`.
     pub fn new(window: Duration, threshold: f64) -> Self {
+        let slice_ns = u64::try_from(window.as_nanos() / u128::from(SLICES)).unwrap_or(u64::MAX);
         Self {
-            window: window.max(Duration::from_millis(BUCKETS.into())),
             threshold,
-            buckets: Mutex::new(VecDeque::new()),
+            slice_ns: slice_ns.max(1),
+            base: Instant::now(),
+            buckets: Default::default(),
         }
+    }
+
+    fn slice(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+            / self.slice_ns
     }
 
     /// Counts one handler call.
@@ -51,30 +61,22 @@ impl FailureRate {
     }
 
     fn record_at(&self, now: Instant, failed: bool) {
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return;
-        };
-        let slice = self.window / BUCKETS;
-        match buckets.back_mut() {
-            Some(b) if now.saturating_duration_since(b.start) < slice => {
-                b.calls += 1;
-                b.failed += u64::from(failed);
-            }
-            _ => buckets.push_back(Bucket {
-                start: now,
-                calls: 1,
-                failed: u64::from(failed),
-            }),
-        }
-        self.expire(&mut buckets, now);
-    }
-
-    fn expire(&self, buckets: &mut VecDeque<Bucket>, now: Instant) {
-        while buckets
-            .front()
-            .is_some_and(|b| now.saturating_duration_since(b.start) > self.window)
+        let slice = self.slice(now);
+        let bucket = &self.buckets[(slice % SLICES) as usize];
+        let tag = slice + 1;
+        let seen = bucket.tag.load(Ordering::Acquire);
+        if seen != tag
+            && bucket
+                .tag
+                .compare_exchange(seen, tag, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         {
-            buckets.pop_front();
+            bucket.calls.store(0, Ordering::Relaxed);
+            bucket.failed.store(0, Ordering::Relaxed);
+        }
+        bucket.calls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            bucket.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -84,11 +86,21 @@ impl FailureRate {
     }
 
     fn rate_at(&self, now: Instant) -> Option<f64> {
-        let mut buckets = self.buckets.lock().ok()?;
-        self.expire(&mut buckets, now);
-        let (calls, failed) = buckets
+        let slice = self.slice(now);
+        let oldest = slice.saturating_sub(SLICES - 1) + 1;
+        let (calls, failed) = self
+            .buckets
             .iter()
-            .fold((0, 0), |(c, f), b| (c + b.calls, f + b.failed));
+            .filter(|b| {
+                let tag = b.tag.load(Ordering::Acquire);
+                tag >= oldest && tag <= slice + 1
+            })
+            .fold((0, 0), |(c, f), b| {
+                (
+                    c + b.calls.load(Ordering::Relaxed),
+                    f + b.failed.load(Ordering::Relaxed),
+                )
+            });
         (calls >= MIN_CALLS).then(|| failed as f64 / calls as f64)
     }
 

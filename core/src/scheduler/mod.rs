@@ -166,8 +166,31 @@ struct State {
     observer: Option<UsageObserver>,
 }
 
-/// Receives finished handlers' time per key: (key, seconds, when), in batches.
-pub type UsageObserver = Arc<dyn Fn(&[(Key, f64, Instant)]) + Send + Sync>;
+/// A finished handler's time: its key, seconds used, and when it ended.
+pub type Charge = (Key, f64, Instant);
+
+/// Receives finished handlers' time per key, in batches.
+pub type UsageObserver = Arc<dyn Fn(&[Charge]) + Send + Sync>;
+
+/// A batch of applied charges for the usage observer; told when dropped. Declared before the
+/// scheduler's lock guard, it is dropped after it: the observer runs outside the lock.
+#[derive(Default)]
+struct Observed(Option<(UsageObserver, Vec<Charge>)>);
+
+impl Observed {
+    /// Keeps `batch` to be told when this is dropped.
+    fn keep(&mut self, batch: Observed) {
+        *self = batch;
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if let Some((observer, charges)) = self.0.take() {
+            observer(&charges);
+        }
+    }
+}
 
 impl State {
     fn new(config: FairConfig) -> Self {
@@ -289,17 +312,20 @@ impl State {
     }
 
     /// Applies deferred key charges: adds to each key's virtual time and re-ranks its head.
-    fn apply_charges(&mut self) {
+    /// With an observer, hands the batch back for it, to be told once the lock is released.
+    fn apply_charges(&mut self) -> Observed {
         let charges = std::mem::take(&mut self.charges);
         for (key, secs, at) in &charges {
             self.charge_key(key.clone(), *secs, *at);
         }
         if let Some(observer) = &self.observer {
-            observer(&charges);
+            self.charges = Vec::with_capacity(charges.capacity());
+            return Observed(Some((observer.clone(), charges)));
         }
         // Keep the buffer's capacity.
         self.charges = charges;
         self.charges.clear();
+        Observed(None)
     }
 
     fn charge_key(&mut self, key: Key, secs: f64, now: Instant) {
@@ -457,6 +483,7 @@ impl Scheduler {
     pub fn submit(&self, job: Job) {
         let now = Instant::now();
         let key = job.key().clone();
+        let mut observed = Observed::default();
         let wake = {
             let Ok(mut state) = self.core.state.lock() else {
                 return;
@@ -465,7 +492,7 @@ impl Scheduler {
                 return;
             }
             if !state.charges.is_empty() {
-                state.apply_charges();
+                observed.keep(state.apply_charges());
             }
             let vt = state.key_vt_us(&key, now);
             let class = job.class.index();
@@ -475,6 +502,7 @@ impl Scheduler {
                 true
             }
         };
+        drop(observed);
         if wake {
             self.core.wake();
         }
@@ -483,6 +511,7 @@ impl Scheduler {
     /// Takes the next job to run, if a permit is free.
     pub fn take(&self) -> Take {
         let now = Instant::now();
+        let mut observed = Observed::default();
         let Ok(mut state) = self.core.state.lock() else {
             return Take::Closed;
         };
@@ -496,7 +525,7 @@ impl Scheduler {
             return Take::Empty;
         }
         if state.charges.len() >= MAX_DEFERRED_CHARGES {
-            state.apply_charges();
+            observed.keep(state.apply_charges());
         }
         let picked = state
             .pick(now)
