@@ -21,8 +21,6 @@ use prosody_core::scheduler::Take;
 use prosody_core::stores::Stores;
 use prosody_core::testing::{create_topic, RawProducer};
 use prosody_core::timers::Scope;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const KEYS: usize = 100;
 const MESSAGES: usize = 10_000;
@@ -108,7 +106,9 @@ fn main() -> Result<(), String> {
         "stored {MESSAGES} deferred offsets over {KEYS} keys in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-    commit(&bootstrap, &group, &topic, MESSAGES)?;
+    // The group's position past the backlog, as the client that deferred it would leave it.
+    let end = i64::try_from(MESSAGES).map_err(|e| e.to_string())?;
+    prosody_core::testing::commit_position(&bootstrap, &group, &topic, 0, end)?;
 
     // The drain.
     let client = Client::new(config).map_err(|e| e.to_string())?;
@@ -193,21 +193,4 @@ fn main() -> Result<(), String> {
         return Err("the drain lost, repeated or reordered messages".into());
     }
     Ok(())
-}
-
-/// Commits the group's position past the backlog, as the client that deferred it would have.
-fn commit(bootstrap: &str, group: &str, topic: &str, offset: usize) -> Result<(), String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| e.to_string())?;
-    let mut list = TopicPartitionList::new();
-    let offset = i64::try_from(offset).map_err(|e| e.to_string())?;
-    list.add_partition_offset(topic, 0, Offset::Offset(offset))
-        .map_err(|e| e.to_string())?;
-    consumer
-        .commit(&list, CommitMode::Sync)
-        .map_err(|e| format!("could not commit the backlog: {e}"))
 }

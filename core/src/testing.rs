@@ -129,6 +129,32 @@ pub fn create_topic(
     }
 }
 
+/// Commits `offset` as `group`'s position in `topic`/`partition` on the cluster at `bootstrap`,
+/// as a consumer of the group that finished everything below it would have.
+pub fn commit_position(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), String> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("could not create a consumer to commit with: {e}"))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| e.to_string())?;
+    consumer.commit(&list, CommitMode::Sync).map_err(|e| {
+        format!("could not commit {group}'s position {offset} in {topic}/{partition}: {e}")
+    })
+}
+
 /// A record as read back by [`read_topic`].
 #[derive(Debug, Clone)]
 pub struct RawRecord {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use common::unique;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use prosody_core::config::{Config, RawValue};
+
 use prosody_core::defer::cassandra::{CassandraStore, MIGRATIONS};
 use prosody_core::defer::memory::MemoryStore;
 use prosody_core::defer::{DeferStore, Retry};
@@ -192,27 +192,7 @@ proptest! {
 }
 
 async fn cassandra_store() -> CassandraStore {
-    let keyspace = unique("prosody_it").replace('-', "_");
-    let config = Config::resolve(vec![
-        ("mock".into(), RawValue::Bool(true)),
-        (
-            "cassandra_nodes".into(),
-            RawValue::Str("127.0.0.1:9042".into()),
-        ),
-        ("cassandra_keyspace".into(), RawValue::Str(keyspace.clone())),
-    ])
-    .unwrap();
-    let session = prosody_core::cassandra::connect(&config)
-        .await
-        .expect("Cassandra must run on 127.0.0.1:9042 (dev/services start cassandra)");
-    prosody_core::cassandra::migrate(
-        &session,
-        &keyspace,
-        &config.cassandra_replication,
-        MIGRATIONS,
-    )
-    .await
-    .unwrap();
+    let (session, keyspace) = common::migrated_cassandra(MIGRATIONS).await;
     CassandraStore::new(session, &keyspace, 3_600)
         .await
         .unwrap()

@@ -15,8 +15,6 @@ use prosody_core::config::RawValue;
 use prosody_core::defer::memory::MemoryStore;
 use prosody_core::defer::{now_ms, DeferStore, Retry};
 use prosody_core::timers::Scope;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// An earlier owner deferred key `k` at offset 0 and stored the append of offset 3, but died
 /// before the appends of 1 and 2 landed (so it committed up to 1 only). The new owner runs the
@@ -57,16 +55,7 @@ fn a_new_owner_keeps_key_order_when_an_earlier_owner_left_appends_unstored() {
         .unwrap()
         .bootstrap_servers()
         .to_owned();
-    let committer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let mut position = TopicPartitionList::new();
-    position
-        .add_partition_offset(&topic, 0, Offset::Offset(1))
-        .unwrap();
-    committer.commit(&position, CommitMode::Sync).unwrap();
+    prosody_core::testing::commit_position(&bootstrap, &group, &topic, 0, 1).unwrap();
 
     let rec = Recorder::new();
     let scheduler = subscribe_runners(&client, 8, rec.clone());

@@ -144,7 +144,6 @@ fn deferred_messages_gone_from_the_log_are_dead_lettered_and_skipped() {
     use prosody_core::timers::Scope;
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
     use std::sync::Arc;
 
@@ -196,16 +195,7 @@ fn deferred_messages_gone_from_the_log_are_dead_lettered_and_skipped() {
             stores.defer.append(&scope, b"k", offset).await.unwrap();
         }
     });
-    let committer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", KAFKA)
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let mut position = TopicPartitionList::new();
-    position
-        .add_partition_offset(&topic, 0, Offset::Offset(20))
-        .unwrap();
-    committer.commit(&position, CommitMode::Sync).unwrap();
+    prosody_core::testing::commit_position(KAFKA, &group, &topic, 0, 20).unwrap();
     // Retention takes offsets 0..9.
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", KAFKA)

@@ -249,14 +249,10 @@ impl ConsumerContext for PollContext {
                 let Ok(mut partitions) = self.partitions.lock() else {
                     return;
                 };
-                // Deferral needs each new partition's committed position (offsets from there
-                // on come again to the new worker); one round trip for the whole assignment.
-                let committed: HashMap<TopicPartition, i64> = if self.engine.deferral.is_some() {
-                    committed_positions(&consumer, tpl)
-                } else {
-                    HashMap::new()
-                };
-                let mut added = Vec::new();
+                // Every new partition's queue is split first: records fetched before the split
+                // reach the main queue (see `route_stray`), so the split comes before anything
+                // that waits on the broker.
+                let mut split = Vec::new();
                 for element in tpl.elements() {
                     let tp: TopicPartition = (Arc::from(element.topic()), element.partition());
                     if partitions.contains_key(&tp) {
@@ -272,6 +268,17 @@ impl ConsumerContext for PollContext {
                     };
                     let wake = self.waker.clone();
                     queue.set_nonempty_callback(move || wake.wake());
+                    split.push((tp, queue));
+                }
+                // Deferral needs each new partition's committed position (offsets from there
+                // on come again to the new worker); one round trip for the whole assignment.
+                let committed: HashMap<TopicPartition, i64> = if self.engine.deferral.is_some() {
+                    committed_positions(&consumer, tpl)
+                } else {
+                    HashMap::new()
+                };
+                let mut added = Vec::new();
+                for (tp, queue) in split {
                     let max = usize::try_from(self.engine.config.max_uncommitted.get())
                         .unwrap_or(usize::MAX);
                     let shared = Arc::new(PartitionShared::new(max, self.waker.clone()));

@@ -174,3 +174,34 @@ pub fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A session on the local Cassandra (`dev/services`) with `migrations` applied in a new keyspace
+/// (applied twice: a recorded migration is a no-op the second time); returns it and the keyspace.
+pub async fn migrated_cassandra(
+    migrations: &[prosody_core::cassandra::Migration],
+) -> (Arc<scylla::client::session::Session>, String) {
+    let keyspace = unique("prosody_it").replace('-', "_");
+    let config = Config::resolve(vec![
+        ("mock".into(), RawValue::Bool(true)),
+        (
+            "cassandra_nodes".into(),
+            RawValue::Str("127.0.0.1:9042".into()),
+        ),
+        ("cassandra_keyspace".into(), RawValue::Str(keyspace.clone())),
+    ])
+    .unwrap();
+    let session = prosody_core::cassandra::connect(&config)
+        .await
+        .expect("Cassandra must run on 127.0.0.1:9042 (dev/services start cassandra)");
+    for _ in 0..2 {
+        prosody_core::cassandra::migrate(
+            &session,
+            &keyspace,
+            &config.cassandra_replication,
+            migrations,
+        )
+        .await
+        .unwrap();
+    }
+    (session, keyspace)
+}
