@@ -152,7 +152,11 @@ fn main() -> Result<(), String> {
         });
     }
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut assigned = None;
     while handled.load(Ordering::Relaxed) < MESSAGES && Instant::now() < deadline {
+        if assigned.is_none() && client.assigned_partitions() > 0 {
+            assigned = Some(subscribed.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(1));
     }
     let finished = Instant::now();
@@ -178,6 +182,10 @@ fn main() -> Result<(), String> {
     // and re-reading the messages count too.
     let from_subscribe = finished - subscribed;
     let rate = MESSAGES as f64 / from_subscribe.as_secs_f64();
+    println!(
+        "the partition was assigned {:.3}s after subscribe (the group join)",
+        assigned.unwrap_or_default().as_secs_f64()
+    );
     println!(
         "drained {MESSAGES} deferred messages over {KEYS} keys in {:.3}s from subscribe \
          ({:.3}s from the first run, {:.0} msg/s): {rate:.0} msg/s, {:.2} of the {TARGET:.0} \

@@ -170,6 +170,9 @@ struct Reader {
 
 impl Reader {
     fn run(mut self, inbox: &mpsc::Receiver<Request>) {
+        // Connects to the cluster before the first request needs it (a cold first read waited
+        // about a second for its metadata and connection).
+        let _ = self.consumer.fetch_metadata(None, Duration::from_secs(5));
         loop {
             match inbox.recv_timeout(IDLE_POLL) {
                 Ok(request) => {

@@ -954,38 +954,52 @@ impl Worker {
         let internal = self.internal.clone();
         let (topic, partition) = (self.topic.clone(), self.partition);
         self.engine.runtime.spawn(async move {
-            let mut batch = Vec::with_capacity(plan.len());
+            // The keys' store reads go out together (one round trip of latency, not one per key).
+            let mut reads = tokio::task::JoinSet::new();
+            for (index, (key, offsets, after, limit)) in plan.into_iter().enumerate() {
+                let (store, scope) = (store.clone(), scope.clone());
+                reads.spawn(async move {
+                    let more = match after {
+                        Some(after) => Some(store.offsets(&scope, &key, after, limit).await),
+                        None => None,
+                    };
+                    (index, key, offsets, limit, more)
+                });
+            }
+            let mut read = Vec::with_capacity(reads.len());
+            while let Some(done) = reads.join_next().await {
+                if let Ok(done) = done {
+                    read.push(done);
+                }
+            }
+            read.sort_by_key(|(index, ..)| *index);
+            let mut batch: Vec<ReadKey> = Vec::with_capacity(read.len());
             let mut all = Vec::new();
-            let mut plan = plan.into_iter();
-            while let Some((key, mut offsets, after, limit)) = plan.next() {
+            let mut failed = None;
+            for (_, key, mut offsets, limit, more) in read {
                 let mut complete = None;
-                if let Some(after) = after {
-                    match store.offsets(&scope, &key, after, limit).await {
-                        Ok(more) => {
-                            complete = Some(more.len() < limit);
-                            offsets.extend(more);
-                            offsets.sort_unstable();
-                            offsets.dedup();
-                            if offsets.len() > limit {
-                                offsets.truncate(limit);
-                                complete = Some(false);
-                            }
-                        }
-                        Err(e) => {
-                            // Every key of the request hears of it, not only this one.
-                            let fetched = Err(format!("could not read deferred offsets: {e}"));
-                            batch.push((key, offsets, None, limit));
-                            batch.extend(
-                                plan.map(|(key, offsets, _, limit)| (key, offsets, None, limit)),
-                            );
-                            let _ = internal
-                                .send(Internal::Defer(DeferReport::Read { batch, fetched }));
-                            return;
+                match more {
+                    Some(Ok(more)) => {
+                        complete = Some(more.len() < limit);
+                        offsets.extend(more);
+                        offsets.sort_unstable();
+                        offsets.dedup();
+                        if offsets.len() > limit {
+                            offsets.truncate(limit);
+                            complete = Some(false);
                         }
                     }
+                    Some(Err(e)) => failed = Some(e),
+                    None => {}
                 }
                 all.extend(offsets.iter().copied());
                 batch.push((key, offsets, complete, limit));
+            }
+            if let Some(e) = failed {
+                // Every key of the request hears of it, not only the one whose read failed.
+                let fetched = Err(format!("could not read deferred offsets: {e}"));
+                let _ = internal.send(Internal::Defer(DeferReport::Read { batch, fetched }));
+                return;
             }
             all.sort_unstable();
             all.dedup();
