@@ -114,6 +114,14 @@ impl Backoff {
         let ceiling = crate::failure::ceiling(self.base, self.max, retry);
         ceiling.mul_f64(0.5 + 0.5 * crate::failure::random_unit())
     }
+
+    /// The retry state after `attempts` failed calls: due after [`Backoff::delay`], returned
+    /// too.
+    pub fn retry(&self, attempts: u32) -> (Retry, Duration) {
+        let delay = self.delay(attempts);
+        let due_ms = now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        (Retry { attempts, due_ms }, delay)
+    }
 }
 
 /// What a subscription needs to defer keys; present only in pipeline mode with `defer_enabled`

@@ -331,10 +331,7 @@ impl Worker {
             .as_ref()
             .and_then(PartitionDeferral::next_due_ms)
             .map(deferral::instant_of_ms);
-        match (timers, deferred) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        timers.into_iter().chain(deferred).min()
     }
 
     fn on_record(&mut self, record: OwnedMessage) {

@@ -11,7 +11,6 @@
 //! the key is still unacknowledged (acknowledgements may come back out of order).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -185,10 +184,7 @@ impl PartitionDeferral {
     pub(super) fn next_due_ms(&self) -> Option<i64> {
         let messages = self.due.first().map(|(ms, _)| *ms);
         let timers = self.timer_due.first().map(|(ms, _)| *ms);
-        match (messages, timers) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        messages.into_iter().chain(timers).min()
     }
 
     fn wait(&mut self, key: &event::Key, retry: Retry) {
@@ -241,52 +237,54 @@ impl Worker {
         let Some(d) = self.deferral.as_mut() else {
             return Ok(());
         };
-        match d.setup.store.load(&d.scope).await {
-            Ok(keys) => {
-                if !keys.is_empty() {
-                    log::info!(
-                        "topic={} partition={} has {} deferred key(s); retrying them when due",
-                        self.topic,
-                        self.partition,
-                        keys.len()
-                    );
-                }
-                for (key, retry) in keys {
-                    d.due.insert((retry.due_ms, key.clone()));
-                    d.keys.insert(key, DeferredKey::new(retry, false));
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
+        let keys = d.setup.store.load(&d.scope).await?;
+        if !keys.is_empty() {
+            log::info!(
+                "topic={} partition={} has {} deferred key(s); retrying them when due",
+                self.topic,
+                self.partition,
+                keys.len()
+            );
         }
+        for (key, retry) in keys {
+            d.due.insert((retry.due_ms, key.clone()));
+            d.keys.insert(key, DeferredKey::new(retry, false));
+        }
+        Ok(())
     }
 
     /// Runs a store write on the runtime, again after a backoff until it lands (or the
-    /// partition is released), then reports `done(landed)`.
-    fn spawn_write<F, Fut>(
-        &mut self,
-        what: String,
-        op: F,
-        done: impl FnOnce(bool) -> Internal + Send + 'static,
-    ) where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), DeferError>> + Send,
-    {
-        if let Some(d) = self.deferral.as_mut() {
-            d.writes += 1;
-        }
+    /// partition is released), then reports `done(landed)`. A drain waits for it.
+    fn spawn_write(&mut self, op: WriteOp, done: impl FnOnce(bool) -> Internal + Send + 'static) {
+        let Some(d) = self.deferral.as_mut() else {
+            return;
+        };
+        d.writes += 1;
+        let (store, scope) = (d.setup.store.clone(), d.scope.clone());
         let internal = self.internal.clone();
         let abort = self.abort.clone();
         let policy = self.engine.policy.clone();
         self.engine.runtime.spawn(async move {
             let mut tries = 0u32;
             let landed = loop {
-                match op().await {
+                let result = match &op {
+                    WriteOp::Append(key, offset) => store.append(&scope, key, *offset).await,
+                    WriteOp::Remove(key, offset) => store.remove(&scope, key, *offset).await,
+                    WriteOp::Retry(key, retry) => store.set_retry(&scope, key, *retry).await,
+                    WriteOp::Release(key, decided_us) => {
+                        store.release(&scope, key, *decided_us).await
+                    }
+                };
+                match result {
                     Ok(()) => break true,
                     Err(e) => {
                         tries = tries.saturating_add(1);
                         let delay = policy.ceiling(tries);
-                        log::warn!("could not {what} ({e}); trying again in {delay:?}");
+                        log::warn!(
+                            "could not store {op:?} for topic={} partition={} ({e}); trying again in {delay:?}",
+                            scope.topic,
+                            scope.partition
+                        );
                         tokio::time::sleep(delay).await;
                         if abort.is_cancelled() {
                             break false;
@@ -299,29 +297,8 @@ impl Worker {
     }
 
     /// Stores a write that only needs to land (remove, retry state, release).
-    fn write(&mut self, what: String, op: impl FnOnce(&PartitionDeferral) -> WriteOp) {
-        let Some(d) = self.deferral.as_ref() else {
-            return;
-        };
-        let store = d.setup.store.clone();
-        let scope = d.scope.clone();
-        let op = op(d);
-        self.spawn_write(
-            what,
-            move || {
-                let (store, scope, op) = (store.clone(), scope.clone(), op.clone());
-                async move {
-                    match op {
-                        WriteOp::Remove(key, offset) => store.remove(&scope, &key, offset).await,
-                        WriteOp::Retry(key, retry) => store.set_retry(&scope, &key, retry).await,
-                        WriteOp::Release(key, decided_us) => {
-                            store.release(&scope, &key, decided_us).await
-                        }
-                    }
-                }
-            },
-            |_| Internal::Defer(DeferReport::Written),
-        );
+    fn write(&mut self, op: WriteOp) {
+        self.spawn_write(op, |_| Internal::Defer(DeferReport::Written));
     }
 
     /// The [`Admit::Deferred`](crate::partition::stages::Admit) stage: a message of a deferred
@@ -349,32 +326,21 @@ impl Worker {
         let offset = message.offset;
         state.incoming.remove(&offset);
         state.appending.insert(offset);
-        let (store, scope, key) = (d.setup.store.clone(), d.scope.clone(), key.clone());
+        let key = key.clone();
         log::debug!(
             "message topic={} partition={} offset={offset} key={} joins its key's deferred messages",
             self.topic,
             self.partition,
             show_key(Some(&key))
         );
-        let what = format!(
-            "append offset {offset} of topic={} partition={} to its key's deferred messages",
-            self.topic, self.partition
-        );
         let report_key = key.clone();
-        self.spawn_write(
-            what,
-            move || {
-                let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
-                async move { store.append(&scope, &key, offset).await }
-            },
-            move |stored| {
-                Internal::Defer(DeferReport::Appended {
-                    key: report_key,
-                    offset,
-                    stored,
-                })
-            },
-        );
+        self.spawn_write(WriteOp::Append(key, offset), move |stored| {
+            Internal::Defer(DeferReport::Appended {
+                key: report_key,
+                offset,
+                stored,
+            })
+        });
         Admission::Taken
     }
 
@@ -435,39 +401,15 @@ impl Worker {
         let Some(deferred) = d.timers.get_mut(key) else {
             return;
         };
-        let mut unfired = Vec::new();
-        match removed {
-            Some(time) if time != deferred.time => {
-                if deferred.parked.remove(&time) {
-                    unfired.push(time);
-                }
-            }
-            Some(_) => {
-                // The deferred timer itself: its parked timers come due again.
-                let deferred = d.timers.remove(key);
-                if let Some(deferred) = deferred {
-                    d.timer_due.remove(&(deferred.due_ms, key.clone()));
-                    unfired.push(deferred.time);
-                    if let Some(timers) = self.timers.as_mut() {
-                        for parked in deferred.parked {
-                            timers.unfire(key, parked);
-                            timers.pending.insert((parked, key.clone()));
-                        }
-                    }
-                }
-            }
-            None => {
-                if let Some(deferred) = d.timers.remove(key) {
-                    d.timer_due.remove(&(deferred.due_ms, key.clone()));
-                    unfired.push(deferred.time);
-                    unfired.extend(deferred.parked);
-                }
-            }
-        }
-        if let Some(timers) = self.timers.as_mut() {
-            for time in unfired {
-                timers.unfire(key, time);
-            }
+        let unfired = match removed {
+            // A parked timer.
+            Some(time) if time != deferred.time => deferred.parked.remove(&time).then_some(time),
+            // The deferred timer itself: its parked timers come due again.
+            Some(_) => self.end_timer_deferral(key, true),
+            None => self.end_timer_deferral(key, false),
+        };
+        if let (Some(timers), Some(time)) = (self.timers.as_mut(), unfired) {
+            timers.unfire(key, time);
         }
         self.fire_due();
     }
@@ -498,11 +440,7 @@ impl Worker {
                 if d.setup.max_retries.is_some_and(|max| attempts > max) {
                     return self.poisoned(id.clone(), failure, attempts).await;
                 }
-                let delay = d.setup.backoff.delay(attempts);
-                let retry = Retry {
-                    attempts,
-                    due_ms: now_ms().saturating_add(delay.as_millis() as i64),
-                };
+                let (retry, delay) = d.setup.backoff.retry(attempts);
                 log::warn!(
                     "{} failed again (deferred retry {}, {failure}); next retry in {delay:?}",
                     self.describe(id),
@@ -516,20 +454,12 @@ impl Worker {
                     }
                     d.wait(&key, retry);
                 }
-                let what = format!(
-                    "store the retry of a deferred key of topic={} partition={}",
-                    self.topic, self.partition
-                );
-                self.write(what, |_| WriteOp::Retry(key.clone(), retry));
+                self.write(WriteOp::Retry(key.clone(), retry));
                 self.next_of(&id.0);
                 Handled::Done
             }
             Pending::Message(_) if !failure.permanent && d.setup.gate.allows_deferral() => {
-                let delay = d.setup.backoff.delay(1);
-                let retry = Retry {
-                    attempts: 1,
-                    due_ms: now_ms().saturating_add(delay.as_millis() as i64),
-                };
+                let (retry, delay) = d.setup.backoff.retry(1);
                 flight.stage = Stage::Deferring;
                 log::warn!(
                     "{} failed ({failure}); deferring its key, first retry in {delay:?}",
@@ -668,17 +598,9 @@ impl Worker {
             state.phase = Phase::Idle;
         }
         if let Some(retry) = reset {
-            let what = format!(
-                "store the retry of a deferred key of topic={} partition={}",
-                self.topic, self.partition
-            );
-            self.write(what, |_| WriteOp::Retry(key.clone(), retry));
+            self.write(WriteOp::Retry(key.clone(), retry));
         }
-        let what = format!(
-            "remove offset {offset} of topic={} partition={} from its key's deferred messages",
-            self.topic, self.partition
-        );
-        self.write(what, |_| WriteOp::Remove(key, offset));
+        self.write(WriteOp::Remove(key, offset));
     }
 
     /// A deferred message's run was abandoned (shutdown): keep it for the next run.
@@ -745,27 +667,12 @@ impl Worker {
                 }
             }
         }
-        let mut read = Vec::new();
-        for key in ready {
-            let loaded = d.keys.get(&key).is_some_and(|s| !s.loaded.is_empty());
-            if !loaded {
-                read.push(key);
-            }
-        }
+        // Keys whose next message is still in memory run it; the others read theirs.
+        let (loaded, read): (Vec<event::Key>, Vec<event::Key>) = ready
+            .into_iter()
+            .partition(|key| d.keys.get(key).is_some_and(|s| !s.loaded.is_empty()));
         self.read_deferred(read);
-        // Keys whose next message is already in memory.
-        let keys: Vec<event::Key> = self
-            .deferral
-            .as_ref()
-            .map(|d| {
-                d.keys
-                    .iter()
-                    .filter(|(_, s)| s.phase == Phase::Idle && !s.loaded.is_empty())
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for key in keys {
+        for key in loaded {
             self.advance(&key);
         }
         for (key, time) in timers {
@@ -804,8 +711,7 @@ impl Worker {
             self.succeeded(id.clone()).await;
             return Handled::Done;
         }
-        let delay = d.setup.backoff.delay(attempts);
-        let due_ms = now_ms().saturating_add(delay.as_millis() as i64);
+        let (Retry { due_ms, .. }, delay) = d.setup.backoff.retry(attempts);
         let parked = match d.timers.remove(&key) {
             Some(old) => {
                 d.timer_due.remove(&(old.due_ms, key.clone()));
@@ -835,23 +741,29 @@ impl Worker {
     /// A key's timer is done (succeeded or given up): when it was the deferred one, the key's
     /// parked timers come due again.
     pub(super) fn timer_deferral_done(&mut self, key: &event::Key, time: Seconds) {
-        let Some(d) = self.deferral.as_mut() else {
-            return;
-        };
-        if d.timers.get(key).is_none_or(|t| t.time != time) {
-            return;
+        let deferred = self.deferral.as_ref().and_then(|d| d.timers.get(key));
+        if deferred.is_some_and(|t| t.time == time) {
+            self.end_timer_deferral(key, true);
+            self.fire_due();
         }
-        let Some(deferred) = d.timers.remove(key) else {
-            return;
-        };
+    }
+
+    /// Ends a key's timer deferral and returns its deferred timer. Its parked timers come due
+    /// again (`requeue`) or, when the key's timers were cleared, are forgotten with it; either
+    /// way they are no longer firing.
+    fn end_timer_deferral(&mut self, key: &event::Key, requeue: bool) -> Option<Seconds> {
+        let d = self.deferral.as_mut()?;
+        let deferred = d.timers.remove(key)?;
         d.timer_due.remove(&(deferred.due_ms, key.clone()));
         if let Some(timers) = self.timers.as_mut() {
             for parked in deferred.parked {
                 timers.unfire(key, parked);
-                timers.pending.insert((parked, key.clone()));
+                if requeue {
+                    timers.pending.insert((parked, key.clone()));
+                }
             }
         }
-        self.fire_due();
+        Some(deferred.time)
     }
 
     /// Moves a key on: runs its next loaded message, reads more, waits for an append, or ends
@@ -905,12 +817,7 @@ impl Worker {
             self.topic,
             self.partition
         );
-        let what = format!(
-            "forget a deferred key of topic={} partition={}",
-            self.topic, self.partition
-        );
-        let decided_us = crate::defer::now_us();
-        self.write(what, |_| WriteOp::Release(key.clone(), decided_us));
+        self.write(WriteOp::Release(key.clone(), crate::defer::now_us()));
     }
 
     /// Reads the next offsets of `keys` (cache, else store) and their records from Kafka, in one
@@ -1040,11 +947,7 @@ impl Worker {
                 for (key, _, _, limit) in batch {
                     d.loaded = d.loaded.saturating_sub(limit);
                     let attempts = d.keys.get(&key).map_or(1, |s| s.retry.attempts.max(1));
-                    let delay = d.setup.backoff.delay(attempts);
-                    let retry = Retry {
-                        attempts,
-                        due_ms: now_ms().saturating_add(delay.as_millis() as i64),
-                    };
+                    let (retry, _) = d.setup.backoff.retry(attempts);
                     d.wait(&key, retry);
                 }
                 return;
@@ -1178,11 +1081,7 @@ impl Worker {
 
     /// Removes a deferred offset from the store.
     fn forget(&mut self, key: event::Key, offset: Offset) {
-        let what = format!(
-            "remove offset {offset} of topic={} partition={} from its key's deferred messages",
-            self.topic, self.partition
-        );
-        self.write(what, |_| WriteOp::Remove(key, offset));
+        self.write(WriteOp::Remove(key, offset));
     }
 
     /// An append was acknowledged (its offset finishes) or the partition went away first.
@@ -1260,9 +1159,10 @@ struct Lost {
     record: OwnedMessage,
 }
 
-/// A store write that only needs to land.
-#[derive(Debug, Clone)]
+/// A store write, retried until it lands.
+#[derive(Debug)]
 enum WriteOp {
+    Append(event::Key, Offset),
     Remove(event::Key, Offset),
     Retry(event::Key, Retry),
     /// With the moment the release was decided (microseconds since the epoch).
