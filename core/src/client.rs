@@ -180,23 +180,7 @@ impl Client {
         scheduler.set_notify(notify);
         let stores = self.stores()?;
         let deferral = self.deferral(stores.as_ref())?;
-        let monopoly = (self.config.mode == Mode::Pipeline && self.config.monopolization_enabled)
-            .then(|| {
-                let monopoly = Arc::new(Monopolization::new(
-                    self.config.monopolization_window,
-                    self.config.monopolization_threshold,
-                    usize::try_from(self.config.monopolization_cache_size).unwrap_or(usize::MAX),
-                ));
-                let observed = monopoly.clone();
-                scheduler.observe_usage(Arc::new(move |charges| {
-                    observed.record(
-                        charges
-                            .iter()
-                            .filter_map(|(key, secs, at)| key.as_ref().map(|k| (k, *secs, *at))),
-                    );
-                }));
-                monopoly
-            });
+        let monopoly = self.monopolization(&scheduler);
         let engine = Arc::new(Engine {
             config: self.config.clone(),
             scheduler: scheduler.clone(),
@@ -243,6 +227,29 @@ impl Client {
             .map_err(KafkaError::Timers)?;
         *cached = Some(stores.clone());
         Ok(Some(stores))
+    }
+
+    /// Monopolization detection for a subscription (pipeline mode with
+    /// `monopolization_enabled`), fed the handler time `scheduler` measures.
+    fn monopolization(&self, scheduler: &Scheduler) -> Option<Arc<Monopolization>> {
+        let config = &self.config;
+        if config.mode != Mode::Pipeline || !config.monopolization_enabled {
+            return None;
+        }
+        let monopoly = Arc::new(Monopolization::new(
+            config.monopolization_window,
+            config.monopolization_threshold,
+            usize::try_from(config.monopolization_cache_size).unwrap_or(usize::MAX),
+        ));
+        let observed = monopoly.clone();
+        scheduler.observe_usage(Arc::new(move |charges| {
+            observed.record(
+                charges
+                    .iter()
+                    .filter_map(|(key, secs, at)| key.as_ref().map(|k| (k, *secs, *at))),
+            );
+        }));
+        Some(monopoly)
     }
 
     /// Deferred retry for a subscription: in pipeline mode with `defer_enabled`, when a store is

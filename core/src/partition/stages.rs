@@ -7,7 +7,9 @@
 //! - [`Admit::SourceSystem`]: a record whose `source-system` header names this consumer group
 //!   was produced by this group itself; its offset finishes without a handler call.
 //! - [`Admit::Deferred`] (pipeline mode): a message of a deferred key is appended to the key's
-//!   deferred list instead of running; its offset finishes once the store acknowledged it.
+//!   deferred list instead of running; its offset finishes once the store acknowledged it. To
+//!   keep a key's order this stage also sees each record as it arrives and as it leaves the
+//!   admit walk (`deferral_received`, `deferral_admitted`), the only calls outside the list.
 //! - [`Admit::Monopolization`] (pipeline mode): a message (fresh or deferred) of a key that used
 //!   more than `monopolization_threshold` of the window is rejected without running, as if its
 //!   handler had failed with a transient `Prosody::MonopolizationError`: the outcome stages
