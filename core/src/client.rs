@@ -4,9 +4,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, Mode};
+use crate::dedup::Dedup;
 use crate::defer::gate::FailureRate;
 use crate::defer::{Backoff, Deferral};
-use crate::engine::Engine;
+use crate::engine::{Engine, Skipped};
 use crate::failure::deadletter::DeadLetters;
 use crate::failure::Policy;
 use crate::kafka::consumer::Subscription;
@@ -41,6 +42,10 @@ pub struct Client {
     subscription: Mutex<Option<Subscription>>,
     /// The stores (Cassandra ones are opened on the first subscribe and kept for later ones).
     stores: Mutex<Option<Stores>>,
+    /// Deduplication (its cache outlives subscriptions); built on the first subscribe.
+    dedup: Mutex<Option<Arc<Dedup>>>,
+    /// Events finished without a handler call, over this client's life.
+    skipped: Arc<Skipped>,
 }
 
 impl Client {
@@ -70,6 +75,8 @@ impl Client {
             producer: Arc::new(producer),
             subscription: Mutex::new(None),
             stores: Mutex::new(None),
+            dedup: Mutex::new(None),
+            skipped: Arc::new(Skipped::default()),
         })
     }
 
@@ -181,6 +188,7 @@ impl Client {
         let stores = self.stores()?;
         let deferral = self.deferral(stores.as_ref())?;
         let monopoly = self.monopolization(&scheduler);
+        let dedup = self.dedup(stores.as_ref())?;
         let engine = Arc::new(Engine {
             config: self.config.clone(),
             scheduler: scheduler.clone(),
@@ -190,6 +198,9 @@ impl Client {
             monopoly,
             policy: Policy::from_config(&self.config),
             dead_letters,
+            filter: crate::filter::EventFilter::new(&self.config.allowed_events),
+            dedup,
+            skipped: self.skipped.clone(),
             partitions: Mutex::new(HashMap::new()),
             failure: std::sync::OnceLock::new(),
         });
@@ -227,6 +238,41 @@ impl Client {
             .map_err(KafkaError::Timers)?;
         *cached = Some(stores.clone());
         Ok(Some(stores))
+    }
+
+    /// Deduplication, unless `idempotence_cache_size` is 0: built once per client (its cache
+    /// serves later subscriptions too), with the client's store when it has one.
+    fn dedup(&self, stores: Option<&Stores>) -> Result<Option<Arc<Dedup>>, KafkaError> {
+        let config = &self.config;
+        if config.idempotence_cache_size == 0 {
+            return Ok(None);
+        }
+        let mut slot = self
+            .dedup
+            .lock()
+            .map_err(|_| KafkaError::Runtime("dedup state poisoned".into()))?;
+        if let Some(dedup) = slot.as_ref() {
+            return Ok(Some(dedup.clone()));
+        }
+        if stores.is_none() {
+            log::info!(
+                "deduplication keeps message ids in memory only (no cassandra_nodes): a message \
+                 redelivered after a restart is handled again"
+            );
+        }
+        let dedup = Arc::new(Dedup::new(
+            usize::try_from(config.idempotence_cache_size).unwrap_or(usize::MAX),
+            config.idempotence_version.clone(),
+            config.idempotence_ttl,
+            stores.map(|s| s.dedup.clone()),
+        ));
+        *slot = Some(dedup.clone());
+        Ok(Some(dedup))
+    }
+
+    /// Events finished without a handler call since this client was created, by reason.
+    pub fn skipped(&self) -> &Skipped {
+        &self.skipped
     }
 
     /// Monopolization detection for a subscription (pipeline mode with

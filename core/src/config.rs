@@ -506,7 +506,7 @@ options! {
     /// Topics to read; required to subscribe.
     subscribed_topics: Vec<String>, "PROSODY_SUBSCRIBED_TOPICS", None, YES;
     /// Event-type prefixes to process (all when empty).
-    allowed_events: Vec<String>, "PROSODY_ALLOWED_EVENTS", None, LATER;
+    allowed_events: Vec<String>, "PROSODY_ALLOWED_EVENTS", None, YES;
     /// Value of the `source-system` header on produced records; defaults to `group_id`.
     source_system: Option<String>, "PROSODY_SOURCE_SYSTEM", None, YES;
     /// Use the in-process librdkafka mock cluster and in-memory stores.
@@ -538,11 +538,11 @@ options! {
     /// Dead-letter topic.
     failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None, YES;
     /// Dedup cache capacity (0 disables deduplication).
-    idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192"), LATER;
+    idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192"), YES;
     /// Version mixed into dedup hashes.
-    idempotence_version: String, "PROSODY_IDEMPOTENCE_VERSION", Some("1"), LATER;
+    idempotence_version: String, "PROSODY_IDEMPOTENCE_VERSION", Some("1"), YES;
     /// Retention of dedup records in Cassandra.
-    idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d"), LATER;
+    idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d"), YES;
     /// Timer storage granularity.
     slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), YES;
     /// Span linking for message execution.
@@ -737,6 +737,16 @@ impl Config {
         positive("retry_base", self.retry_base)?;
         positive("max_retry_delay", self.max_retry_delay)?;
         positive("scheduler_max_wait", self.scheduler_max_wait)?;
+        // Cassandra's TTLs are whole seconds, at most 20 years.
+        let ttl = self.idempotence_ttl;
+        if ttl < Duration::from_secs(1) || ttl.as_secs() > crate::dedup::cassandra::MAX_TTL_SECONDS
+        {
+            return Err(self.invalid(
+                "idempotence_ttl",
+                "a duration from 1 second to 20 years",
+                format!("{ttl:?}"),
+            ));
+        }
         if let Some(timeout) = self.timeout {
             positive("timeout", timeout)?;
         }

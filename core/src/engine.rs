@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::runtime::Handle;
@@ -15,6 +16,17 @@ use crate::timers::TimerStore;
 
 /// Assigned partitions by (topic, partition).
 pub(crate) type PartitionMap = HashMap<(Arc<str>, i32), Arc<PartitionShared>>;
+
+/// Events finished without a handler call, by reason, over a client's life.
+#[derive(Debug, Default)]
+pub struct Skipped {
+    /// Records this consumer group produced (`source-system`).
+    pub own: AtomicU64,
+    /// Messages whose event type `allowed_events` does not allow.
+    pub filtered: AtomicU64,
+    /// Messages whose id was handled before.
+    pub duplicates: AtomicU64,
+}
 
 /// The per-subscription engine: configuration, the scheduler, the failure policy, the runtime.
 pub struct Engine {
@@ -34,6 +46,12 @@ pub struct Engine {
     pub monopoly: Option<Arc<crate::monopoly::Monopolization>>,
     /// The failure topic, when one is configured.
     pub dead_letters: Option<Arc<DeadLetters>>,
+    /// Event-type filtering, when `allowed_events` names prefixes.
+    pub filter: Option<crate::filter::EventFilter>,
+    /// Deduplication by message id, unless `idempotence_cache_size` is 0.
+    pub dedup: Option<Arc<crate::dedup::Dedup>>,
+    /// The client's counts of events finished without a handler call.
+    pub skipped: Arc<Skipped>,
     /// Assigned partitions' shared state, for health checks.
     pub(crate) partitions: Mutex<PartitionMap>,
     /// The first failure of one of this subscription's threads or tasks (a panic). Once set,

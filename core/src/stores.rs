@@ -1,10 +1,11 @@
 //! The one place that opens a client's stores: in memory in mock mode; in Cassandra when
 //! `cassandra_nodes` is set, with one session (connected and migrated once per client) shared by
-//! every store. Later stores (deduplication) are added here.
+//! every store.
 
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::dedup::DedupStore;
 use crate::defer::DeferStore;
 use crate::timers::TimerStore;
 
@@ -15,6 +16,8 @@ pub struct Stores {
     pub timers: Arc<dyn TimerStore>,
     /// Deferred keys and offsets (pipeline mode).
     pub defer: Arc<dyn DeferStore>,
+    /// Deduplication records.
+    pub dedup: Arc<dyn DedupStore>,
 }
 
 impl Stores {
@@ -23,6 +26,7 @@ impl Stores {
         Self {
             timers: crate::timers::memory::MemoryStore::shared(),
             defer: crate::defer::memory::MemoryStore::shared(),
+            dedup: crate::dedup::memory::MemoryStore::shared(),
         }
     }
 
@@ -36,6 +40,7 @@ impl Stores {
         for migrations in [
             crate::timers::cassandra::MIGRATIONS,
             crate::defer::cassandra::MIGRATIONS,
+            crate::dedup::cassandra::MIGRATIONS,
         ] {
             crate::cassandra::migrate(
                 &session,
@@ -56,12 +61,17 @@ impl Stores {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let defer = crate::defer::cassandra::CassandraStore::new(session, keyspace, retention)
+        let defer =
+            crate::defer::cassandra::CassandraStore::new(session.clone(), keyspace, retention)
+                .await
+                .map_err(|e| e.to_string())?;
+        let dedup = crate::dedup::cassandra::CassandraStore::new(session, keyspace)
             .await
             .map_err(|e| e.to_string())?;
         Ok(Self {
             timers: Arc::new(timers),
             defer: Arc::new(defer),
+            dedup: Arc::new(dedup),
         })
     }
 }

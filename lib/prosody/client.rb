@@ -186,6 +186,16 @@ module Prosody
       native.assigned_partitions
     end
 
+    # Events this client finished without calling the handler, since it was created, by reason:
+    # records its own group produced (+:source_system+), messages whose event type
+    # +allowed_events+ does not allow (+:filtered+), and messages whose +id+ was handled before
+    # (+:duplicate+).
+    #
+    # @return [Hash{Symbol => Integer}]
+    def skipped_events
+      native.skipped_events
+    end
+
     # Whether an assigned partition has a message that has been waiting to finish (queued,
     # running or retrying) for longer than +stall_threshold+. False when not subscribed.
     #

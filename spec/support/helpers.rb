@@ -21,6 +21,11 @@ module SpecHelpers
     end
   end
 
+  # Engine DEBUG lines reach log_output for the rest of the example.
+  def debug_logging!
+    Prosody.logger = Logger.new(@log_io, level: Logger::DEBUG)
+  end
+
   def log_output
     Prosody.flush_logs
     @log_io.string

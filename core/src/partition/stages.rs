@@ -6,6 +6,12 @@
 //! the key's earlier events finished). Each may let the event through or take it over:
 //! - [`Admit::SourceSystem`]: a record whose `source-system` header names this consumer group
 //!   was produced by this group itself; its offset finishes without a handler call.
+//! - [`Admit::EventType`] (with `allowed_events`): a message whose top-level `type` String starts
+//!   with none of the prefixes finishes without a handler call (see [`crate::filter`]).
+//! - [`Admit::Dedup`] (unless `idempotence_cache_size` is 0): a message whose `id` was handled
+//!   for its key before finishes without a handler call (see [`crate::dedup`]). When the cache
+//!   does not know the id, the stage holds the event while the store is read, then resumes the
+//!   walk after itself (or skips the event).
 //! - [`Admit::Deferred`] (pipeline mode): a message of a deferred key is appended to the key's
 //!   deferred list instead of running; its offset finishes once the store acknowledged it. To
 //!   keep a key's order this stage also sees each record as it arrives and as it leaves the
@@ -15,8 +21,13 @@
 //!   handler had failed with a transient `Prosody::MonopolizationError`: the outcome stages
 //!   then defer it (or back it off in place while the failure rate gates deferral).
 //!
+//! A skipped message (source system, event type, duplicate) finishes like a success: a fresh
+//! message's offset finishes, a deferred message leaves its key's list.
+//!
 //! **Outcome** stages run, in order, after a handler call ended; the first that takes the event
 //! over ends the walk:
+//! - [`Outcome::Remember`]: a message with an `id` that succeeded or failed permanently is
+//!   remembered for deduplication (never takes over; a transient failure is not remembered).
 //! - [`Outcome::Account`]: counts the call for failure-rate gating (never takes over).
 //! - [`Outcome::Defer`] (pipeline mode): a transient failure defers the key while the failure
 //!   rate allows it; a deferred message that failed again waits for its next retry.
@@ -32,6 +43,10 @@
 pub(crate) enum Admit {
     /// Skip records this consumer group produced.
     SourceSystem,
+    /// Skip messages whose event type is not allowed.
+    EventType,
+    /// Skip messages whose id was handled before.
+    Dedup,
     /// Append messages of deferred keys to their list.
     Deferred,
     /// Reject messages of keys that monopolize handler time.
@@ -39,7 +54,21 @@ pub(crate) enum Admit {
 }
 
 /// The admit stages, in the order they run.
-pub(crate) const ADMIT: [Admit; 3] = [Admit::SourceSystem, Admit::Deferred, Admit::Monopolization];
+pub(crate) const ADMIT: [Admit; 5] = [
+    Admit::SourceSystem,
+    Admit::EventType,
+    Admit::Dedup,
+    Admit::Deferred,
+    Admit::Monopolization,
+];
+
+/// Where the walk resumes after `stage` held an event.
+pub(crate) fn after(stage: Admit) -> usize {
+    ADMIT
+        .iter()
+        .position(|s| *s == stage)
+        .map_or(ADMIT.len(), |i| i + 1)
+}
 
 /// What an admit stage decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +77,10 @@ pub(crate) enum Admission {
     Pass,
     /// The stage took the event over; the key's next event may start.
     Taken,
+    /// The event finishes without running (as a success would); the key's next event may start.
+    Skip,
+    /// The stage holds the event and resumes the walk later (its key waits meanwhile).
+    Hold,
     /// The event fails without running, with this failure: the outcome stages handle it.
     Reject(crate::handler::Failure),
 }
@@ -55,6 +88,8 @@ pub(crate) enum Admission {
 /// Outcome stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
+    /// Remember the id of a message handled for good, for deduplication.
+    Remember,
     /// Count the call for failure-rate gating.
     Account,
     /// Defer a transiently failing key (pipeline mode).
@@ -64,7 +99,12 @@ pub(crate) enum Outcome {
 }
 
 /// The outcome stages, in the order they run.
-pub(crate) const OUTCOME: [Outcome; 3] = [Outcome::Account, Outcome::Defer, Outcome::Policy];
+pub(crate) const OUTCOME: [Outcome; 4] = [
+    Outcome::Remember,
+    Outcome::Account,
+    Outcome::Defer,
+    Outcome::Policy,
+];
 
 /// What an outcome stage did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

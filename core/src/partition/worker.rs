@@ -7,8 +7,10 @@
 //! An event goes through the stage list of [`super::stages`]: the admit stages when it is about
 //! to become its key's in-flight event, the outcome stages after its handler. The parts of the
 //! worker live beside this file: `timers.rs` (the partition's timers), `failure.rs` (the failure
-//! policy, undecodable records), `deferral.rs` (deferred keys).
+//! policy, undecodable records), `deferral.rs` (deferred keys), `dedup.rs` (event-type filtering
+//! and deduplication).
 
+mod dedup;
 mod deferral;
 mod failure;
 mod timers;
@@ -74,6 +76,8 @@ enum Stage {
     DeadLettering,
     /// Failed; its key's deferral is being stored.
     Deferring,
+    /// Held by the dedup stage while the store is asked whether its id was handled.
+    Checking,
 }
 
 /// A key's in-flight event.
@@ -99,6 +103,10 @@ enum Internal {
     Defer(DeferReport),
     /// An admit stage rejected this in-flight event with this failure.
     Rejected(Key, Slot, Failure),
+    /// The dedup store answered for this held event: whether its id was handled before.
+    Checked(Key, Slot, bool),
+    /// The worker's dedup records reached the store (or failed to, logged).
+    Remembered,
 }
 
 /// What the worker receives.
@@ -140,6 +148,10 @@ struct Worker {
     timers: Option<PartitionTimers>,
     /// The partition's deferred keys (pipeline mode with deferral on).
     deferral: Option<PartitionDeferral>,
+    /// Dedup records waiting for the store write in flight.
+    remembered: Vec<crate::dedup::Fingerprint>,
+    /// Whether a dedup store write is in flight.
+    remembering: bool,
     /// Cancelled on drain so events still waiting for a runner never start, and helper tasks
     /// (retry delays, dead-letter sends) stop.
     abort: CancelToken,
@@ -192,6 +204,8 @@ pub(crate) fn spawn_worker(
         undecodable: 0,
         timers,
         deferral,
+        remembered: Vec::new(),
+        remembering: false,
         abort: CancelToken::new(),
     };
     let name = format!("{}/{partition}", worker.topic);
@@ -361,17 +375,34 @@ impl Worker {
     }
 
     /// Walks the admit stages for an event that is about to become its key's in-flight event;
-    /// runs it when every stage lets it through. When a stage takes it over, the key's next
-    /// waiting event is walked the same way.
+    /// runs it when every stage lets it through.
     fn start(&mut self, first: Pending) {
+        self.walk(first, 0, None);
+    }
+
+    /// Walks the admit stages from `ADMIT[from]` (or acts on `decided`, the admission of a stage
+    /// that held the event). When a stage takes the event over or skips it, the key's next
+    /// waiting event is walked the same way, from the first stage.
+    fn walk(&mut self, first: Pending, from: usize, decided: Option<Admission>) {
         let mut pending = first;
+        let mut from = from;
+        let mut decided = decided;
         loop {
-            let mut admission = Admission::Pass;
-            for stage in ADMIT {
-                admission = self.admit_stage(stage, &pending);
-                if admission != Admission::Pass {
-                    break;
+            let admission = match decided.take() {
+                Some(admission) => admission,
+                None => {
+                    let mut admission = Admission::Pass;
+                    for stage in ADMIT.iter().skip(from) {
+                        admission = self.admit_stage(*stage, &pending);
+                        if admission != Admission::Pass {
+                            break;
+                        }
+                    }
+                    admission
                 }
+            };
+            if admission == Admission::Hold {
+                return;
             }
             self.deferral_admitted(&pending);
             match admission {
@@ -383,13 +414,17 @@ impl Worker {
                     self.reject(pending, failure);
                     return;
                 }
-                Admission::Taken => {}
+                Admission::Skip => self.skip(&pending),
+                Admission::Taken | Admission::Hold => {}
             }
             if self.abort.is_cancelled() {
                 return;
             }
             match self.keys.finish(&pending.id().0) {
-                Some(next) => pending = next,
+                Some(next) => {
+                    pending = next;
+                    from = 0;
+                }
                 None => return,
             }
         }
@@ -398,8 +433,25 @@ impl Worker {
     fn admit_stage(&mut self, stage: stages::Admit, pending: &Pending) -> Admission {
         match stage {
             stages::Admit::SourceSystem => self.admit_source_system(pending),
+            stages::Admit::EventType => self.admit_event_type(pending),
+            stages::Admit::Dedup => self.admit_dedup(pending),
             stages::Admit::Deferred => self.admit_deferred(pending),
             stages::Admit::Monopolization => self.admit_monopolization(pending),
+        }
+    }
+
+    /// Finishes an event an admit stage skipped, as a success would: a fresh message's offset
+    /// finishes; a deferred message leaves its key's list and the key moves on.
+    fn skip(&mut self, pending: &Pending) {
+        match pending {
+            Pending::Message(message) => self.retire(message.offset),
+            Pending::Deferred(message) => {
+                if let Some(key) = message.key.clone() {
+                    self.deferred_done(key.clone(), message.offset);
+                    self.advance(&key);
+                }
+            }
+            Pending::Timer(..) => {}
         }
     }
 
@@ -469,8 +521,8 @@ impl Worker {
             self.partition,
             message.offset
         );
-        self.retire(message.offset);
-        Admission::Taken
+        self.engine.skipped.own.fetch_add(1, Ordering::Relaxed);
+        Admission::Skip
     }
 
     /// Makes the event its key's in-flight event and submits it to the scheduler; the runner's
@@ -552,6 +604,10 @@ impl Worker {
         result: &Result<(), Failure>,
     ) -> Handled {
         match (stage, result) {
+            (stages::Outcome::Remember, _) => {
+                self.remember(id, result);
+                Handled::Next
+            }
             (stages::Outcome::Account, _) => {
                 if let Some(d) = self.deferral.as_ref() {
                     d.gate().record(result.is_err());
@@ -636,6 +692,8 @@ impl Worker {
             Internal::Rejected(key, slot, failure) => {
                 self.outcome((key, slot), Err(failure)).await;
             }
+            Internal::Checked(key, slot, seen) => self.on_checked(key, slot, seen),
+            Internal::Remembered => self.on_remembered(),
         }
     }
 
@@ -670,7 +728,7 @@ impl Worker {
 
     /// Store writes of this partition still in flight.
     fn writes(&self) -> usize {
-        self.deferral.as_ref().map_or(0, |d| d.writes)
+        self.deferral.as_ref().map_or(0, |d| d.writes) + usize::from(self.remembering)
     }
 
     fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {
@@ -698,6 +756,12 @@ impl Worker {
         )
     }
 
+    /// Whether a draining worker waits for this in-flight event (it is running or finishing);
+    /// events waiting for a retry or for the dedup store are left to the next owner.
+    fn runs_on(flight: &Flight) -> bool {
+        !matches!(flight.stage, Stage::Waiting | Stage::Checking)
+    }
+
     async fn drain(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<WorkerInput>,
@@ -709,8 +773,9 @@ impl Worker {
         self.abort.cancel();
         self.engine.scheduler.purge_aborted();
         let dropped = self.keys.drop_waiting();
-        // Events waiting for a retry are left for the next owner, uncommitted.
-        self.in_flight.retain(|_, f| f.stage != Stage::Waiting);
+        // Events waiting for a retry (or for the dedup store) are left for the next owner,
+        // uncommitted.
+        self.in_flight.retain(|_, f| Self::runs_on(f));
         let mut cancelled = false;
         // The poll thread drops its sender right after `Drain`; outcomes keep arriving on
         // `done_rx` (this worker holds a sender of it, so it never closes here).
@@ -745,7 +810,7 @@ impl Worker {
                 }
             }
             // Failures during the drain retry later, under the next owner.
-            self.in_flight.retain(|_, f| f.stage != Stage::Waiting);
+            self.in_flight.retain(|_, f| Self::runs_on(f));
         }
         log::debug!(
             "drained topic={} partition={} in {:?} ({} waiting event(s) left for the next owner)",

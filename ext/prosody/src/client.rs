@@ -198,6 +198,20 @@ impl Client {
         self.inner.assigned_partitions()
     }
 
+    /// `{source_system:, filtered:, duplicate:}`: events finished without a handler call.
+    fn skipped_events(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let skipped = rb_self.inner.skipped();
+        let hash = ruby.hash_new();
+        hash.aset(ruby.to_symbol("source_system"), skipped.own.load(Relaxed))?;
+        hash.aset(ruby.to_symbol("filtered"), skipped.filtered.load(Relaxed))?;
+        hash.aset(
+            ruby.to_symbol("duplicate"),
+            skipped.duplicates.load(Relaxed),
+        )?;
+        Ok(hash)
+    }
+
     fn max_concurrency(&self) -> u64 {
         self.inner.config().max_concurrency.get()
     }
@@ -283,6 +297,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         method!(Client::assigned_partitions, 0),
     )?;
     class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
+    class.define_method("skipped_events", method!(Client::skipped_events, 0))?;
     class.define_method("stalled?", method!(Client::is_stalled, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     class.define_method("inject_fault", method!(Client::inject_fault, 0))?;

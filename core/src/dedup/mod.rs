@@ -1,0 +1,435 @@
+//! Deduplication by message id: a message whose JSON payload carries an `id` that was already
+//! handled for the same key (in the same consumer group and topic) is skipped.
+//!
+//! A message's identity is a 128-bit fingerprint (XXH3) of `idempotence_version`, group, topic,
+//! key and id; changing the version changes every fingerprint, so earlier records no longer
+//! match. Two tiers remember fingerprints:
+//! - a cache of `idempotence_cache_size` entries per client, shared by all its partitions (so it
+//!   survives reassignment within the process), consulted first;
+//! - a store (Cassandra, or process memory in mock mode) with rows that expire after
+//!   `idempotence_ttl`, consulted on a cache miss, so a message redelivered after a crash or a
+//!   rebalance to another process is still skipped.
+//!
+//! A fingerprint is remembered once its message was handled for good (success or permanent
+//! failure). The store is best-effort: when a read fails the message is handled (at-least-once
+//! still holds), when a write fails the record is lost; each kind of failure is logged at most
+//! once a minute.
+
+pub mod cassandra;
+pub mod memory;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use twox_hash::XxHash3_128;
+
+use crate::timers::BoxFuture;
+
+/// A message identity: XXH3-128 of version, group, topic, key and id.
+pub type Fingerprint = u128;
+
+/// A store operation that failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct DedupError(pub String);
+
+/// Where fingerprints outlive the cache.
+pub trait DedupStore: Send + Sync {
+    /// Whether `id` was recorded (and has not expired).
+    fn seen(&self, id: Fingerprint) -> BoxFuture<'_, Result<bool, DedupError>>;
+
+    /// Records `ids`, each expiring after `ttl`.
+    fn record(&self, ids: Vec<Fingerprint>, ttl: Duration)
+        -> BoxFuture<'_, Result<(), DedupError>>;
+
+    /// The answer of [`seen`](Self::seen) when the store can give it without waiting (memory).
+    fn seen_now(&self, _id: Fingerprint) -> Option<bool> {
+        None
+    }
+
+    /// Records `ids` at once when the store can (memory); `false` when the caller must use
+    /// [`record`](Self::record).
+    fn record_now(&self, _ids: &[Fingerprint], _ttl: Duration) -> bool {
+        false
+    }
+}
+
+/// A message's `id`: a String or an Integer at the top level of a JSON object. A String `"7"`
+/// and an Integer `7` are different ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageId<'a> {
+    /// A String id.
+    Text(&'a str),
+    /// An Integer id, by its digits (any size).
+    Integer(&'a serde_json::Number),
+}
+
+impl<'a> MessageId<'a> {
+    /// The id of a payload; `None` when it is not an object, has no `id`, or its `id` is neither
+    /// a String nor an Integer (a float, `null`, an Array, an object).
+    pub fn of(payload: &'a Value) -> Option<Self> {
+        match payload.as_object()?.get("id")? {
+            Value::String(s) => Some(Self::Text(s)),
+            Value::Number(n) if is_integer(n) => Some(Self::Integer(n)),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a JSON number is written as an integer (no fraction, no exponent).
+fn is_integer(n: &serde_json::Number) -> bool {
+    n.is_i64() || n.is_u64() || {
+        let text = n.to_string();
+        let digits = text.strip_prefix('-').unwrap_or(&text);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    }
+}
+
+/// Where a message was consumed, for its fingerprint.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    /// Consumer group.
+    pub group: &'a str,
+    /// Topic.
+    pub topic: &'a str,
+    /// Record key; `None` for a keyless record (different from an empty key).
+    pub key: Option<&'a [u8]>,
+}
+
+/// What the fast tiers know of a fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Handled before: skip the message.
+    Seen,
+    /// Not handled before.
+    New,
+    /// Unknown to the cache; the store must be asked ([`Dedup::ask`]).
+    Ask,
+}
+
+/// Caches of at least this many entries are split in [`SHARDS`] locks.
+const SHARDED_FROM: usize = 1024;
+/// Locks of a large cache (partitions on different threads rarely meet on one).
+const SHARDS: usize = 16;
+
+/// Deduplication for one client: the cache and the store.
+pub struct Dedup {
+    /// `idempotence_version`.
+    version: String,
+    /// `idempotence_ttl`.
+    ttl: Duration,
+    /// The cache, split by fingerprint.
+    shards: Vec<Mutex<Shard>>,
+    /// The store, when the client has one (Cassandra, or memory in mock mode).
+    store: Option<Arc<dyn DedupStore>>,
+    /// When each kind of store failure was last logged.
+    logged: Mutex<HashMap<&'static str, Instant>>,
+}
+
+/// One lock's part of the cache: fingerprints with when they were recorded, evicted oldest first.
+#[derive(Default)]
+struct Shard {
+    /// Capacity of this shard.
+    capacity: usize,
+    /// Fingerprint → (when recorded, its insertion number).
+    entries: HashMap<Fingerprint, (Instant, u64)>,
+    /// Insertion order, for eviction; an entry whose number no longer matches is stale.
+    order: VecDeque<(Fingerprint, u64)>,
+    /// Next insertion number.
+    next: u64,
+    /// Fingerprints whose store write is on its way (count of writes), so a cache too small to
+    /// hold them still answers for them until the store does.
+    writing: HashMap<Fingerprint, u32>,
+}
+
+impl Shard {
+    fn contains(&mut self, id: Fingerprint, ttl: Duration) -> bool {
+        match self.entries.get(&id) {
+            Some((at, _)) if at.elapsed() < ttl => true,
+            Some(_) => {
+                self.entries.remove(&id);
+                false
+            }
+            None => self.writing.contains_key(&id),
+        }
+    }
+
+    fn insert(&mut self, id: Fingerprint) {
+        if self.capacity == 0 {
+            return;
+        }
+        let number = self.next;
+        self.next = self.next.wrapping_add(1);
+        self.entries.insert(id, (Instant::now(), number));
+        self.order.push_back((id, number));
+        while self.entries.len() > self.capacity {
+            let Some((old, n)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&old).is_some_and(|(_, m)| *m == n) {
+                self.entries.remove(&old);
+            }
+        }
+        if self.order.len() > self.capacity.saturating_mul(2).max(64) {
+            let entries = &self.entries;
+            self.order
+                .retain(|(id, n)| entries.get(id).is_some_and(|(_, m)| m == n));
+        }
+    }
+}
+
+impl Dedup {
+    /// Deduplication with a cache of `capacity` fingerprints (at least 1) and `store`.
+    pub fn new(
+        capacity: usize,
+        version: String,
+        ttl: Duration,
+        store: Option<Arc<dyn DedupStore>>,
+    ) -> Self {
+        let capacity = capacity.max(1);
+        let count = if capacity >= SHARDED_FROM { SHARDS } else { 1 };
+        let shards = (0..count)
+            .map(|i| {
+                Mutex::new(Shard {
+                    // The first shards take the remainder, so the total is `capacity`.
+                    capacity: capacity / count + usize::from(i < capacity % count),
+                    ..Shard::default()
+                })
+            })
+            .collect();
+        Self {
+            version,
+            ttl,
+            shards,
+            store,
+            logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The fingerprint of a message id consumed at `origin`.
+    pub fn fingerprint(&self, origin: Origin<'_>, id: MessageId<'_>) -> Fingerprint {
+        let mut hasher = XxHash3_128::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.write(&(bytes.len() as u64).to_le_bytes());
+            hasher.write(bytes);
+        };
+        field(b"prosody-dedup-1");
+        field(self.version.as_bytes());
+        field(origin.group.as_bytes());
+        field(origin.topic.as_bytes());
+        match origin.key {
+            None => field(b"-"),
+            Some(key) => {
+                field(b"k");
+                field(key);
+            }
+        }
+        let integer;
+        match id {
+            MessageId::Text(text) => {
+                field(b"s");
+                field(text.as_bytes());
+            }
+            MessageId::Integer(n) => {
+                integer = n.to_string();
+                field(b"i");
+                field(integer.as_bytes());
+            }
+        }
+        hasher.finish_128()
+    }
+
+    fn shard(&self, id: Fingerprint) -> std::sync::MutexGuard<'_, Shard> {
+        let index = (id as usize) % self.shards.len();
+        // A poisoned shard only means a panic while it was held; its maps stay usable.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the cache (and a store that answers at once) knows of `id`.
+    pub fn check(&self, id: Fingerprint) -> Known {
+        if self.shard(id).contains(id, self.ttl) {
+            return Known::Seen;
+        }
+        match self.store.as_ref() {
+            None => Known::New,
+            // A store's answer is not cached: the cache would keep it for a whole TTL from now,
+            // past the record's own expiry.
+            Some(store) => match store.seen_now(id) {
+                Some(true) => Known::Seen,
+                Some(false) => Known::New,
+                None => Known::Ask,
+            },
+        }
+    }
+
+    /// Asks the store whether `id` was recorded; a failed read counts as "not seen" (the message
+    /// is handled) and is logged.
+    pub async fn ask(&self, id: Fingerprint) -> bool {
+        let Some(store) = self.store.as_ref() else {
+            return false;
+        };
+        match store.seen(id).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                self.log_failure(
+                    "read",
+                    &format!("could not read a deduplication record ({e}); the message is handled"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Remembers that `id` was handled. Returns `true` when the store must still be written
+    /// ([`write`](Self::write)); the cache answers for it until then.
+    pub fn remember(&self, id: Fingerprint) -> bool {
+        let written = self
+            .store
+            .as_ref()
+            .is_none_or(|store| store.record_now(&[id], self.ttl));
+        let mut shard = self.shard(id);
+        shard.insert(id);
+        if !written {
+            *shard.writing.entry(id).or_insert(0) += 1;
+        }
+        !written
+    }
+
+    /// Writes remembered fingerprints to the store (one write per fingerprint, sent together);
+    /// a failure is logged and loses the records, never the messages.
+    pub async fn write(&self, ids: Vec<Fingerprint>) {
+        let Some(store) = self.store.as_ref() else {
+            return;
+        };
+        let count = ids.len();
+        match store.record(ids.clone(), self.ttl).await {
+            Ok(()) => log::debug!("stored {count} deduplication record(s)"),
+            Err(e) => self.log_failure(
+                "write",
+                &format!(
+                    "could not write {count} deduplication record(s) ({e}); a redelivery of \
+                     those messages after a restart would be handled again"
+                ),
+            ),
+        }
+        for id in ids {
+            let mut shard = self.shard(id);
+            if let Some(n) = shard.writing.get_mut(&id) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    shard.writing.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Logs a store failure, at most once a minute per kind.
+    fn log_failure(&self, kind: &'static str, message: &str) {
+        let mut logged = self
+            .logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if logged
+            .get(kind)
+            .is_some_and(|at| now.duration_since(*at) < LOG_EVERY)
+        {
+            return;
+        }
+        logged.insert(kind, now);
+        log::warn!("{message} (further {kind} failures of the deduplication store are not logged for a minute)");
+    }
+}
+
+/// Interval between two log lines of the same kind of store failure.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn origin(key: Option<&[u8]>) -> Origin<'_> {
+        Origin {
+            group: "g",
+            topic: "t",
+            key,
+        }
+    }
+
+    #[test]
+    fn ids_are_top_level_strings_and_integers() {
+        let big: Value = serde_json::from_str(r#"{"id": 123456789012345678901234567890}"#).unwrap();
+        assert!(matches!(MessageId::of(&big), Some(MessageId::Integer(_))));
+        assert_eq!(
+            MessageId::of(&json!({"id": "a"})),
+            Some(MessageId::Text("a"))
+        );
+        assert!(matches!(
+            MessageId::of(&json!({"id": -7})),
+            Some(MessageId::Integer(_))
+        ));
+        for payload in [
+            json!({"id": 1.5}),
+            json!({"id": null}),
+            json!({"id": [1]}),
+            json!({"id": {"a": 1}}),
+            json!({"ID": "a"}),
+            json!({"nested": {"id": "a"}}),
+            json!(["id"]),
+            json!("id"),
+            Value::Null,
+        ] {
+            assert_eq!(MessageId::of(&payload), None, "{payload}");
+        }
+        let exp: Value = serde_json::from_str(r#"{"id": 1e3}"#).unwrap();
+        assert_eq!(MessageId::of(&exp), None);
+    }
+
+    #[test]
+    fn the_fingerprint_covers_version_key_and_id_kind() {
+        let d = Dedup::new(8, "1".into(), Duration::from_secs(60), None);
+        let v2 = Dedup::new(8, "2".into(), Duration::from_secs(60), None);
+        let seven = json!({"id": 7});
+        let int = MessageId::of(&seven).unwrap();
+        let a = d.fingerprint(origin(Some(b"k")), MessageId::Text("7"));
+        assert_ne!(a, d.fingerprint(origin(Some(b"k")), int));
+        assert_ne!(a, d.fingerprint(origin(Some(b"j")), MessageId::Text("7")));
+        assert_ne!(a, d.fingerprint(origin(None), MessageId::Text("7")));
+        assert_ne!(a, d.fingerprint(origin(Some(b"")), MessageId::Text("7")));
+        assert_ne!(a, v2.fingerprint(origin(Some(b"k")), MessageId::Text("7")));
+        assert_eq!(a, d.fingerprint(origin(Some(b"k")), MessageId::Text("7")));
+    }
+
+    #[test]
+    fn the_cache_holds_its_capacity_and_evicts_the_oldest() {
+        let d = Dedup::new(2, "1".into(), Duration::from_secs(60), None);
+        for id in [1, 2, 3] {
+            assert_eq!(d.check(id), Known::New);
+            assert!(!d.remember(id));
+        }
+        assert_eq!(d.check(1), Known::New);
+        assert_eq!(d.check(2), Known::Seen);
+        assert_eq!(d.check(3), Known::Seen);
+        let big = Dedup::new(5000, "1".into(), Duration::from_secs(60), None);
+        for id in 0..10_000u128 {
+            big.remember(id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        let held = (0..10_000u128)
+            .filter(|id| big.check(id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) == Known::Seen)
+            .count();
+        assert_eq!(held, 5000);
+    }
+
+    #[test]
+    fn cached_entries_expire_with_the_ttl() {
+        let d = Dedup::new(8, "1".into(), Duration::from_millis(1), None);
+        d.remember(1);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(d.check(1), Known::New);
+    }
+}

@@ -1,0 +1,176 @@
+//! The worker's event-type filter and deduplication stages (the rules live in
+//! [`crate::filter`] and [`crate::dedup`]).
+
+use std::sync::atomic::Ordering;
+
+use super::{Flight, Internal, Key, Pending, Stage, Worker};
+use crate::cancel::CancelToken;
+use crate::dedup::{Fingerprint, Known, MessageId, Origin};
+use crate::event::{show_key, ConsumedMessage};
+use crate::handler::{Failure, Slot};
+use crate::partition::stages::{self, Admission};
+
+/// The message of a message event (fresh or deferred); `None` for a timer.
+fn message_of(pending: &Pending) -> Option<&ConsumedMessage> {
+    match pending {
+        Pending::Message(m) | Pending::Deferred(m) => Some(m),
+        Pending::Timer(..) => None,
+    }
+}
+
+impl Worker {
+    /// The [`Admit::EventType`](stages::Admit) stage.
+    pub(super) fn admit_event_type(&self, pending: &Pending) -> Admission {
+        let (Some(filter), Some(message)) = (self.engine.filter.as_ref(), message_of(pending))
+        else {
+            return Admission::Pass;
+        };
+        if filter.allows(&message.payload) {
+            return Admission::Pass;
+        }
+        log::debug!(
+            "skipping message of type {:?} (not in allowed_events) topic={} partition={} offset={} key={}",
+            crate::filter::EventFilter::event_type(&message.payload).unwrap_or_default(),
+            self.topic,
+            self.partition,
+            message.offset,
+            show_key(message.key.as_deref())
+        );
+        self.engine.skipped.filtered.fetch_add(1, Ordering::Relaxed);
+        Admission::Skip
+    }
+
+    /// The fingerprint of a message's id, when deduplication is on and the payload has an id.
+    fn fingerprint(&self, message: &ConsumedMessage) -> Option<Fingerprint> {
+        let dedup = self.engine.dedup.as_ref()?;
+        let id = MessageId::of(&message.payload)?;
+        let origin = Origin {
+            group: self.engine.config.group_id.as_deref().unwrap_or_default(),
+            topic: &self.topic,
+            key: message.key.as_deref(),
+        };
+        Some(dedup.fingerprint(origin, id))
+    }
+
+    /// The [`Admit::Dedup`](stages::Admit) stage. On a cache miss the event becomes its key's
+    /// in-flight event while the store is read; [`Internal::Checked`] resumes it.
+    pub(super) fn admit_dedup(&mut self, pending: &Pending) -> Admission {
+        let (Some(dedup), Some(message)) = (self.engine.dedup.clone(), message_of(pending)) else {
+            return Admission::Pass;
+        };
+        let Some(id) = self.fingerprint(message) else {
+            return Admission::Pass;
+        };
+        match dedup.check(id) {
+            Known::New => Admission::Pass,
+            Known::Seen => {
+                self.duplicate(message);
+                Admission::Skip
+            }
+            Known::Ask => {
+                let (key, slot) = pending.id();
+                self.in_flight.insert(
+                    (key.clone(), slot),
+                    Flight {
+                        event: pending.clone(),
+                        cancel: CancelToken::new(),
+                        attempts: 0,
+                        stage: Stage::Checking,
+                    },
+                );
+                let internal = self.internal.clone();
+                self.engine.runtime.spawn(async move {
+                    let seen = dedup.ask(id).await;
+                    let _ = internal.send(Internal::Checked(key, slot, seen));
+                });
+                Admission::Hold
+            }
+        }
+    }
+
+    /// Counts and logs a duplicate that is skipped.
+    fn duplicate(&self, message: &ConsumedMessage) {
+        log::debug!(
+            "skipping duplicate message (its id was handled before) topic={} partition={} offset={} key={}",
+            self.topic,
+            self.partition,
+            message.offset,
+            show_key(message.key.as_deref())
+        );
+        self.engine
+            .skipped
+            .duplicates
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The dedup store answered for a held event: skip it, or resume its admit walk.
+    pub(super) fn on_checked(&mut self, key: Key, slot: Slot, seen: bool) {
+        let id = (key, slot);
+        // Gone when a drain left it to the next owner.
+        if !self
+            .in_flight
+            .get(&id)
+            .is_some_and(|f| f.stage == Stage::Checking)
+        {
+            return;
+        }
+        let Some(flight) = self.in_flight.remove(&id) else {
+            return;
+        };
+        if seen {
+            if let Some(message) = message_of(&flight.event) {
+                self.duplicate(message);
+            }
+            self.walk(flight.event, 0, Some(Admission::Skip));
+        } else {
+            self.walk(flight.event, stages::after(stages::Admit::Dedup), None);
+        }
+    }
+
+    /// The [`Outcome::Remember`](stages::Outcome) stage: remembers the id of a message that
+    /// succeeded or failed permanently.
+    pub(super) fn remember(&mut self, id: &(Key, Slot), result: &Result<(), Failure>) {
+        if result.as_ref().is_err_and(|f| !f.permanent) {
+            return;
+        }
+        let Some(dedup) = self.engine.dedup.clone() else {
+            return;
+        };
+        let Some(fingerprint) = self
+            .in_flight
+            .get(id)
+            .and_then(|f| message_of(&f.event))
+            .and_then(|m| self.fingerprint(m))
+        else {
+            return;
+        };
+        if dedup.remember(fingerprint) {
+            self.remembered.push(fingerprint);
+            self.write_remembered();
+        }
+    }
+
+    /// Sends the remembered fingerprints to the store, unless a write is in flight (they go
+    /// with the next one: one write per round trip, however fast messages finish).
+    fn write_remembered(&mut self) {
+        if self.remembering || self.remembered.is_empty() {
+            return;
+        }
+        let Some(dedup) = self.engine.dedup.clone() else {
+            return;
+        };
+        let ids = std::mem::take(&mut self.remembered);
+        self.remembering = true;
+        let internal = self.internal.clone();
+        self.engine.runtime.spawn(async move {
+            dedup.write(ids).await;
+            let _ = internal.send(Internal::Remembered);
+        });
+    }
+
+    /// The dedup store write finished; the next one takes what was remembered meanwhile.
+    pub(super) fn on_remembered(&mut self) {
+        self.remembering = false;
+        self.write_remembered();
+    }
+}
