@@ -3,6 +3,10 @@
 # Consume benchmark on the in-process librdkafka mock cluster. Prints, from one run:
 #   - Prosody with a Ruby handler that reads message.payload vs a raw rdkafka consumer in Rust
 #     (no handler) on the same mock cluster, with 1 and 4 partitions, and the ratio;
+#   - deduplication's cost: the same handler with deduplication on (the default; every payload has
+#     a unique id, so each message misses the cache, asks the store and is recorded) and off
+#     (idempotence_cache_size: 0), alternated on the same 4-partition topic, and the ratio of the
+#     bests;
 #   - a handler doing 1 ms of I/O (sleep 0.001) with max_concurrency 32 over 1,000 keys, against
 #     the bound of 32 / 1 ms = 32k msg/s, and against what async itself reaches on this machine in
 #     the same run: 32 bare tasks, each sleeping 1 ms in a loop, on a reactor like the processor's.
@@ -31,10 +35,10 @@ class CountingHandler < BenchHandler
   end
 end
 
-def prosody_rate(topic, count, io: false, max_concurrency: 32)
+def prosody_rate(topic, count, io: false, max_concurrency: 32, **options)
   handler = CountingHandler.new(count, io:)
   client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
-                               max_concurrency:)
+                               max_concurrency:, **options)
   subscription_rates(client, handler, count)
 end
 
@@ -50,6 +54,22 @@ puts "Prosody consume benchmark (mock cluster, #{MESSAGES} messages, Ruby #{RUBY
               "raw rdkafka %<raw>8.0f msg/s | ratio %<ratio>.2f",
               partitions:, count:, ours:, raw:, ratio: ours / raw)
 end
+
+dedup_count = [MESSAGES, MOCK_PARTITION_CAP * 4].min
+dedup_topic = "bench-dedup-#{SecureRandom.hex(4)}"
+fill(dedup_topic, 4, dedup_count, 10_000)
+rounds = Integer(ENV.fetch("DEDUP_ROUNDS", 4))
+best = { on: 0.0, off: 0.0 }
+rounds.times do
+  { off: { idempotence_cache_size: 0 }, on: {} }.each do |mode, options|
+    rate, = prosody_rate(dedup_topic, dedup_count, **options)
+    best[mode] = [best[mode], rate].max
+    puts format("  dedup %<mode>-3s %<rate>8.0f msg/s", mode:, rate:)
+  end
+end
+puts format("deduplication, 4 partitions, %<count>d messages with ids: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
+            "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
+            count: dedup_count, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
 
 # What the reactor alone allows: 32 tasks, each sleeping 1 ms IO_MESSAGES / 32 times, on a
 # reactor made the way the processor makes its own (same selector).

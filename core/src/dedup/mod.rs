@@ -5,7 +5,8 @@
 //! key and id; changing the version changes every fingerprint, so earlier records no longer
 //! match. Two tiers remember fingerprints:
 //! - a cache of `idempotence_cache_size` entries per client, shared by all its partitions (so it
-//!   survives reassignment within the process), consulted first;
+//!   survives reassignment within the process), consulted first (in mock mode the memory store
+//!   answers at once and the cache is not filled);
 //! - a store (Cassandra, or process memory in mock mode) with rows that expire after
 //!   `idempotence_ttl`, consulted on a cache miss, so a message redelivered after a crash or a
 //!   rebalance to another process is still skipped.
@@ -19,6 +20,7 @@ pub mod cassandra;
 pub mod memory;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,32 @@ use crate::timers::BoxFuture;
 
 /// A message identity: XXH3-128 of version, group, topic, key and id.
 pub type Fingerprint = u128;
+
+/// Hashes a [`Fingerprint`] for a map by folding its bits: it is a hash already.
+#[derive(Default)]
+pub struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        // Truncation intended: the two halves folded into one.
+        self.0 = (id as u64) ^ ((id >> 64) as u64);
+    }
+}
+
+/// A map keyed by fingerprints.
+pub type FingerprintMap<V> = HashMap<Fingerprint, V, BuildHasherDefault<FingerprintHasher>>;
 
 /// A store operation that failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,11 +108,9 @@ impl<'a> MessageId<'a> {
 
 /// Whether a JSON number is written as an integer (no fraction, no exponent).
 fn is_integer(n: &serde_json::Number) -> bool {
-    n.is_i64() || n.is_u64() || {
-        let text = n.to_string();
-        let digits = text.strip_prefix('-').unwrap_or(&text);
-        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
-    }
+    let text = n.as_str();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Where a message was consumed, for its fingerprint.
@@ -134,14 +160,14 @@ struct Shard {
     /// Capacity of this shard.
     capacity: usize,
     /// Fingerprint → (when recorded, its insertion number).
-    entries: HashMap<Fingerprint, (Instant, u64)>,
+    entries: FingerprintMap<(Instant, u64)>,
     /// Insertion order, for eviction; an entry whose number no longer matches is stale.
     order: VecDeque<(Fingerprint, u64)>,
     /// Next insertion number.
     next: u64,
     /// Fingerprints whose store write is on its way (count of writes), so a cache too small to
     /// hold them still answers for them until the store does.
-    writing: HashMap<Fingerprint, u32>,
+    writing: FingerprintMap<u32>,
 }
 
 impl Shard {
@@ -226,16 +252,15 @@ impl Dedup {
                 field(key);
             }
         }
-        let integer;
         match id {
             MessageId::Text(text) => {
                 field(b"s");
                 field(text.as_bytes());
             }
             MessageId::Integer(n) => {
-                integer = n.to_string();
+                // The digits as written (JSON integers have one spelling).
                 field(b"i");
-                field(integer.as_bytes());
+                field(n.as_str().as_bytes());
             }
         }
         hasher.finish_128()
@@ -285,18 +310,21 @@ impl Dedup {
     }
 
     /// Remembers that `id` was handled. Returns `true` when the store must still be written
-    /// ([`write`](Self::write)); the cache answers for it until then.
+    /// ([`write`](Self::write)); the cache answers for it until then. A store that records at
+    /// once (memory, in mock mode) answers at once too, so the cache is left out: one map
+    /// instead of two per message.
     pub fn remember(&self, id: Fingerprint) -> bool {
-        let written = self
-            .store
-            .as_ref()
-            .is_none_or(|store| store.record_now(&[id], self.ttl));
+        let pending = match self.store.as_ref() {
+            Some(store) if store.record_now(&[id], self.ttl) => return false,
+            Some(_) => true,
+            None => false,
+        };
         let mut shard = self.shard(id);
         shard.insert(id);
-        if !written {
+        if pending {
             *shard.writing.entry(id).or_insert(0) += 1;
         }
-        !written
+        pending
     }
 
     /// Writes remembered fingerprints to the store (one write per fingerprint, sent together);

@@ -88,6 +88,8 @@ struct Flight {
     /// Handler runs so far.
     attempts: u32,
     stage: Stage,
+    /// The message's dedup fingerprint, when the dedup stage computed one.
+    fingerprint: Option<crate::dedup::Fingerprint>,
 }
 
 /// What the worker's own helper tasks report.
@@ -103,8 +105,9 @@ enum Internal {
     Defer(DeferReport),
     /// An admit stage rejected this in-flight event with this failure.
     Rejected(Key, Slot, Failure),
-    /// The dedup store answered for this held event: whether its id was handled before.
-    Checked(Key, Slot, bool),
+    /// The dedup store answered for this held event (with this fingerprint): whether its id
+    /// was handled before.
+    Checked(Key, Slot, crate::dedup::Fingerprint, bool),
     /// The worker's dedup records reached the store (or failed to, logged).
     Remembered,
 }
@@ -152,6 +155,9 @@ struct Worker {
     remembered: Vec<crate::dedup::Fingerprint>,
     /// Whether a dedup store write is in flight.
     remembering: bool,
+    /// The fingerprint the dedup stage computed for the event being walked (its flight keeps
+    /// it, so the outcome does not compute it again).
+    admitted: Option<crate::dedup::Fingerprint>,
     /// Cancelled on drain so events still waiting for a runner never start, and helper tasks
     /// (retry delays, dead-letter sends) stop.
     abort: CancelToken,
@@ -206,6 +212,7 @@ pub(crate) fn spawn_worker(
         deferral,
         remembered: Vec::new(),
         remembering: false,
+        admitted: None,
         abort: CancelToken::new(),
     };
     let name = format!("{}/{partition}", worker.topic);
@@ -391,6 +398,9 @@ impl Worker {
             let admission = match decided.take() {
                 Some(admission) => admission,
                 None => {
+                    if from == 0 {
+                        self.admitted = None;
+                    }
                     let mut admission = Admission::Pass;
                     for stage in ADMIT.iter().skip(from) {
                         admission = self.admit_stage(*stage, &pending);
@@ -499,6 +509,7 @@ impl Worker {
                 cancel: CancelToken::new(),
                 attempts: 1,
                 stage: Stage::Running,
+                fingerprint: None,
             },
         );
         let _ = self.internal.send(Internal::Rejected(key, slot, failure));
@@ -543,6 +554,7 @@ impl Worker {
                 cancel,
                 attempts: 1,
                 stage: Stage::Running,
+                fingerprint: self.admitted.take(),
             },
         );
         self.engine.scheduler.submit(job);
@@ -692,7 +704,9 @@ impl Worker {
             Internal::Rejected(key, slot, failure) => {
                 self.outcome((key, slot), Err(failure)).await;
             }
-            Internal::Checked(key, slot, seen) => self.on_checked(key, slot, seen),
+            Internal::Checked(key, slot, fingerprint, seen) => {
+                self.on_checked(key, slot, fingerprint, seen);
+            }
             Internal::Remembered => self.on_remembered(),
         }
     }

@@ -62,7 +62,10 @@ impl Worker {
             return Admission::Pass;
         };
         match dedup.check(id) {
-            Known::New => Admission::Pass,
+            Known::New => {
+                self.admitted = Some(id);
+                Admission::Pass
+            }
             Known::Seen => {
                 self.duplicate(message);
                 Admission::Skip
@@ -76,12 +79,13 @@ impl Worker {
                         cancel: CancelToken::new(),
                         attempts: 0,
                         stage: Stage::Checking,
+                        fingerprint: Some(id),
                     },
                 );
                 let internal = self.internal.clone();
                 self.engine.runtime.spawn(async move {
                     let seen = dedup.ask(id).await;
-                    let _ = internal.send(Internal::Checked(key, slot, seen));
+                    let _ = internal.send(Internal::Checked(key, slot, id, seen));
                 });
                 Admission::Hold
             }
@@ -104,7 +108,13 @@ impl Worker {
     }
 
     /// The dedup store answered for a held event: skip it, or resume its admit walk.
-    pub(super) fn on_checked(&mut self, key: Key, slot: Slot, seen: bool) {
+    pub(super) fn on_checked(
+        &mut self,
+        key: Key,
+        slot: Slot,
+        fingerprint: Fingerprint,
+        seen: bool,
+    ) {
         let id = (key, slot);
         // Gone when a drain left it to the next owner.
         if !self
@@ -123,6 +133,7 @@ impl Worker {
             }
             self.walk(flight.event, 0, Some(Admission::Skip));
         } else {
+            self.admitted = Some(fingerprint);
             self.walk(flight.event, stages::after(stages::Admit::Dedup), None);
         }
     }
@@ -136,12 +147,12 @@ impl Worker {
         let Some(dedup) = self.engine.dedup.clone() else {
             return;
         };
-        let Some(fingerprint) = self
-            .in_flight
-            .get(id)
-            .and_then(|f| message_of(&f.event))
-            .and_then(|m| self.fingerprint(m))
-        else {
+        // Computed here only for an event that did not pass the dedup stage's check (one an
+        // admit stage rejected).
+        let Some(fingerprint) = self.in_flight.get(id).and_then(|f| {
+            f.fingerprint
+                .or_else(|| message_of(&f.event).and_then(|m| self.fingerprint(m)))
+        }) else {
             return;
         };
         if dedup.remember(fingerprint) {
