@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR
 CARGO := cargo
 RUBY_FILES := $(shell git ls-files '*.rb' 'Rakefile' '*.gemspec' 'Gemfile' 2>/dev/null)
 
-.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-ruby-async2 test-gc-stress test-gem bench bench-timers bench-scheduler bench-defer gem clean
+.PHONY: setup build demo test lint services services-stop test-rust test-ruby test-ruby-async2 test-gc-stress test-gem bench bench-timers bench-scheduler bench-defer bench-dedup gem clean
 
 setup:
 	@dev/setup
@@ -94,6 +94,11 @@ bench-scheduler: setup
 # Cassandra (started if needed); prints msg/s and the ratio to the 5,000 msg/s target.
 bench-defer: setup services
 	$(CARGO) run --release -p prosody-core --example defer_drain
+
+# Deduplication against the local Kafka and Cassandra (started if needed): msg/s with it on
+# (a Cassandra read and write per message) and off.
+bench-dedup: build services
+	ruby -Ilib bench/dedup.rb
 
 # Timers in memory, and in the local Cassandra (started if needed).
 bench-timers: build services

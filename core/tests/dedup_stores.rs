@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,10 @@ fn rand_u32() -> u32 {
         .subsec_nanos()
 }
 
+async fn seen(store: &dyn DedupStore, id: u128) -> bool {
+    store.seen(vec![id]).await.unwrap()[0]
+}
+
 async fn records_and_expires(store: &dyn DedupStore) {
     let all = ids(150);
     let (recorded, others) = all.split_at(100);
@@ -35,12 +40,13 @@ async fn records_and_expires(store: &dyn DedupStore) {
         .record(recorded.to_vec(), Duration::from_secs(3_600))
         .await
         .unwrap();
-    for id in recorded {
-        assert!(store.seen(*id).await.unwrap(), "{id:x} was recorded");
+    // One read for all 150, answered in their order (more than one IN query's worth).
+    let answers = store.seen(all.clone()).await.unwrap();
+    assert_eq!(answers.len(), all.len());
+    for (id, seen) in all.iter().zip(&answers) {
+        assert_eq!(*seen, recorded.contains(id), "{id:x}");
     }
-    for id in others {
-        assert!(!store.seen(*id).await.unwrap(), "{id:x} was not recorded");
-    }
+    assert!(store.seen(Vec::new()).await.unwrap().is_empty());
     // Cassandra's TTLs are whole seconds, checked at read time.
     let short = others[0];
     let recorded_at = Instant::now();
@@ -48,10 +54,10 @@ async fn records_and_expires(store: &dyn DedupStore) {
         .record(vec![short], Duration::from_secs(1))
         .await
         .unwrap();
-    assert!(store.seen(short).await.unwrap());
+    assert!(seen(store, short).await);
     std::thread::sleep(Duration::from_millis(2_100).saturating_sub(recorded_at.elapsed()));
-    assert!(!store.seen(short).await.unwrap(), "expired after its TTL");
-    assert!(store.seen(recorded[0]).await.unwrap(), "a longer TTL stays");
+    assert!(!seen(store, short).await, "expired after its TTL");
+    assert!(seen(store, recorded[0]).await, "a longer TTL stays");
 }
 
 #[test]
@@ -74,18 +80,56 @@ fn cassandra_store_records_and_expires() {
     });
 }
 
+/// Counts the calls a store gets, and the ids in them.
+struct Counting {
+    inner: CassandraStore,
+    reads: AtomicUsize,
+    read_ids: AtomicUsize,
+    writes: AtomicUsize,
+    written_ids: AtomicUsize,
+}
+
+impl DedupStore for Counting {
+    fn seen(
+        &self,
+        ids: Vec<u128>,
+    ) -> prosody_core::timers::BoxFuture<'_, Result<Vec<bool>, prosody_core::dedup::DedupError>>
+    {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.read_ids.fetch_add(ids.len(), Ordering::SeqCst);
+        self.inner.seen(ids)
+    }
+
+    fn record(
+        &self,
+        ids: Vec<u128>,
+        ttl: Duration,
+    ) -> prosody_core::timers::BoxFuture<'_, Result<(), prosody_core::dedup::DedupError>> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.written_ids.fetch_add(ids.len(), Ordering::SeqCst);
+        self.inner.record(ids, ttl)
+    }
+}
+
 /// With a one-entry cache, the store answers for every other id: while its write is on the way
-/// (the cache's "writing" set), then from Cassandra.
+/// (the cache's "writing" set), then from Cassandra. Each miss is one id in one read; each
+/// remembered id one row in one write.
 #[test]
 #[ignore = "needs Cassandra on 127.0.0.1:9042: dev/services start cassandra"]
 fn a_one_entry_cache_still_deduplicates_through_cassandra() {
     prosody_core::runtime::handle().unwrap().block_on(async {
-        let store: Arc<dyn DedupStore> = Arc::new(cassandra_store().await);
+        let store = Arc::new(Counting {
+            inner: cassandra_store().await,
+            reads: AtomicUsize::new(0),
+            read_ids: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+            written_ids: AtomicUsize::new(0),
+        });
         let dedup = Dedup::new(
             1,
             "1".into(),
             Duration::from_secs(3_600),
-            Some(store.clone()),
+            Some(store.clone() as Arc<dyn DedupStore>),
         );
         let origin = Origin {
             group: "g",
@@ -99,7 +143,9 @@ fn a_one_entry_cache_still_deduplicates_through_cassandra() {
             .collect();
         for id in &prints {
             assert_eq!(dedup.check(*id), Known::Ask, "unknown to the cache");
-            assert!(!dedup.ask(*id).await);
+        }
+        assert_eq!(dedup.ask(prints.clone()).await, vec![false; 5]);
+        for id in &prints {
             assert!(dedup.remember(*id), "the store still has to be written");
         }
         // Not written yet: the cache answers for all five although it holds one.
@@ -107,15 +153,17 @@ fn a_one_entry_cache_still_deduplicates_through_cassandra() {
             assert_eq!(dedup.check(*id), Known::Seen);
         }
         dedup.write(prints.clone()).await;
-        let seen_by_store = prints
+        let asked = prints
             .iter()
             .filter(|id| dedup.check(**id) == Known::Ask)
             .count();
-        assert_eq!(seen_by_store, 4, "the cache holds only the last id");
-        for id in &prints {
-            assert!(dedup.ask(*id).await, "Cassandra has {id:x}");
-        }
+        assert_eq!(asked, 4, "the cache holds only the last id");
+        assert_eq!(dedup.ask(prints.clone()).await, vec![true; 5]);
         let fresh = dedup.fingerprint(origin, MessageId::Text("never"));
-        assert!(!dedup.ask(fresh).await);
+        assert_eq!(dedup.ask(vec![fresh]).await, vec![false]);
+        assert_eq!(store.reads.load(Ordering::SeqCst), 3);
+        assert_eq!(store.read_ids.load(Ordering::SeqCst), 11);
+        assert_eq!(store.writes.load(Ordering::SeqCst), 1);
+        assert_eq!(store.written_ids.load(Ordering::SeqCst), 5);
     });
 }

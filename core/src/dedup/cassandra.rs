@@ -1,7 +1,7 @@
 //! Deduplication records in Cassandra: one row per fingerprint (its 16 bytes, big-endian), with
-//! a TTL of `idempotence_ttl`. A read is one single-partition lookup; a worker's records go out
-//! together as unlogged batches of up to [`BATCH`] rows (one request, no batch log: each row is
-//! independent).
+//! a TTL of `idempotence_ttl`. A worker's reads go out together, as `IN` queries of up to
+//! [`BATCH`] ids; its records go out together, as unlogged batches of up to [`BATCH`] rows (one
+//! request, no batch log: each row is independent).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +21,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     statements: &["CREATE TABLE IF NOT EXISTS {ks}.dedup_records (id blob PRIMARY KEY)"],
 }];
 
-/// Rows per batch at most (well under Cassandra's batch size warning).
+/// Ids per query or batch at most (well under Cassandra's batch size warning).
 const BATCH: usize = 64;
 
 /// Cassandra's largest TTL (20 years), in seconds.
@@ -49,7 +49,7 @@ impl CassandraStore {
             .map_err(store_error)?;
         let select = session
             .prepare(format!(
-                "SELECT id FROM {keyspace}.dedup_records WHERE id = ?"
+                "SELECT id FROM {keyspace}.dedup_records WHERE id IN ?"
             ))
             .await
             .map_err(store_error)?;
@@ -67,17 +67,26 @@ fn ttl_seconds(ttl: Duration) -> i32 {
 }
 
 impl DedupStore for CassandraStore {
-    fn seen(&self, id: Fingerprint) -> BoxFuture<'_, Result<bool, DedupError>> {
+    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
         Box::pin(async move {
-            let bytes = id.to_be_bytes();
-            let rows = self
-                .session
-                .execute_unpaged(&self.select, (&bytes[..],))
-                .await
-                .map_err(store_error)?
-                .into_rows_result()
-                .map_err(store_error)?;
-            Ok(rows.rows_num() > 0)
+            let mut found = std::collections::HashSet::new();
+            for chunk in ids.chunks(BATCH) {
+                let keys: Vec<Vec<u8>> = chunk.iter().map(|id| id.to_be_bytes().to_vec()).collect();
+                let rows = self
+                    .session
+                    .execute_unpaged(&self.select, (keys,))
+                    .await
+                    .map_err(store_error)?
+                    .into_rows_result()
+                    .map_err(store_error)?;
+                for row in rows.rows::<(Vec<u8>,)>().map_err(store_error)? {
+                    let (bytes,) = row.map_err(store_error)?;
+                    if let Ok(array) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                        found.insert(u128::from_be_bytes(array));
+                    }
+                }
+            }
+            Ok(ids.iter().map(|id| found.contains(id)).collect())
         })
     }
 

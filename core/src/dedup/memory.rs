@@ -108,8 +108,8 @@ fn far_future() -> Instant {
 }
 
 impl DedupStore for MemoryStore {
-    fn seen(&self, id: Fingerprint) -> BoxFuture<'_, Result<bool, DedupError>> {
-        let seen = self.records(id).seen(id);
+    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
+        let seen = ids.iter().map(|id| self.records(*id).seen(*id)).collect();
         Box::pin(std::future::ready(Ok(seen)))
     }
 

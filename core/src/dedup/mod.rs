@@ -65,8 +65,8 @@ pub struct DedupError(pub String);
 
 /// Where fingerprints outlive the cache.
 pub trait DedupStore: Send + Sync {
-    /// Whether `id` was recorded (and has not expired).
-    fn seen(&self, id: Fingerprint) -> BoxFuture<'_, Result<bool, DedupError>>;
+    /// Which of `ids` were recorded (and have not expired), in their order.
+    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>>;
 
     /// Records `ids`, each expiring after `ttl`.
     fn record(&self, ids: Vec<Fingerprint>, ttl: Duration)
@@ -291,22 +291,26 @@ impl Dedup {
         }
     }
 
-    /// Asks the store whether `id` was recorded; a failed read counts as "not seen" (the message
-    /// is handled) and is logged.
-    pub async fn ask(&self, id: Fingerprint) -> bool {
+    /// Asks the store which of `ids` were recorded (in one read); a failed read counts as "not
+    /// seen" (the messages are handled) and is logged.
+    pub async fn ask(&self, ids: Vec<Fingerprint>) -> Vec<bool> {
+        let count = ids.len();
         let Some(store) = self.store.as_ref() else {
-            return false;
+            return vec![false; count];
         };
-        match store.seen(id).await {
-            Ok(seen) => seen,
-            Err(e) => {
-                self.log_failure(
-                    "read",
-                    &format!("could not read a deduplication record ({e}); the message is handled"),
-                );
-                false
-            }
-        }
+        let failure = match store.seen(ids).await {
+            Ok(seen) if seen.len() == count => return seen,
+            Ok(seen) => format!("the store answered for {} of them", seen.len()),
+            Err(e) => e.to_string(),
+        };
+        self.log_failure(
+            "read",
+            &format!(
+                "could not read {count} deduplication record(s) ({failure}); the messages are \
+                 handled"
+            ),
+        );
+        vec![false; count]
     }
 
     /// Remembers that `id` was handled. Returns `true` when the store must still be written

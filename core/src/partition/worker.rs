@@ -105,9 +105,9 @@ enum Internal {
     Defer(DeferReport),
     /// An admit stage rejected this in-flight event with this failure.
     Rejected(Key, Slot, Failure),
-    /// The dedup store answered for this held event (with this fingerprint): whether its id
-    /// was handled before.
-    Checked(Key, Slot, crate::dedup::Fingerprint, bool),
+    /// The dedup store answered for these held events (with their fingerprints): whether each
+    /// one's id was handled before.
+    Checked(Vec<(Key, Slot, crate::dedup::Fingerprint, bool)>),
     /// The worker's dedup records reached the store (or failed to, logged).
     Remembered,
 }
@@ -155,6 +155,10 @@ struct Worker {
     remembered: Vec<crate::dedup::Fingerprint>,
     /// Whether a dedup store write is in flight.
     remembering: bool,
+    /// Held events whose ids wait for the dedup store read in flight.
+    unchecked: Vec<(Key, Slot, crate::dedup::Fingerprint)>,
+    /// Whether a dedup store read is in flight.
+    checking: bool,
     /// The fingerprint the dedup stage computed for the event being walked (its flight keeps
     /// it, so the outcome does not compute it again).
     admitted: Option<crate::dedup::Fingerprint>,
@@ -212,6 +216,8 @@ pub(crate) fn spawn_worker(
         deferral,
         remembered: Vec::new(),
         remembering: false,
+        unchecked: Vec::new(),
+        checking: false,
         admitted: None,
         abort: CancelToken::new(),
     };
@@ -704,9 +710,7 @@ impl Worker {
             Internal::Rejected(key, slot, failure) => {
                 self.outcome((key, slot), Err(failure)).await;
             }
-            Internal::Checked(key, slot, fingerprint, seen) => {
-                self.on_checked(key, slot, fingerprint, seen);
-            }
+            Internal::Checked(answers) => self.on_checked(answers),
             Internal::Remembered => self.on_remembered(),
         }
     }

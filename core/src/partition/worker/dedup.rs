@@ -53,7 +53,9 @@ impl Worker {
     }
 
     /// The [`Admit::Dedup`](stages::Admit) stage. On a cache miss the event becomes its key's
-    /// in-flight event while the store is read; [`Internal::Checked`] resumes it.
+    /// in-flight event while the store is read; [`Internal::Checked`] resumes it. The misses of
+    /// a partition go to the store together: those that come while a read is in flight go with
+    /// the next one.
     pub(super) fn admit_dedup(&mut self, pending: &Pending) -> Admission {
         let (Some(dedup), Some(message)) = (self.engine.dedup.clone(), message_of(pending)) else {
             return Admission::Pass;
@@ -82,11 +84,8 @@ impl Worker {
                         fingerprint: Some(id),
                     },
                 );
-                let internal = self.internal.clone();
-                self.engine.runtime.spawn(async move {
-                    let seen = dedup.ask(id).await;
-                    let _ = internal.send(Internal::Checked(key, slot, id, seen));
-                });
+                self.unchecked.push((key, slot, id));
+                self.read_unchecked();
                 Admission::Hold
             }
         }
@@ -107,14 +106,40 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Sends the held events' ids to the store, unless a read is in flight.
+    fn read_unchecked(&mut self) {
+        if self.checking || self.unchecked.is_empty() {
+            return;
+        }
+        let Some(dedup) = self.engine.dedup.clone() else {
+            return;
+        };
+        let held = std::mem::take(&mut self.unchecked);
+        self.checking = true;
+        let internal = self.internal.clone();
+        self.engine.runtime.spawn(async move {
+            let seen = dedup.ask(held.iter().map(|(_, _, id)| *id).collect()).await;
+            let answers = held
+                .into_iter()
+                .zip(seen)
+                .map(|((key, slot, id), seen)| (key, slot, id, seen))
+                .collect();
+            let _ = internal.send(Internal::Checked(answers));
+        });
+    }
+
+    /// The dedup store answered for held events: each is skipped or resumes its admit walk;
+    /// then the events held meanwhile are read.
+    pub(super) fn on_checked(&mut self, answers: Vec<(Key, Slot, Fingerprint, bool)>) {
+        self.checking = false;
+        for (key, slot, fingerprint, seen) in answers {
+            self.checked(key, slot, fingerprint, seen);
+        }
+        self.read_unchecked();
+    }
+
     /// The dedup store answered for a held event: skip it, or resume its admit walk.
-    pub(super) fn on_checked(
-        &mut self,
-        key: Key,
-        slot: Slot,
-        fingerprint: Fingerprint,
-        seen: bool,
-    ) {
+    fn checked(&mut self, key: Key, slot: Slot, fingerprint: Fingerprint, seen: bool) {
         let id = (key, slot);
         // Gone when a drain left it to the next owner.
         if !self
