@@ -67,6 +67,42 @@ module ReadmeSamples # rubocop:disable Metrics/ModuleLength -- mostly the childr
         client = Prosody::Client.new(mock: true, source_system: "readme")
       RUBY
     },
+    # Deduplication: the sample's client reads what it sent; key1's duplicate is skipped.
+    '"Hello again!"' => {
+      before: <<~'RUBY',
+        require "timeout"
+      RUBY
+      after: <<~'RUBY'
+        seen = Queue.new
+        client.subscribe(Class.new(Prosody::EventHandler) { define_method(:on_message) { |_, m| seen << [m.key, m.payload] } }.new)
+        %w[key1 key2].each { |key| client.send_message("my-topic", key, { "marker" => true }) }
+        got = Array.new(4) { Timeout.timeout(20) { seen.pop } }.group_by(&:first).transform_values { |c| c.map(&:last) }
+        want = { "key1" => [{ "id" => "msg-123", "content" => "Hello!" }, { "marker" => true }],
+                 "key2" => [{ "id" => "msg-123", "content" => "Hello!" }, { "marker" => true }] }
+        raise "expected #{want}, got #{got}" unless got == want
+        raise "expected one duplicate, got #{client.skipped_events}" unless client.skipped_events[:duplicate] == 1
+        client.unsubscribe
+      RUBY
+    },
+    # Filtering: the sample's client gets the README's six payloads from another producer.
+    'allowed_events: ["user.", "account."]' => {
+      before: <<~'RUBY',
+        require "timeout"
+      RUBY
+      after: <<~'RUBY'
+        seen = Queue.new
+        client.subscribe(Class.new(Prosody::EventHandler) { define_method(:on_message) { |_, m| seen << m.payload } }.new)
+        producer = Prosody::Client.new(mock: true, source_system: "readme-producer")
+        sent = [{ "type" => "user.created" }, { "type" => "admin.user.created" }, { "type" => "account.deleted" },
+                { "type" => "my.account.deleted" }, { "type" => "notification" }, { "id" => 1 }]
+        sent.each { |payload| producer.send_message("my-topic", "k", payload) }
+        got = Array.new(3) { Timeout.timeout(20) { seen.pop } }
+        want = [{ "type" => "user.created" }, { "type" => "account.deleted" }, { "id" => 1 }]
+        raise "expected #{want}, got #{got}" unless got == want
+        raise "expected three filtered, got #{client.skipped_events}" unless client.skipped_events[:filtered] == 3
+        client.unsubscribe
+      RUBY
+    },
     # Testing: the sample is a spec of an OrderHandler; RSpec runs it at exit (a failure exits 1).
     "RSpec.describe OrderHandler" => {
       before: <<~'RUBY'

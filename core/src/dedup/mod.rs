@@ -457,6 +457,46 @@ mod tests {
         assert_eq!(held, 5000);
     }
 
+    /// A store whose every call fails.
+    struct Down;
+
+    impl DedupStore for Down {
+        fn seen(&self, _: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
+            Box::pin(std::future::ready(Err(DedupError(
+                "connection refused".into(),
+            ))))
+        }
+
+        fn record(
+            &self,
+            _: Vec<Fingerprint>,
+            _: Duration,
+        ) -> BoxFuture<'_, Result<(), DedupError>> {
+            Box::pin(std::future::ready(Err(DedupError(
+                "connection refused".into(),
+            ))))
+        }
+    }
+
+    #[test]
+    fn a_failing_store_lets_messages_run_and_is_logged_once_per_kind() {
+        let d = Dedup::new(8, "1".into(), Duration::from_secs(60), Some(Arc::new(Down)));
+        crate::runtime::handle().unwrap().block_on(async {
+            assert_eq!(d.check(1), Known::Ask);
+            assert_eq!(d.ask(vec![1, 2]).await, vec![false, false]);
+            assert_eq!(d.ask(vec![3]).await, vec![false]);
+            assert!(d.remember(1));
+            d.write(vec![1]).await;
+            d.write(vec![2]).await;
+        });
+        // The cache still knows what this process handled; the failed write left no "writing"
+        // entry behind.
+        assert_eq!(d.check(1), Known::Seen);
+        assert!(d.shard(1).writing.is_empty());
+        let logged = d.logged.lock().unwrap();
+        assert_eq!(logged.len(), 2, "one line per kind: read, write");
+    }
+
     #[test]
     fn cached_entries_expire_with_the_ttl() {
         let d = Dedup::new(8, "1".into(), Duration::from_millis(1), None);
