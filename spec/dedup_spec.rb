@@ -74,78 +74,40 @@ RSpec.describe "deduplication by message id (mock)" do
     expect(client.skipped_events[:duplicate]).to eq(1)
   end
 
-  it "skips an id an earlier client of the group handled (the store outlives the cache), with a one-entry cache" do
-    first = SwitchHandler.new([])
-    client = start(first, idempotence_cache_size: 1)
-    %w[a b c].each { |id| client.send_message(topic, "k", { "id" => id }) }
-    # Twice more, now that the one-entry cache holds only "c".
-    2.times { %w[a b c].each { |id| client.send_message(topic, "k", { "id" => id }) } }
-    settle(client, first)
-    expect(handled(first)).to eq([{ "id" => "a" }, { "id" => "b" }, { "id" => "c" }])
+  # Subscribes a new client of the group (with +options+), sends messages with +ids+ on key "k",
+  # waits until each was handled or skipped, unsubscribes, and returns the ids the handler ran.
+  def handle_ids(ids, **options)
+    handler = SwitchHandler.new([])
+    client = start(handler, **options)
+    ids.each { |id| client.send_message(topic, "k", { "id" => id }) }
+    settle(client, handler)
     client.unsubscribe
+    handled(handler).map { |payload| payload["id"] }
+  end
 
-    second = SwitchHandler.new([])
-    client = start(second)
-    %w[a d].each { |id| client.send_message(topic, "k", { "id" => id }) }
-    settle(client, second)
-    expect(handled(second)).to eq([{ "id" => "d" }])
-    expect(client.skipped_events[:duplicate]).to eq(1)
+  it "skips an id an earlier client of the group handled (the store outlives the cache), with a one-entry cache" do
+    # Twice more after the first three, when the one-entry cache holds only "c".
+    expect(handle_ids(%w[a b c] * 3, idempotence_cache_size: 1)).to eq(%w[a b c])
+    expect(handle_ids(%w[a d])).to eq(%w[d])
   end
 
   it "turns off entirely with idempotence_cache_size: 0 (nothing recorded either), as the option or its variable" do
-    handler = SwitchHandler.new([])
-    client = start(handler, idempotence_cache_size: 0)
-    2.times { client.send_message(topic, "k", { "id" => "x" }) }
-    settle(client, handler)
-    expect(handled(handler)).to eq([{ "id" => "x" }] * 2)
-    client.unsubscribe
-
+    expect(handle_ids(%w[x x], idempotence_cache_size: 0)).to eq(%w[x x])
     # Nothing was recorded: a client with deduplication on handles "x" once more, then skips it.
-    handler = SwitchHandler.new([])
-    client = start(handler)
-    2.times { client.send_message(topic, "k", { "id" => "x" }) }
-    settle(client, handler)
-    expect(handled(handler)).to eq([{ "id" => "x" }])
-    client.unsubscribe
-
+    expect(handle_ids(%w[x x])).to eq(%w[x])
     with_env("PROSODY_IDEMPOTENCE_CACHE_SIZE" => "0") do
-      handler = SwitchHandler.new([])
-      client = start(handler)
-      client.send_message(topic, "k", { "id" => "x" })
-      settle(client, handler)
-      expect(handled(handler)).to eq([{ "id" => "x" }])
+      expect(handle_ids(%w[x])).to eq(%w[x])
     end
   end
 
   it "forgets every earlier record when idempotence_version changes, as the option or its variable" do
-    handler = SwitchHandler.new([])
-    client = start(handler)
-    client.send_message(topic, "k", { "id" => "x" })
-    settle(client, handler)
-    client.unsubscribe
-
-    handler = SwitchHandler.new([])
-    client = start(handler, idempotence_version: "2")
-    2.times { client.send_message(topic, "k", { "id" => "x" }) }
-    settle(client, handler)
-    expect(handled(handler)).to eq([{ "id" => "x" }])
-    client.unsubscribe
-
+    expect(handle_ids(%w[x])).to eq(%w[x])
+    expect(handle_ids(%w[x x], idempotence_version: "2")).to eq(%w[x])
     with_env("PROSODY_IDEMPOTENCE_VERSION" => "3") do
-      handler = SwitchHandler.new([])
-      client = start(handler)
-      2.times { client.send_message(topic, "k", { "id" => "x" }) }
-      settle(client, handler)
-      expect(handled(handler)).to eq([{ "id" => "x" }])
-      client.unsubscribe
+      expect(handle_ids(%w[x x])).to eq(%w[x])
     end
-
     # Version "1" again: its record is still there.
-    handler = SwitchHandler.new([])
-    client = start(handler)
-    client.send_message(topic, "k", { "id" => "x" })
-    settle(client, handler)
-    expect(handled(handler)).to be_empty
+    expect(handle_ids(%w[x])).to be_empty
   end
 
   it "records an id whose handler failed permanently: its duplicate is skipped, not dead-lettered" do

@@ -48,6 +48,17 @@ impl<T: 'static> PerProcess<T> {
     }
 }
 
+impl<T: Default + Send + Sync + 'static> PerProcess<std::sync::Arc<T>> {
+    /// This process's shared value, created empty (`T::default()`) on first use.
+    pub fn shared(&self) -> std::sync::Arc<T> {
+        match self.get_or_try_init(|| Ok::<_, std::convert::Infallible>(std::sync::Arc::default()))
+        {
+            Ok(value) => value.clone(),
+            Err(never) => match never {},
+        }
+    }
+}
+
 impl<T: 'static> Default for PerProcess<T> {
     fn default() -> Self {
         Self::new()

@@ -151,6 +151,10 @@ impl Subscription {
     /// died.
     pub fn shutdown(mut self) -> Option<String> {
         self.stop_and_join();
+        // The workers are drained: nothing reads deferred messages any more.
+        if let Some(deferral) = self.engine.deferral.as_ref() {
+            deferral.reloader.stop();
+        }
         self.engine.failure.get().cloned()
     }
 

@@ -10,7 +10,7 @@
 //! the end of the partition, instead.
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,10 +45,12 @@ struct Request {
     reply: oneshot::Sender<Result<Vec<Fetched>, String>>,
 }
 
-/// The reader of a subscription. Dropping it stops the thread (it ends within [`IDLE_POLL`]).
+/// The reader of a subscription. Its subscription stops it ([`stop`](Self::stop)) once the
+/// partition workers are gone; dropping it also disconnects the thread (it ends at once, or
+/// after the read it is doing).
 pub struct Reloader {
-    requests: Option<mpsc::Sender<Request>>,
-    thread: Option<JoinHandle<()>>,
+    requests: Mutex<Option<mpsc::Sender<Request>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Reloader {
@@ -92,8 +94,8 @@ impl Reloader {
                 source,
             })?;
         Ok(Self {
-            requests: Some(requests),
-            thread: Some(thread),
+            requests: Mutex::new(Some(requests)),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -112,9 +114,13 @@ impl Reloader {
             offsets,
             reply,
         };
-        self.requests
-            .as_ref()
-            .ok_or("the deferred message reader stopped")?
+        let requests = self
+            .requests
+            .lock()
+            .ok()
+            .and_then(|r| r.clone())
+            .ok_or("the deferred message reader stopped")?;
+        requests
             .send(request)
             .map_err(|_| "the deferred message reader stopped".to_owned())?;
         answer
@@ -122,10 +128,13 @@ impl Reloader {
             .map_err(|_| "the deferred message reader stopped".to_owned())?
     }
 
-    /// Stops the thread and waits for it.
-    pub fn stop(&mut self) {
-        self.requests = None;
-        if let Some(thread) = self.thread.take() {
+    /// Stops the thread and waits for it (and its librdkafka consumer) to end.
+    pub fn stop(&self) {
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
     }
@@ -133,8 +142,11 @@ impl Reloader {
 
 impl Drop for Reloader {
     fn drop(&mut self) {
-        // Disconnecting is enough: the thread ends at its next idle check.
-        self.requests = None;
+        // Disconnecting is enough: the thread ends without being waited for (this may run on a
+        // runtime thread).
+        if let Ok(mut requests) = self.requests.lock() {
+            requests.take();
+        }
     }
 }
 

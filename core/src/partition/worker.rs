@@ -151,14 +151,10 @@ struct Worker {
     timers: Option<PartitionTimers>,
     /// The partition's deferred keys (pipeline mode with deferral on).
     deferral: Option<PartitionDeferral>,
-    /// Dedup records waiting for the store write in flight.
-    remembered: Vec<crate::dedup::Fingerprint>,
-    /// Whether a dedup store write is in flight.
-    remembering: bool,
-    /// Held events whose ids wait for the dedup store read in flight.
-    unchecked: Vec<(Key, Slot, crate::dedup::Fingerprint)>,
-    /// Whether a dedup store read is in flight.
-    checking: bool,
+    /// Dedup records for the store's next write.
+    remembered: dedup::Batch<crate::dedup::Fingerprint>,
+    /// Held events whose ids are for the dedup store's next read.
+    unchecked: dedup::Batch<(Key, Slot, crate::dedup::Fingerprint)>,
     /// The fingerprint the dedup stage computed for the event being walked (its flight keeps
     /// it, so the outcome does not compute it again).
     admitted: Option<crate::dedup::Fingerprint>,
@@ -214,10 +210,8 @@ pub(crate) fn spawn_worker(
         undecodable: 0,
         timers,
         deferral,
-        remembered: Vec::new(),
-        remembering: false,
-        unchecked: Vec::new(),
-        checking: false,
+        remembered: dedup::Batch::default(),
+        unchecked: dedup::Batch::default(),
         admitted: None,
         abort: CancelToken::new(),
     };
@@ -746,7 +740,7 @@ impl Worker {
 
     /// Store writes of this partition still in flight.
     fn writes(&self) -> usize {
-        self.deferral.as_ref().map_or(0, |d| d.writes) + usize::from(self.remembering)
+        self.deferral.as_ref().map_or(0, |d| d.writes) + usize::from(self.remembered.busy())
     }
 
     fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {

@@ -30,10 +30,7 @@ impl MemoryStore {
 
     /// The process-wide store used in mock mode.
     pub fn shared() -> Arc<MemoryStore> {
-        match SHARED.get_or_try_init(|| Ok::<_, std::convert::Infallible>(Arc::new(Self::new()))) {
-            Ok(store) => store.clone(),
-            Err(never) => match never {},
-        }
+        SHARED.shared()
     }
 
     fn with<T>(

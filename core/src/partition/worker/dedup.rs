@@ -10,6 +10,45 @@ use crate::event::{show_key, ConsumedMessage};
 use crate::handler::{Failure, Slot};
 use crate::partition::stages::{self, Admission};
 
+/// Items for a kind of store request of which one is in flight at a time: a request takes
+/// everything queued, the next one what came meanwhile (one request per round trip, however
+/// fast items come).
+#[derive(Debug)]
+pub(super) struct Batch<T> {
+    queued: Vec<T>,
+    busy: bool,
+}
+
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Self {
+            queued: Vec::new(),
+            busy: false,
+        }
+    }
+}
+
+impl<T> Batch<T> {
+    /// The queued items for a new request, unless one is in flight or nothing is queued.
+    fn start(&mut self) -> Option<Vec<T>> {
+        if self.busy || self.queued.is_empty() {
+            return None;
+        }
+        self.busy = true;
+        Some(std::mem::take(&mut self.queued))
+    }
+
+    /// The request in flight finished.
+    fn finish(&mut self) {
+        self.busy = false;
+    }
+
+    /// Whether a request is in flight.
+    pub(super) fn busy(&self) -> bool {
+        self.busy
+    }
+}
+
 /// The message of a message event (fresh or deferred); `None` for a timer.
 fn message_of(pending: &Pending) -> Option<&ConsumedMessage> {
     match pending {
@@ -84,7 +123,7 @@ impl Worker {
                         fingerprint: Some(id),
                     },
                 );
-                self.unchecked.push((key, slot, id));
+                self.unchecked.queued.push((key, slot, id));
                 self.read_unchecked();
                 Admission::Hold
             }
@@ -108,14 +147,12 @@ impl Worker {
 
     /// Sends the held events' ids to the store, unless a read is in flight.
     fn read_unchecked(&mut self) {
-        if self.checking || self.unchecked.is_empty() {
-            return;
-        }
         let Some(dedup) = self.engine.dedup.clone() else {
             return;
         };
-        let held = std::mem::take(&mut self.unchecked);
-        self.checking = true;
+        let Some(held) = self.unchecked.start() else {
+            return;
+        };
         let internal = self.internal.clone();
         self.engine.runtime.spawn(async move {
             let seen = dedup.ask(held.iter().map(|(_, _, id)| *id).collect()).await;
@@ -131,7 +168,7 @@ impl Worker {
     /// The dedup store answered for held events: each is skipped or resumes its admit walk;
     /// then the events held meanwhile are read.
     pub(super) fn on_checked(&mut self, answers: Vec<(Key, Slot, Fingerprint, bool)>) {
-        self.checking = false;
+        self.unchecked.finish();
         for (key, slot, fingerprint, seen) in answers {
             self.checked(key, slot, fingerprint, seen);
         }
@@ -181,22 +218,19 @@ impl Worker {
             return;
         };
         if dedup.remember(fingerprint) {
-            self.remembered.push(fingerprint);
+            self.remembered.queued.push(fingerprint);
             self.write_remembered();
         }
     }
 
-    /// Sends the remembered fingerprints to the store, unless a write is in flight (they go
-    /// with the next one: one write per round trip, however fast messages finish).
+    /// Sends the remembered fingerprints to the store, unless a write is in flight.
     fn write_remembered(&mut self) {
-        if self.remembering || self.remembered.is_empty() {
-            return;
-        }
         let Some(dedup) = self.engine.dedup.clone() else {
             return;
         };
-        let ids = std::mem::take(&mut self.remembered);
-        self.remembering = true;
+        let Some(ids) = self.remembered.start() else {
+            return;
+        };
         let internal = self.internal.clone();
         self.engine.runtime.spawn(async move {
             dedup.write(ids).await;
@@ -206,7 +240,7 @@ impl Worker {
 
     /// The dedup store write finished; the next one takes what was remembered meanwhile.
     pub(super) fn on_remembered(&mut self) {
-        self.remembering = false;
+        self.remembered.finish();
         self.write_remembered();
     }
 }
