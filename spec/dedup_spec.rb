@@ -182,5 +182,18 @@ RSpec.describe "deduplication by message id (mock)" do
       .to raise_error(ArgumentError, /invalid :idempotence_ttl, expected a duration from 1 second to 20 years/)
     expect { Prosody::Client.new(mock: true, idempotence_cache_size: -1) }
       .to raise_error(ArgumentError, /invalid :idempotence_cache_size/)
+    with_env("PROSODY_IDEMPOTENCE_TTL" => "500ms") do
+      expect { Prosody::Client.new(mock: true) }
+        .to raise_error(ArgumentError, /invalid PROSODY_IDEMPOTENCE_TTL, expected a duration from 1 second to 20 years/)
+    end
+  end
+
+  it "reads PROSODY_IDEMPOTENCE_TTL" do
+    with_env("PROSODY_IDEMPOTENCE_TTL" => "1s") do
+      expect(handle_ids(%w[x x])).to eq(%w[x])
+      # The record's lifetime is what this example is about: let it pass.
+      sleep 1.1
+      expect(handle_ids(%w[x])).to eq(%w[x])
+    end
   end
 end
