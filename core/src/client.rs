@@ -61,7 +61,7 @@ impl Client {
                 .unwrap_or_default()
         };
         for name in config.unimplemented_options() {
-            log::warn!("option {name} is accepted but not implemented yet; it has no effect");
+            tracing::warn!("option {name} is accepted but not implemented yet; it has no effect");
         }
         let producer = Producer::new(
             &bootstrap,
@@ -255,7 +255,7 @@ impl Client {
             return Ok(Some(dedup.clone()));
         }
         if stores.is_none() {
-            log::info!(
+            tracing::info!(
                 "deduplication keeps message ids in memory only (no cassandra_nodes): a message \
                  redelivered after a restart is handled again"
             );
@@ -304,7 +304,7 @@ impl Client {
         let config = &self.config;
         let Some(stores) = stores else {
             if config.mode == Mode::Pipeline && config.defer_enabled {
-                log::info!(
+                tracing::info!(
                     "deferred retry needs a store (cassandra_nodes, or mock: true); failing \
                      messages retry in place and hold their partition"
                 );

@@ -81,7 +81,7 @@ impl Engine {
             return;
         }
         if let Some(what) = self.failure.get() {
-            log::error!(
+            tracing::error!(
                 "{what}; this subscription no longer consumes: unsubscribe (which reports this \
                  error) and subscribe again, or restart the process"
             );

@@ -153,7 +153,7 @@ pub async fn migrate(
             )
             .await
             .map_err(|e| migration_error(migration.component, migration.version, e))?;
-        log::info!(
+        tracing::info!(
             "applied Cassandra schema {} v{} in keyspace {keyspace}",
             migration.component,
             migration.version

@@ -339,7 +339,7 @@ impl Dedup {
         };
         let count = ids.len();
         match store.record(ids.clone(), self.ttl).await {
-            Ok(()) => log::debug!("stored {count} deduplication record(s)"),
+            Ok(()) => tracing::debug!("stored {count} deduplication record(s)"),
             Err(e) => self.log_failure(
                 "write",
                 &format!(
@@ -373,7 +373,7 @@ impl Dedup {
             return;
         }
         logged.insert(kind, now);
-        log::warn!("{message} (further {kind} failures of the deduplication store are not logged for a minute)");
+        tracing::warn!("{message} (further {kind} failures of the deduplication store are not logged for a minute)");
     }
 }
 

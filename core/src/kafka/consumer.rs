@@ -233,7 +233,7 @@ impl ConsumerContext for PollContext {
             let lost = consumer.assignment_lost();
             if lost {
                 let names: Vec<String> = revoked.iter().map(|(t, p)| format!("{t}/{p}")).collect();
-                log::warn!(
+                tracing::warn!(
                     "this consumer lost its group membership (session timed out or fenced): \
                      partitions {} were taken away without a final commit; their messages not \
                      yet committed will be delivered again to the next owner",
@@ -263,7 +263,7 @@ impl ConsumerContext for PollContext {
                         continue;
                     }
                     let Some(mut queue) = consumer.split_partition_queue(&tp.0, tp.1) else {
-                        log::error!(
+                        tracing::error!(
                             "could not read topic={} partition={} from its own queue",
                             tp.0,
                             tp.1
@@ -309,7 +309,7 @@ impl ConsumerContext for PollContext {
                 }
                 if !added.is_empty() {
                     added.sort();
-                    log::info!(
+                    tracing::info!(
                         "assigned {} partition(s): {}",
                         added.len(),
                         added.join(", ")
@@ -318,7 +318,7 @@ impl ConsumerContext for PollContext {
                 self.waker.wake();
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => log::error!("rebalance failed: {e}"),
+            Rebalance::Error(e) => tracing::error!("rebalance failed: {e}"),
         }
     }
 }
@@ -339,7 +339,7 @@ fn committed_positions(
             })
             .collect(),
         Err(e) => {
-            log::warn!(
+            tracing::warn!(
                 "could not read the committed positions of the assigned partitions ({e}); \
                  a deferred key's messages that an earlier owner could not finish storing wait \
                  until they are read again"
@@ -407,12 +407,12 @@ impl PollContext {
             names.push(format!("{}/{}", tp.0, tp.1));
             if let Some(position) = position.filter(|p| Some(*p) != committed) {
                 if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
-                    log::warn!("could not record the offset of {}/{}: {e}", tp.0, tp.1);
+                    tracing::warn!("could not record the offset of {}/{}: {e}", tp.0, tp.1);
                 }
             }
         }
         names.sort();
-        log::info!(
+        tracing::info!(
             "released {} partition(s) after {:?}: {}",
             names.len(),
             start.elapsed(),
@@ -420,7 +420,7 @@ impl PollContext {
         );
         if commit && tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                log::warn!(
+                tracing::warn!(
                     "final commit on revoke failed: {e}; the uncommitted tail will be re-delivered"
                 );
             }
@@ -475,7 +475,7 @@ impl PollLoop {
             while let Some(result) = self.consumer.poll(Duration::ZERO) {
                 match result {
                     Ok(message) => self.route_stray(message.detach()),
-                    Err(e) => log::warn!("Kafka consumer error: {e}"),
+                    Err(e) => tracing::warn!("Kafka consumer error: {e}"),
                 }
             }
             let read = self.read_partitions();
@@ -509,7 +509,7 @@ impl PollLoop {
                         read += 1;
                     }
                     Some(Err(e)) => {
-                        log::warn!("error reading topic={topic} partition={partition}: {e}");
+                        tracing::warn!("error reading topic={topic} partition={partition}: {e}");
                         break;
                     }
                 }
@@ -529,7 +529,7 @@ impl PollLoop {
                 assigned.shared.took();
                 let _ = assigned.worker.send(WorkerInput::Record(message));
             }
-            None => log::debug!(
+            None => tracing::debug!(
                 "dropping a record of unassigned topic={} partition={} offset={}; it stays uncommitted",
                 tp.0,
                 tp.1,
@@ -561,7 +561,7 @@ impl PollLoop {
         drop(partitions);
         if tpl.count() > 0 {
             if let Err(e) = self.consumer.commit(&tpl, mode) {
-                log::warn!("offset commit failed: {e}; it is retried at the next interval");
+                tracing::warn!("offset commit failed: {e}; it is retried at the next interval");
                 // Forget what we believed committed so the next round tries again.
                 if let Ok(mut partitions) = context.partitions.lock() {
                     for assigned in partitions.values_mut() {
@@ -593,7 +593,7 @@ impl PollLoop {
             let _ = self.consumer.poll(Duration::from_millis(20));
         }
         close_bounded(self.consumer);
-        log::info!("consumer stopped");
+        tracing::info!("consumer stopped");
     }
 }
 
@@ -616,7 +616,7 @@ fn close_bounded(consumer: Arc<BaseConsumer<PollContext>>) {
     match spawned {
         Ok(_) => {
             if wait.recv_timeout(CLOSE_WAIT).is_err() {
-                log::warn!(
+                tracing::warn!(
                     "closing the Kafka consumer did not finish within {CLOSE_WAIT:?} (a known \
                      librdkafka issue when the group changes the assignment during close); its \
                      partitions were released and committed, so it is left to finish in the \
@@ -624,6 +624,6 @@ fn close_bounded(consumer: Arc<BaseConsumer<PollContext>>) {
                 );
             }
         }
-        Err(e) => log::warn!("could not start a thread to close the Kafka consumer ({e})"),
+        Err(e) => tracing::warn!("could not start a thread to close the Kafka consumer ({e})"),
     }
 }

@@ -41,7 +41,7 @@ pub fn shared() -> Result<&'static MockKafka, KafkaError> {
         let cluster =
             MockCluster::new(1).map_err(|e| KafkaError::Mock(format!("could not create: {e}")))?;
         let bootstrap = cluster.bootstrap_servers();
-        log::debug!("started the mock Kafka cluster at {bootstrap}");
+        tracing::debug!("started the mock Kafka cluster at {bootstrap}");
         Ok(MockKafka {
             cluster: SyncMock(cluster),
             bootstrap,

@@ -18,11 +18,11 @@ use thiserror::Error;
 /// not log on its own is logged here above DEBUG.
 pub(crate) fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
     match error.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::Fatal) => log::error!("fatal Kafka client error: {reason}"),
+        Some(RDKafkaErrorCode::Fatal) => tracing::error!("fatal Kafka client error: {reason}"),
         Some(RDKafkaErrorCode::AllBrokersDown) => {
-            log::warn!("no Kafka broker is reachable: {reason}")
+            tracing::warn!("no Kafka broker is reachable: {reason}")
         }
-        _ => log::debug!("Kafka client error: {error}: {reason}"),
+        _ => tracing::debug!("Kafka client error: {error}: {reason}"),
     }
 }
 
@@ -32,7 +32,7 @@ pub(crate) fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str)
 /// at every metadata refresh; the caller logs one clear error of its own instead.
 pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &str) -> bool {
     if facility == "CLUSTERID" {
-        log::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
         return true;
     }
     match level {
@@ -40,16 +40,16 @@ pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, facility: &str, message: &s
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
         | RDKafkaLogLevel::Error => {
-            log::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
         RDKafkaLogLevel::Warning => {
-            log::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
         RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            log::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
         RDKafkaLogLevel::Debug => {
-            log::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
+            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
     }
     false
@@ -79,7 +79,7 @@ impl ClientContext for ProducerContext {
         if log_librdkafka(level, facility, message)
             && self.cluster_changed.set(message.to_owned()).is_ok()
         {
-            log::error!(
+            tracing::error!(
                 "the Kafka cluster behind bootstrap_servers changed ({message}); the {}'s state \
                  belongs to the old cluster: it is replaced by a new one at the next send",
                 self.name

@@ -119,7 +119,7 @@ impl Producer {
         if shared.cluster_changed.get().is_some() {
             match Shared::pooled(&shared.bootstrap, shared.send_timeout, shared.mock) {
                 Ok(fresh) => *shared = fresh,
-                Err(e) => log::error!("could not replace the producer: {e}"),
+                Err(e) => tracing::error!("could not replace the producer: {e}"),
             }
         }
         shared.clone()
@@ -377,7 +377,7 @@ impl Sweeper {
         });
         match sweeper {
             Ok(sweeper) => sweeper.wake.notify_one(),
-            Err(e) => log::error!("could not start the producer's sweeper: {e}"),
+            Err(e) => tracing::error!("could not start the producer's sweeper: {e}"),
         }
     }
 
@@ -697,11 +697,11 @@ impl Shared {
                 true
             }
             Ok(Err(e)) => {
-                log::debug!("producer warm-up: no broker answered yet ({e})");
+                tracing::debug!("producer warm-up: no broker answered yet ({e})");
                 false
             }
             Err(e) => {
-                log::debug!("producer warm-up did not finish ({e})");
+                tracing::debug!("producer warm-up did not finish ({e})");
                 false
             }
         };
@@ -713,19 +713,19 @@ impl Shared {
         let created =
             crate::kafka::mock::shared().and_then(|mock| mock.ensure_topic(WARM_UP_TOPIC, 1));
         if let Err(e) = created {
-            log::debug!("producer warm-up: {e}");
+            tracing::debug!("producer warm-up: {e}");
             return;
         }
         let acks = Acks::register(1);
         let record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(WARM_UP_TOPIC, acks.opaque(0)).payload(b"{}".as_slice());
         if let Err((e, _)) = self.inner.send(record) {
-            log::debug!("producer warm-up: the probe record was not queued ({e})");
+            tracing::debug!("producer warm-up: the probe record was not queued ({e})");
             return;
         }
         acks.wait(Instant::now() + START_UP_WAIT).await;
         if let Some(Some(Err(e))) = acks.take().pop() {
-            log::debug!("producer warm-up: the probe record was not delivered ({e:?})");
+            tracing::debug!("producer warm-up: the probe record was not delivered ({e:?})");
         }
     }
 
@@ -776,7 +776,7 @@ impl Shared {
         })
         .await;
         if let Ok(Err(e)) = fetched {
-            log::debug!("no metadata for topic {topic:?} yet ({e})");
+            tracing::debug!("no metadata for topic {topic:?} yet ({e})");
         }
     }
 }

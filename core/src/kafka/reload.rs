@@ -290,7 +290,7 @@ impl Reader {
                         self.position = None;
                     }
                 }
-                Some(Err(e)) => log::debug!("deferred message reader: {e}"),
+                Some(Err(e)) => tracing::debug!("deferred message reader: {e}"),
             }
             if next > before {
                 deadline = Instant::now() + self.timeout;

@@ -259,7 +259,7 @@ impl Worker {
                 .policy
                 .ceiling(tries)
                 .max(Duration::from_millis(100));
-            log::error!(
+            tracing::error!(
                 "could not load the deferred keys of topic={} partition={} ({e}); its messages wait, trying again in {delay:?}",
                 self.topic,
                 self.partition
@@ -479,7 +479,7 @@ impl Worker {
         };
         let window = monopoly.window();
         if log {
-            log::warn!(
+            tracing::warn!(
                 "key={} of topic={} partition={} used {:.0}% of the last {window:?} of handler time \
                  (monopolization_threshold {:.0}%); its messages are rejected until it falls under",
                 crate::event::show_key(Some(key)),
@@ -526,7 +526,7 @@ impl Worker {
         if message.header(SOURCE_SYSTEM_HEADER) != Some(group.as_bytes()) {
             return Admission::Pass;
         }
-        log::debug!(
+        tracing::debug!(
             "skipping record produced by this group topic={} partition={} offset={}",
             self.topic,
             self.partition,
@@ -805,13 +805,13 @@ impl Worker {
                 },
                 _ = sleep_until(deadline.into()) => {
                     if cancelled {
-                        log::warn!(
+                        tracing::warn!(
                             "releasing topic={} partition={} with {} event(s) still in flight after the shutdown timeout; they stay uncommitted",
                             self.topic, self.partition, self.in_flight.len() + self.undecodable + self.writes()
                         );
                         break;
                     }
-                    log::info!(
+                    tracing::info!(
                         "cancelling {} handler(s) of topic={} partition={} near the shutdown timeout",
                         self.in_flight.len(), self.topic, self.partition
                     );
@@ -824,7 +824,7 @@ impl Worker {
             // Failures during the drain retry later, under the next owner.
             self.in_flight.retain(|_, f| Self::runs_on(f));
         }
-        log::debug!(
+        tracing::debug!(
             "drained topic={} partition={} in {:?} ({} waiting event(s) left for the next owner)",
             self.topic,
             self.partition,

@@ -636,14 +636,14 @@ impl Scheduler {
             wake
         };
         for (token, key, ran) in cancel {
-            log::warn!(
+            tracing::warn!(
                 "handler for key={} exceeded its timeout ({ran:?}); cancelling it",
                 show_key(key.as_deref())
             );
             token.cancel();
         }
         for (notice, key, ran) in quarantined {
-            log::warn!(
+            tracing::warn!(
                 "handler for key={} ignored its cancellation and is still running after {ran:?}; \
                  its permit is released and the event counts as a transient failure, but the key \
                  stays blocked until the handler returns",

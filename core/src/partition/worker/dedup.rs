@@ -67,7 +67,7 @@ impl Worker {
         if filter.allows(&message.payload) {
             return Admission::Pass;
         }
-        log::debug!(
+        tracing::debug!(
             "skipping message of type {:?} (not in allowed_events) topic={} partition={} offset={} key={}",
             crate::filter::EventFilter::event_type(&message.payload).unwrap_or_default(),
             self.topic,
@@ -132,7 +132,7 @@ impl Worker {
 
     /// Counts and logs a duplicate that is skipped.
     fn duplicate(&self, message: &ConsumedMessage) {
-        log::debug!(
+        tracing::debug!(
             "skipping duplicate message (its id was handled before) topic={} partition={} offset={} key={}",
             self.topic,
             self.partition,

@@ -239,7 +239,7 @@ impl Worker {
         };
         let keys = d.setup.store.load(&d.scope).await?;
         if !keys.is_empty() {
-            log::info!(
+            tracing::info!(
                 "topic={} partition={} has {} deferred key(s); retrying them when due",
                 self.topic,
                 self.partition,
@@ -280,7 +280,7 @@ impl Worker {
                     Err(e) => {
                         tries = tries.saturating_add(1);
                         let delay = policy.ceiling(tries);
-                        log::warn!(
+                        tracing::warn!(
                             "could not store {op:?} for topic={} partition={} ({e}); trying again in {delay:?}",
                             scope.topic,
                             scope.partition
@@ -327,7 +327,7 @@ impl Worker {
         state.incoming.remove(&offset);
         state.appending.insert(offset);
         let key = key.clone();
-        log::debug!(
+        tracing::debug!(
             "message topic={} partition={} offset={offset} key={} joins its key's deferred messages",
             self.topic,
             self.partition,
@@ -441,7 +441,7 @@ impl Worker {
                     return self.poisoned(id.clone(), failure, attempts).await;
                 }
                 let (retry, delay) = d.setup.backoff.retry(attempts);
-                log::warn!(
+                tracing::warn!(
                     "{} failed again (deferred retry {}, {failure}); next retry in {delay:?}",
                     self.describe(id),
                     attempts - 1
@@ -461,7 +461,7 @@ impl Worker {
             Pending::Message(_) if !failure.permanent && d.setup.gate.allows_deferral() => {
                 let (retry, delay) = d.setup.backoff.retry(1);
                 flight.stage = Stage::Deferring;
-                log::warn!(
+                tracing::warn!(
                     "{} failed ({failure}); deferring its key, first retry in {delay:?}",
                     self.describe(id)
                 );
@@ -497,7 +497,7 @@ impl Worker {
         };
         match (raw, self.engine.dead_letters.clone()) {
             (Some(raw), Some(dead_letters)) => {
-                log::error!(
+                tracing::error!(
                     "{what} failed {attempts} times ({failure}), past defer_max_retries; sending it to {}",
                     dead_letters.topic
                 );
@@ -516,7 +516,7 @@ impl Worker {
                 Handled::Done
             }
             _ => {
-                log::error!(
+                tracing::error!(
                     "{what} failed {attempts} times ({failure}), past defer_max_retries; skipping it \
                      (set failure_topic to keep such messages)"
                 );
@@ -544,7 +544,7 @@ impl Worker {
             return;
         }
         if let Err(e) = result {
-            log::error!(
+            tracing::error!(
                 "could not defer {} ({e}); retrying it in place",
                 self.describe(&id)
             );
@@ -705,7 +705,7 @@ impl Worker {
         };
         if d.setup.max_retries.is_some_and(|max| attempts > max) {
             let what = self.describe(id);
-            log::error!(
+            tracing::error!(
                 "{what} failed {attempts} times ({failure}), past defer_max_retries; giving up on it"
             );
             self.succeeded(id.clone()).await;
@@ -729,7 +729,7 @@ impl Worker {
             },
         );
         d.timer_due.insert((due_ms, key));
-        log::warn!(
+        tracing::warn!(
             "{} failed ({failure}); deferring it (the key's later timers wait), retry in {delay:?}",
             self.describe(id)
         );
@@ -811,7 +811,7 @@ impl Worker {
             return;
         }
         d.keys.remove(key);
-        log::info!(
+        tracing::info!(
             "key={} of topic={} partition={} has no deferred messages left; it runs normally again",
             show_key(Some(key)),
             self.topic,
@@ -936,7 +936,7 @@ impl Worker {
         let mut fetched = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
-                log::warn!(
+                tracing::warn!(
                     "could not read deferred messages of topic={} partition={}: {e}; trying again later",
                     self.topic,
                     self.partition
@@ -1057,13 +1057,13 @@ impl Worker {
             show_key(Some(&key))
         );
         let Some(dead_letters) = self.engine.dead_letters.clone() else {
-            log::error!("skipping {what}: {why} (set failure_topic to keep such messages)");
+            tracing::error!("skipping {what}: {why} (set failure_topic to keep such messages)");
             self.forget(key, offset);
             return;
         };
         // Not counted as a store write: if the partition goes away first, the offset stays
         // stored and the next owner tries again.
-        log::error!("sending {what} to {}: {why}", dead_letters.topic);
+        tracing::error!("sending {what} to {}: {why}", dead_letters.topic);
         let class = match reason {
             Reason::Undecodable => super::failure::UNDECODABLE,
             _ => "Prosody::DeferredMessageGone",

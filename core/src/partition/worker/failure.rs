@@ -27,7 +27,9 @@ impl Worker {
         match decision {
             Decision::Retry(delay) => {
                 flight.stage = Stage::Waiting;
-                log::warn!("{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}");
+                tracing::warn!(
+                    "{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}"
+                );
                 let internal = self.internal.clone();
                 let abort = self.abort.clone();
                 let (key, slot) = id;
@@ -49,7 +51,7 @@ impl Worker {
                     self.give_up(id, &what, &failure, attempts).await;
                     return;
                 };
-                log::error!(
+                tracing::error!(
                     "{what} failed (attempt {attempts}, {failure}); sending it to {} ({})",
                     dead_letters.topic,
                     reason.as_str()
@@ -77,7 +79,9 @@ impl Worker {
         failure: &Failure,
         attempts: u32,
     ) {
-        log::error!("{what} failed (attempt {attempts}, {failure}); giving up on it and moving on");
+        tracing::error!(
+            "{what} failed (attempt {attempts}, {failure}); giving up on it and moving on"
+        );
         self.succeeded(id).await;
     }
 
@@ -125,7 +129,7 @@ impl Worker {
                     Err(e) => {
                         tries = tries.saturating_add(1);
                         let delay = policy.ceiling(tries);
-                        log::error!(
+                        tracing::error!(
                             "could not send topic={} partition={} offset={} to the failure topic ({}); retrying in {delay:?}",
                             rdkafka::Message::topic(&raw),
                             rdkafka::Message::partition(&raw),
@@ -173,7 +177,7 @@ impl Worker {
             raw,
         } = bad;
         let Some(dead_letters) = self.engine.dead_letters.clone() else {
-            log::error!(
+            tracing::error!(
                 "skipping undecodable record topic={} partition={} offset={offset} key={}: {reason} \
                  (set failure_topic to keep such records)",
                 self.topic,
@@ -183,7 +187,7 @@ impl Worker {
             self.retire(offset);
             return;
         };
-        log::error!(
+        tracing::error!(
             "sending undecodable record topic={} partition={} offset={offset} key={} to {}: {reason}",
             self.topic,
             self.partition,

@@ -98,7 +98,7 @@ impl Worker {
                     }
                 }
             }
-            Err(e) => log::error!(
+            Err(e) => tracing::error!(
                 "could not load the timers of topic={} partition={}: {e}; they fire after the next assignment",
                 self.topic,
                 self.partition
@@ -139,7 +139,7 @@ impl Worker {
             .unschedule(&timers.handle.scope, &key, time)
             .await
         {
-            log::warn!(
+            tracing::warn!(
                 "could not delete fired timer key={key:?} time={time}: {e}; it may fire again"
             );
         }
