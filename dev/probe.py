@@ -2,9 +2,12 @@
 """Readiness probes that speak the servers' own protocols, so `dev/services wait` needs no
 client tools: `probe.py kafka HOST:PORT` sends a Kafka Metadata request and succeeds when a
 broker answers with at least one broker; `probe.py cassandra HOST:PORT` runs
-`SELECT release_version FROM system.local` over CQL native protocol v4 and prints the version."""
+`SELECT release_version FROM system.local` over CQL native protocol v4 and prints the version;
+`probe.py jaeger HOST:PORT` asks Jaeger's query API for its services."""
 
+import json
 import socket
+import urllib.request
 import struct
 import sys
 
@@ -76,11 +79,17 @@ def cassandra(host, port):
         print(f"cassandra ready: release_version {body[pos + 4:pos + 4 + n].decode()}")
 
 
+def jaeger(host, port):
+    with urllib.request.urlopen(f"http://{host}:{port}/api/services", timeout=3) as reply:
+        services = json.load(reply).get("data") or []
+    print(f"jaeger ready: {len(services)} service(s) traced")
+
+
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
     host, port = address.rsplit(":", 1)
     try:
-        {"kafka": kafka, "cassandra": cassandra}[what](host, int(port))
+        {"kafka": kafka, "cassandra": cassandra, "jaeger": jaeger}[what](host, int(port))
     except Exception as error:  # noqa: BLE001 - any failure means "not ready yet"
         print(f"{what} not ready: {error}", file=sys.stderr)
         sys.exit(1)
