@@ -130,6 +130,37 @@ RSpec.describe "deduplication by message id (mock)" do
     expect(Prosody::Native.mock_read_topic(dlq, 2, 0.5).size).to eq(1)
   end
 
+  it "records a permanent failure only once its dead letter is acknowledged (a redelivery before that is handled)" do
+    dlq = unique("dlq")
+    Prosody::Native.mock_create_topic(dlq, 1)
+    Prosody::Native.mock_fail_topic(dlq, true)
+    strict = Class.new(SwitchHandler) do
+      permanent :on_message, TypeError
+      def on_message(context, message)
+        super
+        raise TypeError, "malformed" if message.payload["bad"]
+      end
+    end
+    first = strict.new([])
+    client = start(first, failure_topic: dlq, send_timeout: 0.5, shutdown_timeout: 0.5)
+    client.send_message(topic, "k", { "id" => "x", "bad" => true })
+    wait_for(message: "a failed dead-letter send") do
+      log_output[/could not send topic=#{topic} .*to the failure topic/]
+    end
+    # The dead letter never got through: the offset stays uncommitted, and the id unrecorded.
+    client.unsubscribe
+    Prosody::Native.mock_fail_topic(dlq, false)
+
+    second = strict.new([])
+    client = start(second, failure_topic: dlq)
+    settle(client, second)
+    expect(second.calls.count { |k, p, _| k == "k" && p["bad"] }).to eq(1)
+    wait_for(message: "the dead letter") { Prosody::Native.mock_read_topic(dlq, 1, 0.2).size == 1 }
+    expect(client.skipped_events[:duplicate]).to eq(0)
+  ensure
+    Prosody::Native.mock_fail_topic(dlq, false)
+  end
+
   it "does not record an id whose handler failed transiently: the next copy is handled" do
     handler = SwitchHandler.new(["k"])
     client = start(handler, mode: :best_effort, max_retries: 0)

@@ -27,7 +27,10 @@
 //! **Outcome** stages run, in order, after a handler call ended; the first that takes the event
 //! over ends the walk:
 //! - [`Outcome::Remember`]: a message with an `id` that succeeded or failed permanently is
-//!   remembered for deduplication (never takes over; a transient failure is not remembered).
+//!   marked to be remembered for deduplication when it finishes for good (never takes over; a
+//!   transient failure clears the mark). The worker's finish (`succeeded`, which every exit goes
+//!   through: success, give-up, the failure topic's acknowledgement) writes the marked id, so a
+//!   permanent failure is remembered only once its dead letter is acknowledged.
 //! - [`Outcome::Account`]: counts the call for failure-rate gating (never takes over).
 //! - [`Outcome::Defer`] (pipeline mode): a transient failure defers the key while the failure
 //!   rate allows it; a deferred message that failed again waits for its next retry.

@@ -90,6 +90,8 @@ struct Flight {
     stage: Stage,
     /// The message's dedup fingerprint, when the dedup stage computed one.
     fingerprint: Option<crate::dedup::Fingerprint>,
+    /// Whether its id is remembered when it finishes (it succeeded or failed permanently).
+    remember: bool,
 }
 
 /// What the worker's own helper tasks report.
@@ -510,6 +512,7 @@ impl Worker {
                 attempts: 1,
                 stage: Stage::Running,
                 fingerprint: None,
+                remember: false,
             },
         );
         let _ = self.internal.send(Internal::Rejected(key, slot, failure));
@@ -555,6 +558,7 @@ impl Worker {
                 attempts: 1,
                 stage: Stage::Running,
                 fingerprint: self.admitted.take(),
+                remember: false,
             },
         );
         self.engine.scheduler.submit(job);
@@ -667,6 +671,9 @@ impl Worker {
     /// event.
     async fn succeeded(&mut self, id: (Key, Slot)) {
         let flight = self.in_flight.remove(&id);
+        if let Some(flight) = flight.as_ref() {
+            self.remember_finished(flight);
+        }
         let deferred = matches!(flight.map(|f| f.event), Some(Pending::Deferred(_)));
         match (id.1, id.0.clone()) {
             (Slot::Offset(offset), Some(key)) if deferred => self.deferred_done(key, offset),

@@ -121,6 +121,7 @@ impl Worker {
                         attempts: 0,
                         stage: Stage::Checking,
                         fingerprint: Some(id),
+                        remember: false,
                     },
                 );
                 self.unchecked.queued.push((key, slot, id));
@@ -200,21 +201,35 @@ impl Worker {
         }
     }
 
-    /// The [`Outcome::Remember`](stages::Outcome) stage: remembers the id of a message that
-    /// succeeded or failed permanently.
+    /// The [`Outcome::Remember`](stages::Outcome) stage: marks a message that succeeded or
+    /// failed permanently to be remembered when it finishes ([`Self::remember_finished`]); a
+    /// transient failure clears the mark.
     pub(super) fn remember(&mut self, id: &(Key, Slot), result: &Result<(), Failure>) {
-        if result.as_ref().is_err_and(|f| !f.permanent) {
-            return;
-        }
-        let Some(dedup) = self.engine.dedup.clone() else {
-            return;
-        };
+        let handled = result.as_ref().map_or_else(|f| f.permanent, |()| true);
         // Computed here only for an event that did not pass the dedup stage's check (one an
         // admit stage rejected).
-        let Some(fingerprint) = self.in_flight.get(id).and_then(|f| {
-            f.fingerprint
-                .or_else(|| message_of(&f.event).and_then(|m| self.fingerprint(m)))
-        }) else {
+        let computed = match self.in_flight.get(id) {
+            Some(f) if handled && f.fingerprint.is_none() => {
+                message_of(&f.event).and_then(|m| self.fingerprint(m))
+            }
+            _ => None,
+        };
+        if let Some(flight) = self.in_flight.get_mut(id) {
+            flight.remember = handled;
+            flight.fingerprint = flight.fingerprint.or(computed);
+        }
+    }
+
+    /// A marked message finished for good (its offset retires, or it left its deferred list):
+    /// its id is remembered now. Not before: a permanent failure is remembered only once the
+    /// failure topic acknowledged its dead letter, so a crash in between never skips, as a
+    /// duplicate, a message that did not reach the failure topic.
+    pub(super) fn remember_finished(&mut self, flight: &Flight) {
+        let (true, Some(fingerprint), Some(dedup)) = (
+            flight.remember,
+            flight.fingerprint,
+            self.engine.dedup.clone(),
+        ) else {
             return;
         };
         if dedup.remember(fingerprint) {
