@@ -58,6 +58,12 @@ RSpec.describe "deduplication with a real Kafka and Cassandra", :kafka, :cassand
     settle(handler)
     expect(handled(handler)).to eq(ids)
     expect(client.skipped_events[:duplicate]).to eq(20)
+    # Copies in one go: each record's id is read ahead as it arrives, before the earlier copy ran.
+    copies = %w[a b a c b a c].map { |id| { "id" => id } }
+    produce("k", *copies)
+    settle(handler)
+    expect(handled(handler)).to eq(ids + copies.uniq)
+    expect(client.skipped_events[:duplicate]).to eq(24)
   end
 
   it "handles an id again once its record expired (idempotence_ttl)" do

@@ -123,6 +123,10 @@ impl DedupStore for MemoryStore {
         Some(self.records(id).seen(id))
     }
 
+    fn answers_at_once(&self) -> bool {
+        true
+    }
+
     fn record_now(&self, ids: &[Fingerprint], ttl: Duration) -> bool {
         let until = Instant::now().checked_add(ttl).unwrap_or_else(far_future);
         for id in ids {

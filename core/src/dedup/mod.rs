@@ -82,6 +82,11 @@ pub trait DedupStore: Send + Sync {
     fn record_now(&self, _ids: &[Fingerprint], _ttl: Duration) -> bool {
         false
     }
+
+    /// Whether [`seen_now`](Self::seen_now) always answers (memory).
+    fn answers_at_once(&self) -> bool {
+        false
+    }
 }
 
 /// A message's `id`: a String or an Integer at the top level of a JSON object. A String `"7"`
@@ -272,6 +277,12 @@ impl Dedup {
         self.shards[index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether every lookup is answered at once (no store, or one in memory): nothing to read
+    /// ahead.
+    pub fn answers_at_once(&self) -> bool {
+        self.store.as_ref().is_none_or(|s| s.answers_at_once())
     }
 
     /// What the cache (and a store that answers at once) knows of `id`.

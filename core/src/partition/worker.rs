@@ -107,9 +107,8 @@ enum Internal {
     Defer(DeferReport),
     /// An admit stage rejected this in-flight event with this failure.
     Rejected(Key, Slot, Failure),
-    /// The dedup store answered for these held events (with their fingerprints): whether each
-    /// one's id was handled before.
-    Checked(Vec<(Key, Slot, crate::dedup::Fingerprint, bool)>),
+    /// The dedup store answered for these ids: whether each was handled before.
+    Checked(Vec<(crate::dedup::Fingerprint, bool)>),
     /// The worker's dedup records reached the store (or failed to, logged).
     Remembered,
 }
@@ -155,8 +154,12 @@ struct Worker {
     deferral: Option<PartitionDeferral>,
     /// Dedup records for the store's next write.
     remembered: dedup::Batch<crate::dedup::Fingerprint>,
-    /// Held events whose ids are for the dedup store's next read.
-    unchecked: dedup::Batch<(Key, Slot, crate::dedup::Fingerprint)>,
+    /// Ids for the dedup store's next read.
+    unchecked: dedup::Batch<crate::dedup::Fingerprint>,
+    /// Ids looked up as their records arrived: the store's answer, `None` while it is read.
+    ahead: crate::dedup::FingerprintMap<Option<bool>>,
+    /// Events held by the dedup stage, by the id they wait for.
+    held: crate::dedup::FingerprintMap<(Key, Slot)>,
     /// The fingerprint the dedup stage computed for the event being walked (its flight keeps
     /// it, so the outcome does not compute it again).
     admitted: Option<crate::dedup::Fingerprint>,
@@ -212,8 +215,10 @@ pub(crate) fn spawn_worker(
         undecodable: 0,
         timers,
         deferral,
-        remembered: dedup::Batch::default(),
-        unchecked: dedup::Batch::default(),
+        remembered: dedup::Batch::new(dedup::WRITES),
+        unchecked: dedup::Batch::new(dedup::READS),
+        ahead: crate::dedup::FingerprintMap::default(),
+        held: crate::dedup::FingerprintMap::default(),
         admitted: None,
         abort: CancelToken::new(),
     };
@@ -377,6 +382,7 @@ impl Worker {
             }
         };
         self.deferral_received(message.key.as_ref(), offset);
+        self.read_ahead(&message);
         let key = message.key.clone();
         if let Some(ready) = self.keys.push(key, Pending::Message(Arc::new(message))) {
             self.start(ready);
@@ -747,7 +753,7 @@ impl Worker {
 
     /// Store writes of this partition still in flight.
     fn writes(&self) -> usize {
-        self.deferral.as_ref().map_or(0, |d| d.writes) + usize::from(self.remembered.busy())
+        self.deferral.as_ref().map_or(0, |d| d.writes) + self.remembered.in_flight()
     }
 
     fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {

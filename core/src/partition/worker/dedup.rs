@@ -1,5 +1,11 @@
 //! The worker's event-type filter and deduplication stages (the rules live in
 //! [`crate::filter`] and [`crate::dedup`]).
+//!
+//! With a store that must be asked over the network (Cassandra), a message's id is looked up as
+//! soon as its record arrives (read-ahead), so that when the message reaches the dedup stage the
+//! answer is usually there and its key does not wait a round trip per message. A read-ahead
+//! answer is dropped when the same id is remembered by this worker meanwhile (every message of
+//! a key comes to the same worker), so it is never stale about this worker's own handling.
 
 use std::sync::atomic::Ordering;
 
@@ -10,44 +16,58 @@ use crate::event::{show_key, ConsumedMessage};
 use crate::handler::{Failure, Slot};
 use crate::partition::stages::{self, Admission};
 
-/// Items for a kind of store request of which one is in flight at a time: a request takes
-/// everything queued, the next one what came meanwhile (one request per round trip, however
-/// fast items come).
+/// Items for a kind of store request of which at most a few are in flight at a time: a request
+/// takes everything queued, the next one what came meanwhile (a few requests per round trip,
+/// however fast items come).
 #[derive(Debug)]
 pub(super) struct Batch<T> {
     queued: Vec<T>,
-    busy: bool,
-}
-
-impl<T> Default for Batch<T> {
-    fn default() -> Self {
-        Self {
-            queued: Vec::new(),
-            busy: false,
-        }
-    }
+    /// Requests in flight.
+    in_flight: usize,
+    /// Requests in flight at most.
+    limit: usize,
 }
 
 impl<T> Batch<T> {
-    /// The queued items for a new request, unless one is in flight or nothing is queued.
+    /// A batch with at most `limit` requests in flight.
+    pub(super) fn new(limit: usize) -> Self {
+        Self {
+            queued: Vec::new(),
+            in_flight: 0,
+            limit: limit.max(1),
+        }
+    }
+
+    /// The queued items for a new request, unless `limit` requests are in flight or nothing
+    /// is queued.
     fn start(&mut self) -> Option<Vec<T>> {
-        if self.busy || self.queued.is_empty() {
+        if self.in_flight >= self.limit || self.queued.is_empty() {
             return None;
         }
-        self.busy = true;
+        self.in_flight += 1;
         Some(std::mem::take(&mut self.queued))
     }
 
-    /// The request in flight finished.
+    /// A request in flight finished.
     fn finish(&mut self) {
-        self.busy = false;
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
-    /// Whether a request is in flight.
-    pub(super) fn busy(&self) -> bool {
-        self.busy
+    /// Requests in flight.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
     }
 }
+
+/// Store reads in flight at most per partition: read-ahead lookups overlap the round trips of
+/// the next records' lookups.
+pub(super) const READS: usize = 4;
+
+/// Store writes in flight at most per partition.
+pub(super) const WRITES: usize = 1;
+
+/// Read-ahead answers kept at most per partition before the unclaimed ones are dropped.
+const AHEAD_MAX: usize = 4096;
 
 /// The message of a message event (fresh or deferred); `None` for a timer.
 fn message_of(pending: &Pending) -> Option<&ConsumedMessage> {
@@ -91,10 +111,35 @@ impl Worker {
         Some(dedup.fingerprint(origin, id))
     }
 
-    /// The [`Admit::Dedup`](stages::Admit) stage. On a cache miss the event becomes its key's
-    /// in-flight event while the store is read; [`Internal::Checked`] resumes it. The misses of
-    /// a partition go to the store together: those that come while a read is in flight go with
-    /// the next one.
+    /// Starts the store lookup of a message's id as its record arrives, when the cache does not
+    /// know it and the store answers only over the network.
+    pub(super) fn read_ahead(&mut self, message: &ConsumedMessage) {
+        let Some(dedup) = self.engine.dedup.clone() else {
+            return;
+        };
+        if dedup.answers_at_once() {
+            return;
+        }
+        let Some(id) = self.fingerprint(message) else {
+            return;
+        };
+        if self.ahead.contains_key(&id) || dedup.check(id) != Known::Ask {
+            return;
+        }
+        if self.ahead.len() >= AHEAD_MAX {
+            // Answers nobody took (their messages were skipped or dropped) go; reads in flight
+            // stay. A missing answer only means a read at admission.
+            self.ahead.retain(|_, answer| answer.is_none());
+        }
+        self.ahead.insert(id, None);
+        self.unchecked.queued.push(id);
+        self.read_unchecked();
+    }
+
+    /// The [`Admit::Dedup`](stages::Admit) stage. When neither the cache nor a read-ahead answer
+    /// knows the id, the event becomes its key's in-flight event until the store answered
+    /// ([`Internal::Checked`] resumes it). The lookups of a partition go to the store together:
+    /// those that come while a read is in flight go with the next one.
     pub(super) fn admit_dedup(&mut self, pending: &Pending) -> Admission {
         let (Some(dedup), Some(message)) = (self.engine.dedup.clone(), message_of(pending)) else {
             return Admission::Pass;
@@ -112,6 +157,25 @@ impl Worker {
                 Admission::Skip
             }
             Known::Ask => {
+                match self.ahead.remove(&id) {
+                    Some(Some(true)) => {
+                        self.duplicate(message);
+                        return Admission::Skip;
+                    }
+                    Some(Some(false)) => {
+                        self.admitted = Some(id);
+                        return Admission::Pass;
+                    }
+                    // Its read is in flight: wait for that one.
+                    Some(None) => {
+                        self.ahead.insert(id, None);
+                    }
+                    None => {
+                        self.ahead.insert(id, None);
+                        self.unchecked.queued.push(id);
+                        self.read_unchecked();
+                    }
+                }
                 let (key, slot) = pending.id();
                 self.in_flight.insert(
                     (key.clone(), slot),
@@ -124,8 +188,7 @@ impl Worker {
                         remember: false,
                     },
                 );
-                self.unchecked.queued.push((key, slot, id));
-                self.read_unchecked();
+                self.held.insert(id, (key, slot));
                 Admission::Hold
             }
         }
@@ -146,32 +209,33 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Sends the held events' ids to the store, unless a read is in flight.
+    /// Sends the queued ids to the store, unless a read is in flight.
     fn read_unchecked(&mut self) {
         let Some(dedup) = self.engine.dedup.clone() else {
             return;
         };
-        let Some(held) = self.unchecked.start() else {
+        let Some(ids) = self.unchecked.start() else {
             return;
         };
         let internal = self.internal.clone();
         self.engine.runtime.spawn(async move {
-            let seen = dedup.ask(held.iter().map(|(_, _, id)| *id).collect()).await;
-            let answers = held
-                .into_iter()
-                .zip(seen)
-                .map(|((key, slot, id), seen)| (key, slot, id, seen))
-                .collect();
-            let _ = internal.send(Internal::Checked(answers));
+            let seen = dedup.ask(ids.clone()).await;
+            let _ = internal.send(Internal::Checked(ids.into_iter().zip(seen).collect()));
         });
     }
 
-    /// The dedup store answered for held events: each is skipped or resumes its admit walk;
-    /// then the events held meanwhile are read.
-    pub(super) fn on_checked(&mut self, answers: Vec<(Key, Slot, Fingerprint, bool)>) {
+    /// The dedup store answered: a held event is skipped or resumes its admit walk; an answer
+    /// read ahead waits for its message (unless the id was remembered meanwhile). Then the ids
+    /// queued meanwhile are read.
+    pub(super) fn on_checked(&mut self, answers: Vec<(Fingerprint, bool)>) {
         self.unchecked.finish();
-        for (key, slot, fingerprint, seen) in answers {
-            self.checked(key, slot, fingerprint, seen);
+        for (fingerprint, seen) in answers {
+            if let Some((key, slot)) = self.held.remove(&fingerprint) {
+                self.ahead.remove(&fingerprint);
+                self.checked(key, slot, fingerprint, seen);
+            } else if let Some(answer) = self.ahead.get_mut(&fingerprint) {
+                *answer = Some(seen);
+            }
         }
         self.read_unchecked();
     }
@@ -232,6 +296,8 @@ impl Worker {
         ) else {
             return;
         };
+        // A later copy's read-ahead answer ("not seen") is out of date now.
+        self.ahead.remove(&fingerprint);
         if dedup.remember(fingerprint) {
             self.remembered.queued.push(fingerprint);
             self.write_remembered();
