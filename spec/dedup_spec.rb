@@ -112,14 +112,7 @@ RSpec.describe "deduplication by message id (mock)" do
 
   it "records an id whose handler failed permanently: its duplicate is skipped, not dead-lettered" do
     dlq = unique("dlq")
-    strict = Class.new(SwitchHandler) do
-      permanent :on_message, TypeError
-      def on_message(context, message)
-        super
-        raise TypeError, "malformed" if message.payload["bad"]
-      end
-    end
-    handler = strict.new([])
+    handler = StrictHandler.new([])
     client = start(handler, failure_topic: dlq)
     client.send_message(topic, "k", { "id" => "x", "bad" => true })
     client.send_message(topic, "k", { "id" => "x", "bad" => true })
@@ -134,14 +127,7 @@ RSpec.describe "deduplication by message id (mock)" do
     dlq = unique("dlq")
     Prosody::Native.mock_create_topic(dlq, 1)
     Prosody::Native.mock_fail_topic(dlq, true)
-    strict = Class.new(SwitchHandler) do
-      permanent :on_message, TypeError
-      def on_message(context, message)
-        super
-        raise TypeError, "malformed" if message.payload["bad"]
-      end
-    end
-    first = strict.new([])
+    first = StrictHandler.new([])
     client = start(first, failure_topic: dlq, send_timeout: 0.5, shutdown_timeout: 0.5)
     client.send_message(topic, "k", { "id" => "x", "bad" => true })
     wait_for(message: "a failed dead-letter send") do
@@ -151,7 +137,7 @@ RSpec.describe "deduplication by message id (mock)" do
     client.unsubscribe
     Prosody::Native.mock_fail_topic(dlq, false)
 
-    second = strict.new([])
+    second = StrictHandler.new([])
     client = start(second, failure_topic: dlq)
     settle(client, second)
     expect(second.calls.count { |k, p, _| k == "k" && p["bad"] }).to eq(1)
