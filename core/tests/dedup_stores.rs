@@ -30,28 +30,28 @@ fn rand_u32() -> u32 {
 }
 
 async fn seen(store: &dyn DedupStore, id: u128) -> bool {
-    store.seen(vec![id]).await.unwrap()[0]
+    store.seen(&[id]).await.unwrap()[0]
 }
 
 async fn records_and_expires(store: &dyn DedupStore) {
     let all = ids(150);
     let (recorded, others) = all.split_at(100);
     store
-        .record(recorded.to_vec(), Duration::from_secs(3_600))
+        .record(recorded, Duration::from_secs(3_600))
         .await
         .unwrap();
     // One read for all 150, answered in their order (more than one IN query's worth).
-    let answers = store.seen(all.clone()).await.unwrap();
+    let answers = store.seen(&all).await.unwrap();
     assert_eq!(answers.len(), all.len());
     for (id, seen) in all.iter().zip(&answers) {
         assert_eq!(*seen, recorded.contains(id), "{id:x}");
     }
-    assert!(store.seen(Vec::new()).await.unwrap().is_empty());
+    assert!(store.seen(&[]).await.unwrap().is_empty());
     // Cassandra's TTLs are whole seconds, checked at read time.
     let short = others[0];
     let recorded_at = Instant::now();
     store
-        .record(vec![short], Duration::from_secs(1))
+        .record(&[short], Duration::from_secs(1))
         .await
         .unwrap();
     assert!(seen(store, short).await);
@@ -90,21 +90,21 @@ struct Counting {
 }
 
 impl DedupStore for Counting {
-    fn seen(
-        &self,
-        ids: Vec<u128>,
-    ) -> prosody_core::timers::BoxFuture<'_, Result<Vec<bool>, prosody_core::dedup::DedupError>>
+    fn seen<'a>(
+        &'a self,
+        ids: &'a [u128],
+    ) -> prosody_core::timers::BoxFuture<'a, Result<Vec<bool>, prosody_core::dedup::DedupError>>
     {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.read_ids.fetch_add(ids.len(), Ordering::SeqCst);
         self.inner.seen(ids)
     }
 
-    fn record(
-        &self,
-        ids: Vec<u128>,
+    fn record<'a>(
+        &'a self,
+        ids: &'a [u128],
         ttl: Duration,
-    ) -> prosody_core::timers::BoxFuture<'_, Result<(), prosody_core::dedup::DedupError>> {
+    ) -> prosody_core::timers::BoxFuture<'a, Result<(), prosody_core::dedup::DedupError>> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.written_ids.fetch_add(ids.len(), Ordering::SeqCst);
         self.inner.record(ids, ttl)
@@ -144,7 +144,7 @@ fn a_one_entry_cache_still_deduplicates_through_cassandra() {
         for id in &prints {
             assert_eq!(dedup.check(*id), Known::Ask, "unknown to the cache");
         }
-        assert_eq!(dedup.ask(prints.clone()).await, vec![false; 5]);
+        assert_eq!(dedup.ask(&prints).await, vec![false; 5]);
         for id in &prints {
             assert!(dedup.remember(*id), "the store still has to be written");
         }
@@ -152,15 +152,15 @@ fn a_one_entry_cache_still_deduplicates_through_cassandra() {
         for id in &prints {
             assert_eq!(dedup.check(*id), Known::Seen);
         }
-        dedup.write(prints.clone()).await;
+        dedup.write(&prints).await;
         let asked = prints
             .iter()
             .filter(|id| dedup.check(**id) == Known::Ask)
             .count();
         assert_eq!(asked, 4, "the cache holds only the last id");
-        assert_eq!(dedup.ask(prints.clone()).await, vec![true; 5]);
+        assert_eq!(dedup.ask(&prints).await, vec![true; 5]);
         let fresh = dedup.fingerprint(origin, MessageId::Text("never"));
-        assert_eq!(dedup.ask(vec![fresh]).await, vec![false]);
+        assert_eq!(dedup.ask(&[fresh]).await, vec![false]);
         assert_eq!(store.reads.load(Ordering::SeqCst), 3);
         assert_eq!(store.read_ids.load(Ordering::SeqCst), 11);
         assert_eq!(store.writes.load(Ordering::SeqCst), 1);

@@ -67,13 +67,7 @@ fn a_new_owner_keeps_key_order_when_an_earlier_owner_left_appends_unstored() {
     );
     client.unsubscribe().unwrap();
     scheduler.close();
-    let offsets: Vec<i64> = rec
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, o, _)| *o)
-        .collect();
+    let offsets = rec.offsets();
     assert_eq!(offsets, vec![0, 1, 2, 3, 4]);
     let left = rt.block_on(store.load(&scope)).unwrap();
     assert!(left.is_empty(), "the key left deferral: {left:?}");

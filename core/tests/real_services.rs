@@ -220,13 +220,7 @@ fn deferred_messages_gone_from_the_log_are_dead_lettered_and_skipped() {
     let dead = prosody_core::testing::read_topic(KAFKA, &dlq, 10, Duration::from_secs(30)).unwrap();
     client.unsubscribe().expect("unsubscribe");
     scheduler.close();
-    let offsets: Vec<i64> = rec
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, o, _)| *o)
-        .collect();
+    let offsets = rec.offsets();
     assert_eq!(offsets, (10..20).collect::<Vec<i64>>());
     assert_eq!(dead.len(), 10);
     for record in &dead {

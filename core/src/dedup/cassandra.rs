@@ -67,7 +67,7 @@ fn ttl_seconds(ttl: Duration) -> i32 {
 }
 
 impl DedupStore for CassandraStore {
-    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
+    fn seen<'a>(&'a self, ids: &'a [Fingerprint]) -> BoxFuture<'a, Result<Vec<bool>, DedupError>> {
         Box::pin(async move {
             let mut found = std::collections::HashSet::new();
             for chunk in ids.chunks(BATCH) {
@@ -90,11 +90,11 @@ impl DedupStore for CassandraStore {
         })
     }
 
-    fn record(
-        &self,
-        ids: Vec<Fingerprint>,
+    fn record<'a>(
+        &'a self,
+        ids: &'a [Fingerprint],
         ttl: Duration,
-    ) -> BoxFuture<'_, Result<(), DedupError>> {
+    ) -> BoxFuture<'a, Result<(), DedupError>> {
         Box::pin(async move {
             let ttl = ttl_seconds(ttl);
             for chunk in ids.chunks(BATCH) {

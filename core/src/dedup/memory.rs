@@ -4,11 +4,10 @@
 //! are kept (plenty for tests, and small enough to stay in the processor's caches: a million
 //! records made every lookup a cache miss and cost a benchmark a tenth of its speed).
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{DedupError, DedupStore, Fingerprint, FingerprintMap};
+use super::{expiry, DedupError, DedupStore, Fingerprint, Recent};
 use crate::process::PerProcess;
 use crate::timers::BoxFuture;
 
@@ -18,31 +17,20 @@ pub const CAPACITY: usize = 1 << 16;
 /// Locks the records are split in (partitions on different threads rarely meet on one).
 const SHARDS: usize = 16;
 
-/// Fingerprints with their expiry.
+/// Fingerprints with their expiry, split by fingerprint.
 pub struct MemoryStore {
-    shards: Vec<Mutex<Records>>,
+    shards: Vec<Mutex<Recent>>,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Recent::new(CAPACITY / SHARDS)))
+                .collect(),
         }
     }
 }
-
-/// One lock's records.
-#[derive(Default)]
-struct Records {
-    /// Fingerprint → (expiry, insertion number).
-    expiry: FingerprintMap<(Instant, u64)>,
-    /// Insertion order, for eviction; an entry whose number no longer matches is stale.
-    order: VecDeque<(Fingerprint, u64)>,
-    next: u64,
-}
-
-/// Records per shard at most.
-const SHARD_CAPACITY: usize = CAPACITY / SHARDS;
 
 /// Shared by every mock-mode client of the process; a forked child starts with an empty one.
 static SHARED: PerProcess<Arc<MemoryStore>> = PerProcess::new();
@@ -58,7 +46,7 @@ impl MemoryStore {
         SHARED.shared()
     }
 
-    fn records(&self, id: Fingerprint) -> std::sync::MutexGuard<'_, Records> {
+    fn records(&self, id: Fingerprint) -> std::sync::MutexGuard<'_, Recent> {
         // Truncation intended: the low bits pick the shard.
         self.shards[(id as usize) % SHARDS]
             .lock()
@@ -66,61 +54,26 @@ impl MemoryStore {
     }
 }
 
-impl Records {
-    fn seen(&mut self, id: Fingerprint) -> bool {
-        match self.expiry.get(&id) {
-            Some((until, _)) if Instant::now() < *until => true,
-            Some(_) => {
-                self.expiry.remove(&id);
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn record(&mut self, id: Fingerprint, until: Instant) {
-        let number = self.next;
-        self.next = self.next.wrapping_add(1);
-        self.expiry.insert(id, (until, number));
-        self.order.push_back((id, number));
-        while self.expiry.len() > SHARD_CAPACITY {
-            let Some((old, n)) = self.order.pop_front() else {
-                break;
-            };
-            if self.expiry.get(&old).is_some_and(|(_, m)| *m == n) {
-                self.expiry.remove(&old);
-            }
-        }
-        if self.order.len() > SHARD_CAPACITY.saturating_mul(2) {
-            let expiry = &self.expiry;
-            self.order
-                .retain(|(id, n)| expiry.get(id).is_some_and(|(_, m)| m == n));
-        }
-    }
-}
-
-/// An instant far enough ahead to never come (a TTL too large to add to now).
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
-}
-
 impl DedupStore for MemoryStore {
-    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
-        let seen = ids.iter().map(|id| self.records(*id).seen(*id)).collect();
+    fn seen<'a>(&'a self, ids: &'a [Fingerprint]) -> BoxFuture<'a, Result<Vec<bool>, DedupError>> {
+        let seen = ids
+            .iter()
+            .map(|&id| self.records(id).contains(id))
+            .collect();
         Box::pin(std::future::ready(Ok(seen)))
     }
 
-    fn record(
-        &self,
-        ids: Vec<Fingerprint>,
+    fn record<'a>(
+        &'a self,
+        ids: &'a [Fingerprint],
         ttl: Duration,
-    ) -> BoxFuture<'_, Result<(), DedupError>> {
-        self.record_now(&ids, ttl);
+    ) -> BoxFuture<'a, Result<(), DedupError>> {
+        self.record_now(ids, ttl);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn seen_now(&self, id: Fingerprint) -> Option<bool> {
-        Some(self.records(id).seen(id))
+        Some(self.records(id).contains(id))
     }
 
     fn answers_at_once(&self) -> bool {
@@ -128,9 +81,9 @@ impl DedupStore for MemoryStore {
     }
 
     fn record_now(&self, ids: &[Fingerprint], ttl: Duration) -> bool {
-        let until = Instant::now().checked_add(ttl).unwrap_or_else(far_future);
-        for id in ids {
-            self.records(*id).record(*id, until);
+        let until = expiry(ttl);
+        for &id in ids {
+            self.records(id).insert(id, until);
         }
         true
     }

@@ -66,11 +66,14 @@ pub struct DedupError(pub String);
 /// Where fingerprints outlive the cache.
 pub trait DedupStore: Send + Sync {
     /// Which of `ids` were recorded (and have not expired), in their order.
-    fn seen(&self, ids: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>>;
+    fn seen<'a>(&'a self, ids: &'a [Fingerprint]) -> BoxFuture<'a, Result<Vec<bool>, DedupError>>;
 
     /// Records `ids`, each expiring after `ttl`.
-    fn record(&self, ids: Vec<Fingerprint>, ttl: Duration)
-        -> BoxFuture<'_, Result<(), DedupError>>;
+    fn record<'a>(
+        &'a self,
+        ids: &'a [Fingerprint],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), DedupError>>;
 
     /// The answer of [`seen`](Self::seen) when the store can give it without waiting (memory).
     fn seen_now(&self, _id: Fingerprint) -> Option<bool> {
@@ -159,56 +162,75 @@ pub struct Dedup {
     logged: Mutex<HashMap<&'static str, Instant>>,
 }
 
-/// One lock's part of the cache: fingerprints with when they were recorded, evicted oldest first.
+/// Fingerprints with their expiry, at most `capacity` of them (the oldest go first): a cache
+/// shard, and a shard of the memory store.
 #[derive(Default)]
-struct Shard {
-    /// Capacity of this shard.
+pub(crate) struct Recent {
     capacity: usize,
-    /// Fingerprint → (when recorded, its insertion number).
-    entries: FingerprintMap<(Instant, u64)>,
+    /// Fingerprint → (expiry, insertion number).
+    expiry: FingerprintMap<(Instant, u64)>,
     /// Insertion order, for eviction; an entry whose number no longer matches is stale.
     order: VecDeque<(Fingerprint, u64)>,
     /// Next insertion number.
     next: u64,
-    /// Fingerprints whose store write is on its way (count of writes), so a cache too small to
-    /// hold them still answers for them until the store does.
-    writing: FingerprintMap<u32>,
 }
 
-impl Shard {
-    fn contains(&mut self, id: Fingerprint, ttl: Duration) -> bool {
-        match self.entries.get(&id) {
-            Some((at, _)) if at.elapsed() < ttl => true,
-            Some(_) => {
-                self.entries.remove(&id);
-                false
-            }
-            None => self.writing.contains_key(&id),
+impl Recent {
+    /// Empty, holding at most `capacity` fingerprints.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            ..Self::default()
         }
     }
 
-    fn insert(&mut self, id: Fingerprint) {
-        if self.capacity == 0 {
-            return;
+    /// Whether `id` is held and not expired (an expired one is dropped).
+    pub(crate) fn contains(&mut self, id: Fingerprint) -> bool {
+        match self.expiry.get(&id) {
+            Some((until, _)) if Instant::now() < *until => true,
+            Some(_) => {
+                self.expiry.remove(&id);
+                false
+            }
+            None => false,
         }
+    }
+
+    /// Holds `id` until `until`, evicting the oldest beyond the capacity.
+    pub(crate) fn insert(&mut self, id: Fingerprint, until: Instant) {
         let number = self.next;
         self.next = self.next.wrapping_add(1);
-        self.entries.insert(id, (Instant::now(), number));
+        self.expiry.insert(id, (until, number));
         self.order.push_back((id, number));
-        while self.entries.len() > self.capacity {
+        while self.expiry.len() > self.capacity {
             let Some((old, n)) = self.order.pop_front() else {
                 break;
             };
-            if self.entries.get(&old).is_some_and(|(_, m)| *m == n) {
-                self.entries.remove(&old);
+            if self.expiry.get(&old).is_some_and(|(_, m)| *m == n) {
+                self.expiry.remove(&old);
             }
         }
         if self.order.len() > self.capacity.saturating_mul(2).max(64) {
-            let entries = &self.entries;
+            let expiry = &self.expiry;
             self.order
-                .retain(|(id, n)| entries.get(id).is_some_and(|(_, m)| m == n));
+                .retain(|(id, n)| expiry.get(id).is_some_and(|(_, m)| m == n));
         }
     }
+}
+
+/// When something recorded now with `ttl` expires (a TTL too large to add to now never does).
+pub(crate) fn expiry(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// One lock's part of the cache.
+struct Shard {
+    recent: Recent,
+    /// Fingerprints whose store write is on its way (count of writes), so a cache too small to
+    /// hold them still answers for them until the store does.
+    writing: FingerprintMap<u32>,
 }
 
 impl Dedup {
@@ -225,8 +247,8 @@ impl Dedup {
             .map(|i| {
                 Mutex::new(Shard {
                     // The first shards take the remainder, so the total is `capacity`.
-                    capacity: capacity / count + usize::from(i < capacity % count),
-                    ..Shard::default()
+                    recent: Recent::new(capacity / count + usize::from(i < capacity % count)),
+                    writing: FingerprintMap::default(),
                 })
             })
             .collect();
@@ -287,8 +309,11 @@ impl Dedup {
 
     /// What the cache (and a store that answers at once) knows of `id`.
     pub fn check(&self, id: Fingerprint) -> Known {
-        if self.shard(id).contains(id, self.ttl) {
-            return Known::Seen;
+        {
+            let mut shard = self.shard(id);
+            if shard.recent.contains(id) || shard.writing.contains_key(&id) {
+                return Known::Seen;
+            }
         }
         match self.store.as_ref() {
             None => Known::New,
@@ -304,7 +329,7 @@ impl Dedup {
 
     /// Asks the store which of `ids` were recorded (in one read); a failed read counts as "not
     /// seen" (the messages are handled) and is logged.
-    pub async fn ask(&self, ids: Vec<Fingerprint>) -> Vec<bool> {
+    pub async fn ask(&self, ids: &[Fingerprint]) -> Vec<bool> {
         let count = ids.len();
         let Some(store) = self.store.as_ref() else {
             return vec![false; count];
@@ -335,7 +360,7 @@ impl Dedup {
             None => false,
         };
         let mut shard = self.shard(id);
-        shard.insert(id);
+        shard.recent.insert(id, expiry(self.ttl));
         if pending {
             *shard.writing.entry(id).or_insert(0) += 1;
         }
@@ -344,12 +369,12 @@ impl Dedup {
 
     /// Writes remembered fingerprints to the store (one write per fingerprint, sent together);
     /// a failure is logged and loses the records, never the messages.
-    pub async fn write(&self, ids: Vec<Fingerprint>) {
+    pub async fn write(&self, ids: &[Fingerprint]) {
         let Some(store) = self.store.as_ref() else {
             return;
         };
         let count = ids.len();
-        match store.record(ids.clone(), self.ttl).await {
+        match store.record(ids, self.ttl).await {
             Ok(()) => tracing::debug!("stored {count} deduplication record(s)"),
             Err(e) => self.log_failure(
                 "write",
@@ -359,7 +384,7 @@ impl Dedup {
                 ),
             ),
         }
-        for id in ids {
+        for &id in ids {
             let mut shard = self.shard(id);
             if let Some(n) = shard.writing.get_mut(&id) {
                 *n = n.saturating_sub(1);
@@ -472,17 +497,20 @@ mod tests {
     struct Down;
 
     impl DedupStore for Down {
-        fn seen(&self, _: Vec<Fingerprint>) -> BoxFuture<'_, Result<Vec<bool>, DedupError>> {
+        fn seen<'a>(
+            &'a self,
+            _: &'a [Fingerprint],
+        ) -> BoxFuture<'a, Result<Vec<bool>, DedupError>> {
             Box::pin(std::future::ready(Err(DedupError(
                 "connection refused".into(),
             ))))
         }
 
-        fn record(
-            &self,
-            _: Vec<Fingerprint>,
+        fn record<'a>(
+            &'a self,
+            _: &'a [Fingerprint],
             _: Duration,
-        ) -> BoxFuture<'_, Result<(), DedupError>> {
+        ) -> BoxFuture<'a, Result<(), DedupError>> {
             Box::pin(std::future::ready(Err(DedupError(
                 "connection refused".into(),
             ))))
@@ -494,11 +522,11 @@ mod tests {
         let d = Dedup::new(8, "1".into(), Duration::from_secs(60), Some(Arc::new(Down)));
         crate::runtime::handle().unwrap().block_on(async {
             assert_eq!(d.check(1), Known::Ask);
-            assert_eq!(d.ask(vec![1, 2]).await, vec![false, false]);
-            assert_eq!(d.ask(vec![3]).await, vec![false]);
+            assert_eq!(d.ask(&[1, 2]).await, vec![false, false]);
+            assert_eq!(d.ask(&[3]).await, vec![false]);
             assert!(d.remember(1));
-            d.write(vec![1]).await;
-            d.write(vec![2]).await;
+            d.write(&[1]).await;
+            d.write(&[2]).await;
         });
         // The cache still knows what this process handled; the failed write left no "writing"
         // entry behind.

@@ -38,6 +38,16 @@ impl Recorder {
 }
 
 impl Recorder {
+    /// The offsets the runners ran, in order.
+    pub fn offsets(&self) -> Vec<i64> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, o, _)| *o)
+            .collect()
+    }
+
     /// The payload sequence numbers each key saw, in the order its handlers ran.
     pub fn seqs_by_key(&self) -> HashMap<Option<String>, Vec<u64>> {
         let mut by_key: HashMap<Option<String>, Vec<u64>> = HashMap::new();

@@ -114,16 +114,18 @@ impl Worker {
     /// Starts the store lookup of a message's id as its record arrives, when the cache does not
     /// know it and the store answers only over the network.
     pub(super) fn read_ahead(&mut self, message: &ConsumedMessage) {
-        let Some(dedup) = self.engine.dedup.clone() else {
-            return;
-        };
-        if dedup.answers_at_once() {
+        if self
+            .engine
+            .dedup
+            .as_ref()
+            .is_none_or(|d| d.answers_at_once())
+        {
             return;
         }
         let Some(id) = self.fingerprint(message) else {
             return;
         };
-        if self.ahead.contains_key(&id) || dedup.check(id) != Known::Ask {
+        if self.ahead.contains_key(&id) || self.known(id) != Known::Ask {
             return;
         }
         if self.ahead.len() >= AHEAD_MAX {
@@ -141,13 +143,13 @@ impl Worker {
     /// ([`Internal::Checked`] resumes it). The lookups of a partition go to the store together:
     /// those that come while a read is in flight go with the next one.
     pub(super) fn admit_dedup(&mut self, pending: &Pending) -> Admission {
-        let (Some(dedup), Some(message)) = (self.engine.dedup.clone(), message_of(pending)) else {
+        let Some(message) = message_of(pending) else {
             return Admission::Pass;
         };
         let Some(id) = self.fingerprint(message) else {
             return Admission::Pass;
         };
-        match dedup.check(id) {
+        match self.known(id) {
             Known::New => {
                 self.admitted = Some(id);
                 Admission::Pass
@@ -194,6 +196,14 @@ impl Worker {
         }
     }
 
+    /// What the cache knows of `id` (dedup is on: `id` came from [`Self::fingerprint`]).
+    fn known(&self, id: Fingerprint) -> Known {
+        self.engine
+            .dedup
+            .as_ref()
+            .map_or(Known::New, |d| d.check(id))
+    }
+
     /// Counts and logs a duplicate that is skipped.
     fn duplicate(&self, message: &ConsumedMessage) {
         tracing::debug!(
@@ -219,7 +229,7 @@ impl Worker {
         };
         let internal = self.internal.clone();
         self.engine.runtime.spawn(async move {
-            let seen = dedup.ask(ids.clone()).await;
+            let seen = dedup.ask(&ids).await;
             let _ = internal.send(Internal::Checked(ids.into_iter().zip(seen).collect()));
         });
     }
@@ -242,16 +252,8 @@ impl Worker {
 
     /// The dedup store answered for a held event: skip it, or resume its admit walk.
     fn checked(&mut self, key: Key, slot: Slot, fingerprint: Fingerprint, seen: bool) {
-        let id = (key, slot);
-        // Gone when a drain left it to the next owner.
-        if !self
-            .in_flight
-            .get(&id)
-            .is_some_and(|f| f.stage == Stage::Checking)
-        {
-            return;
-        }
-        let Some(flight) = self.in_flight.remove(&id) else {
+        // Gone when a drain left it to the next owner (a held event's id is its only flight).
+        let Some(flight) = self.in_flight.remove(&(key, slot)) else {
             return;
         };
         if seen {
@@ -270,17 +272,22 @@ impl Worker {
     /// transient failure clears the mark.
     pub(super) fn remember(&mut self, id: &(Key, Slot), result: &Result<(), Failure>) {
         let handled = result.as_ref().map_or_else(|f| f.permanent, |()| true);
-        // Computed here only for an event that did not pass the dedup stage's check (one an
-        // admit stage rejected).
-        let computed = match self.in_flight.get(id) {
-            Some(f) if handled && f.fingerprint.is_none() => {
-                message_of(&f.event).and_then(|m| self.fingerprint(m))
-            }
-            _ => None,
+        let Some(flight) = self.in_flight.get_mut(id) else {
+            return;
         };
+        flight.remember = handled;
+        if !handled || flight.fingerprint.is_some() || self.engine.dedup.is_none() {
+            return;
+        }
+        // Only for an event that did not pass the dedup stage's check (an admit stage rejected
+        // it): its fingerprint is computed now.
+        let computed = self
+            .in_flight
+            .get(id)
+            .and_then(|f| message_of(&f.event))
+            .and_then(|m| self.fingerprint(m));
         if let Some(flight) = self.in_flight.get_mut(id) {
-            flight.remember = handled;
-            flight.fingerprint = flight.fingerprint.or(computed);
+            flight.fingerprint = computed;
         }
     }
 
@@ -292,7 +299,7 @@ impl Worker {
         let (true, Some(fingerprint), Some(dedup)) = (
             flight.remember,
             flight.fingerprint,
-            self.engine.dedup.clone(),
+            self.engine.dedup.as_ref(),
         ) else {
             return;
         };
@@ -314,7 +321,7 @@ impl Worker {
         };
         let internal = self.internal.clone();
         self.engine.runtime.spawn(async move {
-            dedup.write(ids).await;
+            dedup.write(&ids).await;
             let _ = internal.send(Internal::Remembered);
         });
     }
