@@ -24,9 +24,14 @@ require_relative "prosody/outgoing"
 require_relative "prosody/pending"
 require_relative "prosody/event_handler"
 require_relative "prosody/async_runtime"
+require_relative "prosody/tracing"
 require_relative "prosody/processor"
 require_relative "prosody/client"
 
 # Kafka consumption with per-key order, cross-key concurrency and a Rust engine.
 module Prosody
 end
+
+# Spans still batched leave before the process ends (registered first, so it runs after the
+# application's own at_exit hooks, such as an unsubscribe).
+at_exit { Prosody::Native.flush_spans }

@@ -46,6 +46,8 @@ pub struct Client {
     dedup: Mutex<Option<Arc<Dedup>>>,
     /// Events finished without a handler call, over this client's life.
     skipped: Arc<Skipped>,
+    /// The client's spans.
+    spans: crate::spans::Spans,
 }
 
 impl Client {
@@ -63,6 +65,12 @@ impl Client {
         for name in config.unimplemented_options() {
             tracing::warn!("option {name} is accepted but not implemented yet; it has no effect");
         }
+        let spans = crate::spans::Spans::new(
+            config.message_spans,
+            config.timer_spans,
+            config.group_id.clone(),
+        )
+        .map_err(KafkaError::Tracing)?;
         let producer = Producer::new(
             &bootstrap,
             config.effective_source_system(),
@@ -77,6 +85,7 @@ impl Client {
             stores: Mutex::new(None),
             dedup: Mutex::new(None),
             skipped: Arc::new(Skipped::default()),
+            spans,
         })
     }
 
@@ -201,6 +210,7 @@ impl Client {
             filter: crate::filter::EventFilter::new(&self.config.allowed_events),
             dedup,
             skipped: self.skipped.clone(),
+            spans: self.spans.clone(),
             partitions: Mutex::new(HashMap::new()),
             failure: std::sync::OnceLock::new(),
         });
@@ -339,7 +349,10 @@ impl Client {
     /// Reports, after stopping, a thread or task of the subscription that had died.
     pub fn unsubscribe(&self) -> Result<(), KafkaError> {
         let subscription = self.subscription.lock().ok().and_then(|mut s| s.take());
-        match subscription.and_then(Subscription::shutdown) {
+        let failure = subscription.and_then(Subscription::shutdown);
+        // Spans of the subscription's last events leave now, not at the next batch.
+        crate::spans::flush();
+        match failure {
             Some(failure) => Err(KafkaError::EngineFailed(failure)),
             None => Ok(()),
         }

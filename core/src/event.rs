@@ -48,6 +48,9 @@ pub struct ConsumedMessage {
     /// The record as read, for the dead-letter topic (its exact key, payload and headers); kept
     /// only when a failure topic is configured.
     pub raw: Option<OwnedMessage>,
+    /// The message's trace context: its `process` span when spans are exported (set when its
+    /// record is read), else the context its headers carry (empty when none).
+    pub trace: opentelemetry::Context,
 }
 
 /// A record whose payload could not be decoded, with enough context to report it.
@@ -104,7 +107,18 @@ impl ConsumedMessage {
             tombstone: record.payload().is_none(),
             headers,
             raw: keep_raw.then_some(record),
+            trace: opentelemetry::Context::new(),
         })
+    }
+
+    /// Where it came from, for its spans.
+    pub fn origin(&self) -> crate::spans::Origin<'_> {
+        crate::spans::Origin {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+        }
     }
 
     /// The value of the first header with this name.

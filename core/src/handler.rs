@@ -92,6 +92,9 @@ pub struct Job {
     pub timers: Option<KeyTimers>,
     /// First attempt or retry: which pool of handler time it is charged to.
     pub class: Class,
+    /// The trace context of the handler call: its `handle` span when spans are exported, else
+    /// the context the event carries (empty when none).
+    pub trace: opentelemetry::Context,
     /// Reports the outcome to the partition worker.
     completion: Completion,
 }
@@ -133,10 +136,18 @@ impl Job {
             abort,
             timers,
             class: Class::Fresh,
+            trace: opentelemetry::Context::new(),
             completion: Completion {
                 target: Some((done, key, slot)),
             },
         }
+    }
+
+    /// The same job with the trace context of its handler call (the `handle` span, or the
+    /// context the event carries).
+    pub fn traced(mut self, trace: opentelemetry::Context) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The same job charged as a retry.

@@ -43,6 +43,7 @@ pub mod partition;
 pub mod process;
 pub mod runtime;
 pub mod scheduler;
+pub mod spans;
 pub mod stores;
 pub mod testing;
 pub mod timers;

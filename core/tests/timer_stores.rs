@@ -16,7 +16,10 @@ use proptest::strategy::ValueTree;
 
 use prosody_core::timers::cassandra::{CassandraStore, MIGRATIONS};
 use prosody_core::timers::memory::MemoryStore;
-use prosody_core::timers::{Scope, Seconds, TimerStore};
+use prosody_core::timers::{Due, Scope, Seconds, TimerStore};
+
+/// A stored trace context (a `traceparent`, then a `tracestate` line).
+const SPAN: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\nvendor=1";
 
 fn scope(partition: i32) -> Scope {
     Scope {
@@ -33,22 +36,22 @@ async fn compliance(store: &dyn TimerStore) {
         partition: 1,
         ..s.clone()
     };
-    store.schedule(&s, b"a", 100).await.unwrap();
-    store.schedule(&s, b"a", 100).await.unwrap(); // same second: one timer
-    store.schedule(&s, b"a", 50).await.unwrap();
-    store.schedule(&s, b"b", 75).await.unwrap();
-    store.schedule(&other, b"a", 60).await.unwrap();
+    store.schedule(&s, b"a", 100, None).await.unwrap();
+    store.schedule(&s, b"a", 100, None).await.unwrap(); // same second: one timer
+    store.schedule(&s, b"a", 50, None).await.unwrap();
+    store.schedule(&s, b"b", 75, None).await.unwrap();
+    store.schedule(&other, b"a", 60, None).await.unwrap();
     let after_2038: Seconds = 4_102_444_800; // 2100-01-01
-    store.schedule(&s, b"c", after_2038).await.unwrap();
+    store.schedule(&s, b"c", after_2038, None).await.unwrap();
     assert_eq!(store.scheduled(&s, b"a").await.unwrap(), vec![50, 100]);
     assert_eq!(store.scheduled(&s, b"c").await.unwrap(), vec![after_2038]);
     assert_eq!(
         store.scheduled(&s, b"nobody").await.unwrap(),
         Vec::<Seconds>::new()
     );
-    let keyed = |v: Vec<(Arc<[u8]>, Seconds)>| -> Vec<(String, Seconds)> {
+    let keyed = |v: Due| -> Vec<(String, Seconds)> {
         v.into_iter()
-            .map(|(k, t)| (String::from_utf8_lossy(&k).into_owned(), t))
+            .map(|(k, t, _)| (String::from_utf8_lossy(&k).into_owned(), t))
             .collect()
     };
     assert_eq!(
@@ -73,16 +76,20 @@ async fn compliance(store: &dyn TimerStore) {
     );
     // Keys are bytes: two keys that are not UTF-8 and differ stay apart, and load returns them
     // exactly.
-    store.schedule(&s, b"\xff\xfe", 10).await.unwrap();
-    store.schedule(&s, b"\xfe\xff", 11).await.unwrap();
+    store.schedule(&s, b"\xff\xfe", 10, None).await.unwrap();
+    // The trace context it was scheduled in comes back with it.
+    store
+        .schedule(&s, b"\xfe\xff", 11, Some(SPAN))
+        .await
+        .unwrap();
     assert_eq!(store.scheduled(&s, b"\xff\xfe").await.unwrap(), vec![10]);
     assert_eq!(store.scheduled(&s, b"\xfe\xff").await.unwrap(), vec![11]);
     let loaded = store.load(&s, 11).await.unwrap();
     assert_eq!(
         loaded,
         vec![
-            (Arc::from(&b"\xff\xfe"[..]), 10),
-            (Arc::from(&b"\xfe\xff"[..]), 11)
+            (Arc::from(&b"\xff\xfe"[..]), 10, None),
+            (Arc::from(&b"\xfe\xff"[..]), 11, Some(Arc::from(SPAN)))
         ]
     );
 }
@@ -110,7 +117,7 @@ async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCas
         let key = match op {
             Op::Schedule(k, t) => {
                 let key = format!("k{k}");
-                store.schedule(&s, key.as_bytes(), *t).await.unwrap();
+                store.schedule(&s, key.as_bytes(), *t, None).await.unwrap();
                 model.entry(key.clone()).or_default().insert(*t);
                 key
             }
@@ -147,7 +154,7 @@ async fn against_model(store: &dyn TimerStore, ops: &[Op]) -> Result<(), TestCas
         .await
         .unwrap()
         .into_iter()
-        .map(|(k, t)| (String::from_utf8_lossy(&k).into_owned(), t))
+        .map(|(k, t, _)| (String::from_utf8_lossy(&k).into_owned(), t))
         .collect();
     loaded.sort_by_key(|(k, t)| (*t, k.clone()));
     prop_assert_eq!(loaded, expected);

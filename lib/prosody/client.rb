@@ -56,7 +56,7 @@ module Prosody
     # @raise [Prosody::SendError] if the broker did not acknowledge within +send_timeout+, naming
     #   the topic, the key and the reason
     def send_message(topic, key, payload, headers: {}, partition: nil)
-      Native::Pending.await { |waiter| native.send_record(waiter, topic, key, payload, headers, partition, false) }
+      Native::Pending.await { |waiter| native.send_record(waiter, topic, key, payload, headers, partition, false, Tracing.current) }
       nil
     end
 
@@ -73,7 +73,7 @@ module Prosody
     # @raise [Prosody::SendError] as for {#send_message}
     def send_tombstone(topic, key, headers: {}, partition: nil)
       Native::Pending.await do |waiter|
-        native.send_record(waiter, topic, key, Outgoing::TOMBSTONE, headers, partition, true)
+        native.send_record(waiter, topic, key, Outgoing::TOMBSTONE, headers, partition, true, Tracing.current)
       end
       nil
     end
@@ -92,7 +92,7 @@ module Prosody
     def send_messages(records)
       raise ArgumentError, "records must be an Array of Hashes, got #{records.class}" unless records.is_a?(Array)
 
-      failures = Native::Pending.await { |waiter| native.send_records(waiter, records) }
+      failures = Native::Pending.await { |waiter| native.send_records(waiter, records, Tracing.current) }
       raise SendError.for_batch(failures, records.size) if failures
 
       nil

@@ -156,7 +156,7 @@ module Prosody
       timer = event.is_a?(Array)
       event = Timer.new(event[0], Time.at(event[1])) if timer
       begin
-        timer ? @handler.on_timer(context, event) : @handler.on_message(context, event)
+        Tracing.within(context) { timer ? @handler.on_timer(context, event) : @handler.on_message(context, event) }
         completed(@bridge.succeed(context))
         finished = true
       rescue Async::Stop => e

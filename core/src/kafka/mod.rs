@@ -107,6 +107,9 @@ pub enum KafkaError {
         topics: Vec<String>,
         source: rdkafka::error::KafkaError,
     },
+    /// Span export could not be set up from the `OTEL_*` environment.
+    #[error("tracing: {0}")]
+    Tracing(String),
     /// The mock cluster could not be created or changed.
     #[error("mock cluster: {0}")]
     Mock(String),

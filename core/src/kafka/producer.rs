@@ -62,6 +62,8 @@ pub struct Producer {
     shared: Mutex<Arc<Shared>>,
     /// Value of the `source-system` header.
     source_system: String,
+    /// A `send` span per record, when spans are exported.
+    spans: crate::spans::SendSpans,
 }
 
 /// A librdkafka producer shared by the clients of a process.
@@ -107,6 +109,7 @@ impl Producer {
         Ok(Self {
             shared: Mutex::new(Shared::pooled(bootstrap, send_timeout, mock)?),
             source_system: source_system.to_owned(),
+            spans: crate::spans::SendSpans::new().map_err(KafkaError::Tracing)?,
         })
     }
 
@@ -142,6 +145,11 @@ impl Producer {
         if !shared.prepared(record.topic) {
             return Some(done);
         }
+        let traced = self.trace(record);
+        let (record, done) = match &traced {
+            Some((headers, cx)) => (RawRecord { headers, ..record }, traced_done(cx, done)),
+            None => (record, done),
+        };
         let acks = Acks::register(1);
         let base = self.base_record(record, acks.opaque(0));
         match shared.inner.send(base) {
@@ -189,8 +197,13 @@ impl Producer {
             }
         }
         let acks = Acks::register(records.len());
-        for (index, record) in records.iter().enumerate() {
-            if let Err(reason) = self.enqueue(&shared, *record, &acks, index).await {
+        let traced: Vec<_> = records.iter().map(|r| self.trace(*r)).collect();
+        for (index, (record, traced)) in records.iter().zip(&traced).enumerate() {
+            let record = match traced {
+                Some((headers, _)) => RawRecord { headers, ..*record },
+                None => *record,
+            };
+            if let Err(reason) = self.enqueue(&shared, record, &acks, index).await {
                 acks.settle(index, Err(Failed::Local(reason)));
             }
         }
@@ -201,7 +214,14 @@ impl Producer {
         acks.take()
             .into_iter()
             .zip(records)
-            .map(|(outcome, record)| outcome_of(outcome, send_timeout, *record))
+            .zip(traced)
+            .map(|((outcome, record), traced)| {
+                let result = outcome_of(outcome, send_timeout, *record);
+                if let Some((_, cx)) = traced {
+                    end_send(&cx, &result);
+                }
+                result
+            })
             .collect()
     }
 
@@ -210,6 +230,11 @@ impl Producer {
     pub async fn send_raw(&self, record: RawRecord<'_>) -> Result<Delivery, SendError> {
         let shared = self.current();
         shared.prepare(record.topic).await;
+        let traced = self.trace(record);
+        let record = match &traced {
+            Some((headers, _)) => RawRecord { headers, ..record },
+            None => record,
+        };
         let acks = Acks::register(1);
         match self.enqueue(&shared, record, &acks, 0).await {
             Ok(()) => {
@@ -219,7 +244,18 @@ impl Producer {
             Err(reason) => acks.settle(0, Err(Failed::Local(reason))),
         }
         let outcome = acks.take().pop().flatten();
-        outcome_of(outcome, shared.send_timeout, record)
+        let result = outcome_of(outcome, shared.send_timeout, record);
+        if let Some((_, cx)) = traced {
+            end_send(&cx, &result);
+        }
+        result
+    }
+
+    /// Starts `record`'s `send` span, when spans are exported: its headers with the span's
+    /// context, and the span.
+    fn trace(&self, record: RawRecord<'_>) -> Option<crate::spans::Traced> {
+        self.spans
+            .prepare(record.topic, record.key, record.partition, record.headers)
     }
 
     /// `record` as librdkafka takes it, with this producer's `source-system` header first (one
@@ -290,6 +326,26 @@ impl Producer {
             }
         }
     }
+}
+
+/// Ends a `send` span with the record's outcome.
+fn end_send(cx: &opentelemetry::Context, result: &Result<Delivery, SendError>) {
+    crate::spans::sent(
+        cx,
+        result
+            .as_ref()
+            .map(|d| (d.partition, d.offset))
+            .map_err(|e| e.reason.as_str()),
+    );
+}
+
+/// `done`, ending the `send` span `cx` first.
+fn traced_done(cx: &opentelemetry::Context, done: Done) -> Done {
+    let cx = cx.clone();
+    Box::new(move |result| {
+        end_send(&cx, &result);
+        done(result);
+    })
 }
 
 /// How long a send waits before trying again to queue a record while librdkafka's queue is full.

@@ -92,6 +92,10 @@ struct Flight {
     fingerprint: Option<crate::dedup::Fingerprint>,
     /// Whether its id is remembered when it finishes (it succeeded or failed permanently).
     remember: bool,
+    /// The event's span (a message's `process`, a timer's `fire`), or the context it carries.
+    span: opentelemetry::Context,
+    /// The running attempt's `handle` span.
+    attempt: opentelemetry::Context,
 }
 
 /// What the worker's own helper tasks report.
@@ -195,10 +199,12 @@ pub(crate) fn spawn_worker(
             store,
             scope,
             changes,
+            spans: engine.spans.clone(),
         }),
         pending: BTreeSet::new(),
         firing: HashSet::new(),
         rearmed: HashSet::new(),
+        spans: HashMap::new(),
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
     });
@@ -373,7 +379,7 @@ impl Worker {
             self.publish_oldest();
         }
         let keep_raw = self.engine.dead_letters.is_some();
-        let message = match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
+        let mut message = match ConsumedMessage::decode(self.topic.clone(), record, keep_raw) {
             Ok(message) => message,
             Err(bad) => {
                 self.deferral_received(None, offset);
@@ -381,6 +387,10 @@ impl Worker {
                 return;
             }
         };
+        message.trace = self
+            .engine
+            .spans
+            .receive(message.origin(), &message.headers);
         self.deferral_received(message.key.as_ref(), offset);
         self.read_ahead(&message);
         let key = message.key.clone();
@@ -461,6 +471,9 @@ impl Worker {
     /// Finishes an event an admit stage skipped, as a success would: a fresh message's offset
     /// finishes; a deferred message leaves its key's list and the key moves on.
     fn skip(&mut self, pending: &Pending) {
+        if let Pending::Message(message) = pending {
+            crate::spans::finish_as(&message.trace, "skipped");
+        }
         match pending {
             Pending::Message(message) => self.retire(message.offset),
             Pending::Deferred(message) => {
@@ -513,12 +526,14 @@ impl Worker {
         self.in_flight.insert(
             (key.clone(), slot),
             Flight {
-                event: pending,
                 cancel: CancelToken::new(),
                 attempts: 1,
                 stage: Stage::Running,
                 fingerprint: None,
                 remember: false,
+                span: self.event_span(&pending),
+                attempt: opentelemetry::Context::new(),
+                event: pending,
             },
         );
         let _ = self.internal.send(Internal::Rejected(key, slot, failure));
@@ -551,7 +566,15 @@ impl Worker {
         let cancel = CancelToken::new();
         let (key, slot) = pending.id();
         let deferred = matches!(pending, Pending::Deferred(_));
-        let mut job = self.job(key.clone(), slot, pending.clone(), cancel.clone());
+        let span = self.event_span(&pending);
+        let attempt = self.engine.spans.handle(&span, 1);
+        let mut job = self.job(
+            key.clone(),
+            slot,
+            pending.clone(),
+            cancel.clone(),
+            attempt.clone(),
+        );
         if deferred {
             // A deferred message's run is a retry: charged to the retries' share.
             job = job.retry();
@@ -565,9 +588,33 @@ impl Worker {
                 stage: Stage::Running,
                 fingerprint: self.admitted.take(),
                 remember: false,
+                span,
+                attempt,
             },
         );
         self.engine.scheduler.submit(job);
+    }
+
+    /// The span of an event about to become its key's in-flight event: a fresh message's was
+    /// started when its record was read; a deferred message's and a timer's start now.
+    fn event_span(&self, pending: &Pending) -> opentelemetry::Context {
+        match pending {
+            Pending::Message(message) => message.trace.clone(),
+            Pending::Deferred(message) => {
+                let cx = self
+                    .engine
+                    .spans
+                    .receive(message.origin(), &message.headers);
+                crate::spans::event(&cx, "deferred retry", Vec::new());
+                cx
+            }
+            Pending::Timer(key, time) => {
+                let stored = self.timers.as_ref().and_then(|t| t.span_of(key, *time));
+                self.engine
+                    .spans
+                    .fire(&self.topic, self.partition, key, *time, stored.as_deref())
+            }
+        }
     }
 
     async fn on_finished(&mut self, finished: Finished) {
@@ -612,6 +659,13 @@ impl Worker {
 
     /// Walks the outcome stages.
     async fn outcome(&mut self, id: (Key, Slot), result: Result<(), Failure>) {
+        if let Some(flight) = self.in_flight.get(&id) {
+            let failure = result
+                .as_ref()
+                .err()
+                .map(|f| (f.error_class.as_str(), f.message.as_str()));
+            crate::spans::finish(&flight.attempt, failure);
+        }
         for stage in OUTCOME {
             if self.outcome_stage(stage, &id, &result).await == Handled::Done {
                 return;
@@ -653,6 +707,10 @@ impl Worker {
     /// stays stored; a deferred message stays deferred.
     fn abandoned(&mut self, id: (Key, Slot)) {
         let flight = self.in_flight.remove(&id);
+        if let Some(flight) = flight.as_ref() {
+            crate::spans::finish_as(&flight.attempt, "abandoned");
+            crate::spans::finish_as(&flight.span, "abandoned");
+        }
         match (id.1, id.0.clone(), flight.map(|f| f.event)) {
             (Slot::Timer(time), Some(key), _) => {
                 // It fires again (unless the partition is going away).
@@ -679,6 +737,7 @@ impl Worker {
         let flight = self.in_flight.remove(&id);
         if let Some(flight) = flight.as_ref() {
             self.remember_finished(flight);
+            crate::spans::finish(&flight.span, None);
         }
         let deferred = matches!(flight.map(|f| f.event), Some(Pending::Deferred(_)));
         match (id.1, id.0.clone()) {
@@ -701,11 +760,12 @@ impl Worker {
             Internal::RetryDue(key, slot) => self.retry_due(key, slot),
             Internal::DeadLettered(key, slot) => {
                 let id = (key, slot);
-                if self
+                if let Some(flight) = self
                     .in_flight
                     .get(&id)
-                    .is_some_and(|f| f.stage == Stage::DeadLettering)
+                    .filter(|f| f.stage == Stage::DeadLettering)
                 {
+                    crate::spans::finish_as(&flight.span, "dead_lettered");
                     self.succeeded(id).await;
                 }
             }
@@ -756,7 +816,14 @@ impl Worker {
         self.deferral.as_ref().map_or(0, |d| d.writes) + self.remembered.in_flight()
     }
 
-    fn job(&self, key: Key, slot: Slot, event: Pending, cancel: CancelToken) -> Job {
+    fn job(
+        &self,
+        key: Key,
+        slot: Slot,
+        event: Pending,
+        cancel: CancelToken,
+        trace: opentelemetry::Context,
+    ) -> Job {
         let event = match event {
             Pending::Message(message) | Pending::Deferred(message) => Event::Message(message),
             Pending::Timer(key, time) => Event::Timer(TimerEvent {
@@ -779,6 +846,7 @@ impl Worker {
             key,
             slot,
         )
+        .traced(trace)
     }
 
     /// Whether a draining worker waits for this in-flight event (it is running or finishing);

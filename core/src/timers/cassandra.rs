@@ -49,6 +49,12 @@ pub const MIGRATIONS: &[Migration] = &[
              key blob, time bigint, PRIMARY KEY ((grp, topic, part, key), time))",
         ],
     },
+    // The trace context a timer was scheduled in, for its `fire` span.
+    Migration {
+        component: "timers",
+        version: 3,
+        statements: &["ALTER TABLE {ks}.timers_by_slab ADD IF NOT EXISTS span text"],
+    },
 ];
 
 /// Cassandra's largest TTL (20 years), in seconds.
@@ -94,7 +100,7 @@ impl CassandraStore {
         };
         Ok(Self {
             insert_slab: prepare(format!(
-                "INSERT INTO {keyspace}.timers_by_slab (grp, topic, part, slab, key, time) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
+                "INSERT INTO {keyspace}.timers_by_slab (grp, topic, part, slab, key, time, span) VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?"
             ))
             .await?,
             insert_index: prepare(format!(
@@ -126,7 +132,7 @@ impl CassandraStore {
             ))
             .await?,
             select_slab: prepare(format!(
-                "SELECT key, time FROM {keyspace}.timers_by_slab WHERE grp = ? AND topic = ? AND part = ? AND slab = ?"
+                "SELECT key, time, span FROM {keyspace}.timers_by_slab WHERE grp = ? AND topic = ? AND part = ? AND slab = ?"
             ))
             .await?,
             session,
@@ -204,6 +210,7 @@ impl TimerStore for CassandraStore {
         scope: &'a Scope,
         key: &'a [u8],
         time: Seconds,
+        span: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         Box::pin(async move {
             let (g, t, p) = (&*scope.group, &*scope.topic, scope.partition);
@@ -214,7 +221,7 @@ impl TimerStore for CassandraStore {
                 self.session
                     .execute_unpaged(&self.insert_index, (g, t, p, slab, ttl)),
                 self.session
-                    .execute_unpaged(&self.insert_slab, (g, t, p, slab, key, time, ttl)),
+                    .execute_unpaged(&self.insert_slab, (g, t, p, slab, key, time, span, ttl)),
                 self.session
                     .execute_unpaged(&self.insert_key, (g, t, p, key, time, ttl)),
             );
@@ -287,15 +294,15 @@ impl TimerStore for CassandraStore {
                 .await?;
             let mut due: Due = Vec::new();
             for (slab,) in slabs {
-                let rows: Vec<(Vec<u8>, i64)> =
+                let rows: Vec<(Vec<u8>, i64, Option<String>)> =
                     self.select(&self.select_slab, (g, t, p, slab)).await?;
                 due.extend(
                     rows.into_iter()
-                        .filter(|(_, time)| *time <= until)
-                        .map(|(key, time)| (Key::from(key), time)),
+                        .filter(|(_, time, _)| *time <= until)
+                        .map(|(key, time, span)| (Key::from(key), time, span.map(Arc::from))),
                 );
             }
-            due.sort_by_key(|(_, s)| *s);
+            due.sort_by_key(|(_, s, _)| *s);
             Ok(due)
         })
     }

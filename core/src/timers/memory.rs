@@ -1,15 +1,15 @@
 //! Timers kept in process memory (mock mode). They belong to the scope and key, not to one
 //! assignment, so they survive a rebalance within the process; they do not survive the process.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, Due, Scope, Seconds, TimerError, TimerStore};
+use super::{BoxFuture, Due, Scope, Seconds, StoredSpan, TimerError, TimerStore};
 use crate::event::Key;
 use crate::process::PerProcess;
 
-/// Each key's timers within one scope.
-type KeyTimes = BTreeMap<Key, BTreeSet<Seconds>>;
+/// Each key's timers within one scope, with the context each was scheduled in.
+type KeyTimes = BTreeMap<Key, BTreeMap<Seconds, StoredSpan>>;
 
 /// The timers of every scope, by scope then key.
 #[derive(Default)]
@@ -55,13 +55,14 @@ impl TimerStore for MemoryStore {
         scope: &'a Scope,
         key: &'a [u8],
         time: Seconds,
+        span: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), TimerError>> {
         let result = self.with(|t| {
             t.entry(scope.clone())
                 .or_default()
                 .entry(Arc::from(key))
                 .or_default()
-                .insert(time);
+                .insert(time, span.map(Arc::from));
         });
         ready(result)
     }
@@ -106,7 +107,7 @@ impl TimerStore for MemoryStore {
         let result = self.with(|t| {
             t.get(scope)
                 .and_then(|keys| keys.get(key))
-                .map(|times| times.iter().copied().collect())
+                .map(|times| times.keys().copied().collect())
                 .unwrap_or_default()
         });
         ready(result)
@@ -116,17 +117,21 @@ impl TimerStore for MemoryStore {
         &'a self,
         scope: &'a Scope,
         until: Seconds,
-    ) -> BoxFuture<'a, Result<Vec<(Key, Seconds)>, TimerError>> {
+    ) -> BoxFuture<'a, Result<Due, TimerError>> {
         let result = self.with(|t| {
             let mut due: Due = t
                 .get(scope)
                 .map(|keys| {
                     keys.iter()
-                        .flat_map(|(k, times)| times.range(..=until).map(move |s| (k.clone(), *s)))
+                        .flat_map(|(k, times)| {
+                            times
+                                .range(..=until)
+                                .map(move |(s, span)| (k.clone(), *s, span.clone()))
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            due.sort_by_key(|(_, s)| *s);
+            due.sort_by_key(|(_, s, _)| *s);
             due
         });
         ready(result)

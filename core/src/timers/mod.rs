@@ -49,20 +49,25 @@ pub enum TimerError {
     Store(String),
 }
 
-/// Timers as `(key, time)`, earliest first.
-pub type Due = Vec<(Key, Seconds)>;
+/// The trace context a timer was scheduled in (see [`crate::spans::encode_stored`]).
+pub type StoredSpan = Option<Arc<str>>;
+
+/// Timers as `(key, time, the context they were scheduled in)`, earliest first.
+pub type Due = Vec<(Key, Seconds, StoredSpan)>;
 
 /// A boxed future, so the trait stays object-safe without extra crates.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Persistent timers. Every operation is acknowledged only once durable.
 pub trait TimerStore: Send + Sync + 'static {
-    /// Adds a timer; an existing one at the same second stays a single timer.
+    /// Adds a timer, with the trace context it was scheduled in; an existing one at the same
+    /// second stays a single timer (with the latest context).
     fn schedule<'a>(
         &'a self,
         scope: &'a Scope,
         key: &'a [u8],
         time: Seconds,
+        span: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), TimerError>>;
     /// Removes the timer at `time`, if any.
     fn unschedule<'a>(
@@ -111,8 +116,8 @@ pub fn now() -> Seconds {
 /// A change to a partition's timers, sent to its worker so its in-memory schedule follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimerChange {
-    /// A timer was stored.
-    Added(Key, Seconds),
+    /// A timer was stored (with the context it was scheduled in).
+    Added(Key, Seconds, StoredSpan),
     /// A timer was removed.
     Removed(Key, Seconds),
     /// Every timer of the key was removed.
@@ -128,6 +133,8 @@ pub struct PartitionTimerHandle {
     pub scope: Scope,
     /// The partition worker's schedule.
     pub changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
+    /// The client's spans (a `schedule timer` span per scheduled timer when exported).
+    pub spans: crate::spans::Spans,
 }
 
 /// What a handler's context uses to manage its own key's timers.
@@ -156,14 +163,22 @@ impl KeyTimers {
         let _ = self.partition.changes.send(change);
     }
 
-    /// Stores a timer at `time` (idempotent per second).
-    pub async fn schedule(&self, time: Seconds) -> Result<(), TimerError> {
+    /// Stores a timer at `time` (idempotent per second), scheduled from the handler call whose
+    /// trace context is `trace`: the timer keeps the context of a `schedule timer` span (when
+    /// spans are exported) or `trace` itself, and its `fire` span relates to it.
+    pub async fn schedule(
+        &self,
+        time: Seconds,
+        trace: &opentelemetry::Context,
+    ) -> Result<(), TimerError> {
         check_range(time)?;
+        let scheduled = self.partition.spans.schedule(trace, &self.key, time);
+        let span: StoredSpan = crate::spans::encode_stored(&scheduled).map(Arc::from);
         self.partition
             .store
-            .schedule(&self.partition.scope, &self.key, time)
+            .schedule(&self.partition.scope, &self.key, time, span.as_deref())
             .await?;
-        self.tell(TimerChange::Added(self.key.clone(), time));
+        self.tell(TimerChange::Added(self.key.clone(), time, span));
         Ok(())
     }
 
@@ -189,10 +204,14 @@ impl KeyTimers {
     }
 
     /// Removes every timer of the key, then stores one at `time`.
-    pub async fn clear_and_schedule(&self, time: Seconds) -> Result<(), TimerError> {
+    pub async fn clear_and_schedule(
+        &self,
+        time: Seconds,
+        trace: &opentelemetry::Context,
+    ) -> Result<(), TimerError> {
         check_range(time)?;
         self.clear().await?;
-        self.schedule(time).await
+        self.schedule(time, trace).await
     }
 
     /// The key's timers, earliest first.

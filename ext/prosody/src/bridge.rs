@@ -168,9 +168,16 @@ impl Bridge {
                         inner.pipe.wake();
                     }
                 });
+                let trace = job.trace.clone();
                 let (event, cancel, timers, completion) = job.into_parts();
-                let context =
-                    Context::new(cancel, timers, rb_self.inner.clone(), id, completion, grant);
+                let context = Context::new(
+                    cancel,
+                    timers,
+                    rb_self.inner.clone(),
+                    id,
+                    (completion, grant),
+                    trace,
+                );
                 let event = match event {
                     Event::Message(m) => ruby.into_value(Message::new(m)),
                     Event::Timer(t) => {

@@ -77,6 +77,7 @@ impl Client {
         headers: Value,
         partition: Value,
         tombstone: bool,
+        trace: Value,
     ) -> Result<Value, Error> {
         let mut one = encode::Batch::with_capacity(1);
         if !one.push_plain_parts(
@@ -92,6 +93,9 @@ impl Client {
                 "row",
                 (topic, key, payload, headers, partition),
             )?);
+        }
+        if let Some(cx) = trace_of(trace) {
+            one.carry(&cx);
         }
         let client = Arc::clone(&rb_self.inner);
         if let Ok(bridge) = <&Bridge>::try_convert(target) {
@@ -125,12 +129,16 @@ impl Client {
         rb_self: &Self,
         target: Value,
         records: RArray,
+        trace: Value,
     ) -> Result<Value, Error> {
         let mut batch = encode::Batch::with_capacity(records.len());
         for (index, value) in records.into_iter().enumerate() {
             if !batch.push_plain(ruby, value) {
                 batch.push(checked(ruby, "indexed_row", (value, index))?);
             }
+        }
+        if let Some(cx) = trace_of(trace) {
+            batch.carry(&cx);
         }
         let client = Arc::clone(&rb_self.inner);
         operation::start(ruby, target, async move {
@@ -222,6 +230,36 @@ impl Client {
 }
 
 /// A send's outcome as the waiting fiber receives it: nil, or `Prosody::SendError`.
+/// The trace context records sent now carry, from what `Prosody::Tracing.current` gave: the
+/// running handler's `Prosody::Context`, a W3C carrier Hash (from the application's Ruby
+/// tracer), or nil.
+fn trace_of(value: Value) -> Option<opentelemetry::Context> {
+    if value.is_nil() {
+        return None;
+    }
+    if let Ok(context) = <&crate::context::Context>::try_convert(value) {
+        return Some(context.trace().clone());
+    }
+    let hash = RHash::from_value(value)?;
+    let mut pairs = Vec::with_capacity(hash.len());
+    hash.foreach(|k: Value, v: Value| {
+        if let (Some(k), Some(v)) = (RString::from_value(k), RString::from_value(v)) {
+            if let (Ok(k), Ok(v)) = (k.to_string(), v.to_string()) {
+                pairs.push((k, v));
+            }
+        }
+        Ok(magnus::r_hash::ForEach::Continue)
+    })
+    .ok()?;
+    Some(prosody_core::spans::extract_pairs(&pairs))
+}
+
+/// `Prosody::Native.flush_spans`: exports every finished span and stops span export (called at
+/// exit; a no-op when spans are not exported).
+fn flush_spans(ruby: &Ruby) -> Result<(), Error> {
+    without_gvl(ruby, |_| prosody_core::spans::shut_down())
+}
+
 fn sent<T>(result: Result<T, SendError>) -> OpResult {
     match result {
         Ok(_) => OpResult::Ok(OpValue::Nil),
@@ -283,10 +321,11 @@ fn record(
 }
 
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    native.define_module_function("flush_spans", function!(flush_spans, 0))?;
     let class = native.define_class("Client", ruby.class_object())?;
     class.define_singleton_method("new", function!(Client::new, 1))?;
-    class.define_method("send_record", method!(Client::send_record, 7))?;
-    class.define_method("send_records", method!(Client::send_records, 2))?;
+    class.define_method("send_record", method!(Client::send_record, 8))?;
+    class.define_method("send_records", method!(Client::send_records, 3))?;
     class.define_method("subscribe", method!(Client::subscribe, 1))?;
     class.define_method("unsubscribe", method!(Client::unsubscribe, 0))?;
     class.define_method("consumer_state", method!(Client::consumer_state, 0))?;

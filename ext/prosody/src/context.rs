@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use magnus::{method, prelude::*, Error, RModule, Ruby};
+use magnus::{method, prelude::*, Error, RHash, RModule, Ruby};
 use prosody_core::cancel::CancelToken;
 use prosody_core::handler::{Completion, Outcome};
 use prosody_core::scheduler::Grant;
@@ -31,6 +31,9 @@ pub struct Context {
     /// context collected unfinished drops them: the permit returns and the event is reported
     /// abandoned (not committed). Locked only with the GVL held, so never contended.
     job: Mutex<Option<(Completion, Grant)>>,
+    /// The trace context of the handler call (its `handle` span when spans are exported, else
+    /// the context the event carries).
+    trace: opentelemetry::Context,
 }
 
 /// A timer operation, started on the engine's runtime.
@@ -49,8 +52,8 @@ impl Context {
         timers: Option<KeyTimers>,
         bridge: Arc<BridgeInner>,
         job_id: u64,
-        completion: Completion,
-        grant: Grant,
+        job: (Completion, Grant),
+        trace: opentelemetry::Context,
     ) -> Self {
         Self {
             cancel,
@@ -58,8 +61,24 @@ impl Context {
             active: AtomicBool::new(true),
             bridge,
             job_id,
-            job: Mutex::new(Some((completion, grant))),
+            job: Mutex::new(Some(job)),
+            trace,
         }
+    }
+
+    /// The handler call's trace context.
+    pub fn trace(&self) -> &opentelemetry::Context {
+        &self.trace
+    }
+
+    /// `trace_context`: the W3C carrier of the handler call's span (`traceparent`, and
+    /// `tracestate` / `baggage` when they have entries); empty when the event carries no trace.
+    fn trace_context(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        let hash = ruby.hash_new();
+        for (name, value) in prosody_core::spans::carrier(&rb_self.trace) {
+            hash.aset(ruby.str_new(&name), ruby.str_new(&value))?;
+        }
+        Ok(hash)
     }
 
     /// The handler returned (or raised): the context stops working, the permit goes back at once
@@ -121,14 +140,16 @@ impl Context {
             .map_err(|e| errors::prosody(ruby, errors::Class::Timer, e))?;
         let bridge = rb_self.bridge.clone();
         let id = bridge.next_op();
+        let trace = rb_self.trace.clone();
         runtime.spawn(async move {
             let result = match op {
-                Op::Schedule(s) => timers.schedule(s).await.map(|()| OpValue::Nil),
+                Op::Schedule(s) => timers.schedule(s, &trace).await.map(|()| OpValue::Nil),
                 Op::Unschedule(s) => timers.unschedule(s).await.map(|()| OpValue::Nil),
                 Op::Clear => timers.clear().await.map(|()| OpValue::Nil),
-                Op::ClearAndSchedule(s) => {
-                    timers.clear_and_schedule(s).await.map(|()| OpValue::Nil)
-                }
+                Op::ClearAndSchedule(s) => timers
+                    .clear_and_schedule(s, &trace)
+                    .await
+                    .map(|()| OpValue::Nil),
                 Op::Scheduled => timers.scheduled().await.map(OpValue::Times),
             };
             bridge.op_finished(
@@ -180,6 +201,7 @@ pub fn init(ruby: &Ruby, prosody: RModule) -> Result<(), Error> {
     class.undef_default_alloc_func();
     class.define_method("should_cancel?", method!(Context::should_cancel, 0))?;
     class.define_method("inspect", method!(Context::inspect, 0))?;
+    class.define_method("trace_context", method!(Context::trace_context, 0))?;
     class.define_private_method("job_id", method!(Context::job_id, 0))?;
     class.define_private_method("check_active", method!(Context::check_active, 0))?;
     class.define_private_method("start_schedule", method!(Context::schedule, 1))?;

@@ -49,11 +49,11 @@ fn severity(level: Level) -> u8 {
     }
 }
 
-/// Whether events of `target` are Prosody's: the engine's own, librdkafka's lines, and the
-/// rdkafka crate's records (the other dependencies' events, e.g. the Cassandra driver's, are
-/// not shown).
+/// Whether events of `target` are Prosody's: the engine's own, librdkafka's lines, the rdkafka
+/// crate's records, and the OpenTelemetry SDK's and exporter's (a failed span export) — the
+/// other dependencies' events, e.g. the Cassandra driver's, are not shown.
 fn shown(target: &str) -> bool {
-    ["prosody", "librdkafka", "rdkafka"]
+    ["prosody", "librdkafka", "rdkafka", "opentelemetry"]
         .iter()
         .any(|prefix| target.starts_with(prefix))
 }

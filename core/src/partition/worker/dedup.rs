@@ -96,6 +96,7 @@ impl Worker {
             show_key(message.key.as_deref())
         );
         self.engine.skipped.filtered.fetch_add(1, Ordering::Relaxed);
+        crate::spans::event(&message.trace, "filter skip", Vec::new());
         Admission::Skip
     }
 
@@ -188,6 +189,8 @@ impl Worker {
                         stage: Stage::Checking,
                         fingerprint: Some(id),
                         remember: false,
+                        span: opentelemetry::Context::new(),
+                        attempt: opentelemetry::Context::new(),
                     },
                 );
                 self.held.insert(id, (key, slot));
@@ -217,6 +220,7 @@ impl Worker {
             .skipped
             .duplicates
             .fetch_add(1, Ordering::Relaxed);
+        crate::spans::event(&message.trace, "dedup skip", Vec::new());
     }
 
     /// Sends the queued ids to the store, unless a read is in flight.

@@ -446,7 +446,10 @@ impl Worker {
                     self.describe(id),
                     attempts - 1
                 );
-                self.in_flight.remove(id);
+                if let Some(flight) = self.in_flight.remove(id) {
+                    crate::spans::event(&flight.span, "defer", Vec::new());
+                    crate::spans::finish_as(&flight.span, "deferred");
+                }
                 if let Some(d) = self.deferral.as_mut() {
                     if let Some(state) = d.keys.get_mut(&key) {
                         state.loaded.push_front(message);
@@ -461,6 +464,15 @@ impl Worker {
             Pending::Message(_) if !failure.permanent && d.setup.gate.allows_deferral() => {
                 let (retry, delay) = d.setup.backoff.retry(1);
                 flight.stage = Stage::Deferring;
+                crate::spans::event(
+                    &flight.span,
+                    "defer",
+                    vec![opentelemetry::KeyValue::new(
+                        "error.type",
+                        failure.error_class.clone(),
+                    )],
+                );
+                crate::spans::finish_as(&flight.span, "deferred");
                 tracing::warn!(
                     "{} failed ({failure}); deferring its key, first retry in {delay:?}",
                     self.describe(id)
@@ -501,16 +513,18 @@ impl Worker {
                     "{what} failed {attempts} times ({failure}), past defer_max_retries; sending it to {}",
                     dead_letters.topic
                 );
+                let mut trace = opentelemetry::Context::new();
                 if let Some(flight) = self.in_flight.get_mut(&id) {
                     flight.stage = Stage::DeadLettering;
+                    crate::spans::event(&flight.span, "dead letter", Vec::new());
+                    trace = flight.span.clone();
                 }
                 let (key, slot) = id;
                 self.spawn_dead_letter(
                     dead_letters,
                     raw,
-                    Reason::RetriesExhausted,
-                    failure,
-                    attempts,
+                    (Reason::RetriesExhausted, failure, attempts),
+                    &trace,
                     Internal::DeadLettered(key, slot),
                 );
                 Handled::Done
@@ -1072,9 +1086,8 @@ impl Worker {
         self.spawn_dead_letter(
             dead_letters,
             record,
-            reason,
-            &failure,
-            0,
+            (reason, &failure, 0),
+            &opentelemetry::Context::new(),
             Internal::Defer(DeferReport::DeadLettered { key, offset }),
         );
     }

@@ -27,6 +27,18 @@ impl Worker {
         match decision {
             Decision::Retry(delay) => {
                 flight.stage = Stage::Waiting;
+                crate::spans::event(
+                    &flight.span,
+                    "retry",
+                    vec![
+                        opentelemetry::KeyValue::new("prosody.attempt", i64::from(attempts)),
+                        opentelemetry::KeyValue::new(
+                            "prosody.retry.delay_ms",
+                            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                        ),
+                        opentelemetry::KeyValue::new("error.type", failure.error_class.clone()),
+                    ],
+                );
                 tracing::warn!(
                     "{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}"
                 );
@@ -57,13 +69,25 @@ impl Worker {
                     reason.as_str()
                 );
                 flight.stage = Stage::DeadLettering;
+                crate::spans::event(
+                    &flight.span,
+                    "dead letter",
+                    vec![
+                        opentelemetry::KeyValue::new(
+                            "messaging.destination.name",
+                            dead_letters.topic.clone(),
+                        ),
+                        opentelemetry::KeyValue::new("prosody.reason", reason.as_str()),
+                        opentelemetry::KeyValue::new("error.type", failure.error_class.clone()),
+                    ],
+                );
+                let trace = flight.span.clone();
                 let (key, slot) = id;
                 self.spawn_dead_letter(
                     dead_letters,
                     raw,
-                    reason,
-                    &failure,
-                    attempts,
+                    (reason, &failure, attempts),
+                    &trace,
                     Internal::DeadLettered(key, slot),
                 );
             }
@@ -82,6 +106,17 @@ impl Worker {
         tracing::error!(
             "{what} failed (attempt {attempts}, {failure}); giving up on it and moving on"
         );
+        if let Some(flight) = self.in_flight.get(&id) {
+            crate::spans::event(
+                &flight.span,
+                "give up",
+                vec![opentelemetry::KeyValue::new(
+                    "error.type",
+                    failure.error_class.clone(),
+                )],
+            );
+            crate::spans::finish(&flight.span, Some((&failure.error_class, &failure.message)));
+        }
         self.succeeded(id).await;
     }
 
@@ -105,16 +140,17 @@ impl Worker {
     /// Sends `raw` to the failure topic, retrying with backoff until it is acknowledged (the
     /// record is never dropped); reports `done` to this worker once sent. Stops when the
     /// partition is released (the offset then stays uncommitted).
+    /// The dead-letter record carries `trace` (the failed event's span) as its trace context.
     pub(super) fn spawn_dead_letter(
         &self,
         dead_letters: Arc<DeadLetters>,
         raw: OwnedMessage,
-        reason: Reason,
-        failure: &Failure,
-        attempts: u32,
+        (reason, failure, attempts): (Reason, &Failure, u32),
+        trace: &opentelemetry::Context,
         done: Internal,
     ) {
-        let headers = dead_letter_headers(&raw, &dead_letters.group, reason, failure, attempts);
+        let mut headers = dead_letter_headers(&raw, &dead_letters.group, reason, failure, attempts);
+        crate::spans::inject(trace, &mut headers);
         let internal = self.internal.clone();
         let abort = self.abort.clone();
         let policy = self.engine.policy.clone();
@@ -163,7 +199,9 @@ impl Worker {
         flight.cancel = CancelToken::new();
         let event = flight.event.clone();
         let cancel = flight.cancel.clone();
-        let job = self.job(id.0, id.1, event, cancel).retry();
+        flight.attempt = self.engine.spans.handle(&flight.span, flight.attempts);
+        let trace = flight.attempt.clone();
+        let job = self.job(id.0, id.1, event, cancel, trace).retry();
         self.engine.scheduler.submit(job);
     }
 
@@ -199,9 +237,8 @@ impl Worker {
         self.spawn_dead_letter(
             dead_letters,
             raw,
-            Reason::Undecodable,
-            &failure,
-            0,
+            (Reason::Undecodable, &failure, 0),
+            &opentelemetry::Context::new(),
             Internal::UndecodableSent(offset),
         );
     }

@@ -1,12 +1,12 @@
 //! The partition's timers: the worker's in-memory schedule of its stored timers, loaded a window
 //! (`slab_size`) at a time, and how a due timer becomes an event in its key's queue.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Pending, Worker};
-use crate::timers::{self, PartitionTimerHandle, Seconds, TimerChange};
+use crate::timers::{self, PartitionTimerHandle, Seconds, StoredSpan, TimerChange};
 
 /// The partition's timers as the worker schedules them.
 pub(super) struct PartitionTimers {
@@ -19,6 +19,8 @@ pub(super) struct PartitionTimers {
     /// Firing timers that their key scheduled again meanwhile (e.g. `on_timer` re-arming for the
     /// same second): kept and fired again instead of deleted after success.
     pub(super) rearmed: HashSet<(crate::event::Key, Seconds)>,
+    /// The trace context each scheduled or firing timer was scheduled in, when it has one.
+    pub(super) spans: HashMap<(crate::event::Key, Seconds), Arc<str>>,
     /// How far ahead stored timers are loaded (`slab_size`); the rest load as time moves on.
     pub(super) horizon: Duration,
     /// When to load the next window of stored timers.
@@ -28,7 +30,8 @@ pub(super) struct PartitionTimers {
 impl PartitionTimers {
     pub(super) fn apply(&mut self, change: TimerChange) {
         match change {
-            TimerChange::Added(key, time) => {
+            TimerChange::Added(key, time, span) => {
+                self.remember_span(&key, time, span);
                 if self.firing.contains(&(key.clone(), time)) {
                     self.rearmed.insert((key, time));
                 } else {
@@ -37,13 +40,37 @@ impl PartitionTimers {
             }
             TimerChange::Removed(key, time) => {
                 self.rearmed.remove(&(key.clone(), time));
-                self.pending.remove(&(time, key));
+                if self.pending.remove(&(time, key.clone())) {
+                    self.spans.remove(&(key, time));
+                }
             }
             TimerChange::Cleared(key) => {
                 self.rearmed.retain(|(k, _)| *k != key);
                 self.pending.retain(|(_, k)| *k != key);
+                let firing = &self.firing;
+                self.spans
+                    .retain(|id, _| id.0 != key || firing.contains(id));
             }
         }
+    }
+
+    fn remember_span(&mut self, key: &crate::event::Key, time: Seconds, span: StoredSpan) {
+        match span {
+            Some(span) => {
+                self.spans.insert((key.clone(), time), span);
+            }
+            None => {
+                self.spans.remove(&(key.clone(), time));
+            }
+        }
+    }
+
+    /// The trace context the timer was scheduled in, if any.
+    pub(super) fn span_of(&self, key: &crate::event::Key, time: Seconds) -> Option<Arc<str>> {
+        if self.spans.is_empty() {
+            return None;
+        }
+        self.spans.get(&(key.clone(), time)).cloned()
     }
 
     /// A firing timer stopped running; returns whether its key scheduled it again meanwhile.
@@ -92,8 +119,9 @@ impl Worker {
         timers.next_load = Instant::now() + (timers.horizon / 2).max(Duration::from_secs(1));
         match timers.handle.store.load(&timers.handle.scope, until).await {
             Ok(loaded) => {
-                for (key, time) in loaded {
+                for (key, time, span) in loaded {
                     if !timers.firing.contains(&(key.clone(), time)) {
+                        timers.remember_span(&key, time, span);
                         timers.pending.insert((time, key));
                     }
                 }
@@ -133,6 +161,7 @@ impl Worker {
             timers.pending.insert((time, key));
             return;
         }
+        timers.spans.remove(&(key.clone(), time));
         if let Err(e) = timers
             .handle
             .store

@@ -92,6 +92,15 @@ impl Batch {
             .collect()
     }
 
+    /// Writes `cx` as the trace context of every record that carries none of its own.
+    pub fn carry(&mut self, cx: &opentelemetry::Context) {
+        for record in &mut self.records {
+            if !prosody_core::spans::has_context(&record.headers) {
+                prosody_core::spans::inject(cx, &mut record.headers);
+            }
+        }
+    }
+
     /// Record `index`, borrowing its bytes.
     pub fn get(&self, index: usize) -> Option<RawRecord<'_>> {
         let span = self.records.get(index)?;

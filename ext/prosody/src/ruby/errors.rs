@@ -95,6 +95,7 @@ pub fn kafka(ruby: &Ruby, e: KafkaError) -> Error {
         | KafkaError::Subscribe { .. }
         | KafkaError::Timers(_) => Class::Subscription,
         KafkaError::EngineFailed(_) => Class::Error,
+        KafkaError::Tracing(_) => Class::Argument,
         _ => Class::Client,
     };
     prosody(ruby, class, e.to_string())

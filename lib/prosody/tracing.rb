@@ -1,0 +1,52 @@
+# frozen_string_literal: true
+
+module Prosody
+  # @api private
+  #
+  # Carries trace context between the engine's spans and Ruby code. A handler call runs with its
+  # {Context} as the fiber's current one, so what the handler sends carries the trace of the
+  # span that wraps the call (see {Context#trace_context}). When the +opentelemetry-api+ gem is
+  # loaded, the handler also runs inside an +OpenTelemetry::Context+ whose remote parent is that
+  # span: a span the handler starts is its child, and what it sends inside such a span carries
+  # the child's context instead.
+  module Tracing
+    # Fiber-local slot of the running handler call's context.
+    CURRENT = :prosody_context
+
+    # Runs the handler call of +context+: its context is the fiber's current one meanwhile, and
+    # with OpenTelemetry loaded, the engine's span is the current remote parent.
+    #
+    # @param context [Prosody::Context]
+    def self.within(context, &block)
+      outer = Thread.current[CURRENT]
+      Thread.current[CURRENT] = context
+      return yield unless opentelemetry?
+
+      carrier = context.trace_context
+      return yield if carrier.empty?
+
+      ::OpenTelemetry::Context.with_current(::OpenTelemetry.propagation.extract(carrier), &block)
+    ensure
+      Thread.current[CURRENT] = outer
+    end
+
+    # What a record sent now should carry as its trace context: the application's current
+    # OpenTelemetry span (as a W3C carrier Hash) when the gem is loaded and a span is current,
+    # else the running handler call's context, else nil.
+    #
+    # @return [Hash{String => String}, Prosody::Context, nil]
+    def self.current
+      if opentelemetry?
+        carrier = {}
+        ::OpenTelemetry.propagation.inject(carrier)
+        return carrier unless carrier.empty?
+      end
+      Thread.current[CURRENT]
+    end
+
+    # Whether the +opentelemetry-api+ gem is loaded.
+    def self.opentelemetry?
+      defined?(::OpenTelemetry::Context) && ::OpenTelemetry.respond_to?(:propagation) ? true : false
+    end
+  end
+end
