@@ -11,6 +11,7 @@
 //! context is still handed to its handler and to what the handler sends, so the traces of the
 //! services around this one stay whole.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
@@ -37,6 +38,8 @@ const SCOPE: &str = "prosody";
 struct Export {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// Set once the provider was shut down (at exit): a later flush has nothing to do.
+    shut_down: AtomicBool,
 }
 
 /// Set up on first use in each process (a forked child sets up its own: the SDK's export thread
@@ -136,7 +139,11 @@ fn set_up() -> Result<Option<Export>, String> {
         .build();
     let tracer = provider.tracer(SCOPE);
     tracing::info!("exporting spans over OTLP ({transport:?})");
-    Ok(Some(Export { provider, tracer }))
+    Ok(Some(Export {
+        provider,
+        tracer,
+        shut_down: AtomicBool::new(false),
+    }))
 }
 
 /// The process's exporting tracer, set up from the environment on first use; `None` when no
@@ -150,6 +157,9 @@ pub fn tracer() -> Result<Option<SdkTracer>, String> {
 /// Exports every finished span now (blocking until the exporter answered or timed out).
 pub fn flush() {
     if let Some(Some(export)) = EXPORT.get() {
+        if export.shut_down.load(Ordering::Acquire) {
+            return;
+        }
         if let Err(e) = export.provider.force_flush() {
             tracing::warn!("could not export spans: {e}");
         }
@@ -159,6 +169,9 @@ pub fn flush() {
 /// Exports every finished span and stops the export thread (at process exit).
 pub fn shut_down() {
     if let Some(Some(export)) = EXPORT.get() {
+        if export.shut_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if let Err(e) = export.provider.shutdown() {
             tracing::debug!("span export shut down: {e}");
         }

@@ -56,7 +56,9 @@ module Prosody
     # @raise [Prosody::SendError] if the broker did not acknowledge within +send_timeout+, naming
     #   the topic, the key and the reason
     def send_message(topic, key, payload, headers: {}, partition: nil)
-      Native::Pending.await { |waiter| native.send_record(waiter, topic, key, payload, headers, partition, false, Tracing.current) }
+      Native::Pending.await do |waiter|
+        native.send_record(waiter, topic, key, payload, headers, partition, false, Tracing.current)
+      end
       nil
     end
 

@@ -17,7 +17,7 @@ module Prosody
     # with OpenTelemetry loaded, the engine's span is the current remote parent.
     #
     # @param context [Prosody::Context]
-    def self.within(context, &block)
+    def self.within(context, &)
       outer = Thread.current[CURRENT]
       Thread.current[CURRENT] = context
       return yield unless opentelemetry?
@@ -25,7 +25,7 @@ module Prosody
       carrier = context.trace_context
       return yield if carrier.empty?
 
-      ::OpenTelemetry::Context.with_current(::OpenTelemetry.propagation.extract(carrier), &block)
+      ::OpenTelemetry::Context.with_current(::OpenTelemetry.propagation.extract(carrier), &)
     ensure
       Thread.current[CURRENT] = outer
     end
@@ -46,7 +46,7 @@ module Prosody
 
     # Whether the +opentelemetry-api+ gem is loaded.
     def self.opentelemetry?
-      defined?(::OpenTelemetry::Context) && ::OpenTelemetry.respond_to?(:propagation) ? true : false
+      !defined?(::OpenTelemetry::Context).nil? && ::OpenTelemetry.respond_to?(:propagation)
     end
   end
 end

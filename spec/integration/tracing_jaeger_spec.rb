@@ -1,0 +1,145 @@
+# frozen_string_literal: true
+
+require "json"
+require "net/http"
+require "rbconfig"
+
+# Spans exported to a real Jaeger (dev/services starts it on 127.0.0.1) from a child process on
+# the real Kafka and Cassandra (spec/integration/tracing_child.rb): produce -> consume -> produce
+# -> consume, a timer, and a dead letter, read back from Jaeger's query API.
+module JaegerHelpers
+  QUERY = ENV.fetch("PROSODY_TEST_JAEGER", "127.0.0.1:16686")
+  OTLP_HTTP = "http://127.0.0.1:4318"
+  OTLP_GRPC = "http://127.0.0.1:4317"
+
+  # A span of Jaeger's answer as a Hash: operation, ids, references, tags, event names, and its
+  # process's service name and resource tags.
+  def self.span(data, span)
+    process = data["processes"][span["processID"]]
+    { name: span["operationName"], id: span["spanID"], trace: span["traceID"],
+      refs: span["references"].map { |r| [r["refType"], r["traceID"], r["spanID"]] },
+      tags: span["tags"].to_h { |t| [t["key"], t["value"]] },
+      events: span["logs"].map { |l| l["fields"].find { |f| f["key"] == "event" }&.dig("value") },
+      service: process["serviceName"], resource: process["tags"].to_h { |t| [t["key"], t["value"]] } }
+  end
+end
+
+RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
+  before(:context) { KafkaHelpers.ensure_service!("jaeger", "Jaeger", JaegerHelpers::QUERY) }
+
+  let(:service) { unique("prosody-spec") }
+  let(:topic_in) { create_topic(unique("trace-in"), partitions: 1) }
+  let(:topic_out) { create_topic(unique("trace-out"), partitions: 1) }
+  let(:dlq) { create_topic(unique("trace-dlq"), partitions: 1) }
+  let(:keyspace) { unique("prosody_trace").tr("-", "_") }
+
+  # Runs the child scenario with +env+ and returns its handler calls' trace contexts.
+  def run_child(scenario, env)
+    out = File.join(Dir.tmpdir, "#{unique('tracing-child')}.json")
+    log = "#{out}.log"
+    script = File.expand_path("tracing_child.rb", __dir__)
+    env = { "OTEL_SERVICE_NAME" => service, "OTEL_RESOURCE_ATTRIBUTES" => "deployment.environment=spec" }.merge(env)
+    pid = Process.spawn(env, RbConfig.ruby, script, scenario, KafkaHelpers::BOOTSTRAP, KafkaHelpers::CASSANDRA,
+                        keyspace, topic_in, topic_out, dlq, out, %i[out err] => log)
+    _, status = Process.wait2(pid)
+    expect(status).to be_success, File.read(log)
+    JSON.parse(File.read(out))
+  end
+
+  def jaeger(path)
+    response = Net::HTTP.get_response(URI("http://#{JaegerHelpers::QUERY}#{path}"))
+    response.is_a?(Net::HTTPOK) ? JSON.parse(response.body) : nil
+  end
+
+  # The spans of trace +id+ (see JaegerHelpers.span) once it has at least +count+ of them.
+  def trace(id, count)
+    wait_for(timeout: 30, message: "#{count} spans of trace #{id} in Jaeger") do
+      data = jaeger("/api/traces/#{id}")&.dig("data", 0)
+      data["spans"].map { |span| JaegerHelpers.span(data, span) } if data && data["spans"].size >= count
+    end
+  end
+
+  def ids(context)
+    _, trace_id, span_id, = context.fetch("traceparent").split("-")
+    [trace_id, span_id]
+  end
+
+  def one(spans, name, **tags)
+    found = spans.select { |s| s[:name] == name && tags.all? { |k, v| s[:tags][k.to_s] == v } }
+    expect(found.size).to eq(1), "expected one #{name} span with #{tags}, got #{spans.map { |s| s[:name] }}"
+    found.first
+  end
+
+  def child_of(span, parent)
+    expect(span[:refs]).to eq([["CHILD_OF", parent[:trace], parent[:id]]])
+  end
+
+  it "records the chain, the timer's link and the dead letter with their attributes (http/protobuf, the default)" do
+    calls = run_child("full", "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP)
+    trace_id, handle_a_id = ids(calls.fetch("a:order-1"))
+    spans = trace(trace_id, 7)
+
+    sent = one(spans, "send #{topic_in}")
+    expect(sent[:refs]).to eq([])
+    expect(sent[:tags]).to include("span.kind" => "producer", "messaging.system" => "kafka",
+                                   "messaging.operation.type" => "send", "messaging.destination.name" => topic_in,
+                                   "messaging.kafka.message.key" => "order-1",
+                                   "messaging.destination.partition.id" => "0", "messaging.kafka.offset" => 0)
+    process_a = one(spans, "process #{topic_in}")
+    child_of(process_a, sent)
+    expect(process_a[:tags]).to include("span.kind" => "consumer", "messaging.consumer.group.name" => "#{topic_in}-a",
+                                        "messaging.destination.partition.id" => "0", "messaging.kafka.offset" => 0,
+                                        "messaging.kafka.message.key" => "order-1", "prosody.outcome" => "success")
+    handle_a = spans.find { |s| s[:id] == handle_a_id }
+    expect(handle_a).to include(name: "handle")
+    child_of(handle_a, process_a)
+    expect(handle_a[:tags]).to include("prosody.attempt" => 1, "prosody.outcome" => "success")
+
+    relayed = one(spans, "send #{topic_out}")
+    child_of(relayed, handle_a)
+    process_b = one(spans, "process #{topic_out}")
+    child_of(process_b, relayed)
+    expect(process_b[:tags]).to include("messaging.consumer.group.name" => "#{topic_in}-b")
+    handle_b = spans.find { |s| s[:id] == ids(calls.fetch("b:order-1"))[1] }
+    child_of(handle_b, process_b)
+
+    scheduled = one(spans, "schedule timer")
+    child_of(scheduled, handle_a)
+    expect(sent).to include(service:)
+    expect(sent[:resource]).to include("deployment.environment" => "spec")
+
+    # The timer's handler runs in a new trace linked to the span that scheduled it (timer_spans
+    # follows_from, the default), through the context stored in Cassandra.
+    timer_trace, timer_handle_id = ids(calls.fetch("a:timer:order-1"))
+    expect(timer_trace).not_to eq(trace_id)
+    timer_spans = trace(timer_trace, 2)
+    fired = one(timer_spans, "fire timer")
+    expect(fired[:refs]).to eq([["FOLLOWS_FROM", trace_id, scheduled[:id]]])
+    expect(fired[:tags]).to include("messaging.kafka.message.key" => "order-1", "prosody.outcome" => "success")
+    child_of(timer_spans.find { |s| s[:id] == timer_handle_id }, fired)
+
+    # The dead letter: the failed handle span, the event on the message's span, and the
+    # dead-letter record sent (and consumed) inside the failed message's trace.
+    poison_trace, poison_handle_id = ids(calls.fetch("a:poison"))
+    poison = trace(poison_trace, 6)
+    poison_process = one(poison, "process #{topic_in}")
+    expect(poison_process[:events]).to include("dead letter")
+    expect(poison_process[:tags]).to include("prosody.outcome" => "dead_lettered")
+    failed = poison.find { |s| s[:id] == poison_handle_id }
+    expect(failed[:tags]).to include("prosody.outcome" => "failure", "error.type" => "ArgumentError",
+                                     "otel.status_code" => "ERROR")
+    dead_letter = one(poison, "send #{dlq}")
+    child_of(dead_letter, poison_process)
+    child_of(one(poison, "process #{dlq}"), dead_letter)
+  end
+
+  [["grpc", JaegerHelpers::OTLP_GRPC], ["http/json", JaegerHelpers::OTLP_HTTP]].each do |protocol, endpoint|
+    it "exports over #{protocol} when OTEL_EXPORTER_OTLP_PROTOCOL says so" do
+      calls = run_child("simple", "OTEL_EXPORTER_OTLP_ENDPOINT" => endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL" => protocol)
+      trace_id, = ids(calls.fetch("a:order-1"))
+      spans = trace(trace_id, 3)
+      expect(spans.map { |s| s[:name] }).to contain_exactly("send #{topic_in}", "process #{topic_in}", "handle")
+      expect(spans.map { |s| s[:service] }.uniq).to eq([service])
+    end
+  end
+end
