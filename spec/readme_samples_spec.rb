@@ -10,6 +10,9 @@ module ReadmeSamples # rubocop:disable Metrics/ModuleLength -- mostly the childr
   README = File.expand_path("../README.md", __dir__)
   LIB = File.expand_path("../lib", __dir__)
   SECONDS = 30
+  # The opentelemetry gems cannot be installed here (no RubyGems): the tracing samples load a
+  # stand-in that implements just the calls they (and Prosody) make.
+  OPENTELEMETRY = File.expand_path("support/opentelemetry_stand_in", __dir__)
 
   # Samples that are fragments get their surroundings here, and samples that only define a handler
   # class are exercised here: +before+ runs first (stand-ins for what the sample takes as given),
@@ -22,6 +25,37 @@ module ReadmeSamples # rubocop:disable Metrics/ModuleLength -- mostly the childr
         require "bundler"
         GEMFILE = Bundler::Dsl.new
         def self.gem(*args, **options) = GEMFILE.gem(*args, **options)
+      RUBY
+    },
+    # Tracing: the Gemfile lines, as for Prosody's.
+    "gem 'opentelemetry-sdk'" => {
+      before: <<~'RUBY'
+        require "bundler"
+        GEMFILE = Bundler::Dsl.new
+        def self.gem(*args, **options) = GEMFILE.gem(*args, **options)
+      RUBY
+    },
+    # Tracing: the SDK set-up, against the stand-in gems.
+    "OpenTelemetry::SDK.configure" => {
+      before: <<~RUBY,
+        $LOAD_PATH.unshift(#{OPENTELEMETRY.dump})
+      RUBY
+      after: <<~'RUBY'
+        raise "expected the service name set" unless OpenTelemetry::SDK.configuration.service_name == "my-service-name"
+        raise "expected a tracer, got #{tracer.inspect}" unless tracer.respond_to?(:in_span)
+      RUBY
+    },
+    # Tracing: the handler starts its own span in each call (with the stand-in gem).
+    "class MyHandler < Prosody::EventHandler" => {
+      before: <<~RUBY,
+        $LOAD_PATH.unshift(#{OPENTELEMETRY.dump})
+        require "opentelemetry"
+      RUBY
+      after: <<~'RUBY'
+        ReadmeHarness.run!(MyHandler, { "id" => 7 })
+        span = OpenTelemetry::SPANS.pop(true)
+        raise "expected a process-message span, got #{span.inspect}" unless span.name == "process-message"
+        raise "expected its event, got #{span.events}" unless span.events == [["message.received", { "message.payload" => '{"id":7}' }]]
       RUBY
     },
     # Consuming: Billing is the application's payment service.

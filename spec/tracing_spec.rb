@@ -102,10 +102,11 @@ RSpec.describe "trace context (mock)" do
     expect(headers["traceparent"]).to eq(parent)
   end
 
-  # Runs +code+ in a child Ruby (mock mode) with +env+; returns [stdout + stderr, status].
-  def child(code, env = {})
+  # Runs +code+ in a child Ruby (mock mode) with +env+ and Ruby +options+; returns
+  # [stdout + stderr, status].
+  def child(code, env = {}, *options)
     lib = File.expand_path("../lib", __dir__)
-    Open3.capture2e(env, RbConfig.ruby, "-I#{lib}", "-rprosody", "-e", code)
+    Open3.capture2e(env, RbConfig.ruby, *options, "-I#{lib}", "-rprosody", "-e", code)
   end
 
   it "refuses an OTLP protocol it does not know, naming the variable and the value" do
@@ -151,53 +152,10 @@ RSpec.describe "trace context (mock)" do
   end
 
   it "runs the handler inside an OpenTelemetry context whose parent is the engine's span (stand-in gem)" do
-    # The opentelemetry gems cannot be installed here (no RubyGems), so this stand-in implements
-    # just the opentelemetry-api calls Prosody and the README's handler make:
-    # OpenTelemetry.propagation.extract / inject, OpenTelemetry::Context.with_current / current,
-    # and a tracer whose in_span starts a child of the current span.
-    out, status = child(<<~'RUBY')
-      module OpenTelemetry
-        Span = Struct.new(:trace_id, :span_id, :parent_id, :name, :events) do
-          def add_event(name, attributes: {}) = events << [name, attributes]
-        end
-        class Context
-          attr_reader :span
-          def initialize(span) = @span = span
-          def self.current = Thread.current[:otel_stand_in] || new(nil)
-          def self.with_current(context)
-            outer = Thread.current[:otel_stand_in]
-            Thread.current[:otel_stand_in] = context
-            yield
-          ensure
-            Thread.current[:otel_stand_in] = outer
-          end
-        end
-        module Propagation
-          def self.extract(carrier)
-            _, trace_id, span_id, = carrier.fetch("traceparent").split("-")
-            Context.new(Span.new(trace_id, span_id, nil, :remote, []))
-          end
-          def self.inject(carrier)
-            span = Context.current.span
-            carrier["traceparent"] = "00-#{span.trace_id}-#{span.span_id}-01" if span
-          end
-        end
-        class Tracer
-          def in_span(name)
-            parent = Context.current.span
-            span = Span.new(parent&.trace_id || "f" * 32, format("%016x", rand(2**64)), parent&.span_id, name, [])
-            SPANS << span
-            Context.with_current(Context.new(span)) { yield span }
-          end
-        end
-        SPANS = Queue.new
-        def self.propagation = Propagation
-        class TracerProvider
-          def tracer(_name, _version = nil) = Tracer.new
-        end
-        def self.tracer_provider = TracerProvider.new
-      end
-
+    # The opentelemetry gems cannot be installed here (no RubyGems): spec/support/opentelemetry_stand_in
+    # implements just the opentelemetry-api calls Prosody and the README's handler make.
+    stand_in = File.expand_path("support/opentelemetry_stand_in", __dir__)
+    out, status = child(<<~'RUBY', {}, "-I#{stand_in}", "-ropentelemetry")
       # The README's handler (as in its "Using Tracing in Your Application" section), sending
       # one record from inside its span.
       class MyHandler < Prosody::EventHandler

@@ -546,9 +546,9 @@ options! {
     /// Timer storage granularity.
     slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), YES;
     /// Span linking for message execution.
-    message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child"), LATER;
+    message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child"), YES;
     /// Span linking for timer execution.
-    timer_spans: SpanLinking, "PROSODY_TIMER_SPANS", Some("follows_from"), LATER;
+    timer_spans: SpanLinking, "PROSODY_TIMER_SPANS", Some("follows_from"), YES;
 
     // --- Producer
     /// Longest `send_message` waits for the broker's acknowledgement.

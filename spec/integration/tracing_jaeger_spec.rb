@@ -133,9 +133,38 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
     child_of(one(poison, "process #{dlq}"), dead_letter)
   end
 
-  [["grpc", JaegerHelpers::OTLP_GRPC], ["http/json", JaegerHelpers::OTLP_HTTP]].each do |protocol, endpoint|
-    it "exports over #{protocol} when OTEL_EXPORTER_OTLP_PROTOCOL says so" do
-      calls = run_child("simple", "OTEL_EXPORTER_OTLP_ENDPOINT" => endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL" => protocol)
+  it "links a message's trace to the producer's and continues the scheduling trace in the timer, when told" do
+    calls = run_child("full", "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP,
+                              "PROSODY_MESSAGE_SPANS" => "follows_from", "PROSODY_TIMER_SPANS" => "child")
+    trace_id, handle_id = ids(calls.fetch("a:order-1"))
+    spans = trace(trace_id, 4)
+    process = one(spans, "process #{topic_in}")
+    expect(process[:refs].size).to eq(1)
+    link, sent_trace, sent_id = process[:refs].first
+    expect(link).to eq("FOLLOWS_FROM")
+    expect(sent_trace).not_to eq(trace_id)
+    expect(trace(sent_trace, 1).map { |s| [s[:name], s[:id]] }).to include(["send #{topic_in}", sent_id])
+    child_of(spans.find { |s| s[:id] == handle_id }, process)
+
+    scheduled = one(spans, "schedule timer")
+    timer_trace, timer_handle_id = ids(calls.fetch("a:timer:order-1"))
+    expect(timer_trace).to eq(trace_id)
+    fired = one(trace(trace_id, 6), "fire timer")
+    child_of(fired, scheduled)
+    expect(timer_handle_id).not_to eq(handle_id)
+  end
+
+  {
+    "grpc" => { "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_GRPC, "OTEL_EXPORTER_OTLP_PROTOCOL" => "grpc" },
+    "http/json" => { "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP,
+                     "OTEL_EXPORTER_OTLP_PROTOCOL" => "http/json" },
+    "gzip-compressed http/protobuf to the traces endpoint" => {
+      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => "#{JaegerHelpers::OTLP_HTTP}/v1/traces",
+      "OTEL_EXPORTER_OTLP_COMPRESSION" => "gzip"
+    }
+  }.each do |protocol, env|
+    it "exports over #{protocol} when the OTEL variables say so" do
+      calls = run_child("simple", env)
       trace_id, = ids(calls.fetch("a:order-1"))
       spans = trace(trace_id, 3)
       expect(spans.map { |s| s[:name] }).to contain_exactly("send #{topic_in}", "process #{topic_in}", "handle")
