@@ -12,20 +12,20 @@
 //! services around this one stay whole.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::propagation::{
     Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
 };
 use opentelemetry::trace::{
-    Link, SpanKind, SpanRef, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Link, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::config::SpanLinking;
+use crate::handler::Failure;
 use crate::process::PerProcess;
 
 /// Header names the W3C propagators read and write.
@@ -291,6 +291,17 @@ fn key_text(key: &[u8]) -> String {
     }
 }
 
+/// A partition number as the `messaging.destination.partition.id` attribute (a string, by the
+/// conventions): the first 256 are made once, not per span.
+fn partition_id(partition: i32) -> opentelemetry::Value {
+    static IDS: OnceLock<Vec<Arc<str>>> = OnceLock::new();
+    let ids = IDS.get_or_init(|| (0..256).map(|p: i32| Arc::from(p.to_string())).collect());
+    match usize::try_from(partition).ok().and_then(|p| ids.get(p)) {
+        Some(id) => Arc::clone(id).into(),
+        None => partition.to_string().into(),
+    }
+}
+
 /// How a span relates to the context that caused it, for a span `linking` says to start.
 fn related(linking: SpanLinking, cause: &Context) -> (Context, Vec<Link>) {
     let cause_span = cause.span();
@@ -308,8 +319,8 @@ fn related(linking: SpanLinking, cause: &Context) -> (Context, Vec<Link>) {
 /// Where a consumed message came from, for its spans' attributes.
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
-    /// Topic it was read from.
-    pub topic: &'a str,
+    /// Topic it was read from (shared, so an attribute costs no copy).
+    pub topic: &'a Arc<str>,
     /// Partition it was read from.
     pub partition: i32,
     /// Its offset.
@@ -329,7 +340,7 @@ pub struct Spans {
     /// How a timer's spans relate to the span that scheduled it (`timer_spans`).
     timers: SpanLinking,
     /// The consumer group, for attributes.
-    group: Option<String>,
+    group: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Spans {
@@ -353,7 +364,7 @@ impl Spans {
             tracer: tracer()?,
             messages,
             timers,
-            group,
+            group: group.map(Arc::from),
         })
     }
 
@@ -363,30 +374,31 @@ impl Spans {
     }
 
     fn consumer_attributes(&self, origin: Origin<'_>) -> Vec<KeyValue> {
-        let mut attributes = vec![
+        let mut attributes = Vec::with_capacity(10);
+        attributes.extend([
             KeyValue::new("messaging.system", "kafka"),
-            KeyValue::new("messaging.destination.name", origin.topic.to_owned()),
+            KeyValue::new("messaging.destination.name", Arc::clone(origin.topic)),
             KeyValue::new(
                 "messaging.destination.partition.id",
-                origin.partition.to_string(),
+                partition_id(origin.partition),
             ),
             KeyValue::new("messaging.kafka.offset", origin.offset),
-        ];
+        ]);
         if let Some(key) = origin.key {
             attributes.push(KeyValue::new("messaging.kafka.message.key", key_text(key)));
         }
         if let Some(group) = &self.group {
             attributes.push(KeyValue::new(
                 "messaging.consumer.group.name",
-                group.clone(),
+                Arc::clone(group),
             ));
         }
         attributes
     }
 
     /// The `process` span of a consumed message: it starts when the record is read and ends
-    /// when the message is finished (handled, skipped, dead-lettered or deferred); each handler
-    /// attempt is a child of it. With `message_spans: child` its parent is the producer's span
+    /// when the message is finished (handled, skipped, dead-lettered or deferred); its handler
+    /// calls run in it (attempts, failures and retries are its attributes and events). With `message_spans: child` its parent is the producer's span
     /// (from the record's headers); with `follows_from` it starts a trace linked to it. Without
     /// export, the record's own context is passed along unchanged.
     pub fn receive(&self, origin: Origin<'_>, headers: &[(String, Vec<u8>)]) -> Context {
@@ -425,14 +437,17 @@ impl Spans {
         let mut attributes = vec![
             KeyValue::new("messaging.system", "kafka"),
             KeyValue::new("messaging.destination.name", topic.to_owned()),
-            KeyValue::new("messaging.destination.partition.id", partition.to_string()),
+            KeyValue::new(
+                "messaging.destination.partition.id",
+                partition_id(partition),
+            ),
             KeyValue::new("messaging.kafka.message.key", key_text(key)),
             KeyValue::new("prosody.timer.time", time),
         ];
         if let Some(group) = &self.group {
             attributes.push(KeyValue::new(
                 "messaging.consumer.group.name",
-                group.clone(),
+                Arc::clone(group),
             ));
         }
         let span = tracer
@@ -442,22 +457,6 @@ impl Spans {
             .with_links(links)
             .start_with_context(tracer, &parent);
         parent.with_span(span)
-    }
-
-    /// The `handle` span of one handler attempt, a child of the event's span.
-    pub fn handle(&self, event: &Context, attempt: u32) -> Context {
-        let Some(tracer) = &self.tracer else {
-            return event.clone();
-        };
-        if !event.span().span_context().is_valid() {
-            return event.clone();
-        }
-        let span = tracer
-            .span_builder("handle")
-            .with_kind(SpanKind::Internal)
-            .with_attributes([KeyValue::new("prosody.attempt", i64::from(attempt))])
-            .start_with_context(tracer, event);
-        event.with_span(span)
     }
 
     /// The `schedule timer` span, a child of `parent` (the handler's span), for a timer at
@@ -540,7 +539,7 @@ impl SendSpans {
         if let Some(partition) = partition {
             attributes.push(KeyValue::new(
                 "messaging.destination.partition.id",
-                partition.to_string(),
+                partition_id(partition),
             ));
         }
         let span = tracer
@@ -561,7 +560,7 @@ pub fn sent(cx: &Context, outcome: Result<(i32, i64), &str>) {
         Ok((partition, offset)) => {
             span.set_attribute(KeyValue::new(
                 "messaging.destination.partition.id",
-                partition.to_string(),
+                partition_id(partition),
             ));
             span.set_attribute(KeyValue::new("messaging.kafka.offset", offset));
         }
@@ -578,36 +577,41 @@ pub fn event(cx: &Context, name: &'static str, attributes: Vec<KeyValue>) {
     }
 }
 
-/// Ends `cx`'s span (a second end does nothing) with its outcome: `None` for success, or the
-/// failure's error class and whether it was permanent.
-pub fn finish(cx: &Context, failure: Option<(&str, &str)>) {
+/// Records a handler call's end on its event's span: `prosody.attempt` (the calls so far), and
+/// for a failure an event with its class, message and kind, and the class as `error.type`.
+pub fn attempted(cx: &Context, attempts: u32, failure: Option<&Failure>) {
     let span = cx.span();
     if !span.is_recording() {
         return;
     }
-    end_with(&span, failure);
-}
-
-fn end_with(span: &SpanRef<'_>, failure: Option<(&str, &str)>) {
-    match failure {
-        None => span.set_attribute(KeyValue::new("prosody.outcome", "success")),
-        Some((class, message)) => {
-            span.set_attribute(KeyValue::new("prosody.outcome", "failure"));
-            span.set_attribute(KeyValue::new("error.type", class.to_owned()));
-            span.set_status(Status::error(message.to_owned()));
-        }
+    span.set_attribute(KeyValue::new("prosody.attempt", i64::from(attempts)));
+    if let Some(failure) = failure {
+        span.set_attribute(KeyValue::new("error.type", failure.error_class.clone()));
+        span.add_event(
+            "handler failure",
+            vec![
+                KeyValue::new("prosody.attempt", i64::from(attempts)),
+                KeyValue::new("exception.type", failure.error_class.clone()),
+                KeyValue::new("exception.message", failure.message.clone()),
+                KeyValue::new("prosody.permanent", failure.permanent),
+            ],
+        );
     }
-    span.end_with_timestamp(SystemTime::now());
 }
 
-/// Ends `cx`'s span with an outcome attribute other than success or failure (`skipped`,
-/// `deferred`, `dead_lettered`).
+/// Ends `cx`'s span (a second end does nothing) with how the event finished: `success`,
+/// `failure` (given up), `dead_lettered`, `deferred`, `skipped` or `abandoned`. The first two
+/// after a failure, and `dead_lettered`, carry an error status.
 pub fn finish_as(cx: &Context, outcome: &'static str) {
     let span = cx.span();
-    if span.is_recording() {
-        span.set_attribute(KeyValue::new("prosody.outcome", outcome));
-        span.end();
+    if !span.is_recording() {
+        return;
     }
+    span.set_attribute(KeyValue::new("prosody.outcome", outcome));
+    if matches!(outcome, "failure" | "dead_lettered") {
+        span.set_status(Status::error(outcome));
+    }
+    span.end();
 }
 
 /// A timer's stored span context: the `traceparent` value, then `tracestate` after a newline

@@ -76,8 +76,8 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
 
   it "records the chain, the timer's link and the dead letter with their attributes (http/protobuf, the default)" do
     calls = run_child("full", "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP)
-    trace_id, handle_a_id = ids(calls.fetch("a:order-1"))
-    spans = trace(trace_id, 7)
+    trace_id, handler_a = ids(calls.fetch("a:order-1"))
+    spans = trace(trace_id, 5)
 
     sent = one(spans, "send #{topic_in}")
     expect(sent[:refs]).to eq([])
@@ -89,45 +89,40 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
     child_of(process_a, sent)
     expect(process_a[:tags]).to include("span.kind" => "consumer", "messaging.consumer.group.name" => "#{topic_in}-a",
                                         "messaging.destination.partition.id" => "0", "messaging.kafka.offset" => 0,
-                                        "messaging.kafka.message.key" => "order-1", "prosody.outcome" => "success")
-    handle_a = spans.find { |s| s[:id] == handle_a_id }
-    expect(handle_a).to include(name: "handle")
-    child_of(handle_a, process_a)
-    expect(handle_a[:tags]).to include("prosody.attempt" => 1, "prosody.outcome" => "success")
+                                        "messaging.kafka.message.key" => "order-1", "prosody.outcome" => "success",
+                                        "prosody.attempt" => 1)
+    # The handler ran in the message's span: context.trace_context names it.
+    expect(handler_a).to eq(process_a[:id])
 
     relayed = one(spans, "send #{topic_out}")
-    child_of(relayed, handle_a)
+    child_of(relayed, process_a)
     process_b = one(spans, "process #{topic_out}")
     child_of(process_b, relayed)
     expect(process_b[:tags]).to include("messaging.consumer.group.name" => "#{topic_in}-b")
-    handle_b = spans.find { |s| s[:id] == ids(calls.fetch("b:order-1"))[1] }
-    child_of(handle_b, process_b)
+    expect(ids(calls.fetch("b:order-1"))[1]).to eq(process_b[:id])
 
     scheduled = one(spans, "schedule timer")
-    child_of(scheduled, handle_a)
+    child_of(scheduled, process_a)
     expect(sent).to include(service:)
     expect(sent[:resource]).to include("deployment.environment" => "spec")
 
     # The timer's handler runs in a new trace linked to the span that scheduled it (timer_spans
     # follows_from, the default), through the context stored in Cassandra.
-    timer_trace, timer_handle_id = ids(calls.fetch("a:timer:order-1"))
+    timer_trace, timer_handler = ids(calls.fetch("a:timer:order-1"))
     expect(timer_trace).not_to eq(trace_id)
-    timer_spans = trace(timer_trace, 2)
-    fired = one(timer_spans, "fire timer")
+    fired = one(trace(timer_trace, 1), "fire timer")
     expect(fired[:refs]).to eq([["FOLLOWS_FROM", trace_id, scheduled[:id]]])
     expect(fired[:tags]).to include("messaging.kafka.message.key" => "order-1", "prosody.outcome" => "success")
-    child_of(timer_spans.find { |s| s[:id] == timer_handle_id }, fired)
+    expect(timer_handler).to eq(fired[:id])
 
-    # The dead letter: the failed handle span, the event on the message's span, and the
+    # The dead letter: the failure and the dead letter on the message's span, and the
     # dead-letter record sent (and consumed) inside the failed message's trace.
-    poison_trace, poison_handle_id = ids(calls.fetch("a:poison"))
-    poison = trace(poison_trace, 6)
+    poison_trace, = ids(calls.fetch("a:poison"))
+    poison = trace(poison_trace, 4)
     poison_process = one(poison, "process #{topic_in}")
-    expect(poison_process[:events]).to include("dead letter")
-    expect(poison_process[:tags]).to include("prosody.outcome" => "dead_lettered")
-    failed = poison.find { |s| s[:id] == poison_handle_id }
-    expect(failed[:tags]).to include("prosody.outcome" => "failure", "error.type" => "ArgumentError",
-                                     "otel.status_code" => "ERROR")
+    expect(poison_process[:events]).to eq(["handler failure", "dead letter"])
+    expect(poison_process[:tags]).to include("prosody.outcome" => "dead_lettered", "error.type" => "ArgumentError",
+                                             "otel.status_code" => "ERROR")
     dead_letter = one(poison, "send #{dlq}")
     child_of(dead_letter, poison_process)
     child_of(one(poison, "process #{dlq}"), dead_letter)
@@ -136,22 +131,22 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
   it "links a message's trace to the producer's and continues the scheduling trace in the timer, when told" do
     calls = run_child("full", "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP,
                               "PROSODY_MESSAGE_SPANS" => "follows_from", "PROSODY_TIMER_SPANS" => "child")
-    trace_id, handle_id = ids(calls.fetch("a:order-1"))
-    spans = trace(trace_id, 4)
+    trace_id, handler = ids(calls.fetch("a:order-1"))
+    spans = trace(trace_id, 3)
     process = one(spans, "process #{topic_in}")
     expect(process[:refs].size).to eq(1)
     link, sent_trace, sent_id = process[:refs].first
     expect(link).to eq("FOLLOWS_FROM")
     expect(sent_trace).not_to eq(trace_id)
     expect(trace(sent_trace, 1).map { |s| [s[:name], s[:id]] }).to include(["send #{topic_in}", sent_id])
-    child_of(spans.find { |s| s[:id] == handle_id }, process)
+    expect(handler).to eq(process[:id])
 
     scheduled = one(spans, "schedule timer")
-    timer_trace, timer_handle_id = ids(calls.fetch("a:timer:order-1"))
+    timer_trace, timer_handler = ids(calls.fetch("a:timer:order-1"))
     expect(timer_trace).to eq(trace_id)
-    fired = one(trace(trace_id, 6), "fire timer")
+    fired = one(trace(trace_id, 4), "fire timer")
     child_of(fired, scheduled)
-    expect(timer_handle_id).not_to eq(handle_id)
+    expect(timer_handler).to eq(fired[:id])
   end
 
   {
@@ -166,8 +161,8 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
     it "exports over #{protocol} when the OTEL variables say so" do
       calls = run_child("simple", env)
       trace_id, = ids(calls.fetch("a:order-1"))
-      spans = trace(trace_id, 3)
-      expect(spans.map { |s| s[:name] }).to contain_exactly("send #{topic_in}", "process #{topic_in}", "handle")
+      spans = trace(trace_id, 2)
+      expect(spans.map { |s| s[:name] }).to contain_exactly("send #{topic_in}", "process #{topic_in}")
       expect(spans.map { |s| s[:service] }.uniq).to eq([service])
     end
   end

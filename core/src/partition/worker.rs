@@ -92,10 +92,9 @@ struct Flight {
     fingerprint: Option<crate::dedup::Fingerprint>,
     /// Whether its id is remembered when it finishes (it succeeded or failed permanently).
     remember: bool,
-    /// The event's span (a message's `process`, a timer's `fire`), or the context it carries.
+    /// The event's span (a message's `process`, a timer's `fire timer`; its handler calls run
+    /// in it), or the context the event carries.
     span: opentelemetry::Context,
-    /// The running attempt's `handle` span.
-    attempt: opentelemetry::Context,
 }
 
 /// What the worker's own helper tasks report.
@@ -532,7 +531,6 @@ impl Worker {
                 fingerprint: None,
                 remember: false,
                 span: self.event_span(&pending),
-                attempt: opentelemetry::Context::new(),
                 event: pending,
             },
         );
@@ -567,13 +565,12 @@ impl Worker {
         let (key, slot) = pending.id();
         let deferred = matches!(pending, Pending::Deferred(_));
         let span = self.event_span(&pending);
-        let attempt = self.engine.spans.handle(&span, 1);
         let mut job = self.job(
             key.clone(),
             slot,
             pending.clone(),
             cancel.clone(),
-            attempt.clone(),
+            span.clone(),
         );
         if deferred {
             // A deferred message's run is a retry: charged to the retries' share.
@@ -589,7 +586,6 @@ impl Worker {
                 fingerprint: self.admitted.take(),
                 remember: false,
                 span,
-                attempt,
             },
         );
         self.engine.scheduler.submit(job);
@@ -660,11 +656,7 @@ impl Worker {
     /// Walks the outcome stages.
     async fn outcome(&mut self, id: (Key, Slot), result: Result<(), Failure>) {
         if let Some(flight) = self.in_flight.get(&id) {
-            let failure = result
-                .as_ref()
-                .err()
-                .map(|f| (f.error_class.as_str(), f.message.as_str()));
-            crate::spans::finish(&flight.attempt, failure);
+            crate::spans::attempted(&flight.span, flight.attempts, result.as_ref().err());
         }
         for stage in OUTCOME {
             if self.outcome_stage(stage, &id, &result).await == Handled::Done {
@@ -708,7 +700,6 @@ impl Worker {
     fn abandoned(&mut self, id: (Key, Slot)) {
         let flight = self.in_flight.remove(&id);
         if let Some(flight) = flight.as_ref() {
-            crate::spans::finish_as(&flight.attempt, "abandoned");
             crate::spans::finish_as(&flight.span, "abandoned");
         }
         match (id.1, id.0.clone(), flight.map(|f| f.event)) {
@@ -737,7 +728,7 @@ impl Worker {
         let flight = self.in_flight.remove(&id);
         if let Some(flight) = flight.as_ref() {
             self.remember_finished(flight);
-            crate::spans::finish(&flight.span, None);
+            crate::spans::finish_as(&flight.span, "success");
         }
         let deferred = matches!(flight.map(|f| f.event), Some(Pending::Deferred(_)));
         match (id.1, id.0.clone()) {

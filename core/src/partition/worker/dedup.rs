@@ -190,7 +190,6 @@ impl Worker {
                         fingerprint: Some(id),
                         remember: false,
                         span: opentelemetry::Context::new(),
-                        attempt: opentelemetry::Context::new(),
                     },
                 );
                 self.held.insert(id, (key, slot));

@@ -30,14 +30,10 @@ impl Worker {
                 crate::spans::event(
                     &flight.span,
                     "retry",
-                    vec![
-                        opentelemetry::KeyValue::new("prosody.attempt", i64::from(attempts)),
-                        opentelemetry::KeyValue::new(
-                            "prosody.retry.delay_ms",
-                            i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                        ),
-                        opentelemetry::KeyValue::new("error.type", failure.error_class.clone()),
-                    ],
+                    vec![opentelemetry::KeyValue::new(
+                        "prosody.retry.delay_ms",
+                        i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+                    )],
                 );
                 tracing::warn!(
                     "{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}"
@@ -107,15 +103,8 @@ impl Worker {
             "{what} failed (attempt {attempts}, {failure}); giving up on it and moving on"
         );
         if let Some(flight) = self.in_flight.get(&id) {
-            crate::spans::event(
-                &flight.span,
-                "give up",
-                vec![opentelemetry::KeyValue::new(
-                    "error.type",
-                    failure.error_class.clone(),
-                )],
-            );
-            crate::spans::finish(&flight.span, Some((&failure.error_class, &failure.message)));
+            crate::spans::event(&flight.span, "give up", Vec::new());
+            crate::spans::finish_as(&flight.span, "failure");
         }
         self.succeeded(id).await;
     }
@@ -199,8 +188,7 @@ impl Worker {
         flight.cancel = CancelToken::new();
         let event = flight.event.clone();
         let cancel = flight.cancel.clone();
-        flight.attempt = self.engine.spans.handle(&flight.span, flight.attempts);
-        let trace = flight.attempt.clone();
+        let trace = flight.span.clone();
         let job = self.job(id.0, id.1, event, cancel, trace).retry();
         self.engine.scheduler.submit(job);
     }
