@@ -48,6 +48,8 @@ pub struct Client {
     skipped: Arc<Skipped>,
     /// The client's spans.
     spans: crate::spans::Spans,
+    /// The telemetry emitter, when `telemetry_enabled` (see [`Config::effective_telemetry`]).
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Client {
@@ -71,21 +73,37 @@ impl Client {
             config.group_id.clone(),
         )
         .map_err(KafkaError::Tracing)?;
-        let producer = Producer::new(
+        let producer = Arc::new(Producer::new(
             &bootstrap,
             config.effective_source_system(),
             config.send_timeout,
             config.mock,
-        )?;
+        )?);
+        let telemetry = if config.effective_telemetry() {
+            if config.mock {
+                mock::shared()?
+                    .ensure_topic(&config.telemetry_topic, config.mock_partitions.get())?;
+            }
+            let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+            Some(Arc::new(crate::telemetry::Telemetry::start(
+                &runtime,
+                producer.clone(),
+                config.telemetry_topic.clone(),
+                config.group_id.clone().unwrap_or_default(),
+            )))
+        } else {
+            None
+        };
         Ok(Self {
             config: Arc::new(config),
             bootstrap,
-            producer: Arc::new(producer),
+            producer,
             subscription: Mutex::new(None),
             stores: Mutex::new(None),
             dedup: Mutex::new(None),
             skipped: Arc::new(Skipped::default()),
             spans,
+            telemetry,
         })
     }
 
@@ -111,7 +129,16 @@ impl Client {
     pub async fn send_raw(&self, record: RawRecord<'_>) -> Result<Delivery, SendError> {
         self.prepare_topic(record.topic)
             .map_err(|e| SendError::of_raw(record, e.to_string()))?;
-        self.producer.send_raw(record).await
+        let result = self.producer.send_raw(record).await;
+        self.tell_sent(record, &result);
+        result
+    }
+
+    /// A `message.sent` telemetry event for a record the broker acknowledged.
+    fn tell_sent(&self, record: RawRecord<'_>, result: &Result<Delivery, SendError>) {
+        if let (Some(telemetry), Ok(delivery)) = (&self.telemetry, result) {
+            telemetry.send(sent_event(record, delivery));
+        }
     }
 
     /// Queues `record` at once and reports its outcome to `done` (see [`Producer::send_now`]);
@@ -122,6 +149,22 @@ impl Client {
             done(Err(SendError::of_raw(record, e.to_string())));
             return None;
         }
+        let done = match &self.telemetry {
+            Some(telemetry) => {
+                let (telemetry, event) = (telemetry.clone(), sent_event(record, &Delivery::NONE));
+                Box::new(move |result: Result<Delivery, SendError>| {
+                    if let Ok(delivery) = &result {
+                        telemetry.send(crate::telemetry::Event {
+                            partition: delivery.partition,
+                            offset: Some(delivery.offset),
+                            ..event
+                        });
+                    }
+                    done(result);
+                })
+            }
+            None => done,
+        };
         self.producer.send_now(record, done)
     }
 
@@ -141,14 +184,22 @@ impl Client {
             };
         }
         if unprepared.is_empty() {
-            return self.producer.send_batch(records).await;
+            let results = self.producer.send_batch(records).await;
+            for (record, result) in records.iter().zip(&results) {
+                self.tell_sent(*record, result);
+            }
+            return results;
         }
         let ready: Vec<RawRecord<'_>> = records
             .iter()
             .filter(|r| !unprepared.contains_key(r.topic))
             .copied()
             .collect();
-        let mut sent = self.producer.send_batch(&ready).await.into_iter();
+        let results = self.producer.send_batch(&ready).await;
+        for (record, result) in ready.iter().zip(&results) {
+            self.tell_sent(*record, result);
+        }
+        let mut sent = results.into_iter();
         records
             .iter()
             .map(|r| match unprepared.get(r.topic) {
@@ -211,6 +262,7 @@ impl Client {
             dedup,
             skipped: self.skipped.clone(),
             spans: self.spans.clone(),
+            telemetry: self.telemetry.clone(),
             partitions: Mutex::new(HashMap::new()),
             failure: std::sync::OnceLock::new(),
         });
@@ -283,6 +335,11 @@ impl Client {
     /// Events finished without a handler call since this client was created, by reason.
     pub fn skipped(&self) -> &Skipped {
         &self.skipped
+    }
+
+    /// What the telemetry emitter did, when it runs.
+    pub fn telemetry(&self) -> Option<&crate::telemetry::Counts> {
+        self.telemetry.as_deref().map(|t| t.counts.as_ref())
     }
 
     /// Monopolization detection for a subscription (pipeline mode with
@@ -401,5 +458,21 @@ impl Client {
             .ok()
             .and_then(|s| s.as_ref().map(Subscription::assigned_partitions))
             .unwrap_or(0)
+    }
+}
+
+/// The `message.sent` telemetry event of `record`, acknowledged at `delivery`; its trace is the
+/// one the record's headers name, if any.
+fn sent_event(record: RawRecord<'_>, delivery: &Delivery) -> crate::telemetry::Event {
+    crate::telemetry::Event {
+        kind: crate::telemetry::Kind::MessageSent,
+        at_ms: crate::telemetry::now_ms(),
+        topic: Arc::from(record.topic),
+        partition: delivery.partition,
+        offset: Some(delivery.offset),
+        key: record.key.map(crate::event::Key::from),
+        message_ms: None,
+        trace_id: crate::telemetry::trace_of(&crate::spans::extract(record.headers)),
+        detail: crate::telemetry::Detail::None,
     }
 }

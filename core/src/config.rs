@@ -623,9 +623,9 @@ options! {
 
     // --- Telemetry emitter
     /// Topic for internal telemetry events.
-    telemetry_topic: String, "PROSODY_TELEMETRY_TOPIC", Some("prosody.telemetry-events"), LATER;
+    telemetry_topic: String, "PROSODY_TELEMETRY_TOPIC", Some("prosody.telemetry-events"), YES;
     /// Whether the telemetry emitter runs.
-    telemetry_enabled: bool, "PROSODY_TELEMETRY_ENABLED", Some("true"), LATER;
+    telemetry_enabled: bool, "PROSODY_TELEMETRY_ENABLED", Some("true"), YES;
 }
 
 /// A string that never shows in `Debug` output, logs or errors.
@@ -800,6 +800,13 @@ impl Config {
             .as_deref()
             .or(self.group_id.as_deref())
             .unwrap_or("prosody")
+    }
+
+    /// Whether the telemetry emitter runs: `telemetry_enabled` on a real cluster; in mock mode
+    /// only when `telemetry_enabled` (or its variable) says `true` explicitly, so that specs
+    /// see the telemetry topic only when they ask for it.
+    pub fn effective_telemetry(&self) -> bool {
+        self.telemetry_enabled && (!self.mock || self.set_options.contains(&"telemetry_enabled"))
     }
 
     /// The handler timeout: `timeout`, else 80% of `stall_threshold`.

@@ -50,6 +50,8 @@ pub struct Engine {
     pub filter: Option<crate::filter::EventFilter>,
     /// Deduplication by message id, unless `idempotence_cache_size` is 0.
     pub dedup: Option<Arc<crate::dedup::Dedup>>,
+    /// The client's telemetry emitter, when `telemetry_enabled`.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// The client's spans (recorded when exported) and how they relate to their causes.
     pub spans: crate::spans::Spans,
     /// The client's counts of events finished without a handler call.

@@ -45,6 +45,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod spans;
 pub mod stores;
+pub mod telemetry;
 pub mod testing;
 pub mod timers;
 pub mod waker;

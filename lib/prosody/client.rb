@@ -198,6 +198,16 @@ module Prosody
       native.skipped_events
     end
 
+    # What the telemetry emitter did since the client was created: events queued for
+    # +telemetry_topic+ (+:emitted+) and events dropped because the emitter or the producer's
+    # queue was full (+:dropped+). Nil when the emitter does not run (+telemetry_enabled+ false,
+    # or mock mode without +telemetry_enabled: true+).
+    #
+    # @return [Hash{Symbol => Integer}, nil]
+    def telemetry_stats
+      native.telemetry_stats
+    end
+
     # Whether an assigned partition has a message that has been waiting to finish (queued,
     # running or retrying) for longer than +stall_threshold+. False when not subscribed.
     #

@@ -55,6 +55,14 @@ pub struct Delivery {
     pub offset: i64,
 }
 
+impl Delivery {
+    /// A placeholder before the acknowledgement says where.
+    pub const NONE: Delivery = Delivery {
+        partition: -1,
+        offset: -1,
+    };
+}
+
 /// An idempotent producer that stamps every record with the `source-system` header. Clients of
 /// one process with the same servers and `send_timeout` share one librdkafka producer.
 pub struct Producer {
@@ -141,11 +149,28 @@ impl Producer {
     /// Bounded like `send`: librdkafka fails an unacknowledged record after `send_timeout`, and
     /// a sweeper reports a record whose report never came a little later.
     pub fn send_now(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
+        self.queue_now(record, done, true)
+    }
+
+    /// [`Producer::send_now`] without a `send` span and without touching the record's trace
+    /// context (what the telemetry emitter sends: its records describe spans, they are not
+    /// part of them).
+    pub fn send_now_untraced(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
+        self.queue_now(record, done, false)
+    }
+
+    /// Asks for `topic`'s metadata (once per producer), so that [`Producer::send_now`] can queue
+    /// its records at once.
+    pub async fn prepare(&self, topic: &str) {
+        self.current().prepare(topic).await;
+    }
+
+    fn queue_now(&self, record: RawRecord<'_>, done: Done, trace: bool) -> Option<Done> {
         let shared = self.current();
         if !shared.prepared(record.topic) {
             return Some(done);
         }
-        let traced = self.trace(record);
+        let traced = if trace { self.trace(record) } else { None };
         let (record, done) = match &traced {
             Some((headers, cx)) => (RawRecord { headers, ..record }, traced_done(cx, done)),
             None => (record, done),

@@ -13,6 +13,7 @@
 mod dedup;
 mod deferral;
 mod failure;
+mod telemetry;
 mod timers;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -35,6 +36,7 @@ use crate::cancel::CancelToken;
 use crate::engine::Engine;
 use crate::event::{ConsumedMessage, Event, TimerEvent, SOURCE_SYSTEM_HEADER};
 use crate::handler::{Failure, Finished, Job, Outcome, Slot};
+use crate::telemetry::{Detail, Kind};
 use crate::timers::{KeyTimers, PartitionTimerHandle, Scope, Seconds, TimerChange};
 
 type Key = Option<crate::event::Key>;
@@ -199,6 +201,7 @@ pub(crate) fn spawn_worker(
             scope,
             changes,
             spans: engine.spans.clone(),
+            telemetry: engine.telemetry.clone(),
         }),
         pending: BTreeSet::new(),
         firing: HashSet::new(),
@@ -390,6 +393,7 @@ impl Worker {
             .engine
             .spans
             .receive(message.origin(), &message.headers);
+        self.tell_message(Kind::MessageReceived, &message, Detail::None);
         self.deferral_received(message.key.as_ref(), offset);
         self.read_ahead(&message);
         let key = message.key.clone();
@@ -576,6 +580,14 @@ impl Worker {
             // A deferred message's run is a retry: charged to the retries' share.
             job = job.retry();
         }
+        if let Pending::Timer(..) = pending {
+            self.tell(
+                (Kind::TimerFired, Kind::TimerFired),
+                &pending,
+                &span,
+                Detail::None,
+            );
+        }
         self.in_flight.insert(
             (key, slot),
             Flight {
@@ -657,6 +669,24 @@ impl Worker {
     async fn outcome(&mut self, id: (Key, Slot), result: Result<(), Failure>) {
         if let Some(flight) = self.in_flight.get(&id) {
             crate::spans::attempted(&flight.span, flight.attempts, result.as_ref().err());
+            match &result {
+                Ok(()) => self.tell(
+                    (Kind::MessageSucceeded, Kind::TimerSucceeded),
+                    &flight.event,
+                    &flight.span,
+                    Detail::None,
+                ),
+                Err(failure) => self.tell(
+                    (Kind::MessageFailed, Kind::TimerFailed),
+                    &flight.event,
+                    &flight.span,
+                    Detail::Failure {
+                        error_class: failure.error_class.clone(),
+                        permanent: failure.permanent,
+                        attempt: flight.attempts,
+                    },
+                ),
+            }
         }
         for stage in OUTCOME {
             if self.outcome_stage(stage, &id, &result).await == Handled::Done {

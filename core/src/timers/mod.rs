@@ -135,6 +135,8 @@ pub struct PartitionTimerHandle {
     pub changes: tokio::sync::mpsc::UnboundedSender<TimerChange>,
     /// The client's spans (a `schedule timer` span per scheduled timer when exported).
     pub spans: crate::spans::Spans,
+    /// The client's telemetry emitter (`timer.scheduled` / `timer.unscheduled`), if it runs.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// What a handler's context uses to manage its own key's timers.
@@ -163,6 +165,28 @@ impl KeyTimers {
         let _ = self.partition.changes.send(change);
     }
 
+    /// A telemetry event about this key's timer at `time` (`None`: every timer of the key).
+    fn report(
+        &self,
+        kind: crate::telemetry::Kind,
+        time: Option<Seconds>,
+        trace: &opentelemetry::Context,
+    ) {
+        if let Some(telemetry) = &self.partition.telemetry {
+            telemetry.send(crate::telemetry::Event {
+                kind,
+                at_ms: crate::telemetry::now_ms(),
+                topic: self.partition.scope.topic.clone(),
+                partition: self.partition.scope.partition,
+                offset: None,
+                key: Some(self.key.clone()),
+                message_ms: None,
+                trace_id: crate::telemetry::trace_of(trace),
+                detail: crate::telemetry::Detail::Timer { time },
+            });
+        }
+    }
+
     /// Stores a timer at `time` (idempotent per second), scheduled from the handler call whose
     /// trace context is `trace`: the timer keeps the context of a `schedule timer` span (when
     /// spans are exported) or `trace` itself, and its `fire` span relates to it.
@@ -179,27 +203,38 @@ impl KeyTimers {
             .schedule(&self.partition.scope, &self.key, time, span.as_deref())
             .await?;
         self.tell(TimerChange::Added(self.key.clone(), time, span));
+        self.report(
+            crate::telemetry::Kind::TimerScheduled,
+            Some(time),
+            &scheduled,
+        );
         Ok(())
     }
 
-    /// Removes the timer at `time`, if any.
-    pub async fn unschedule(&self, time: Seconds) -> Result<(), TimerError> {
+    /// Removes the timer at `time`, if any (from the handler call whose context is `trace`).
+    pub async fn unschedule(
+        &self,
+        time: Seconds,
+        trace: &opentelemetry::Context,
+    ) -> Result<(), TimerError> {
         check_range(time)?;
         self.partition
             .store
             .unschedule(&self.partition.scope, &self.key, time)
             .await?;
         self.tell(TimerChange::Removed(self.key.clone(), time));
+        self.report(crate::telemetry::Kind::TimerUnscheduled, Some(time), trace);
         Ok(())
     }
 
-    /// Removes every timer of the key.
-    pub async fn clear(&self) -> Result<(), TimerError> {
+    /// Removes every timer of the key (from the handler call whose context is `trace`).
+    pub async fn clear(&self, trace: &opentelemetry::Context) -> Result<(), TimerError> {
         self.partition
             .store
             .clear(&self.partition.scope, &self.key)
             .await?;
         self.tell(TimerChange::Cleared(self.key.clone()));
+        self.report(crate::telemetry::Kind::TimerUnscheduled, None, trace);
         Ok(())
     }
 
@@ -210,7 +245,7 @@ impl KeyTimers {
         trace: &opentelemetry::Context,
     ) -> Result<(), TimerError> {
         check_range(time)?;
-        self.clear().await?;
+        self.clear(trace).await?;
         self.schedule(time, trace).await
     }
 

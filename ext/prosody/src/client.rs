@@ -220,6 +220,18 @@ impl Client {
         Ok(hash)
     }
 
+    /// `{emitted:, dropped:}` of the telemetry emitter, or nil when it does not run.
+    fn telemetry_stats(ruby: &Ruby, rb_self: &Self) -> Result<Option<RHash>, Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(counts) = rb_self.inner.telemetry() else {
+            return Ok(None);
+        };
+        let hash = ruby.hash_new();
+        hash.aset(ruby.to_symbol("emitted"), counts.emitted.load(Relaxed))?;
+        hash.aset(ruby.to_symbol("dropped"), counts.dropped.load(Relaxed))?;
+        Ok(Some(hash))
+    }
+
     fn max_concurrency(&self) -> u64 {
         self.inner.config().max_concurrency.get()
     }
@@ -337,6 +349,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     )?;
     class.define_method("max_concurrency", method!(Client::max_concurrency, 0))?;
     class.define_method("skipped_events", method!(Client::skipped_events, 0))?;
+    class.define_method("telemetry_stats", method!(Client::telemetry_stats, 0))?;
     class.define_method("stalled?", method!(Client::is_stalled, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     class.define_method("inject_fault", method!(Client::inject_fault, 0))?;

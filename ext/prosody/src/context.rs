@@ -144,8 +144,8 @@ impl Context {
         runtime.spawn(async move {
             let result = match op {
                 Op::Schedule(s) => timers.schedule(s, &trace).await.map(|()| OpValue::Nil),
-                Op::Unschedule(s) => timers.unschedule(s).await.map(|()| OpValue::Nil),
-                Op::Clear => timers.clear().await.map(|()| OpValue::Nil),
+                Op::Unschedule(s) => timers.unschedule(s, &trace).await.map(|()| OpValue::Nil),
+                Op::Clear => timers.clear(&trace).await.map(|()| OpValue::Nil),
                 Op::ClearAndSchedule(s) => timers
                     .clear_and_schedule(s, &trace)
                     .await

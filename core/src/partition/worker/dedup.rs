@@ -7,6 +7,7 @@
 //! answer is dropped when the same id is remembered by this worker meanwhile (every message of
 //! a key comes to the same worker), so it is never stale about this worker's own handling.
 
+use crate::telemetry::{Detail, Kind};
 use std::sync::atomic::Ordering;
 
 use super::{Flight, Internal, Key, Pending, Stage, Worker};
@@ -97,6 +98,7 @@ impl Worker {
         );
         self.engine.skipped.filtered.fetch_add(1, Ordering::Relaxed);
         crate::spans::event(&message.trace, "filter skip", Vec::new());
+        self.tell_message(Kind::MessageFiltered, message, Detail::None);
         Admission::Skip
     }
 
@@ -220,6 +222,7 @@ impl Worker {
             .duplicates
             .fetch_add(1, Ordering::Relaxed);
         crate::spans::event(&message.trace, "dedup skip", Vec::new());
+        self.tell_message(Kind::MessageDeduplicated, message, Detail::None);
     }
 
     /// Sends the queued ids to the store, unless a read is in flight.

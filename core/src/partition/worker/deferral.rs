@@ -10,6 +10,7 @@
 //! Order: a key's offsets run lowest first, and an offset is taken only when no lower append of
 //! the key is still unacknowledged (acknowledgements may come back out of order).
 
+use crate::telemetry::{Detail, Kind};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -447,6 +448,8 @@ impl Worker {
                     attempts - 1
                 );
                 if let Some(flight) = self.in_flight.remove(id) {
+                    let kinds = (Kind::MessageDeferred, Kind::MessageDeferred);
+                    self.tell(kinds, &flight.event, &flight.span, Detail::None);
                     crate::spans::event(&flight.span, "defer", Vec::new());
                     crate::spans::finish_as(&flight.span, "deferred");
                 }
@@ -480,6 +483,8 @@ impl Worker {
                 let (store, scope) = (d.setup.store.clone(), d.scope.clone());
                 let failure = failure.clone();
                 let internal = self.internal.clone();
+                let kinds = (Kind::MessageDeferred, Kind::MessageDeferred);
+                self.tell_flight(kinds, id, Detail::None);
                 if let Some(d) = self.deferral.as_mut() {
                     d.writes += 1;
                 }
@@ -519,6 +524,12 @@ impl Worker {
                     crate::spans::event(&flight.span, "dead letter", Vec::new());
                     trace = flight.span.clone();
                 }
+                let detail = Detail::DeadLetter {
+                    failure_topic: Arc::from(dead_letters.topic.as_str()),
+                    reason: Reason::RetriesExhausted.as_str(),
+                };
+                let kinds = (Kind::MessageDeadLettered, Kind::MessageDeadLettered);
+                self.tell_flight(kinds, &id, detail);
                 let (key, slot) = id;
                 self.spawn_dead_letter(
                     dead_letters,

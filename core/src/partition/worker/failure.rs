@@ -11,6 +11,7 @@ use crate::event::show_key;
 use crate::failure::deadletter::{dead_letter_headers, DeadLetters};
 use crate::failure::{Decision, Reason};
 use crate::handler::{Failure, Slot};
+use crate::telemetry::{Detail, Kind};
 
 /// Error class reported for a payload that is not JSON.
 pub(super) const UNDECODABLE: &str = "Prosody::UndecodablePayload";
@@ -27,6 +28,18 @@ impl Worker {
         match decision {
             Decision::Retry(delay) => {
                 flight.stage = Stage::Waiting;
+                if !matches!(flight.event, Pending::Timer(..)) {
+                    let detail = Detail::Retry {
+                        attempt: attempts,
+                        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    };
+                    let kinds = (Kind::MessageRetried, Kind::MessageRetried);
+                    let (event, span) = (flight.event.clone(), flight.span.clone());
+                    self.tell(kinds, &event, &span, detail);
+                }
+                let Some(flight) = self.in_flight.get_mut(&id) else {
+                    return;
+                };
                 crate::spans::event(
                     &flight.span,
                     "retry",
@@ -78,6 +91,12 @@ impl Worker {
                     ],
                 );
                 let trace = flight.span.clone();
+                let detail = Detail::DeadLetter {
+                    failure_topic: Arc::from(dead_letters.topic.as_str()),
+                    reason: reason.as_str(),
+                };
+                let kinds = (Kind::MessageDeadLettered, Kind::MessageDeadLettered);
+                self.tell_flight(kinds, &id, detail);
                 let (key, slot) = id;
                 self.spawn_dead_letter(
                     dead_letters,

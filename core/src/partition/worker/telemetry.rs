@@ -1,0 +1,78 @@
+//! The worker's telemetry events (see [`crate::telemetry`]): what happened to a message or a
+//! timer of this partition, with the trace its span belongs to.
+
+use super::{Key, Pending, Worker};
+use crate::event::ConsumedMessage;
+use crate::handler::Slot;
+use crate::telemetry::{now_ms, trace_of, Detail, Event, Kind};
+
+impl Worker {
+    /// Sends a telemetry event about a consumed message, when the emitter runs.
+    pub(super) fn tell_message(&self, kind: Kind, message: &ConsumedMessage, detail: Detail) {
+        let Some(telemetry) = self.engine.telemetry.as_ref() else {
+            return;
+        };
+        telemetry.send(Event {
+            kind,
+            at_ms: now_ms(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: Some(message.offset),
+            key: message.key.clone(),
+            message_ms: message.timestamp_ms,
+            trace_id: trace_of(&message.trace),
+            detail,
+        });
+    }
+
+    /// Sends a telemetry event about the in-flight event `id` (see [`Worker::tell`]).
+    pub(super) fn tell_flight(&self, kinds: (Kind, Kind), id: &(Key, Slot), detail: Detail) {
+        if self.engine.telemetry.is_none() {
+            return;
+        }
+        if let Some(flight) = self.in_flight.get(id) {
+            self.tell(kinds, &flight.event, &flight.span, detail);
+        }
+    }
+
+    /// Sends a telemetry event about an in-flight event whose span is `span`: for a message,
+    /// `message` names the kind; for a timer, `timer` does (and the timer's time is added).
+    pub(super) fn tell(
+        &self,
+        (message, timer): (Kind, Kind),
+        pending: &Pending,
+        span: &opentelemetry::Context,
+        detail: Detail,
+    ) {
+        let Some(telemetry) = self.engine.telemetry.as_ref() else {
+            return;
+        };
+        let (kind, offset, key, message_ms, detail) = match pending {
+            Pending::Message(m) | Pending::Deferred(m) => (
+                message,
+                Some(m.offset),
+                m.key.clone(),
+                m.timestamp_ms,
+                detail,
+            ),
+            Pending::Timer(key, time) => {
+                let detail = match detail {
+                    Detail::None => Detail::Timer { time: Some(*time) },
+                    other => other,
+                };
+                (timer, None, Some(key.clone()), None, detail)
+            }
+        };
+        telemetry.send(Event {
+            kind,
+            at_ms: now_ms(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            key,
+            message_ms,
+            trace_id: trace_of(span),
+            detail,
+        });
+    }
+}

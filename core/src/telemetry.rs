@@ -1,0 +1,391 @@
+//! The telemetry emitter: lifecycle events (a message received, handled, failed, retried,
+//! deferred, dead-lettered, deduplicated, filtered; a timer scheduled, unscheduled, fired,
+//! handled, failed; a record sent) as JSON records on `telemetry_topic`, keyed by the event's
+//! key.
+//!
+//! The handler path never waits for it: an event is a small value handed to a bounded channel
+//! with `try_send`; one task per client drains the channel, writes each event as JSON and queues
+//! it on the client's producer without waiting for the broker. When either the channel or
+//! librdkafka's queue is full the event is dropped, counted, and a warning says so at most once
+//! a minute.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::TraceContextExt as _;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::event::Key;
+use crate::kafka::producer::{Producer, RawRecord};
+
+/// Events waiting for the emitter task; beyond this, events are dropped.
+const QUEUE: usize = 16_384;
+
+/// Events the task takes from the channel at once.
+const BATCH: usize = 512;
+
+/// Shortest time between two warnings about dropped events.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What happened (the `event` field of the JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A record was read and decoded.
+    MessageReceived,
+    /// A message's handler returned.
+    MessageSucceeded,
+    /// A message's handler raised (or timed out).
+    MessageFailed,
+    /// A failed message will run again after a delay.
+    MessageRetried,
+    /// A failed message's key was deferred (pipeline mode).
+    MessageDeferred,
+    /// A message reached the failure topic.
+    MessageDeadLettered,
+    /// A message was skipped as a duplicate of one handled before.
+    MessageDeduplicated,
+    /// A message was skipped by `allowed_events`.
+    MessageFiltered,
+    /// A timer was stored.
+    TimerScheduled,
+    /// A timer (or every timer of a key) was removed.
+    TimerUnscheduled,
+    /// A timer came due and its handler is about to run.
+    TimerFired,
+    /// A timer's handler returned.
+    TimerSucceeded,
+    /// A timer's handler raised (or timed out).
+    TimerFailed,
+    /// A record was acknowledged by the broker.
+    MessageSent,
+}
+
+impl Kind {
+    /// The name in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::MessageReceived => "message.received",
+            Kind::MessageSucceeded => "message.succeeded",
+            Kind::MessageFailed => "message.failed",
+            Kind::MessageRetried => "message.retried",
+            Kind::MessageDeferred => "message.deferred",
+            Kind::MessageDeadLettered => "message.dead_lettered",
+            Kind::MessageDeduplicated => "message.deduplicated",
+            Kind::MessageFiltered => "message.filtered",
+            Kind::TimerScheduled => "timer.scheduled",
+            Kind::TimerUnscheduled => "timer.unscheduled",
+            Kind::TimerFired => "timer.fired",
+            Kind::TimerSucceeded => "timer.succeeded",
+            Kind::TimerFailed => "timer.failed",
+            Kind::MessageSent => "message.sent",
+        }
+    }
+}
+
+/// Fields only some events have.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Detail {
+    /// Nothing more.
+    None,
+    /// A handler failure: its error class, whether permanent, which attempt.
+    Failure {
+        error_class: String,
+        permanent: bool,
+        attempt: u32,
+    },
+    /// A retry: after which attempt, and the delay.
+    Retry { attempt: u32, delay_ms: u64 },
+    /// A dead letter: the failure topic and why.
+    DeadLetter {
+        failure_topic: Arc<str>,
+        reason: &'static str,
+    },
+    /// A timer's time (seconds since the epoch); `None` for "every timer of the key".
+    Timer { time: Option<i64> },
+}
+
+/// One lifecycle event. Built on the handler path, so it holds shared values only (no JSON, no
+/// formatting): the emitter task writes it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// What happened.
+    pub kind: Kind,
+    /// When, in milliseconds since the epoch.
+    pub at_ms: i64,
+    /// The topic of the message or timer (for `message.sent`, where it was sent).
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// The message's offset (none for timers).
+    pub offset: Option<i64>,
+    /// The event's key (the telemetry record's key too); `None` for a keyless message.
+    pub key: Option<Key>,
+    /// The record's own timestamp, in milliseconds since the epoch, when it has one.
+    pub message_ms: Option<i64>,
+    /// The trace the event belongs to.
+    pub trace_id: Option<opentelemetry::trace::TraceId>,
+    /// What only some events have.
+    pub detail: Detail,
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The trace id of `cx`'s span, when it has a valid one.
+pub fn trace_of(cx: &opentelemetry::Context) -> Option<opentelemetry::trace::TraceId> {
+    let span = cx.span();
+    let context = span.span_context();
+    context.is_valid().then(|| context.trace_id())
+}
+
+impl Event {
+    /// The event as the JSON object the topic receives.
+    pub fn to_json(&self, group: &str) -> Value {
+        let mut object = Map::with_capacity(12);
+        object.insert("event".into(), self.kind.name().into());
+        object.insert("timestamp_ms".into(), self.at_ms.into());
+        object.insert("group".into(), group.into());
+        object.insert("topic".into(), (*self.topic).into());
+        object.insert("partition".into(), self.partition.into());
+        if let Some(offset) = self.offset {
+            object.insert("offset".into(), offset.into());
+        }
+        match self.key.as_deref().map(std::str::from_utf8) {
+            None => {
+                object.insert("key".into(), Value::Null);
+            }
+            Some(Ok(text)) => {
+                object.insert("key".into(), text.into());
+            }
+            Some(Err(_)) => {
+                let hex: String = self
+                    .key
+                    .iter()
+                    .flat_map(|k| k.iter())
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                object.insert("key_hex".into(), hex.into());
+            }
+        }
+        if let Some(ms) = self.message_ms {
+            object.insert("message_timestamp_ms".into(), ms.into());
+        }
+        if let Some(trace_id) = self.trace_id {
+            object.insert("trace_id".into(), trace_id.to_string().into());
+        }
+        match &self.detail {
+            Detail::None => {}
+            Detail::Failure {
+                error_class,
+                permanent,
+                attempt,
+            } => {
+                object.insert("error_class".into(), error_class.as_str().into());
+                object.insert("permanent".into(), (*permanent).into());
+                object.insert("attempt".into(), (*attempt).into());
+            }
+            Detail::Retry { attempt, delay_ms } => {
+                object.insert("attempt".into(), (*attempt).into());
+                object.insert("delay_ms".into(), (*delay_ms).into());
+            }
+            Detail::DeadLetter {
+                failure_topic,
+                reason,
+            } => {
+                object.insert("failure_topic".into(), (**failure_topic).into());
+                object.insert("reason".into(), (*reason).into());
+            }
+            Detail::Timer { time } => {
+                object.insert("timer_time".into(), json!(time));
+            }
+        }
+        Value::Object(object)
+    }
+}
+
+/// Counts of what the emitter did, over a client's life.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Events queued for the topic.
+    pub emitted: AtomicU64,
+    /// Events dropped because the channel or the producer's queue was full.
+    pub dropped: AtomicU64,
+    /// Milliseconds since the epoch of the last warning about drops.
+    last_warning_ms: AtomicU64,
+}
+
+impl Counts {
+    fn dropped(&self) {
+        let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(last) >= every
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "telemetry events are being dropped: the emitter or the producer's queue is full \
+                 ({total} dropped so far); the handlers are not slowed down"
+            );
+        }
+    }
+}
+
+/// A client's emitter. Dropping the last handle closes the channel, and the task ends once it
+/// queued what was left.
+pub struct Telemetry {
+    /// Where events go; `try_send` only.
+    tx: mpsc::Sender<Event>,
+    /// What happened to them.
+    pub counts: Arc<Counts>,
+    /// The task that writes them out (it ends when `tx` closes).
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("counts", &self.counts)
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Starts the emitter of a client of `group`, sending to `topic` through `producer` (the
+    /// topic's metadata is asked for before the first event is queued).
+    pub fn start(
+        runtime: &tokio::runtime::Handle,
+        producer: Arc<Producer>,
+        topic: String,
+        group: String,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let counts = Arc::new(Counts::default());
+        let task = runtime.spawn(emit(rx, producer, topic, group, counts.clone()));
+        Self { tx, counts, task }
+    }
+
+    /// Hands `event` to the emitter, or drops it (counted) when the emitter is behind.
+    pub fn send(&self, event: Event) {
+        if self.tx.try_send(event).is_err() {
+            self.counts.dropped();
+        }
+    }
+
+    /// Whether the emitter task ended (it never should while the client lives).
+    pub fn stopped(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// The emitter task: takes the waiting events in batches, writes each as JSON and queues it on
+/// the producer without waiting for its acknowledgement.
+async fn emit(
+    mut rx: mpsc::Receiver<Event>,
+    producer: Arc<Producer>,
+    topic: String,
+    group: String,
+    counts: Arc<Counts>,
+) {
+    producer.prepare(&topic).await;
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        for event in batch.drain(..) {
+            let payload = event.to_json(&group).to_string();
+            let record = RawRecord {
+                topic: &topic,
+                key: event.key.as_deref(),
+                payload: Some(payload.as_bytes()),
+                headers: &[],
+                partition: None,
+            };
+            let failed = counts.clone();
+            let done: crate::kafka::producer::Done = Box::new(move |result| {
+                if result.is_err() {
+                    failed.dropped();
+                }
+            });
+            if producer.send_now_untraced(record, done).is_some() {
+                counts.dropped();
+            } else {
+                counts.emitted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind, key: Option<&[u8]>, detail: Detail) -> Event {
+        Event {
+            kind,
+            at_ms: 1_796_000_000_123,
+            topic: Arc::from("orders"),
+            partition: 2,
+            offset: Some(41),
+            key: key.map(Key::from),
+            message_ms: Some(1_796_000_000_000),
+            trace_id: None,
+            detail,
+        }
+    }
+
+    #[test]
+    fn events_are_written_with_their_fields_in_a_fixed_order() {
+        let failed = event(
+            Kind::MessageFailed,
+            Some(b"c-7"),
+            Detail::Failure {
+                error_class: "IOError".into(),
+                permanent: false,
+                attempt: 2,
+            },
+        );
+        assert_eq!(
+            failed.to_json("billing").to_string(),
+            r#"{"event":"message.failed","timestamp_ms":1796000000123,"group":"billing","topic":"orders","partition":2,"offset":41,"key":"c-7","message_timestamp_ms":1796000000000,"error_class":"IOError","permanent":false,"attempt":2}"#
+        );
+    }
+
+    #[test]
+    fn a_full_emitter_drops_and_counts_without_waiting() -> Result<(), Box<dyn std::error::Error>> {
+        let bootstrap = crate::kafka::mock::shared()?.bootstrap_servers().to_owned();
+        let producer = Arc::new(Producer::new(
+            &bootstrap,
+            "spec",
+            Duration::from_secs(1),
+            true,
+        )?);
+        // A runtime nobody drives: the emitter task never takes anything from its channel.
+        let idle = tokio::runtime::Builder::new_current_thread().build()?;
+        let telemetry = Telemetry::start(idle.handle(), producer, "t".into(), "g".into());
+        let started = std::time::Instant::now();
+        for _ in 0..QUEUE + 10 {
+            telemetry.send(event(Kind::MessageReceived, Some(b"k"), Detail::None));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(telemetry.counts.dropped.load(Ordering::Relaxed), 10);
+        Ok(())
+    }
+
+    #[test]
+    fn keys_that_are_not_text_are_written_as_hex_and_keyless_as_null() {
+        let bytes = event(Kind::MessageReceived, Some(b"\xff\x00"), Detail::None).to_json("g");
+        assert_eq!(bytes["key_hex"], "ff00");
+        assert!(bytes.get("key").is_none());
+        let keyless = event(Kind::MessageReceived, None, Detail::None).to_json("g");
+        assert_eq!(keyless["key"], Value::Null);
+    }
+}
