@@ -7,6 +7,7 @@
 #     a unique id, so each message misses the cache, asks the store and is recorded) and off
 #     (idempotence_cache_size: 0), alternated on the same 4-partition topic, and the ratio of the
 #     bests;
+#   - the telemetry emitter's cost: the same handler with telemetry_enabled and without, alternated;
 #   - a handler doing 1 ms of I/O (sleep 0.001) with max_concurrency 32 over 1,000 keys, against
 #     the bound of 32 / 1 ms = 32k msg/s, and against what async itself reaches on this machine in
 #     the same run: 32 bare tasks, each sleeping 1 ms in a loop, on a reactor like the processor's.
@@ -68,6 +69,21 @@ rounds.times do
   end
 end
 puts format("deduplication, 4 partitions, %<count>d messages with ids: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
+            "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
+            count: dedup_count, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
+
+# Telemetry's cost: the same handler with the emitter on (every message sends message.received
+# and message.succeeded to the telemetry topic) and off, alternated on the same topic.
+best = { on: 0.0, off: 0.0 }
+rounds.times do
+  { off: {}, on: { telemetry_enabled: true, telemetry_topic: "bench-telemetry-#{SecureRandom.hex(4)}" } }
+    .each do |mode, options|
+      rate, = prosody_rate(dedup_topic, dedup_count, idempotence_cache_size: 0, **options)
+      best[mode] = [best[mode], rate].max
+      puts format("  telemetry %<mode>-3s %<rate>8.0f msg/s", mode:, rate:)
+    end
+end
+puts format("telemetry, 4 partitions, %<count>d messages: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
             "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
             count: dedup_count, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
 

@@ -4,8 +4,9 @@
 //! key.
 //!
 //! The handler path never waits for it: an event is a small value handed to a bounded channel
-//! with `try_send`; one task per client drains the channel, writes each event as JSON and queues
-//! it on the client's producer without waiting for the broker. When either the channel or
+//! with `try_send`; one task per client drains the channel in batches (letting events gather
+//! for 5 ms once it caught up, so the handler path does not wake it per event), writes each
+//! event as JSON and queues it on the client's producer without waiting for the broker. When either the channel or
 //! librdkafka's queue is full the event is dropped, counted, and a warning says so at most once
 //! a minute.
 
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::TraceContextExt as _;
-use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::event::Key;
@@ -25,6 +25,9 @@ const QUEUE: usize = 16_384;
 
 /// Events the task takes from the channel at once.
 const BATCH: usize = 512;
+
+/// How long the task lets events gather once it caught up.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// Shortest time between two warnings about dropped events.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -146,39 +149,41 @@ pub fn trace_of(cx: &opentelemetry::Context) -> Option<opentelemetry::trace::Tra
 }
 
 impl Event {
-    /// The event as the JSON object the topic receives.
-    pub fn to_json(&self, group: &str) -> Value {
-        let mut object = Map::with_capacity(12);
-        object.insert("event".into(), self.kind.name().into());
-        object.insert("timestamp_ms".into(), self.at_ms.into());
-        object.insert("group".into(), group.into());
-        object.insert("topic".into(), (*self.topic).into());
-        object.insert("partition".into(), self.partition.into());
+    /// Writes the event as the JSON object the topic receives (fields in a fixed order; no
+    /// allocation beyond `out`'s growth).
+    pub fn write_json(&self, group: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        out.push_str("{\"event\":\"");
+        out.push_str(self.kind.name());
+        let _ = write!(out, "\",\"timestamp_ms\":{},\"group\":", self.at_ms);
+        push_json_str(out, group);
+        out.push_str(",\"topic\":");
+        push_json_str(out, &self.topic);
+        let _ = write!(out, ",\"partition\":{}", self.partition);
         if let Some(offset) = self.offset {
-            object.insert("offset".into(), offset.into());
+            let _ = write!(out, ",\"offset\":{offset}");
         }
-        match self.key.as_deref().map(std::str::from_utf8) {
-            None => {
-                object.insert("key".into(), Value::Null);
-            }
-            Some(Ok(text)) => {
-                object.insert("key".into(), text.into());
-            }
-            Some(Err(_)) => {
-                let hex: String = self
-                    .key
-                    .iter()
-                    .flat_map(|k| k.iter())
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                object.insert("key_hex".into(), hex.into());
-            }
+        match self.key.as_deref() {
+            None => out.push_str(",\"key\":null"),
+            Some(key) => match std::str::from_utf8(key) {
+                Ok(text) => {
+                    out.push_str(",\"key\":");
+                    push_json_str(out, text);
+                }
+                Err(_) => {
+                    out.push_str(",\"key_hex\":\"");
+                    for byte in key {
+                        let _ = write!(out, "{byte:02x}");
+                    }
+                    out.push('"');
+                }
+            },
         }
         if let Some(ms) = self.message_ms {
-            object.insert("message_timestamp_ms".into(), ms.into());
+            let _ = write!(out, ",\"message_timestamp_ms\":{ms}");
         }
         if let Some(trace_id) = self.trace_id {
-            object.insert("trace_id".into(), trace_id.to_string().into());
+            let _ = write!(out, ",\"trace_id\":\"{trace_id}\"");
         }
         match &self.detail {
             Detail::None => {}
@@ -187,27 +192,49 @@ impl Event {
                 permanent,
                 attempt,
             } => {
-                object.insert("error_class".into(), error_class.as_str().into());
-                object.insert("permanent".into(), (*permanent).into());
-                object.insert("attempt".into(), (*attempt).into());
+                out.push_str(",\"error_class\":");
+                push_json_str(out, error_class);
+                let _ = write!(out, ",\"permanent\":{permanent},\"attempt\":{attempt}");
             }
             Detail::Retry { attempt, delay_ms } => {
-                object.insert("attempt".into(), (*attempt).into());
-                object.insert("delay_ms".into(), (*delay_ms).into());
+                let _ = write!(out, ",\"attempt\":{attempt},\"delay_ms\":{delay_ms}");
             }
             Detail::DeadLetter {
                 failure_topic,
                 reason,
             } => {
-                object.insert("failure_topic".into(), (**failure_topic).into());
-                object.insert("reason".into(), (*reason).into());
+                out.push_str(",\"failure_topic\":");
+                push_json_str(out, failure_topic);
+                out.push_str(",\"reason\":");
+                push_json_str(out, reason);
             }
-            Detail::Timer { time } => {
-                object.insert("timer_time".into(), json!(time));
+            Detail::Timer { time: Some(time) } => {
+                let _ = write!(out, ",\"timer_time\":{time}");
             }
+            Detail::Timer { time: None } => out.push_str(",\"timer_time\":null"),
         }
-        Value::Object(object)
+        out.push('}');
     }
+}
+
+/// Appends `text` as a JSON string.
+fn push_json_str(out: &mut String, text: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Counts of what the emitter did, over a client's life.
@@ -299,9 +326,15 @@ async fn emit(
 ) {
     producer.prepare(&topic).await;
     let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    let mut payload = String::with_capacity(256);
+    loop {
+        let taken = rx.recv_many(&mut batch, BATCH).await;
+        if taken == 0 {
+            return;
+        }
         for event in batch.drain(..) {
-            let payload = event.to_json(&group).to_string();
+            payload.clear();
+            event.write_json(&group, &mut payload);
             let record = RawRecord {
                 topic: &topic,
                 key: event.key.as_deref(),
@@ -309,17 +342,16 @@ async fn emit(
                 headers: &[],
                 partition: None,
             };
-            let failed = counts.clone();
-            let done: crate::kafka::producer::Done = Box::new(move |result| {
-                if result.is_err() {
-                    failed.dropped();
-                }
-            });
-            if producer.send_now_untraced(record, done).is_some() {
-                counts.dropped();
-            } else {
+            if producer.send_detached(record) {
                 counts.emitted.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counts.dropped();
             }
+        }
+        if taken < BATCH {
+            // Caught up: let events gather for a moment, so that a busy handler path wakes this
+            // task once per batch rather than once per event.
+            tokio::time::sleep(LINGER).await;
         }
     }
 }
@@ -353,8 +385,10 @@ mod tests {
                 attempt: 2,
             },
         );
+        let mut out = String::new();
+        failed.write_json("billing", &mut out);
         assert_eq!(
-            failed.to_json("billing").to_string(),
+            out,
             r#"{"event":"message.failed","timestamp_ms":1796000000123,"group":"billing","topic":"orders","partition":2,"offset":41,"key":"c-7","message_timestamp_ms":1796000000000,"error_class":"IOError","permanent":false,"attempt":2}"#
         );
     }
@@ -380,12 +414,32 @@ mod tests {
         Ok(())
     }
 
+    fn parsed(event: &Event, group: &str) -> serde_json::Value {
+        let mut out = String::new();
+        event.write_json(group, &mut out);
+        serde_json::from_str(&out).unwrap_or_default()
+    }
+
     #[test]
     fn keys_that_are_not_text_are_written_as_hex_and_keyless_as_null() {
-        let bytes = event(Kind::MessageReceived, Some(b"\xff\x00"), Detail::None).to_json("g");
+        let bytes = parsed(
+            &event(Kind::MessageReceived, Some(b"\xff\x00"), Detail::None),
+            "g",
+        );
         assert_eq!(bytes["key_hex"], "ff00");
         assert!(bytes.get("key").is_none());
-        let keyless = event(Kind::MessageReceived, None, Detail::None).to_json("g");
-        assert_eq!(keyless["key"], Value::Null);
+        let keyless = parsed(&event(Kind::MessageReceived, None, Detail::None), "g");
+        assert_eq!(keyless["key"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn text_is_escaped_as_json() {
+        let odd = "q\"b\\n\nt\t\u{1}é";
+        let mut e = event(Kind::MessageReceived, Some(odd.as_bytes()), Detail::None);
+        e.topic = Arc::from(odd);
+        let json = parsed(&e, odd);
+        assert_eq!(json["key"], odd);
+        assert_eq!(json["topic"], odd);
+        assert_eq!(json["group"], odd);
     }
 }

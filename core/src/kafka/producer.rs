@@ -149,28 +149,11 @@ impl Producer {
     /// Bounded like `send`: librdkafka fails an unacknowledged record after `send_timeout`, and
     /// a sweeper reports a record whose report never came a little later.
     pub fn send_now(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
-        self.queue_now(record, done, true)
-    }
-
-    /// [`Producer::send_now`] without a `send` span and without touching the record's trace
-    /// context (what the telemetry emitter sends: its records describe spans, they are not
-    /// part of them).
-    pub fn send_now_untraced(&self, record: RawRecord<'_>, done: Done) -> Option<Done> {
-        self.queue_now(record, done, false)
-    }
-
-    /// Asks for `topic`'s metadata (once per producer), so that [`Producer::send_now`] can queue
-    /// its records at once.
-    pub async fn prepare(&self, topic: &str) {
-        self.current().prepare(topic).await;
-    }
-
-    fn queue_now(&self, record: RawRecord<'_>, done: Done, trace: bool) -> Option<Done> {
         let shared = self.current();
         if !shared.prepared(record.topic) {
             return Some(done);
         }
-        let traced = if trace { self.trace(record) } else { None };
+        let traced = self.trace(record);
         let (record, done) = match &traced {
             Some((headers, cx)) => (RawRecord { headers, ..record }, traced_done(cx, done)),
             None => (record, done),
@@ -207,6 +190,25 @@ impl Producer {
             }),
         );
         None
+    }
+
+    /// Queues `record` if librdkafka can take it at once, and forgets it: no span, no trace
+    /// context, no delivery report (librdkafka still retries it and logs broker errors). False
+    /// when it could not be queued (the topic's metadata was not asked for yet, or the queue is
+    /// full). What the telemetry emitter sends.
+    pub fn send_detached(&self, record: RawRecord<'_>) -> bool {
+        let shared = self.current();
+        if !shared.prepared(record.topic) {
+            return false;
+        }
+        let opaque = usize::try_from(DETACHED).unwrap_or(usize::MAX) << 32;
+        shared.inner.send(self.base_record(record, opaque)).is_ok()
+    }
+
+    /// Asks for `topic`'s metadata (once per producer), so that [`Producer::send_now`] can queue
+    /// its records at once.
+    pub async fn prepare(&self, topic: &str) {
+        self.current().prepare(topic).await;
     }
 
     /// Sends every record at once and waits once: all are queued in order (records of one
@@ -373,6 +375,10 @@ fn traced_done(cx: &opentelemetry::Context, done: Done) -> Done {
     })
 }
 
+/// The send id of records nobody waits for (see [`Producer::send_detached`]); never given to a
+/// registered send.
+const DETACHED: u32 = u32::MAX;
+
 /// How long a send waits before trying again to queue a record while librdkafka's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
@@ -537,8 +543,12 @@ impl Drop for Registration {
 impl Acks {
     /// A send of `records` records, registered for their reports.
     fn register(records: usize) -> Registration {
+        let mut id = NEXT_SEND.fetch_add(1, Ordering::Relaxed);
+        if id == DETACHED {
+            id = NEXT_SEND.fetch_add(1, Ordering::Relaxed);
+        }
         let acks = Arc::new(Self {
-            id: NEXT_SEND.fetch_add(1, Ordering::Relaxed),
+            id,
             callback: Mutex::new(None),
             outcomes: Mutex::new(std::iter::repeat_with(|| None).take(records).collect()),
             remaining: AtomicUsize::new(records),
@@ -594,6 +604,9 @@ impl Acks {
     /// The delivery callback's half: the report of the record whose opaque value is `opaque`.
     pub(super) fn report(result: &DeliveryResult<'_>, opaque: usize) {
         let id = u32::try_from(opaque >> 32).unwrap_or(u32::MAX);
+        if id == DETACHED {
+            return;
+        }
         let index = opaque & 0xffff_ffff;
         let Some(acks) = LAST_SEND.with(|last| {
             let mut last = last.borrow_mut();

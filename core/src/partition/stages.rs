@@ -26,6 +26,12 @@
 //!
 //! **Outcome** stages run, in order, after a handler call ended; the first that takes the event
 //! over ends the walk:
+//! - [`Outcome::Report`]: records how the call ended on the event's span (`prosody.attempt`, a
+//!   `handler failure` event) and sends `message.succeeded` / `message.failed` (or the timer
+//!   ones) to the telemetry topic (never takes over). Where an event finishes, the stage that
+//!   finishes it ends its span and reports it (a skip, a retry, a deferral, a dead letter), and
+//!   a record's `message.received` is reported as it arrives (see [`crate::spans`] and
+//!   [`crate::telemetry`]).
 //! - [`Outcome::Remember`]: a message with an `id` that succeeded or failed permanently is
 //!   marked to be remembered for deduplication when it finishes for good (never takes over; a
 //!   transient failure clears the mark). The worker's finish (`succeeded`, which every exit goes
@@ -91,6 +97,8 @@ pub(crate) enum Admission {
 /// Outcome stages, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
+    /// Record the call's end on the event's span and the telemetry topic.
+    Report,
     /// Remember the id of a message handled for good, for deduplication.
     Remember,
     /// Count the call for failure-rate gating.
@@ -102,7 +110,8 @@ pub(crate) enum Outcome {
 }
 
 /// The outcome stages, in the order they run.
-pub(crate) const OUTCOME: [Outcome; 4] = [
+pub(crate) const OUTCOME: [Outcome; 5] = [
+    Outcome::Report,
     Outcome::Remember,
     Outcome::Account,
     Outcome::Defer,

@@ -8,7 +8,7 @@
 //! to become its key's in-flight event, the outcome stages after its handler. The parts of the
 //! worker live beside this file: `timers.rs` (the partition's timers), `failure.rs` (the failure
 //! policy, undecodable records), `deferral.rs` (deferred keys), `dedup.rs` (event-type filtering
-//! and deduplication).
+//! and deduplication), `telemetry.rs` (the Report stage and the telemetry events).
 
 mod dedup;
 mod deferral;
@@ -667,27 +667,6 @@ impl Worker {
 
     /// Walks the outcome stages.
     async fn outcome(&mut self, id: (Key, Slot), result: Result<(), Failure>) {
-        if let Some(flight) = self.in_flight.get(&id) {
-            crate::spans::attempted(&flight.span, flight.attempts, result.as_ref().err());
-            match &result {
-                Ok(()) => self.tell(
-                    (Kind::MessageSucceeded, Kind::TimerSucceeded),
-                    &flight.event,
-                    &flight.span,
-                    Detail::None,
-                ),
-                Err(failure) => self.tell(
-                    (Kind::MessageFailed, Kind::TimerFailed),
-                    &flight.event,
-                    &flight.span,
-                    Detail::Failure {
-                        error_class: failure.error_class.clone(),
-                        permanent: failure.permanent,
-                        attempt: flight.attempts,
-                    },
-                ),
-            }
-        }
         for stage in OUTCOME {
             if self.outcome_stage(stage, &id, &result).await == Handled::Done {
                 return;
@@ -702,6 +681,10 @@ impl Worker {
         result: &Result<(), Failure>,
     ) -> Handled {
         match (stage, result) {
+            (stages::Outcome::Report, _) => {
+                self.report(id, result);
+                Handled::Next
+            }
             (stages::Outcome::Remember, _) => {
                 self.remember(id, result);
                 Handled::Next

@@ -3,7 +3,7 @@
 
 use super::{Key, Pending, Worker};
 use crate::event::ConsumedMessage;
-use crate::handler::Slot;
+use crate::handler::{Failure, Slot};
 use crate::telemetry::{now_ms, trace_of, Detail, Event, Kind};
 
 impl Worker {
@@ -23,6 +23,27 @@ impl Worker {
             trace_id: trace_of(&message.trace),
             detail,
         });
+    }
+
+    /// The [`Outcome::Report`](super::stages::Outcome) stage: how the handler call of the
+    /// in-flight event `id` ended, on its span and to the telemetry topic.
+    pub(super) fn report(&self, id: &(Key, Slot), result: &Result<(), Failure>) {
+        let Some(flight) = self.in_flight.get(id) else {
+            return;
+        };
+        crate::spans::attempted(&flight.span, flight.attempts, result.as_ref().err());
+        let (kinds, detail) = match result {
+            Ok(()) => ((Kind::MessageSucceeded, Kind::TimerSucceeded), Detail::None),
+            Err(failure) => (
+                (Kind::MessageFailed, Kind::TimerFailed),
+                Detail::Failure {
+                    error_class: failure.error_class.clone(),
+                    permanent: failure.permanent,
+                    attempt: flight.attempts,
+                },
+            ),
+        };
+        self.tell(kinds, &flight.event, &flight.span, detail);
     }
 
     /// Sends a telemetry event about the in-flight event `id` (see [`Worker::tell`]).
