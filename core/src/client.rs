@@ -407,8 +407,12 @@ impl Client {
     pub fn unsubscribe(&self) -> Result<(), KafkaError> {
         let subscription = self.subscription.lock().ok().and_then(|mut s| s.take());
         let failure = subscription.and_then(Subscription::shutdown);
-        // Spans of the subscription's last events leave now, not at the next batch.
+        // Spans and telemetry events of the subscription's last events leave now, not at the
+        // next batch (the process may exit right after).
         crate::spans::flush();
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.flush(&self.producer, self.config.send_timeout);
+        }
         match failure {
             Some(failure) => Err(KafkaError::EngineFailed(failure)),
             None => Ok(()),

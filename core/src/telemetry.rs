@@ -244,6 +244,8 @@ pub struct Counts {
     pub emitted: AtomicU64,
     /// Events dropped because the channel or the producer's queue was full.
     pub dropped: AtomicU64,
+    /// Events handed to the channel and not yet queued on the producer (or dropped).
+    pending: AtomicU64,
     /// Milliseconds since the epoch of the last warning about drops.
     last_warning_ms: AtomicU64,
 }
@@ -304,9 +306,25 @@ impl Telemetry {
 
     /// Hands `event` to the emitter, or drops it (counted) when the emitter is behind.
     pub fn send(&self, event: Event) {
+        self.counts.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_send(event).is_err() {
+            self.counts.pending.fetch_sub(1, Ordering::AcqRel);
             self.counts.dropped();
         }
+    }
+
+    /// Waits (blocking the calling thread, at most `timeout`) until every event sent so far is
+    /// queued on the producer, then until the producer delivered what it holds: what
+    /// `unsubscribe` does, so that a process that exits after it loses no events.
+    pub fn flush(&self, producer: &Producer, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.counts.pending.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+            && !self.task.is_finished()
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        producer.flush(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Whether the emitter task ended (it never should while the client lives).
@@ -347,6 +365,7 @@ async fn emit(
             } else {
                 counts.dropped();
             }
+            counts.pending.fetch_sub(1, Ordering::AcqRel);
         }
         if taken < BATCH {
             // Caught up: let events gather for a moment, so that a busy handler path wakes this

@@ -32,13 +32,15 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
   let(:topic_out) { create_topic(unique("trace-out"), partitions: 1) }
   let(:dlq) { create_topic(unique("trace-dlq"), partitions: 1) }
   let(:keyspace) { unique("prosody_trace").tr("-", "_") }
+  let(:telemetry_topic) { create_topic(unique("trace-telemetry"), partitions: 1) }
 
   # Runs the child scenario with +env+ and returns its handler calls' trace contexts.
   def run_child(scenario, env)
     out = File.join(Dir.tmpdir, "#{unique('tracing-child')}.json")
     log = "#{out}.log"
     script = File.expand_path("tracing_child.rb", __dir__)
-    env = { "OTEL_SERVICE_NAME" => service, "OTEL_RESOURCE_ATTRIBUTES" => "deployment.environment=spec" }.merge(env)
+    env = { "OTEL_SERVICE_NAME" => service, "OTEL_RESOURCE_ATTRIBUTES" => "deployment.environment=spec",
+            "PROSODY_TELEMETRY_TOPIC" => telemetry_topic }.merge(env)
     pid = Process.spawn(env, RbConfig.ruby, script, scenario, KafkaHelpers::BOOTSTRAP, KafkaHelpers::CASSANDRA,
                         keyspace, topic_in, topic_out, dlq, out, %i[out err] => log)
     _, status = Process.wait2(pid)
@@ -126,6 +128,31 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
     dead_letter = one(poison, "send #{dlq}")
     child_of(dead_letter, poison_process)
     child_of(one(poison, "process #{dlq}"), dead_letter)
+
+    # Telemetry is on by default on a real cluster: the events name the same traces.
+    events = telemetry(13)
+    group_a = "#{topic_in}-a"
+    expect(events).to include(include("event" => "message.received", "group" => group_a, "key" => "order-1",
+                                      "topic" => topic_in, "partition" => 0, "offset" => 0, "trace_id" => trace_id),
+                              include("event" => "message.succeeded", "group" => group_a, "key" => "order-1",
+                                      "trace_id" => trace_id),
+                              include("event" => "message.sent", "topic" => topic_out, "key" => "order-1",
+                                      "trace_id" => trace_id),
+                              include("event" => "timer.scheduled", "key" => "order-1", "trace_id" => trace_id),
+                              include("event" => "timer.fired", "key" => "order-1", "trace_id" => timer_trace),
+                              include("event" => "message.failed", "key" => "poison", "error_class" => "ArgumentError",
+                                      "permanent" => true, "trace_id" => poison_trace),
+                              include("event" => "message.dead_lettered", "key" => "poison", "failure_topic" => dlq))
+  end
+
+  # The telemetry records on the real broker (all of them, once at least +count+ arrived), parsed.
+  def telemetry(count)
+    records = []
+    wait_for(timeout: 30, message: "#{count} telemetry records") do
+      records = Prosody::Native.read_topic(KafkaHelpers::BOOTSTRAP, telemetry_topic, 100, 2.0)
+      records.size >= count
+    end
+    records.map { |r| JSON.parse(r["payload"]) }
   end
 
   it "links a message's trace to the producer's and continues the scheduling trace in the timer, when told" do

@@ -205,6 +205,14 @@ impl Producer {
         shared.inner.send(self.base_record(record, opaque)).is_ok()
     }
 
+    /// Waits (blocking, at most `timeout`) until librdkafka delivered or failed every record it
+    /// holds.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.current().inner.flush(timeout) {
+            tracing::debug!("producer flush: {e}");
+        }
+    }
+
     /// Asks for `topic`'s metadata (once per producer), so that [`Producer::send_now`] can queue
     /// its records at once.
     pub async fn prepare(&self, topic: &str) {

@@ -89,6 +89,17 @@ fn mock_read_topic(
     seconds: f64,
 ) -> Result<RArray, Error> {
     let bootstrap = mock_bootstrap_servers(ruby)?;
+    read_topic(ruby, bootstrap, topic, count, seconds)
+}
+
+/// [`mock_read_topic`] on the cluster at `bootstrap`.
+fn read_topic(
+    ruby: &Ruby,
+    bootstrap: String,
+    topic: String,
+    count: usize,
+    seconds: f64,
+) -> Result<RArray, Error> {
     let timeout = Duration::try_from_secs_f64(seconds).unwrap_or(Duration::from_secs(10));
     let records = without_gvl(ruby, |_| {
         prosody_core::testing::read_topic(&bootstrap, &topic, count, timeout)
@@ -133,6 +144,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     native.define_module_function("mock_create_topic", function!(mock_create_topic, 2))?;
     native.define_module_function("create_topic", function!(create_topic, 3))?;
     native.define_module_function("mock_read_topic", function!(mock_read_topic, 3))?;
+    native.define_module_function("read_topic", function!(read_topic, 4))?;
     native.define_module_function("mock_fail_topic", function!(mock_fail_topic, 2))?;
     Ok(())
 }
