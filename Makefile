@@ -79,6 +79,8 @@ bench: build
 	$(CARGO) build --release -p prosody-core --example raw_consumer --example raw_producer
 	ruby -Ilib -retc bench/consume.rb
 	ruby -Ilib bench/produce.rb
+	dev/services start jaeger && dev/services wait jaeger
+	ruby -Ilib bench/tracing.rb
 	@if [ -d $(ASYNC2_GEMS) ]; then \
 	  [ -d $(ASYNC2_HOME)/gems/async-2.24.0 ] || (cd $(ASYNC2_GEMS) && \
 	    GEM_HOME=$(ASYNC2_HOME) gem install --local --no-document async-2.24.0.gem >/dev/null) && \

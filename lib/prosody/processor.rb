@@ -79,6 +79,9 @@ module Prosody
       @cancel_waiters = {}
       @retiring = {}
       @flush = Async::Notification.new
+      # Whether handler calls run inside an OpenTelemetry context: the gem must be loaded before
+      # subscribe (checked once, not per message).
+      @opentelemetry = Tracing.opentelemetry?
       AsyncRuntime.run { |task| serve(task) }
     rescue Exception => e # rubocop:disable Lint/RescueException
       # Whatever ends the reactor (a handler never does: its errors are outcomes) is never silent:
@@ -155,8 +158,10 @@ module Prosody
       finished = false
       timer = event.is_a?(Array)
       event = Timer.new(event[0], Time.at(event[1])) if timer
+      # What the handler sends carries the call's trace context (see Tracing.current).
+      Thread.current[Tracing::CURRENT] = context
       begin
-        Tracing.within(context) { timer ? @handler.on_timer(context, event) : @handler.on_message(context, event) }
+        call_handler(context, event, timer)
         completed(@bridge.succeed(context))
         finished = true
       rescue Async::Stop => e
@@ -175,7 +180,20 @@ module Prosody
       unless finished
         completed(@bridge.fail(context, "Async::Stop", "interrupted before the outcome was reported", "", false))
       end
+      Thread.current[Tracing::CURRENT] = nil
       running.delete(id)
+    end
+
+    # Calls on_timer or on_message; inside the engine span's OpenTelemetry context when the gem
+    # was loaded before subscribe.
+    def call_handler(context, event, timer)
+      if @opentelemetry
+        Tracing.within(context) { timer ? @handler.on_timer(context, event) : @handler.on_message(context, event) }
+      elsif timer
+        @handler.on_timer(context, event)
+      else
+        @handler.on_message(context, event)
+      end
     end
 
     # Reports the outcome first (nothing here may yield before the job is finished), then logs.

@@ -4,30 +4,24 @@ module Prosody
   # @api private
   #
   # Carries trace context between the engine's spans and Ruby code. A handler call runs with its
-  # {Context} as the fiber's current one, so what the handler sends carries the trace of the
-  # span that wraps the call (see {Context#trace_context}). When the +opentelemetry-api+ gem is
-  # loaded, the handler also runs inside an +OpenTelemetry::Context+ whose remote parent is that
-  # span: a span the handler starts is its child, and what it sends inside such a span carries
-  # the child's context instead.
+  # {Context} as the fiber's current one (the processor sets {CURRENT}), so what the handler
+  # sends carries the trace of the span that wraps the call (see {Context#trace_context}). When
+  # the +opentelemetry-api+ gem is loaded before subscribe, the handler also runs inside an
+  # +OpenTelemetry::Context+ whose remote parent is that span: a span the handler starts is its
+  # child, and what it sends inside such a span carries the child's context instead.
   module Tracing
     # Fiber-local slot of the running handler call's context.
     CURRENT = :prosody_context
 
-    # Runs the handler call of +context+: its context is the fiber's current one meanwhile, and
-    # with OpenTelemetry loaded, the engine's span is the current remote parent.
+    # Runs the handler call of +context+ inside an OpenTelemetry context whose remote parent is
+    # the engine's span (the processor calls it when the gem was loaded before subscribe).
     #
     # @param context [Prosody::Context]
     def self.within(context, &)
-      outer = Thread.current[CURRENT]
-      Thread.current[CURRENT] = context
-      return yield unless opentelemetry?
-
       carrier = context.trace_context
       return yield if carrier.empty?
 
       ::OpenTelemetry::Context.with_current(::OpenTelemetry.propagation.extract(carrier), &)
-    ensure
-      Thread.current[CURRENT] = outer
     end
 
     # What a record sent now should carry as its trace context: the application's current

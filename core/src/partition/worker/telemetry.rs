@@ -28,6 +28,9 @@ impl Worker {
     /// The [`Outcome::Report`](super::stages::Outcome) stage: how the handler call of the
     /// in-flight event `id` ended, on its span and to the telemetry topic.
     pub(super) fn report(&self, id: &(Key, Slot), result: &Result<(), Failure>) {
+        if self.engine.telemetry.is_none() && !self.engine.spans.exported() {
+            return;
+        }
         let Some(flight) = self.in_flight.get(id) else {
             return;
         };
