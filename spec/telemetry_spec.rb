@@ -93,6 +93,31 @@ RSpec.describe "telemetry events (mock)" do
     expect(named(all, "message.succeeded").map(&:first)).to contain_exactly("flaky", "dup")
   end
 
+  it "reports timers unscheduled and cleared, and a failing timer" do
+    handler = Class.new(Prosody::EventHandler) do
+      define_method(:on_message) do |context, _message|
+        later = Time.now + 3600
+        context.schedule(later)
+        context.unschedule(later)
+        context.schedule(later)
+        context.clear_scheduled
+        context.schedule(Time.now)
+      end
+      define_method(:on_timer) { |_context, _timer| raise IOError, "reminder service down" }
+    end
+    client = start(handler.new, max_retries: 0, mode: :best_effort)
+    client.send_message(topic, "k", { "n" => 1 })
+    all = events(10)
+    unscheduled = named(all, "timer.unscheduled").map { |_, e| e["timer_time"] }
+    expect(unscheduled.size).to eq(2)
+    expect(unscheduled.first).to be_an(Integer)
+    expect(unscheduled.last).to be_nil
+    expect(named(all, "timer.scheduled").size).to eq(3)
+    failed = named(all, "timer.failed").first
+    expect(failed[1]).to include("key" => "k", "error_class" => "IOError", "permanent" => false, "attempt" => 1,
+                                 "timer_time" => Integer)
+  end
+
   it "reports a deferred key in pipeline mode" do
     handler = SwitchHandler.new(["k"])
     client = start(handler, defer_base: 0.05, defer_max_delay: 0.2, max_retries: 0)

@@ -477,6 +477,7 @@ fn sent_event(record: RawRecord<'_>, delivery: &Delivery) -> crate::telemetry::E
         key: record.key.map(crate::event::Key::from),
         message_ms: None,
         trace_id: crate::telemetry::trace_of(&crate::spans::extract(record.headers)),
+        timer: None,
         detail: crate::telemetry::Detail::None,
     }
 }

@@ -105,8 +105,6 @@ pub enum Detail {
         failure_topic: Arc<str>,
         reason: &'static str,
     },
-    /// A timer's time (seconds since the epoch); `None` for "every timer of the key".
-    Timer { time: Option<i64> },
 }
 
 /// One lifecycle event. Built on the handler path, so it holds shared values only (no JSON, no
@@ -129,6 +127,9 @@ pub struct Event {
     pub message_ms: Option<i64>,
     /// The trace the event belongs to.
     pub trace_id: Option<opentelemetry::trace::TraceId>,
+    /// For a timer event, the timer's time (seconds since the epoch), or `Some(None)` for
+    /// "every timer of the key"; `None` for a message event.
+    pub timer: Option<Option<i64>>,
     /// What only some events have.
     pub detail: Detail,
 }
@@ -185,6 +186,13 @@ impl Event {
         if let Some(trace_id) = self.trace_id {
             let _ = write!(out, ",\"trace_id\":\"{trace_id}\"");
         }
+        match self.timer {
+            None => {}
+            Some(Some(time)) => {
+                let _ = write!(out, ",\"timer_time\":{time}");
+            }
+            Some(None) => out.push_str(",\"timer_time\":null"),
+        }
         match &self.detail {
             Detail::None => {}
             Detail::Failure {
@@ -208,10 +216,6 @@ impl Event {
                 out.push_str(",\"reason\":");
                 push_json_str(out, reason);
             }
-            Detail::Timer { time: Some(time) } => {
-                let _ = write!(out, ",\"timer_time\":{time}");
-            }
-            Detail::Timer { time: None } => out.push_str(",\"timer_time\":null"),
         }
         out.push('}');
     }
@@ -389,6 +393,7 @@ mod tests {
             key: key.map(Key::from),
             message_ms: Some(1_796_000_000_000),
             trace_id: None,
+            timer: None,
             detail,
         }
     }

@@ -182,7 +182,8 @@ impl KeyTimers {
                 key: Some(self.key.clone()),
                 message_ms: None,
                 trace_id: crate::telemetry::trace_of(trace),
-                detail: crate::telemetry::Detail::Timer { time },
+                timer: Some(time),
+                detail: crate::telemetry::Detail::None,
             });
         }
     }

@@ -21,6 +21,7 @@ impl Worker {
             key: message.key.clone(),
             message_ms: message.timestamp_ms,
             trace_id: trace_of(&message.trace),
+            timer: None,
             detail,
         });
     }
@@ -71,21 +72,11 @@ impl Worker {
         let Some(telemetry) = self.engine.telemetry.as_ref() else {
             return;
         };
-        let (kind, offset, key, message_ms, detail) = match pending {
-            Pending::Message(m) | Pending::Deferred(m) => (
-                message,
-                Some(m.offset),
-                m.key.clone(),
-                m.timestamp_ms,
-                detail,
-            ),
-            Pending::Timer(key, time) => {
-                let detail = match detail {
-                    Detail::None => Detail::Timer { time: Some(*time) },
-                    other => other,
-                };
-                (timer, None, Some(key.clone()), None, detail)
+        let (kind, offset, key, message_ms, timer_time) = match pending {
+            Pending::Message(m) | Pending::Deferred(m) => {
+                (message, Some(m.offset), m.key.clone(), m.timestamp_ms, None)
             }
+            Pending::Timer(key, time) => (timer, None, Some(key.clone()), None, Some(Some(*time))),
         };
         telemetry.send(Event {
             kind,
@@ -96,6 +87,7 @@ impl Worker {
             key,
             message_ms,
             trace_id: trace_of(span),
+            timer: timer_time,
             detail,
         });
     }
