@@ -60,32 +60,30 @@ dedup_count = [MESSAGES, MOCK_PARTITION_CAP * 4].min
 dedup_topic = "bench-dedup-#{SecureRandom.hex(4)}"
 fill(dedup_topic, 4, dedup_count, 10_000)
 rounds = Integer(ENV.fetch("DEDUP_ROUNDS", 4))
-best = { on: 0.0, off: 0.0 }
-rounds.times do
-  { off: { idempotence_cache_size: 0 }, on: {} }.each do |mode, options|
-    rate, = prosody_rate(dedup_topic, dedup_count, **options)
-    best[mode] = [best[mode], rate].max
-    puts format("  dedup %<mode>-3s %<rate>8.0f msg/s", mode:, rate:)
-  end
-end
-puts format("deduplication, 4 partitions, %<count>d messages with ids: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
-            "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
-            count: dedup_count, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
 
-# Telemetry's cost: the same handler with the emitter on (every message sends message.received
-# and message.succeeded to the telemetry topic) and off, alternated on the same topic.
-best = { on: 0.0, off: 0.0 }
-rounds.times do
-  { off: {}, on: { telemetry_enabled: true, telemetry_topic: "bench-telemetry-#{SecureRandom.hex(4)}" } }
-    .each do |mode, options|
-      rate, = prosody_rate(dedup_topic, dedup_count, idempotence_cache_size: 0, **options)
+# Runs +variants+ ({off: options, on: options}) alternately +rounds+ times on the dedup topic and
+# prints each rate and the ratio of the bests under +label+.
+def alternate(label, rounds, topic, count, variants)
+  best = { on: 0.0, off: 0.0 }
+  rounds.times do
+    variants.each do |mode, options|
+      rate, = prosody_rate(topic, count, **options)
       best[mode] = [best[mode], rate].max
-      puts format("  telemetry %<mode>-3s %<rate>8.0f msg/s", mode:, rate:)
+      puts format("  %<label>s %<mode>-3s %<rate>8.0f msg/s", label:, mode:, rate:)
     end
+  end
+  puts format("%<label>s, 4 partitions, %<count>d messages: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
+              "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
+              label:, count:, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
 end
-puts format("telemetry, 4 partitions, %<count>d messages: on %<on>8.0f msg/s | off %<off>8.0f msg/s | " \
-            "ratio %<ratio>.2f (best of %<rounds>d each, alternated)",
-            count: dedup_count, on: best[:on], off: best[:off], ratio: best[:on] / best[:off], rounds:)
+
+alternate("deduplication", rounds, dedup_topic, dedup_count, off: { idempotence_cache_size: 0 }, on: {})
+# Telemetry's cost: the same handler with the emitter on (every message sends message.received
+# and message.succeeded to the telemetry topic) and off (deduplication off in both).
+alternate("telemetry", rounds, dedup_topic, dedup_count,
+          off: { idempotence_cache_size: 0 },
+          on: { idempotence_cache_size: 0, telemetry_enabled: true,
+                telemetry_topic: "bench-telemetry-#{SecureRandom.hex(4)}" })
 
 # What the reactor alone allows: 32 tasks, each sleeping 1 ms IO_MESSAGES / 32 times, on a
 # reactor made the way the processor makes its own (same selector).

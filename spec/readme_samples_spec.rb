@@ -18,23 +18,19 @@ module ReadmeSamples # rubocop:disable Metrics/ModuleLength -- mostly the childr
   # class are exercised here: +before+ runs first (stand-ins for what the sample takes as given),
   # +after+ last (sends the handler messages through ReadmeHarness and checks what it did). The
   # key is a piece of text that exactly one sample contains.
+  # Gemfile lines: Bundler's Gemfile DSL evaluates them (Kernel#gem would look for an installed gem).
+  GEMFILE = {
+    before: <<~'RUBY'
+      require "bundler"
+      GEMFILE = Bundler::Dsl.new
+      def self.gem(*args, **options) = GEMFILE.gem(*args, **options)
+    RUBY
+  }.freeze
+
   STAND_INS = {
-    # A Gemfile line: Bundler's Gemfile DSL evaluates it (Kernel#gem would look for an installed gem).
-    'gem "prosody"' => {
-      before: <<~'RUBY'
-        require "bundler"
-        GEMFILE = Bundler::Dsl.new
-        def self.gem(*args, **options) = GEMFILE.gem(*args, **options)
-      RUBY
-    },
+    'gem "prosody"' => GEMFILE,
     # Tracing: the Gemfile lines, as for Prosody's.
-    "gem 'opentelemetry-sdk'" => {
-      before: <<~'RUBY'
-        require "bundler"
-        GEMFILE = Bundler::Dsl.new
-        def self.gem(*args, **options) = GEMFILE.gem(*args, **options)
-      RUBY
-    },
+    "gem 'opentelemetry-sdk'" => GEMFILE,
     # Tracing: the SDK set-up, against the stand-in gems.
     "OpenTelemetry::SDK.configure" => {
       before: <<~RUBY,
