@@ -85,9 +85,11 @@ impl Client {
                     .ensure_topic(&config.telemetry_topic, config.mock_partitions.get())?;
             }
             let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
+            let detached =
+                crate::kafka::producer::DetachedProducer::new(&bootstrap, config.send_timeout)?;
             Some(Arc::new(crate::telemetry::Telemetry::start(
                 &runtime,
-                producer.clone(),
+                detached,
                 config.telemetry_topic.clone(),
                 config.group_id.clone().unwrap_or_default(),
             )))
@@ -411,7 +413,7 @@ impl Client {
         // next batch (the process may exit right after).
         crate::spans::flush();
         if let Some(telemetry) = &self.telemetry {
-            telemetry.flush(&self.producer, self.config.send_timeout);
+            telemetry.flush(self.config.send_timeout);
         }
         match failure {
             Some(failure) => Err(KafkaError::EngineFailed(failure)),

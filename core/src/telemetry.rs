@@ -6,7 +6,8 @@
 //! The handler path never waits for it: an event is a small value handed to a bounded channel
 //! with `try_send`; one task per client drains the channel in batches (letting events gather
 //! for 5 ms once it caught up, so the handler path does not wake it per event), writes each
-//! event as JSON and queues it on the client's producer without waiting for the broker. When either the channel or
+//! event as JSON and queues it on the emitter's own producer (large batches, no delivery
+//! tracking) without waiting for the broker. When either the channel or
 //! librdkafka's queue is full the event is dropped, counted, and a warning says so at most once
 //! a minute.
 
@@ -18,7 +19,7 @@ use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::mpsc;
 
 use crate::event::Key;
-use crate::kafka::producer::{Producer, RawRecord};
+use crate::kafka::producer::DetachedProducer;
 
 /// Events waiting for the emitter task; beyond this, events are dropped.
 const QUEUE: usize = 16_384;
@@ -281,6 +282,8 @@ pub struct Telemetry {
     tx: mpsc::Sender<Event>,
     /// What happened to them.
     pub counts: Arc<Counts>,
+    /// Where the task queues them.
+    producer: Arc<DetachedProducer>,
     /// The task that writes them out (it ends when `tx` closes).
     task: tokio::task::JoinHandle<()>,
 }
@@ -294,18 +297,23 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Starts the emitter of a client of `group`, sending to `topic` through `producer` (the
-    /// topic's metadata is asked for before the first event is queued).
+    /// Starts the emitter of a client of `group`, sending to `topic` through its own producer.
     pub fn start(
         runtime: &tokio::runtime::Handle,
-        producer: Arc<Producer>,
+        producer: DetachedProducer,
         topic: String,
         group: String,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counts = Arc::new(Counts::default());
-        let task = runtime.spawn(emit(rx, producer, topic, group, counts.clone()));
-        Self { tx, counts, task }
+        let producer = Arc::new(producer);
+        let task = runtime.spawn(emit(rx, producer.clone(), topic, group, counts.clone()));
+        Self {
+            tx,
+            counts,
+            producer,
+            task,
+        }
     }
 
     /// Hands `event` to the emitter, or drops it (counted) when the emitter is behind.
@@ -320,7 +328,7 @@ impl Telemetry {
     /// Waits (blocking the calling thread, at most `timeout`) until every event sent so far is
     /// queued on the producer, then until the producer delivered what it holds: what
     /// `unsubscribe` does, so that a process that exits after it loses no events.
-    pub fn flush(&self, producer: &Producer, timeout: Duration) {
+    pub fn flush(&self, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while self.counts.pending.load(Ordering::Acquire) > 0
             && std::time::Instant::now() < deadline
@@ -328,7 +336,8 @@ impl Telemetry {
         {
             std::thread::sleep(Duration::from_millis(2));
         }
-        producer.flush(deadline.saturating_duration_since(std::time::Instant::now()));
+        self.producer
+            .flush(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Whether the emitter task ended (it never should while the client lives).
@@ -341,12 +350,11 @@ impl Telemetry {
 /// the producer without waiting for its acknowledgement.
 async fn emit(
     mut rx: mpsc::Receiver<Event>,
-    producer: Arc<Producer>,
+    producer: Arc<DetachedProducer>,
     topic: String,
     group: String,
     counts: Arc<Counts>,
 ) {
-    producer.prepare(&topic).await;
     let mut batch = Vec::with_capacity(BATCH);
     let mut payload = String::with_capacity(256);
     loop {
@@ -357,20 +365,14 @@ async fn emit(
         for event in batch.drain(..) {
             payload.clear();
             event.write_json(&group, &mut payload);
-            let record = RawRecord {
-                topic: &topic,
-                key: event.key.as_deref(),
-                payload: Some(payload.as_bytes()),
-                headers: &[],
-                partition: None,
-            };
-            if producer.send_detached(record) {
+            if producer.send(&topic, event.key.as_deref(), payload.as_bytes()) {
                 counts.emitted.fetch_add(1, Ordering::Relaxed);
             } else {
                 counts.dropped();
             }
             counts.pending.fetch_sub(1, Ordering::AcqRel);
         }
+        producer.poll();
         if taken < BATCH {
             // Caught up: let events gather for a moment, so that a busy handler path wakes this
             // task once per batch rather than once per event.
@@ -420,12 +422,7 @@ mod tests {
     #[test]
     fn a_full_emitter_drops_and_counts_without_waiting() -> Result<(), Box<dyn std::error::Error>> {
         let bootstrap = crate::kafka::mock::shared()?.bootstrap_servers().to_owned();
-        let producer = Arc::new(Producer::new(
-            &bootstrap,
-            "spec",
-            Duration::from_secs(1),
-            true,
-        )?);
+        let producer = DetachedProducer::new(&bootstrap, Duration::from_secs(1))?;
         // A runtime nobody drives: the emitter task never takes anything from its channel.
         let idle = tokio::runtime::Builder::new_current_thread().build()?;
         let telemetry = Telemetry::start(idle.handle(), producer, "t".into(), "g".into());

@@ -192,33 +192,6 @@ impl Producer {
         None
     }
 
-    /// Queues `record` if librdkafka can take it at once, and forgets it: no span, no trace
-    /// context, no delivery report (librdkafka still retries it and logs broker errors). False
-    /// when it could not be queued (the topic's metadata was not asked for yet, or the queue is
-    /// full). What the telemetry emitter sends.
-    pub fn send_detached(&self, record: RawRecord<'_>) -> bool {
-        let shared = self.current();
-        if !shared.prepared(record.topic) {
-            return false;
-        }
-        let opaque = usize::try_from(DETACHED).unwrap_or(usize::MAX) << 32;
-        shared.inner.send(self.base_record(record, opaque)).is_ok()
-    }
-
-    /// Waits (blocking, at most `timeout`) until librdkafka delivered or failed every record it
-    /// holds.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.current().inner.flush(timeout) {
-            tracing::debug!("producer flush: {e}");
-        }
-    }
-
-    /// Asks for `topic`'s metadata (once per producer), so that [`Producer::send_now`] can queue
-    /// its records at once.
-    pub async fn prepare(&self, topic: &str) {
-        self.current().prepare(topic).await;
-    }
-
     /// Sends every record at once and waits once: all are queued in order (records of one
     /// partition are written in that order), then the acknowledgements are awaited together
     /// (one wake-up when the last one came, not one per record). Returns one result per record,
@@ -383,9 +356,64 @@ fn traced_done(cx: &opentelemetry::Context, done: Done) -> Done {
     })
 }
 
-/// The send id of records nobody waits for (see [`Producer::send_detached`]); never given to a
+/// The send id of records nobody waits for (see [`DetachedProducer`]); never given to a
 /// registered send.
 const DETACHED: u32 = u32::MAX;
+
+/// A producer of records nobody waits for (the telemetry emitter's): its own librdkafka
+/// producer, separate from the application's so that its batching suits it (records wait up to
+/// 50 ms to go in large batches; no idempotence, so no producer-id handshake, and a rare
+/// duplicate after a broker error is acceptable there). No span, no trace context, no headers,
+/// no delivery report for a success (librdkafka still retries records and logs broker errors).
+/// Its owner polls it.
+pub struct DetachedProducer {
+    inner: rdkafka::producer::BaseProducer<ProducerContext>,
+}
+
+impl DetachedProducer {
+    /// A producer for `bootstrap`, failing a record not delivered within `timeout`.
+    pub fn new(bootstrap: &str, timeout: Duration) -> Result<Self, KafkaError> {
+        let inner = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "false")
+            .set("acks", "1")
+            .set("linger.ms", "50")
+            .set("delivery.report.only.error", "true")
+            .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
+            .create_with_context(ProducerContext {
+                cluster_changed: Arc::new(OnceLock::new()),
+                name: format!("telemetry producer for {bootstrap}"),
+            })
+            .map_err(|source| KafkaError::Create {
+                what: "telemetry producer",
+                source,
+            })?;
+        Ok(Self { inner })
+    }
+
+    /// Queues a record if librdkafka can take it at once; false when its queue is full.
+    pub fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> bool {
+        let opaque = usize::try_from(DETACHED).unwrap_or(usize::MAX) << 32;
+        let mut record =
+            BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, opaque).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.inner.send(record).is_ok()
+    }
+
+    /// Serves librdkafka's callbacks (error reports, logs) without waiting.
+    pub fn poll(&self) {
+        self.inner.poll(Duration::ZERO);
+    }
+
+    /// Waits (blocking, at most `timeout`) until every queued record was delivered or failed.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = rdkafka::producer::Producer::flush(&self.inner, timeout) {
+            tracing::debug!("telemetry producer flush: {e}");
+        }
+    }
+}
 
 /// How long a send waits before trying again to queue a record while librdkafka's queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
