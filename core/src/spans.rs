@@ -374,7 +374,8 @@ impl Spans {
     }
 
     fn consumer_attributes(&self, origin: Origin<'_>) -> Vec<KeyValue> {
-        let mut attributes = Vec::with_capacity(10);
+        // Room for the operation attributes added after, and the two set when it ends.
+        let mut attributes = Vec::with_capacity(12);
         attributes.extend([
             KeyValue::new("messaging.system", "kafka"),
             KeyValue::new("messaging.destination.name", Arc::clone(origin.topic)),
