@@ -31,7 +31,3 @@ require_relative "prosody/client"
 # Kafka consumption with per-key order, cross-key concurrency and a Rust engine.
 module Prosody
 end
-
-# Spans still batched leave before the process ends (registered first, so it runs after the
-# application's own at_exit hooks, such as an unsubscribe).
-at_exit { Prosody::Native.flush_spans }

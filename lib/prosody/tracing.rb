@@ -44,3 +44,9 @@ module Prosody
     end
   end
 end
+
+# Spans still batched leave before the process ends. at_exit hooks run in reverse order of
+# registration: this one (registered when Prosody is required, before Client's hook that
+# unsubscribes the clients still subscribed, and after Logging's) runs after that unsubscribe and
+# before the last engine lines are handed to Prosody.logger.
+at_exit { Prosody::Native.flush_spans }

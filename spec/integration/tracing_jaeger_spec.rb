@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "json"
+require "open3"
 require "net/http"
 require "rbconfig"
 
@@ -174,6 +175,23 @@ RSpec.describe "tracing to Jaeger", :kafka, :cassandra do
     fired = one(trace(trace_id, 4), "fire timer")
     child_of(fired, scheduled)
     expect(timer_handler).to eq(fired[:id])
+  end
+
+  it "batches spans as OTEL_BSP_* says: a queue of one drops what does not fit, and says so at exit" do
+    code = <<~RUBY
+      client = Prosody::Client.new(mock: true, source_system: "bsp", send_timeout: 10)
+      client.send_messages(Array.new(200) { |i| { topic: "bsp-topic", key: "k\#{i}", payload: { "i" => i } } })
+    RUBY
+    run = lambda do |env|
+      Open3.capture2e({ "OTEL_EXPORTER_OTLP_ENDPOINT" => JaegerHelpers::OTLP_HTTP }.merge(env), RbConfig.ruby,
+                      "-I#{File.expand_path('../../lib', __dir__)}", "-rprosody", "-e", code)
+    end
+    small, status = run.call("OTEL_BSP_MAX_QUEUE_SIZE" => "1")
+    expect(status).to be_success, small
+    expect(small).to match(/WARN.*Spans were dropped.*dropped_span_count=[1-9]\d* max_queue_size=1/)
+    default, status = run.call({})
+    expect(status).to be_success, default
+    expect(default).not_to include("dropped")
   end
 
   {
