@@ -86,7 +86,8 @@ pub trait DedupStore: Send + Sync {
         false
     }
 
-    /// Whether [`seen_now`](Self::seen_now) always answers (memory).
+    /// Whether [`seen_now`](Self::seen_now) always answers and [`record_now`](Self::record_now)
+    /// always records (memory).
     fn answers_at_once(&self) -> bool {
         false
     }
@@ -158,6 +159,9 @@ pub struct Dedup {
     shards: Vec<Mutex<Shard>>,
     /// The store, when the client has one (Cassandra, or memory in mock mode).
     store: Option<Arc<dyn DedupStore>>,
+    /// Whether the store answers and records at once (memory): the cache is then never filled
+    /// (see [`Dedup::remember`]), so lookups skip it.
+    immediate: bool,
     /// When each kind of store failure was last logged.
     logged: Mutex<HashMap<&'static str, Instant>>,
 }
@@ -252,11 +256,13 @@ impl Dedup {
                 })
             })
             .collect();
+        let immediate = store.as_ref().is_some_and(|s| s.answers_at_once());
         Self {
             version,
             ttl,
             shards,
             store,
+            immediate,
             logged: Mutex::new(HashMap::new()),
         }
     }
@@ -304,12 +310,12 @@ impl Dedup {
     /// Whether every lookup is answered at once (no store, or one in memory): nothing to read
     /// ahead.
     pub fn answers_at_once(&self) -> bool {
-        self.store.as_ref().is_none_or(|s| s.answers_at_once())
+        self.store.is_none() || self.immediate
     }
 
     /// What the cache (and a store that answers at once) knows of `id`.
     pub fn check(&self, id: Fingerprint) -> Known {
-        {
+        if !self.immediate {
             let mut shard = self.shard(id);
             if shard.recent.contains(id) || shard.writing.contains_key(&id) {
                 return Known::Seen;

@@ -97,7 +97,7 @@ impl Worker {
             show_key(message.key.as_deref())
         );
         self.engine.skipped.filtered.fetch_add(1, Ordering::Relaxed);
-        crate::spans::event(&message.trace, "filter skip", Vec::new());
+        crate::spans::event(&message.trace, "filter skip", Vec::new);
         self.tell_message(Kind::MessageFiltered, message, Detail::None);
         Admission::Skip
     }
@@ -136,6 +136,11 @@ impl Worker {
             // stay. A missing answer only means a read at admission.
             self.ahead.retain(|_, answer| answer.is_none());
         }
+        self.look_up(id);
+    }
+
+    /// Queues a store read of `id` (its answer goes to `ahead`, `None` until then).
+    fn look_up(&mut self, id: Fingerprint) {
         self.ahead.insert(id, None);
         self.unchecked.queued.push(id);
         self.read_unchecked();
@@ -162,24 +167,20 @@ impl Worker {
                 Admission::Skip
             }
             Known::Ask => {
-                match self.ahead.remove(&id) {
+                match self.ahead.get(&id).copied() {
                     Some(Some(true)) => {
+                        self.ahead.remove(&id);
                         self.duplicate(message);
                         return Admission::Skip;
                     }
                     Some(Some(false)) => {
+                        self.ahead.remove(&id);
                         self.admitted = Some(id);
                         return Admission::Pass;
                     }
                     // Its read is in flight: wait for that one.
-                    Some(None) => {
-                        self.ahead.insert(id, None);
-                    }
-                    None => {
-                        self.ahead.insert(id, None);
-                        self.unchecked.queued.push(id);
-                        self.read_unchecked();
-                    }
+                    Some(None) => {}
+                    None => self.look_up(id),
                 }
                 let (key, slot) = pending.id();
                 self.in_flight.insert(
@@ -221,7 +222,7 @@ impl Worker {
             .skipped
             .duplicates
             .fetch_add(1, Ordering::Relaxed);
-        crate::spans::event(&message.trace, "dedup skip", Vec::new());
+        crate::spans::event(&message.trace, "dedup skip", Vec::new);
         self.tell_message(Kind::MessageDeduplicated, message, Detail::None);
     }
 
@@ -278,22 +279,8 @@ impl Worker {
     /// transient failure clears the mark.
     pub(super) fn remember(&mut self, id: &(Key, Slot), result: &Result<(), Failure>) {
         let handled = result.as_ref().map_or_else(|f| f.permanent, |()| true);
-        let Some(flight) = self.in_flight.get_mut(id) else {
-            return;
-        };
-        flight.remember = handled;
-        if !handled || flight.fingerprint.is_some() || self.engine.dedup.is_none() {
-            return;
-        }
-        // Only for an event that did not pass the dedup stage's check (an admit stage rejected
-        // it): its fingerprint is computed now.
-        let computed = self
-            .in_flight
-            .get(id)
-            .and_then(|f| message_of(&f.event))
-            .and_then(|m| self.fingerprint(m));
         if let Some(flight) = self.in_flight.get_mut(id) {
-            flight.fingerprint = computed;
+            flight.remember = handled;
         }
     }
 
