@@ -85,14 +85,13 @@ impl Client {
                     .ensure_topic(&config.telemetry_topic, config.mock_partitions.get())?;
             }
             let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
-            let detached =
-                crate::kafka::producer::DetachedProducer::new(&bootstrap, config.send_timeout)?;
             Some(Arc::new(crate::telemetry::Telemetry::start(
                 &runtime,
-                detached,
+                &bootstrap,
+                config.send_timeout,
                 config.telemetry_topic.clone(),
                 config.group_id.clone().unwrap_or_default(),
-            )))
+            )?))
         } else {
             None
         };
@@ -139,8 +138,17 @@ impl Client {
     /// A `message.sent` telemetry event for a record the broker acknowledged.
     fn tell_sent(&self, record: RawRecord<'_>, result: &Result<Delivery, SendError>) {
         if let (Some(telemetry), Ok(delivery)) = (&self.telemetry, result) {
-            telemetry.send(sent_event(record, delivery));
+            telemetry.send(sent_event(record).landed(delivery));
         }
+    }
+
+    /// Sends `records` (all prepared) and reports each acknowledged one to telemetry.
+    async fn send_prepared(&self, records: &[RawRecord<'_>]) -> Vec<Result<Delivery, SendError>> {
+        let results = self.producer.send_batch(records).await;
+        for (record, result) in records.iter().zip(&results) {
+            self.tell_sent(*record, result);
+        }
+        results
     }
 
     /// Queues `record` at once and reports its outcome to `done` (see [`Producer::send_now`]);
@@ -153,14 +161,10 @@ impl Client {
         }
         let done = match &self.telemetry {
             Some(telemetry) => {
-                let (telemetry, event) = (telemetry.clone(), sent_event(record, &Delivery::NONE));
+                let (telemetry, event) = (telemetry.clone(), sent_event(record));
                 Box::new(move |result: Result<Delivery, SendError>| {
                     if let Ok(delivery) = &result {
-                        telemetry.send(crate::telemetry::Event {
-                            partition: delivery.partition,
-                            offset: Some(delivery.offset),
-                            ..event
-                        });
+                        telemetry.send(event.landed(delivery));
                     }
                     done(result);
                 })
@@ -186,22 +190,14 @@ impl Client {
             };
         }
         if unprepared.is_empty() {
-            let results = self.producer.send_batch(records).await;
-            for (record, result) in records.iter().zip(&results) {
-                self.tell_sent(*record, result);
-            }
-            return results;
+            return self.send_prepared(records).await;
         }
         let ready: Vec<RawRecord<'_>> = records
             .iter()
             .filter(|r| !unprepared.contains_key(r.topic))
             .copied()
             .collect();
-        let results = self.producer.send_batch(&ready).await;
-        for (record, result) in ready.iter().zip(&results) {
-            self.tell_sent(*record, result);
-        }
-        let mut sent = results.into_iter();
+        let mut sent = self.send_prepared(&ready).await.into_iter();
         records
             .iter()
             .map(|r| match unprepared.get(r.topic) {
@@ -467,19 +463,15 @@ impl Client {
     }
 }
 
-/// The `message.sent` telemetry event of `record`, acknowledged at `delivery`; its trace is the
-/// one the record's headers name, if any.
-fn sent_event(record: RawRecord<'_>, delivery: &Delivery) -> crate::telemetry::Event {
-    crate::telemetry::Event {
-        kind: crate::telemetry::Kind::MessageSent,
-        at_ms: crate::telemetry::now_ms(),
-        topic: Arc::from(record.topic),
-        partition: delivery.partition,
-        offset: Some(delivery.offset),
-        key: record.key.map(crate::event::Key::from),
-        message_ms: None,
-        trace_id: crate::telemetry::trace_of(&crate::spans::extract(record.headers)),
-        timer: None,
-        detail: crate::telemetry::Detail::None,
-    }
+/// The `message.sent` telemetry event of `record` (where it landed is set on acknowledgement,
+/// see [`Event::landed`](crate::telemetry::Event::landed)); its trace is the one the record's
+/// headers name, if any.
+fn sent_event(record: RawRecord<'_>) -> crate::telemetry::Event {
+    crate::telemetry::Event::new(
+        crate::telemetry::Kind::MessageSent,
+        Arc::from(record.topic),
+        record.partition.unwrap_or(-1),
+        record.key.map(crate::event::Key::from),
+        &crate::spans::extract(record.headers),
+    )
 }

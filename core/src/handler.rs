@@ -92,7 +92,7 @@ pub struct Job {
     pub timers: Option<KeyTimers>,
     /// First attempt or retry: which pool of handler time it is charged to.
     pub class: Class,
-    /// The trace context of the handler call: its `handle` span when spans are exported, else
+    /// The trace context of the handler call: its event's span when spans are exported, else
     /// the context the event carries (empty when none).
     pub trace: opentelemetry::Context,
     /// Reports the outcome to the partition worker.
@@ -143,7 +143,7 @@ impl Job {
         }
     }
 
-    /// The same job with the trace context of its handler call (the `handle` span, or the
+    /// The same job with the trace context of its handler call (the event's span, or the
     /// context the event carries).
     pub fn traced(mut self, trace: opentelemetry::Context) -> Self {
         self.trace = trace;

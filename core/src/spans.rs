@@ -83,33 +83,23 @@ fn transport() -> Result<Transport, String> {
     }
 }
 
-/// Whether spans are exported: an endpoint is set and `OTEL_SDK_DISABLED` is not `true`.
-fn exporting() -> bool {
+/// Spans are exported when an endpoint is set and `OTEL_SDK_DISABLED` is not `true`.
+fn set_up() -> Result<Option<Export>, String> {
     let disabled =
         std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    !disabled
-        && env_first(&[
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ])
-        .is_some()
-}
-
-fn set_up() -> Result<Option<Export>, String> {
-    if !exporting() {
-        return Ok(None);
-    }
-    let transport = transport()?;
-    if let Some((name, endpoint)) = env_first(&[
+    let endpoint = env_first(&[
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]) {
-        if endpoint.to_ascii_lowercase().starts_with("https:") {
-            return Err(format!(
-                "{name} is {endpoint:?}: spans are exported over plain http:// only (no TLS in \
-                 this build); export to a collector reachable over http://"
-            ));
-        }
+    ]);
+    let Some((name, endpoint)) = endpoint.filter(|_| !disabled) else {
+        return Ok(None);
+    };
+    let transport = transport()?;
+    if endpoint.to_ascii_lowercase().starts_with("https:") {
+        return Err(format!(
+            "{name} is {endpoint:?}: spans are exported over plain http:// only (no TLS in this \
+             build); export to a collector reachable over http://"
+        ));
     }
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let exporter = match transport {
@@ -188,16 +178,16 @@ fn propagator() -> &'static TextMapCompositePropagator {
     })
 }
 
-/// Record headers read as a W3C carrier (names as written; values that are not UTF-8 are
-/// ignored).
-struct HeaderReader<'a>(&'a [(String, Vec<u8>)]);
+/// Name-value pairs (record headers, or a Ruby carrier) read as a W3C carrier: names match
+/// whatever their case; values that are not UTF-8 are ignored.
+struct Reader<'a, V>(&'a [(String, V)]);
 
-impl Extractor for HeaderReader<'_> {
+impl<V: AsRef<[u8]>> Extractor for Reader<'_, V> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(key))
-            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+            .and_then(|(_, value)| std::str::from_utf8(value.as_ref()).ok())
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -230,24 +220,12 @@ pub fn extract(headers: &[(String, Vec<u8>)]) -> Context {
     if !has_context(headers) {
         return Context::new();
     }
-    propagator().extract(&HeaderReader(headers))
+    propagator().extract(&Reader(headers))
 }
 
 /// The trace context carried by a carrier of text pairs (what a Ruby tracer injects).
 pub fn extract_pairs(pairs: &[(String, String)]) -> Context {
-    struct Pairs<'a>(&'a [(String, String)]);
-    impl Extractor for Pairs<'_> {
-        fn get(&self, key: &str) -> Option<&str> {
-            self.0
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(key))
-                .map(|(_, value)| value.as_str())
-        }
-        fn keys(&self) -> Vec<&str> {
-            self.0.iter().map(|(name, _)| name.as_str()).collect()
-        }
-    }
-    propagator().extract(&Pairs(pairs))
+    propagator().extract(&Reader(pairs))
 }
 
 /// Writes `cx` into `headers` (replacing trace headers already there). Nothing is written for a
@@ -276,11 +254,11 @@ pub fn carrier(cx: &Context) -> Vec<(String, String)> {
     pairs.0
 }
 
-/// The trace id of `cx`'s span, as 32 hex digits, when it has a valid one.
-pub fn trace_id(cx: &Context) -> Option<String> {
+/// The trace id of `cx`'s span, when it has a valid one.
+pub fn trace_id(cx: &Context) -> Option<opentelemetry::trace::TraceId> {
     let span = cx.span();
     let context = span.span_context();
-    context.is_valid().then(|| context.trace_id().to_string())
+    context.is_valid().then(|| context.trace_id())
 }
 
 /// A key as a span attribute: the text when it is UTF-8, else its escaped bytes.
@@ -399,9 +377,10 @@ impl Spans {
 
     /// The `process` span of a consumed message: it starts when the record is read and ends
     /// when the message is finished (handled, skipped, dead-lettered or deferred); its handler
-    /// calls run in it (attempts, failures and retries are its attributes and events). With `message_spans: child` its parent is the producer's span
-    /// (from the record's headers); with `follows_from` it starts a trace linked to it. Without
-    /// export, the record's own context is passed along unchanged.
+    /// calls run in it (attempts, failures and retries are its attributes and events). With
+    /// `message_spans: child` its parent is the producer's span (from the record's headers);
+    /// with `follows_from` it starts a trace linked to it. Without export, the record's own
+    /// context is passed along unchanged.
     pub fn receive(&self, origin: Origin<'_>, headers: &[(String, Vec<u8>)]) -> Context {
         let cause = extract(headers);
         let Some(tracer) = &self.tracer else {
@@ -424,7 +403,7 @@ impl Spans {
     /// span that scheduled it (`scheduled_by`, the stored carrier); with `child`, its child.
     pub fn fire(
         &self,
-        topic: &str,
+        topic: &Arc<str>,
         partition: i32,
         key: &[u8],
         time: i64,
@@ -437,7 +416,7 @@ impl Spans {
         let (parent, links) = related(self.timers, &cause);
         let mut attributes = vec![
             KeyValue::new("messaging.system", "kafka"),
-            KeyValue::new("messaging.destination.name", topic.to_owned()),
+            KeyValue::new("messaging.destination.name", Arc::clone(topic)),
             KeyValue::new(
                 "messaging.destination.partition.id",
                 partition_id(partition),
@@ -511,21 +490,6 @@ impl SendSpans {
         partition: Option<i32>,
         headers: &[(String, Vec<u8>)],
     ) -> Option<Traced> {
-        self.tracer.as_ref()?;
-        let mut headers = headers.to_vec();
-        let cx = self.start(topic, key, partition, &mut headers)?;
-        Some((headers, cx))
-    }
-
-    /// Starts the `send` span of a record for `topic` and writes its context into `headers`;
-    /// `None` (headers untouched) when spans are not exported.
-    pub fn start(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        partition: Option<i32>,
-        headers: &mut Vec<(String, Vec<u8>)>,
-    ) -> Option<Context> {
         let tracer = self.tracer.as_ref()?;
         let parent = extract(headers);
         let mut attributes = vec![
@@ -549,8 +513,9 @@ impl SendSpans {
             .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         let cx = parent.with_span(span);
-        inject(&cx, headers);
-        Some(cx)
+        let mut headers = headers.to_vec();
+        inject(&cx, &mut headers);
+        Some((headers, cx))
     }
 }
 
@@ -570,11 +535,12 @@ pub fn sent(cx: &Context, outcome: Result<(i32, i64), &str>) {
     span.end();
 }
 
-/// Adds an event (retry, defer, dead-letter, dedup-skip, filter-skip) to `cx`'s span.
-pub fn event(cx: &Context, name: &'static str, attributes: Vec<KeyValue>) {
+/// Adds an event (retry, defer, dead-letter, dedup-skip, filter-skip) to `cx`'s span; its
+/// attributes are built only when the span is recorded.
+pub fn event(cx: &Context, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
     let span = cx.span();
     if span.is_recording() {
-        span.add_event(name, attributes);
+        span.add_event(name, attributes());
     }
 }
 
@@ -655,7 +621,7 @@ mod tests {
         ];
         let cx = extract(&headers);
         assert_eq!(
-            trace_id(&cx).as_deref(),
+            trace_id(&cx).map(|id| id.to_string()).as_deref(),
             Some("0af7651916cd43dd8448eb211c80319c")
         );
         let carried = carrier(&cx);

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::mpsc;
 
 use crate::event::Key;
@@ -143,14 +142,39 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The trace id of `cx`'s span, when it has a valid one.
-pub fn trace_of(cx: &opentelemetry::Context) -> Option<opentelemetry::trace::TraceId> {
-    let span = cx.span();
-    let context = span.span_context();
-    context.is_valid().then(|| context.trace_id())
-}
-
 impl Event {
+    /// An event of `kind` about `key` of `topic`'s `partition`, happening now, in the trace of
+    /// `trace` (when it has one); the other fields empty.
+    pub fn new(
+        kind: Kind,
+        topic: Arc<str>,
+        partition: i32,
+        key: Option<Key>,
+        trace: &opentelemetry::Context,
+    ) -> Self {
+        Self {
+            kind,
+            at_ms: now_ms(),
+            topic,
+            partition,
+            offset: None,
+            key,
+            message_ms: None,
+            trace_id: crate::spans::trace_id(trace),
+            timer: None,
+            detail: Detail::None,
+        }
+    }
+
+    /// The `message.sent` event with where its record landed.
+    pub fn landed(&self, delivery: &crate::kafka::producer::Delivery) -> Self {
+        Self {
+            partition: delivery.partition,
+            offset: Some(delivery.offset),
+            ..self.clone()
+        }
+    }
+
     /// Writes the event as the JSON object the topic receives (fields in a fixed order; no
     /// allocation beyond `out`'s growth).
     pub fn write_json(&self, group: &str, out: &mut String) {
@@ -247,7 +271,8 @@ fn push_json_str(out: &mut String, text: &str) {
 pub struct Counts {
     /// Events queued for the topic.
     pub emitted: AtomicU64,
-    /// Events dropped because the channel or the producer's queue was full.
+    /// Events dropped because the channel or the producer's queue was full, or because the
+    /// broker did not take them within `send_timeout`.
     pub dropped: AtomicU64,
     /// Events handed to the channel and not yet queued on the producer (or dropped).
     pending: AtomicU64,
@@ -297,23 +322,28 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Starts the emitter of a client of `group`, sending to `topic` through its own producer.
+    /// Starts the emitter of a client of `group`, sending to `topic` on `bootstrap` through a
+    /// producer of its own (records not delivered within `timeout` count as dropped).
     pub fn start(
         runtime: &tokio::runtime::Handle,
-        producer: DetachedProducer,
+        bootstrap: &str,
+        timeout: Duration,
         topic: String,
         group: String,
-    ) -> Self {
+    ) -> Result<Self, crate::kafka::KafkaError> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let counts = Arc::new(Counts::default());
-        let producer = Arc::new(producer);
+        let undelivered = counts.clone();
+        let producer = Arc::new(DetachedProducer::new(bootstrap, timeout, move || {
+            undelivered.dropped();
+        })?);
         let task = runtime.spawn(emit(rx, producer.clone(), topic, group, counts.clone()));
-        Self {
+        Ok(Self {
             tx,
             counts,
             producer,
             task,
-        }
+        })
     }
 
     /// Hands `event` to the emitter, or drops it (counted) when the emitter is behind.
@@ -422,10 +452,15 @@ mod tests {
     #[test]
     fn a_full_emitter_drops_and_counts_without_waiting() -> Result<(), Box<dyn std::error::Error>> {
         let bootstrap = crate::kafka::mock::shared()?.bootstrap_servers().to_owned();
-        let producer = DetachedProducer::new(&bootstrap, Duration::from_secs(1))?;
         // A runtime nobody drives: the emitter task never takes anything from its channel.
         let idle = tokio::runtime::Builder::new_current_thread().build()?;
-        let telemetry = Telemetry::start(idle.handle(), producer, "t".into(), "g".into());
+        let telemetry = Telemetry::start(
+            idle.handle(),
+            &bootstrap,
+            Duration::from_secs(1),
+            "t".into(),
+            "g".into(),
+        )?;
         let started = std::time::Instant::now();
         for _ in 0..QUEUE + 10 {
             telemetry.send(event(Kind::MessageReceived, Some(b"k"), Detail::None));

@@ -55,14 +55,6 @@ pub struct Delivery {
     pub offset: i64,
 }
 
-impl Delivery {
-    /// A placeholder before the acknowledgement says where.
-    pub const NONE: Delivery = Delivery {
-        partition: -1,
-        offset: -1,
-    };
-}
-
 /// An idempotent producer that stamps every record with the `source-system` header. Clients of
 /// one process with the same servers and `send_timeout` share one librdkafka producer.
 pub struct Producer {
@@ -154,9 +146,10 @@ impl Producer {
             return Some(done);
         }
         let traced = self.trace(record);
-        let (record, done) = match &traced {
-            Some((headers, cx)) => (RawRecord { headers, ..record }, traced_done(cx, done)),
-            None => (record, done),
+        let record = with_trace(record, &traced);
+        let done = match &traced {
+            Some((_, cx)) => traced_done(cx, done),
+            None => done,
         };
         let acks = Acks::register(1);
         let base = self.base_record(record, acks.opaque(0));
@@ -207,10 +200,7 @@ impl Producer {
         let acks = Acks::register(records.len());
         let traced: Vec<_> = records.iter().map(|r| self.trace(*r)).collect();
         for (index, (record, traced)) in records.iter().zip(&traced).enumerate() {
-            let record = match traced {
-                Some((headers, _)) => RawRecord { headers, ..*record },
-                None => *record,
-            };
+            let record = with_trace(*record, traced);
             if let Err(reason) = self.enqueue(&shared, record, &acks, index).await {
                 acks.settle(index, Err(Failed::Local(reason)));
             }
@@ -239,10 +229,7 @@ impl Producer {
         let shared = self.current();
         shared.prepare(record.topic).await;
         let traced = self.trace(record);
-        let record = match &traced {
-            Some((headers, _)) => RawRecord { headers, ..record },
-            None => record,
-        };
+        let record = with_trace(record, &traced);
         let acks = Acks::register(1);
         match self.enqueue(&shared, record, &acks, 0).await {
             Ok(()) => {
@@ -336,6 +323,17 @@ impl Producer {
     }
 }
 
+/// `record` with the headers of its `send` span, when it has one.
+fn with_trace<'a>(
+    record: RawRecord<'a>,
+    traced: &'a Option<crate::spans::Traced>,
+) -> RawRecord<'a> {
+    match traced {
+        Some((headers, _)) => RawRecord { headers, ..record },
+        None => record,
+    }
+}
+
 /// Ends a `send` span with the record's outcome.
 fn end_send(cx: &opentelemetry::Context, result: &Result<Delivery, SendError>) {
     crate::spans::sent(
@@ -356,23 +354,49 @@ fn traced_done(cx: &opentelemetry::Context, done: Done) -> Done {
     })
 }
 
-/// The send id of records nobody waits for (see [`DetachedProducer`]); never given to a
-/// registered send.
-const DETACHED: u32 = u32::MAX;
-
 /// A producer of records nobody waits for (the telemetry emitter's): its own librdkafka
 /// producer, separate from the application's so that its batching suits it (records wait up to
 /// 50 ms to go in large batches; no idempotence, so no producer-id handshake, and a rare
-/// duplicate after a broker error is acceptable there). No span, no trace context, no headers,
-/// no delivery report for a success (librdkafka still retries records and logs broker errors).
-/// Its owner polls it.
+/// duplicate after a broker error is acceptable there). No span, no trace context, no headers;
+/// librdkafka reports only records it could not deliver. Its owner polls it.
 pub struct DetachedProducer {
-    inner: rdkafka::producer::BaseProducer<ProducerContext>,
+    inner: rdkafka::producer::BaseProducer<DetachedContext>,
+}
+
+/// The context of a [`DetachedProducer`]: librdkafka's log lines and errors as for the other
+/// producers, and each record that could not be delivered reported to `undelivered`.
+pub struct DetachedContext {
+    undelivered: Box<dyn Fn() + Send + Sync>,
+}
+
+impl rdkafka::ClientContext for DetachedContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::log_librdkafka(level, facility, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::log_client_error(&error, reason);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for DetachedContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, (): ()) {
+        if result.is_err() {
+            (self.undelivered)();
+        }
+    }
 }
 
 impl DetachedProducer {
-    /// A producer for `bootstrap`, failing a record not delivered within `timeout`.
-    pub fn new(bootstrap: &str, timeout: Duration) -> Result<Self, KafkaError> {
+    /// A producer for `bootstrap`, failing a record not delivered within `timeout` and telling
+    /// `undelivered` (on the thread that polls it).
+    pub fn new(
+        bootstrap: &str,
+        timeout: Duration,
+        undelivered: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Self, KafkaError> {
         let inner = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "false")
@@ -380,9 +404,8 @@ impl DetachedProducer {
             .set("linger.ms", "50")
             .set("delivery.report.only.error", "true")
             .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
-            .create_with_context(ProducerContext {
-                cluster_changed: Arc::new(OnceLock::new()),
-                name: format!("telemetry producer for {bootstrap}"),
+            .create_with_context(DetachedContext {
+                undelivered: Box::new(undelivered),
             })
             .map_err(|source| KafkaError::Create {
                 what: "telemetry producer",
@@ -393,16 +416,14 @@ impl DetachedProducer {
 
     /// Queues a record if librdkafka can take it at once; false when its queue is full.
     pub fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> bool {
-        let opaque = usize::try_from(DETACHED).unwrap_or(usize::MAX) << 32;
-        let mut record =
-            BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, opaque).payload(payload);
+        let mut record = BaseRecord::<[u8], [u8], ()>::to(topic).payload(payload);
         if let Some(key) = key {
             record = record.key(key);
         }
         self.inner.send(record).is_ok()
     }
 
-    /// Serves librdkafka's callbacks (error reports, logs) without waiting.
+    /// Serves librdkafka's callbacks (failed deliveries, logs) without waiting.
     pub fn poll(&self) {
         self.inner.poll(Duration::ZERO);
     }
@@ -579,12 +600,8 @@ impl Drop for Registration {
 impl Acks {
     /// A send of `records` records, registered for their reports.
     fn register(records: usize) -> Registration {
-        let mut id = NEXT_SEND.fetch_add(1, Ordering::Relaxed);
-        if id == DETACHED {
-            id = NEXT_SEND.fetch_add(1, Ordering::Relaxed);
-        }
         let acks = Arc::new(Self {
-            id,
+            id: NEXT_SEND.fetch_add(1, Ordering::Relaxed),
             callback: Mutex::new(None),
             outcomes: Mutex::new(std::iter::repeat_with(|| None).take(records).collect()),
             remaining: AtomicUsize::new(records),
@@ -640,9 +657,6 @@ impl Acks {
     /// The delivery callback's half: the report of the record whose opaque value is `opaque`.
     pub(super) fn report(result: &DeliveryResult<'_>, opaque: usize) {
         let id = u32::try_from(opaque >> 32).unwrap_or(u32::MAX);
-        if id == DETACHED {
-            return;
-        }
         let index = opaque & 0xffff_ffff;
         let Some(acks) = LAST_SEND.with(|last| {
             let mut last = last.borrow_mut();

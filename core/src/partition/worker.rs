@@ -532,7 +532,8 @@ impl Worker {
                 cancel: CancelToken::new(),
                 attempts: 1,
                 stage: Stage::Running,
-                fingerprint: None,
+                // The dedup stage ran before the rejecting one: its fingerprint is this event's.
+                fingerprint: self.admitted.take(),
                 remember: false,
                 span: self.event_span(&pending),
                 event: pending,
@@ -613,7 +614,7 @@ impl Worker {
                     .engine
                     .spans
                     .receive(message.origin(), &message.headers);
-                crate::spans::event(&cx, "deferred retry", Vec::new());
+                crate::spans::event(&cx, "deferred retry", Vec::new);
                 cx
             }
             Pending::Timer(key, time) => {

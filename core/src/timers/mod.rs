@@ -174,16 +174,14 @@ impl KeyTimers {
     ) {
         if let Some(telemetry) = &self.partition.telemetry {
             telemetry.send(crate::telemetry::Event {
-                kind,
-                at_ms: crate::telemetry::now_ms(),
-                topic: self.partition.scope.topic.clone(),
-                partition: self.partition.scope.partition,
-                offset: None,
-                key: Some(self.key.clone()),
-                message_ms: None,
-                trace_id: crate::telemetry::trace_of(trace),
                 timer: Some(time),
-                detail: crate::telemetry::Detail::None,
+                ..crate::telemetry::Event::new(
+                    kind,
+                    self.partition.scope.topic.clone(),
+                    self.partition.scope.partition,
+                    Some(self.key.clone()),
+                    trace,
+                )
             });
         }
     }

@@ -94,7 +94,7 @@ impl Client {
                 (topic, key, payload, headers, partition),
             )?);
         }
-        if let Some(cx) = trace_of(trace) {
+        if let Some(cx) = carried_trace(trace) {
             one.carry(&cx);
         }
         let client = Arc::clone(&rb_self.inner);
@@ -137,7 +137,7 @@ impl Client {
                 batch.push(checked(ruby, "indexed_row", (value, index))?);
             }
         }
-        if let Some(cx) = trace_of(trace) {
+        if let Some(cx) = carried_trace(trace) {
             batch.carry(&cx);
         }
         let client = Arc::clone(&rb_self.inner);
@@ -245,7 +245,7 @@ impl Client {
 /// The trace context records sent now carry, from what `Prosody::Tracing.current` gave: the
 /// running handler's `Prosody::Context`, a W3C carrier Hash (from the application's Ruby
 /// tracer), or nil.
-fn trace_of(value: Value) -> Option<opentelemetry::Context> {
+fn carried_trace(value: Value) -> Option<opentelemetry::Context> {
     if value.is_nil() {
         return None;
     }

@@ -31,7 +31,7 @@ pub struct Context {
     /// context collected unfinished drops them: the permit returns and the event is reported
     /// abandoned (not committed). Locked only with the GVL held, so never contended.
     job: Mutex<Option<(Completion, Grant)>>,
-    /// The trace context of the handler call (its `handle` span when spans are exported, else
+    /// The trace context of the handler call (its event's span when spans are exported, else
     /// the context the event carries).
     trace: opentelemetry::Context,
 }

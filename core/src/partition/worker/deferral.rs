@@ -450,7 +450,7 @@ impl Worker {
                 if let Some(flight) = self.in_flight.remove(id) {
                     let kinds = (Kind::MessageDeferred, Kind::MessageDeferred);
                     self.tell(kinds, &flight.event, &flight.span, Detail::None);
-                    crate::spans::event(&flight.span, "defer", Vec::new());
+                    crate::spans::event(&flight.span, "defer", Vec::new);
                     crate::spans::finish_as(&flight.span, "deferred");
                 }
                 if let Some(d) = self.deferral.as_mut() {
@@ -467,14 +467,12 @@ impl Worker {
             Pending::Message(_) if !failure.permanent && d.setup.gate.allows_deferral() => {
                 let (retry, delay) = d.setup.backoff.retry(1);
                 flight.stage = Stage::Deferring;
-                crate::spans::event(
-                    &flight.span,
-                    "defer",
+                crate::spans::event(&flight.span, "defer", || {
                     vec![opentelemetry::KeyValue::new(
                         "error.type",
                         failure.error_class.clone(),
-                    )],
-                );
+                    )]
+                });
                 crate::spans::finish_as(&flight.span, "deferred");
                 tracing::warn!(
                     "{} failed ({failure}); deferring its key, first retry in {delay:?}",
@@ -521,7 +519,7 @@ impl Worker {
                 let mut trace = opentelemetry::Context::new();
                 if let Some(flight) = self.in_flight.get_mut(&id) {
                     flight.stage = Stage::DeadLettering;
-                    crate::spans::event(&flight.span, "dead letter", Vec::new());
+                    crate::spans::event(&flight.span, "dead letter", Vec::new);
                     trace = flight.span.clone();
                 }
                 let detail = Detail::DeadLetter {

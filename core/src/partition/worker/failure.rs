@@ -28,26 +28,21 @@ impl Worker {
         match decision {
             Decision::Retry(delay) => {
                 flight.stage = Stage::Waiting;
-                if !matches!(flight.event, Pending::Timer(..)) {
-                    let detail = Detail::Retry {
-                        attempt: attempts,
-                        delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    };
-                    let kinds = (Kind::MessageRetried, Kind::MessageRetried);
-                    let (event, span) = (flight.event.clone(), flight.span.clone());
-                    self.tell(kinds, &event, &span, detail);
-                }
-                let Some(flight) = self.in_flight.get_mut(&id) else {
-                    return;
-                };
-                crate::spans::event(
-                    &flight.span,
-                    "retry",
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                crate::spans::event(&flight.span, "retry", || {
                     vec![opentelemetry::KeyValue::new(
                         "prosody.retry.delay_ms",
-                        i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                    )],
-                );
+                        i64::try_from(delay_ms).unwrap_or(i64::MAX),
+                    )]
+                });
+                if !matches!(flight.event, Pending::Timer(..)) {
+                    let kinds = (Kind::MessageRetried, Kind::MessageRetried);
+                    let detail = Detail::Retry {
+                        attempt: attempts,
+                        delay_ms,
+                    };
+                    self.tell_flight(kinds, &id, detail);
+                }
                 tracing::warn!(
                     "{what} failed (attempt {attempts}, {failure}); retrying in {delay:?}"
                 );
@@ -78,9 +73,7 @@ impl Worker {
                     reason.as_str()
                 );
                 flight.stage = Stage::DeadLettering;
-                crate::spans::event(
-                    &flight.span,
-                    "dead letter",
+                crate::spans::event(&flight.span, "dead letter", || {
                     vec![
                         opentelemetry::KeyValue::new(
                             "messaging.destination.name",
@@ -88,8 +81,8 @@ impl Worker {
                         ),
                         opentelemetry::KeyValue::new("prosody.reason", reason.as_str()),
                         opentelemetry::KeyValue::new("error.type", failure.error_class.clone()),
-                    ],
-                );
+                    ]
+                });
                 let trace = flight.span.clone();
                 let detail = Detail::DeadLetter {
                     failure_topic: Arc::from(dead_letters.topic.as_str()),
@@ -122,7 +115,7 @@ impl Worker {
             "{what} failed (attempt {attempts}, {failure}); giving up on it and moving on"
         );
         if let Some(flight) = self.in_flight.get(&id) {
-            crate::spans::event(&flight.span, "give up", Vec::new());
+            crate::spans::event(&flight.span, "give up", Vec::new);
             crate::spans::finish_as(&flight.span, "failure");
         }
         self.succeeded(id).await;

@@ -4,7 +4,7 @@
 use super::{Key, Pending, Worker};
 use crate::event::ConsumedMessage;
 use crate::handler::{Failure, Slot};
-use crate::telemetry::{now_ms, trace_of, Detail, Event, Kind};
+use crate::telemetry::{Detail, Event, Kind};
 
 impl Worker {
     /// Sends a telemetry event about a consumed message, when the emitter runs.
@@ -13,16 +13,16 @@ impl Worker {
             return;
         };
         telemetry.send(Event {
-            kind,
-            at_ms: now_ms(),
-            topic: self.topic.clone(),
-            partition: self.partition,
             offset: Some(message.offset),
-            key: message.key.clone(),
             message_ms: message.timestamp_ms,
-            trace_id: trace_of(&message.trace),
-            timer: None,
             detail,
+            ..Event::new(
+                kind,
+                self.topic.clone(),
+                self.partition,
+                message.key.clone(),
+                &message.trace,
+            )
         });
     }
 
@@ -79,16 +79,11 @@ impl Worker {
             Pending::Timer(key, time) => (timer, None, Some(key.clone()), None, Some(Some(*time))),
         };
         telemetry.send(Event {
-            kind,
-            at_ms: now_ms(),
-            topic: self.topic.clone(),
-            partition: self.partition,
             offset,
-            key,
             message_ms,
-            trace_id: trace_of(span),
             timer: timer_time,
             detail,
+            ..Event::new(kind, self.topic.clone(), self.partition, key, span)
         });
     }
 }

@@ -94,6 +94,10 @@ impl Batch {
 
     /// Writes `cx` as the trace context of every record that carries none of its own.
     pub fn carry(&mut self, cx: &opentelemetry::Context) {
+        use opentelemetry::trace::TraceContextExt as _;
+        if !cx.span().span_context().is_valid() {
+            return;
+        }
         for record in &mut self.records {
             if !prosody_core::spans::has_context(&record.headers) {
                 prosody_core::spans::inject(cx, &mut record.headers);
