@@ -199,9 +199,10 @@ module Prosody
     end
 
     # What the telemetry emitter did since the client was created: events queued for
-    # +telemetry_topic+ (+:emitted+) and events dropped because the emitter or the producer's
-    # queue was full (+:dropped+). Nil when the emitter does not run (+telemetry_enabled+ false,
-    # or mock mode without +telemetry_enabled: true+).
+    # +telemetry_topic+ (+:emitted+), and events dropped (+:dropped+) because the emitter's or
+    # the producer's queue was full, or because the broker did not take them within
+    # +send_timeout+ (those were queued, so they count in both). Nil when the emitter does not run
+    # (+telemetry_enabled+ false, or mock mode without +telemetry_enabled: true+).
     #
     # @return [Hash{Symbol => Integer}, nil]
     def telemetry_stats
