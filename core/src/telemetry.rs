@@ -3,19 +3,19 @@
 //! handled, failed; a record sent) as JSON records on `telemetry_topic`, keyed by the event's
 //! key.
 //!
-//! The handler path never waits for it: an event is a small value handed to a bounded channel
-//! with `try_send`; one task per client drains the channel in batches (letting events gather
-//! for 5 ms once it caught up, so the handler path does not wake it per event), writes each
-//! event as JSON and queues it on the emitter's own producer (large batches, no delivery
-//! tracking) without waiting for the broker. When either the channel or
-//! librdkafka's queue is full the event is dropped, counted, and a warning says so at most once
-//! a minute.
+//! The handler path never waits for it: an event is a small value pushed onto the emitter's
+//! inbox (a bounded list behind a short lock; only the push that finds it empty wakes the
+//! emitter). One task per client takes the whole inbox at once, letting events gather for 5 ms
+//! after each batch so that a busy handler path wakes it once per batch, writes each event as
+//! JSON and queues it on the emitter's own producer (large batches, no delivery tracking)
+//! without waiting for the broker. When either the inbox or librdkafka's queue is full the
+//! event is dropped, counted, and a warning says so at most once a minute.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::event::Key;
 use crate::kafka::producer::DetachedProducer;
@@ -23,10 +23,7 @@ use crate::kafka::producer::DetachedProducer;
 /// Events waiting for the emitter task; beyond this, events are dropped.
 const QUEUE: usize = 16_384;
 
-/// Events the task takes from the channel at once.
-const BATCH: usize = 512;
-
-/// How long the task lets events gather once it caught up.
+/// How long the task lets events gather after writing a batch.
 const LINGER: Duration = Duration::from_millis(5);
 
 /// Shortest time between two warnings about dropped events.
@@ -174,22 +171,62 @@ impl Event {
             ..self.clone()
         }
     }
+}
 
-    /// Writes the event as the JSON object the topic receives (fields in a fixed order; no
-    /// allocation beyond `out`'s growth).
-    pub fn write_json(&self, group: &str, out: &mut String) {
-        use std::fmt::Write as _;
-        out.push_str("{\"event\":\"");
-        out.push_str(self.kind.name());
-        let _ = write!(out, "\",\"timestamp_ms\":{},\"group\":", self.at_ms);
-        push_json_str(out, group);
-        out.push_str(",\"topic\":");
-        push_json_str(out, &self.topic);
-        let _ = write!(out, ",\"partition\":{}", self.partition);
-        if let Some(offset) = self.offset {
-            let _ = write!(out, ",\"offset\":{offset}");
+/// Writes events as the JSON objects the topic receives (fields in a fixed order). Keeps the
+/// group and the last topic already escaped, and one buffer, so that writing an event allocates
+/// nothing once the buffer has grown.
+pub struct JsonWriter {
+    /// The group, as a JSON string.
+    group: String,
+    /// The last topic written, and it as a JSON string.
+    topic: Option<(Arc<str>, String)>,
+    /// The buffer.
+    out: String,
+}
+
+impl JsonWriter {
+    /// A writer for the events of `group`.
+    pub fn new(group: &str) -> Self {
+        let mut quoted = String::with_capacity(group.len() + 2);
+        push_json_str(&mut quoted, group);
+        Self {
+            group: quoted,
+            topic: None,
+            out: String::with_capacity(256),
         }
-        match self.key.as_deref() {
+    }
+
+    /// `event` as JSON (valid until the next call).
+    pub fn write(&mut self, event: &Event) -> &str {
+        let topic = match &mut self.topic {
+            Some((name, quoted)) if Arc::ptr_eq(name, &event.topic) || **name == *event.topic => {
+                quoted
+            }
+            slot => {
+                let mut quoted = String::with_capacity(event.topic.len() + 2);
+                push_json_str(&mut quoted, &event.topic);
+                &slot.insert((event.topic.clone(), quoted)).1
+            }
+        };
+        let out = &mut self.out;
+        let mut digits = itoa::Buffer::new();
+        out.clear();
+        out.push_str("{\"event\":\"");
+        out.push_str(event.kind.name());
+        out.push_str("\",\"timestamp_ms\":");
+        out.push_str(digits.format(event.at_ms));
+        out.push_str(",\"group\":");
+        out.push_str(&self.group);
+        out.push_str(",\"topic\":");
+        out.push_str(topic);
+        out.push_str(",\"partition\":");
+        out.push_str(digits.format(event.partition));
+        if let Some(offset) = event.offset {
+            out.push_str(",\"offset\":");
+            out.push_str(digits.format(offset));
+        }
+        match event.key.as_deref() {
             None => out.push_str(",\"key\":null"),
             Some(key) => match std::str::from_utf8(key) {
                 Ok(text) => {
@@ -197,28 +234,33 @@ impl Event {
                     push_json_str(out, text);
                 }
                 Err(_) => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
                     out.push_str(",\"key_hex\":\"");
                     for byte in key {
-                        let _ = write!(out, "{byte:02x}");
+                        out.push(char::from(HEX[usize::from(byte >> 4)]));
+                        out.push(char::from(HEX[usize::from(byte & 0xf)]));
                     }
                     out.push('"');
                 }
             },
         }
-        if let Some(ms) = self.message_ms {
-            let _ = write!(out, ",\"message_timestamp_ms\":{ms}");
+        if let Some(ms) = event.message_ms {
+            out.push_str(",\"message_timestamp_ms\":");
+            out.push_str(digits.format(ms));
         }
-        if let Some(trace_id) = self.trace_id {
+        if let Some(trace_id) = event.trace_id {
+            use std::fmt::Write as _;
             let _ = write!(out, ",\"trace_id\":\"{trace_id}\"");
         }
-        match self.timer {
+        match event.timer {
             None => {}
             Some(Some(time)) => {
-                let _ = write!(out, ",\"timer_time\":{time}");
+                out.push_str(",\"timer_time\":");
+                out.push_str(digits.format(time));
             }
             Some(None) => out.push_str(",\"timer_time\":null"),
         }
-        match &self.detail {
+        match &event.detail {
             Detail::None => {}
             Detail::Failure {
                 error_class,
@@ -227,10 +269,18 @@ impl Event {
             } => {
                 out.push_str(",\"error_class\":");
                 push_json_str(out, error_class);
-                let _ = write!(out, ",\"permanent\":{permanent},\"attempt\":{attempt}");
+                out.push_str(if *permanent {
+                    ",\"permanent\":true,\"attempt\":"
+                } else {
+                    ",\"permanent\":false,\"attempt\":"
+                });
+                out.push_str(digits.format(*attempt));
             }
             Detail::Retry { attempt, delay_ms } => {
-                let _ = write!(out, ",\"attempt\":{attempt},\"delay_ms\":{delay_ms}");
+                out.push_str(",\"attempt\":");
+                out.push_str(digits.format(*attempt));
+                out.push_str(",\"delay_ms\":");
+                out.push_str(digits.format(*delay_ms));
             }
             Detail::DeadLetter {
                 failure_topic,
@@ -243,6 +293,7 @@ impl Event {
             }
         }
         out.push('}');
+        out
     }
 }
 
@@ -271,11 +322,9 @@ fn push_json_str(out: &mut String, text: &str) {
 pub struct Counts {
     /// Events queued for the topic.
     pub emitted: AtomicU64,
-    /// Events dropped because the channel or the producer's queue was full, or because the
+    /// Events dropped because the inbox or the producer's queue was full, or because the
     /// broker did not take them within `send_timeout`.
     pub dropped: AtomicU64,
-    /// Events handed to the channel and not yet queued on the producer (or dropped).
-    pending: AtomicU64,
     /// Milliseconds since the epoch of the last warning about drops.
     last_warning_ms: AtomicU64,
 }
@@ -300,11 +349,41 @@ impl Counts {
     }
 }
 
-/// A client's emitter. Dropping the last handle closes the channel, and the task ends once it
-/// queued what was left.
+/// Where the handler path leaves events for the emitter task.
+#[derive(Default)]
+struct Inbox {
+    /// The events not taken yet (at most [`QUEUE`]).
+    events: Mutex<Vec<Event>>,
+    /// Wakes the task: told by the push that finds `events` empty, and on close.
+    wake: Notify,
+    /// How many events the task took and has not queued on the producer yet.
+    taking: AtomicUsize,
+    /// Set when the client's emitter is dropped: the task ends once `events` is empty.
+    closed: AtomicBool,
+}
+
+impl Inbox {
+    /// The events waiting, leaving `spare` (emptied) in their place; records how many were
+    /// taken in `taking`, under the same lock, so that [`Telemetry::flush`] never sees an event
+    /// in neither place.
+    fn take(&self, spare: Vec<Event>) -> Vec<Event> {
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        self.taking.store(events.len(), Ordering::Release);
+        std::mem::replace(&mut *events, spare)
+    }
+
+    /// Whether no event waits or is being queued.
+    fn idle(&self) -> bool {
+        let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        events.is_empty() && self.taking.load(Ordering::Acquire) == 0
+    }
+}
+
+/// A client's emitter. Dropping it closes the inbox, and the task ends once it queued what was
+/// left.
 pub struct Telemetry {
-    /// Where events go; `try_send` only.
-    tx: mpsc::Sender<Event>,
+    /// Where events go.
+    inbox: Arc<Inbox>,
     /// What happened to them.
     pub counts: Arc<Counts>,
     /// Where the task queues them.
@@ -331,15 +410,20 @@ impl Telemetry {
         topic: String,
         group: String,
     ) -> Result<Self, crate::kafka::KafkaError> {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let inbox = Arc::new(Inbox::default());
         let counts = Arc::new(Counts::default());
         let undelivered = counts.clone();
-        let producer = Arc::new(DetachedProducer::new(bootstrap, timeout, move || {
-            undelivered.dropped();
-        })?);
-        let task = runtime.spawn(emit(rx, producer.clone(), topic, group, counts.clone()));
+        let producer = Arc::new(DetachedProducer::new(
+            bootstrap,
+            &topic,
+            timeout,
+            move || {
+                undelivered.dropped();
+            },
+        )?);
+        let task = runtime.spawn(emit(inbox.clone(), producer.clone(), group, counts.clone()));
         Ok(Self {
-            tx,
+            inbox,
             counts,
             producer,
             task,
@@ -348,10 +432,21 @@ impl Telemetry {
 
     /// Hands `event` to the emitter, or drops it (counted) when the emitter is behind.
     pub fn send(&self, event: Event) {
-        self.counts.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(event).is_err() {
-            self.counts.pending.fetch_sub(1, Ordering::AcqRel);
+        let mut events = self
+            .inbox
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if events.len() >= QUEUE {
+            drop(events);
             self.counts.dropped();
+            return;
+        }
+        let first = events.is_empty();
+        events.push(event);
+        drop(events);
+        if first {
+            self.inbox.wake.notify_one();
         }
     }
 
@@ -360,9 +455,7 @@ impl Telemetry {
     /// `unsubscribe` does, so that a process that exits after it loses no events.
     pub fn flush(&self, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;
-        while self.counts.pending.load(Ordering::Acquire) > 0
-            && std::time::Instant::now() < deadline
-            && !self.task.is_finished()
+        while !self.inbox.idle() && std::time::Instant::now() < deadline && !self.task.is_finished()
         {
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -376,38 +469,49 @@ impl Telemetry {
     }
 }
 
-/// The emitter task: takes the waiting events in batches, writes each as JSON and queues it on
-/// the producer without waiting for its acknowledgement.
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        self.inbox.closed.store(true, Ordering::Release);
+        self.inbox.wake.notify_one();
+    }
+}
+
+/// The emitter task: takes every waiting event at once, writes each as JSON and queues it on
+/// the producer without waiting for its acknowledgement; ends once the inbox is closed and
+/// empty.
 async fn emit(
-    mut rx: mpsc::Receiver<Event>,
+    inbox: Arc<Inbox>,
     producer: Arc<DetachedProducer>,
-    topic: String,
     group: String,
     counts: Arc<Counts>,
 ) {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut payload = String::with_capacity(256);
+    let mut spare = Vec::new();
+    let mut json = JsonWriter::new(&group);
     loop {
-        let taken = rx.recv_many(&mut batch, BATCH).await;
-        if taken == 0 {
-            return;
+        let mut batch = inbox.take(spare);
+        if batch.is_empty() {
+            if inbox.closed.load(Ordering::Acquire) {
+                return;
+            }
+            spare = batch;
+            inbox.wake.notified().await;
+            continue;
         }
+        let mut emitted = 0;
         for event in batch.drain(..) {
-            payload.clear();
-            event.write_json(&group, &mut payload);
-            if producer.send(&topic, event.key.as_deref(), payload.as_bytes()) {
-                counts.emitted.fetch_add(1, Ordering::Relaxed);
+            if producer.send(event.key.as_deref(), json.write(&event).as_bytes()) {
+                emitted += 1;
             } else {
                 counts.dropped();
             }
-            counts.pending.fetch_sub(1, Ordering::AcqRel);
         }
+        counts.emitted.fetch_add(emitted, Ordering::Relaxed);
+        inbox.taking.store(0, Ordering::Release);
+        spare = batch;
         producer.poll();
-        if taken < BATCH {
-            // Caught up: let events gather for a moment, so that a busy handler path wakes this
-            // task once per batch rather than once per event.
-            tokio::time::sleep(LINGER).await;
-        }
+        // Let events gather for a moment, so that a busy handler path wakes this task once per
+        // batch rather than once per event.
+        tokio::time::sleep(LINGER).await;
     }
 }
 
@@ -441,10 +545,9 @@ mod tests {
                 attempt: 2,
             },
         );
-        let mut out = String::new();
-        failed.write_json("billing", &mut out);
+        let mut json = JsonWriter::new("billing");
         assert_eq!(
-            out,
+            json.write(&failed),
             r#"{"event":"message.failed","timestamp_ms":1796000000123,"group":"billing","topic":"orders","partition":2,"offset":41,"key":"c-7","message_timestamp_ms":1796000000000,"error_class":"IOError","permanent":false,"attempt":2}"#
         );
     }
@@ -471,9 +574,7 @@ mod tests {
     }
 
     fn parsed(event: &Event, group: &str) -> serde_json::Value {
-        let mut out = String::new();
-        event.write_json(group, &mut out);
-        serde_json::from_str(&out).unwrap_or_default()
+        serde_json::from_str(JsonWriter::new(group).write(event)).unwrap_or_default()
     }
 
     #[test]
@@ -486,6 +587,28 @@ mod tests {
         assert!(bytes.get("key").is_none());
         let keyless = parsed(&event(Kind::MessageReceived, None, Detail::None), "g");
         assert_eq!(keyless["key"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_writer_names_each_event_s_own_topic() {
+        let mut json = JsonWriter::new("g");
+        let mut other = event(Kind::MessageReceived, Some(b"k"), Detail::None);
+        other.topic = Arc::from("payments");
+        for (e, topic) in [
+            (
+                &event(Kind::MessageReceived, Some(b"k"), Detail::None),
+                "orders",
+            ),
+            (&other, "payments"),
+            (
+                &event(Kind::MessageSucceeded, Some(b"k"), Detail::None),
+                "orders",
+            ),
+        ] {
+            let written: serde_json::Value =
+                serde_json::from_str(json.write(e)).unwrap_or_default();
+            assert_eq!(written["topic"], topic);
+        }
     }
 
     #[test]

@@ -359,8 +359,34 @@ fn traced_done(cx: &opentelemetry::Context, done: Done) -> Done {
 /// 50 ms to go in large batches; no idempotence, so no producer-id handshake, and a rare
 /// duplicate after a broker error is acceptable there). No span, no trace context, no headers;
 /// librdkafka reports only records it could not deliver. Its owner polls it.
+///
+/// It writes to one topic, through a librdkafka topic handle made once: the crate's `send`
+/// copies the topic name into a new C string and has librdkafka look the topic up by name for
+/// every record, which was a measurable share of the emitter's cost.
 pub struct DetachedProducer {
+    /// The topic handle; declared first so that it is released before the producer.
+    topic: TopicHandle,
     inner: rdkafka::producer::BaseProducer<DetachedContext>,
+}
+
+/// librdkafka's `RD_KAFKA_PARTITION_UA`: let the partitioner choose from the key.
+const PARTITION_UNASSIGNED: i32 = -1;
+
+/// A librdkafka topic handle (`rd_kafka_topic_t`) of a [`DetachedProducer`], released on drop.
+struct TopicHandle(std::ptr::NonNull<rdkafka::bindings::rd_kafka_topic_t>);
+
+// SAFETY: librdkafka topic handles are reference-counted and safe to use from any thread; the
+// handle is only used to produce, and released once (on drop), before its producer.
+unsafe impl Send for TopicHandle {}
+// SAFETY: as above: `rd_kafka_produce` may be called on one handle from several threads.
+unsafe impl Sync for TopicHandle {}
+
+impl Drop for TopicHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `rd_kafka_topic_new` and is released exactly once, while
+        // its producer is still alive (field order in `DetachedProducer`).
+        unsafe { rdkafka::bindings::rd_kafka_topic_destroy(self.0.as_ptr()) }
+    }
 }
 
 /// The context of a [`DetachedProducer`]: librdkafka's log lines and errors as for the other
@@ -390,14 +416,15 @@ impl rdkafka::producer::ProducerContext for DetachedContext {
 }
 
 impl DetachedProducer {
-    /// A producer for `bootstrap`, failing a record not delivered within `timeout` and telling
-    /// `undelivered` (on the thread that polls it).
+    /// A producer to `topic` on `bootstrap`, failing a record not delivered within `timeout`
+    /// and telling `undelivered` (on the thread that polls it).
     pub fn new(
         bootstrap: &str,
+        topic: &str,
         timeout: Duration,
         undelivered: impl Fn() + Send + Sync + 'static,
     ) -> Result<Self, KafkaError> {
-        let inner = ClientConfig::new()
+        let inner: rdkafka::producer::BaseProducer<DetachedContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "false")
             .set("acks", "1")
@@ -411,16 +438,51 @@ impl DetachedProducer {
                 what: "telemetry producer",
                 source,
             })?;
-        Ok(Self { inner })
+        let name = std::ffi::CString::new(topic).map_err(|_| KafkaError::Create {
+            what: "telemetry producer",
+            source: rdkafka::error::KafkaError::ClientCreation(format!(
+                "topic name {topic:?} contains a NUL byte"
+            )),
+        })?;
+        // SAFETY: `inner` is a live producer and `name` a valid C string; a null configuration
+        // takes the producer's defaults. The handle is released by `TopicHandle`'s drop.
+        let raw = unsafe {
+            rdkafka::bindings::rd_kafka_topic_new(
+                inner.client().native_ptr(),
+                name.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        let topic = std::ptr::NonNull::new(raw)
+            .map(TopicHandle)
+            .ok_or_else(|| KafkaError::Create {
+                what: "telemetry producer",
+                source: rdkafka::error::KafkaError::ClientCreation(format!(
+                    "librdkafka refused the topic name {name:?}"
+                )),
+            })?;
+        Ok(Self { topic, inner })
     }
 
     /// Queues a record if librdkafka can take it at once; false when its queue is full.
-    pub fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> bool {
-        let mut record = BaseRecord::<[u8], [u8], ()>::to(topic).payload(payload);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        self.inner.send(record).is_ok()
+    pub fn send(&self, key: Option<&[u8]>, payload: &[u8]) -> bool {
+        let (key_ptr, key_len) = key.map_or((std::ptr::null(), 0), |k| (k.as_ptr(), k.len()));
+        // SAFETY: the topic handle and its producer are alive for `&self`; with `MSG_F_COPY`
+        // librdkafka copies payload and key before returning, so the borrowed slices suffice;
+        // the null opaque is the `()` delivery opaque of `DetachedContext`.
+        let result = unsafe {
+            rdkafka::bindings::rd_kafka_produce(
+                self.topic.0.as_ptr(),
+                PARTITION_UNASSIGNED,
+                rdkafka::bindings::RD_KAFKA_MSG_F_COPY,
+                payload.as_ptr().cast_mut().cast(),
+                payload.len(),
+                key_ptr.cast(),
+                key_len,
+                std::ptr::null_mut(),
+            )
+        };
+        result == 0
     }
 
     /// Serves librdkafka's callbacks (failed deliveries, logs) without waiting.
