@@ -6,7 +6,8 @@
 # is sampled, so each message's process and handle spans, and each record's send span, are
 # recorded and batched out). Span export is set up once per process, so each measurement runs in
 # a child process; untraced and traced children alternate, ROUNDS of each, and the ratio of the
-# bests is printed.
+# bests is printed, with how many spans the SDK dropped because its queue was full (exporting
+# fewer spans makes the traced run cheaper, so a ratio means little without it).
 #
 # Usage: ruby -Ilib bench/tracing.rb [MESSAGES]   (make bench starts Jaeger first)
 
@@ -51,11 +52,14 @@ end
 
 def child(traced)
   env = traced ? { "OTEL_EXPORTER_OTLP_ENDPOINT" => JAEGER, "OTEL_SERVICE_NAME" => "prosody-bench" } : {}
-  out = IO.popen(env, [RbConfig.ruby, "-I#{File.expand_path('../lib', __dir__)}", __FILE__, MESSAGES.to_s, "child"],
-                 &:read)
+  command = [RbConfig.ruby, "-I#{File.expand_path('../lib', __dir__)}", __FILE__, MESSAGES.to_s, "child"]
+  out = IO.popen(env, command, err: %i[child out], &:read)
   raise "bench child failed: #{out}" unless $CHILD_STATUS.success?
 
-  out.scan(/(consume|produce)=([\d.]+)/).to_h { |name, rate| [name.to_sym, Float(rate)] }
+  rates = out.scan(/(consume|produce)=([\d.]+)/).to_h { |name, rate| [name.to_sym, Float(rate)] }
+  # The SDK drops spans when its queue (OTEL_BSP_MAX_QUEUE_SIZE, 2,048 by default) is full, and
+  # says how many at exit through Prosody.logger (the child's stderr, read with its stdout).
+  rates.merge(dropped: Integer(out[/dropped_span_count=(\d+)/, 1] || 0))
 end
 
 puts "Prosody tracing benchmark (mock cluster, #{MESSAGES} messages, spans to #{JAEGER}, " \
@@ -64,9 +68,10 @@ best = { off: Hash.new(0.0), on: Hash.new(0.0) }
 ROUNDS.times do
   { off: false, on: true }.each do |mode, traced|
     rates = child(traced)
-    rates.each { |name, rate| best[mode][name] = [best[mode][name], rate].max }
-    puts format("  tracing %<mode>-3s consume %<consume>8.0f msg/s | send_messages %<produce>8.0f records/s",
-                mode:, **rates)
+    rates.slice(:consume, :produce).each { |name, rate| best[mode][name] = [best[mode][name], rate].max }
+    puts format("  tracing %<mode>-3s consume %<consume>8.0f msg/s | send_messages %<produce>8.0f records/s | " \
+                "spans the SDK dropped (queue full) %<dropped>d of %<spans>d",
+                mode:, spans: traced ? 2 * MESSAGES : 0, **rates)
   end
 end
 %i[consume produce].each do |name|
