@@ -9,6 +9,8 @@ require "prosody"
 require "securerandom"
 
 Prosody.logger = Logger.new($stderr, level: Logger::WARN)
+# No probe server: a benchmark on the local broker would otherwise listen on 0.0.0.0:8000.
+ENV["PROSODY_PROBE_PORT"] ||= "none"
 
 # The path of a release build of core/examples/+name+ (or what +env+ names).
 def example_binary(name, env)

@@ -111,11 +111,6 @@ RSpec.describe Prosody::Client do
       %w[PROSODY_GROUP_ID PROSODY_MAX_UNCOMMITTED PROSODY_SHUTDOWN_TIMEOUT].each { |k| ENV.delete(k) }
     end
 
-    it "warns about options that are accepted but not implemented yet" do
-      described_class.new(mock: true, probe_port: false)
-      expect(wait_for { log_output[/probe_port is accepted but not implemented yet/] }).to be_truthy
-    end
-
     it "reports source_system (defaulting to group_id) and the consumer state" do
       expect(described_class.new(mock: true).consumer_state).to eq(:unconfigured)
       client = described_class.new(mock: true, group_id: "my-group", subscribed_topics: "t")

@@ -9,6 +9,10 @@ require "timeout"
 
 Dir[File.join(__dir__, "support", "*.rb")].each { |f| require f }
 
+# No probe server unless a spec asks for one (spec/probe_spec.rb): clients on the real broker
+# would otherwise all start one on 0.0.0.0:8000, and child processes would fight over the port.
+ENV["PROSODY_PROBE_PORT"] ||= "none"
+
 RSpec.configure do |config|
   config.include SpecHelpers
   config.disable_monkey_patching!

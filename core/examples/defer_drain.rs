@@ -61,6 +61,7 @@ fn main() -> Result<(), String> {
             RawValue::Str("prosody_bench".into()),
         ),
         ("commit_interval".into(), RawValue::Float(0.1)),
+        ("probe_port".into(), RawValue::Bool(false)),
     ])
     .map_err(|e| e.to_string())?;
 

@@ -64,9 +64,6 @@ impl Client {
                 .map(|s| s.join(","))
                 .unwrap_or_default()
         };
-        for name in config.unimplemented_options() {
-            tracing::warn!("option {name} is accepted but not implemented yet; it has no effect");
-        }
         let spans = crate::spans::Spans::new(
             config.message_spans,
             config.timer_spans,
@@ -262,9 +259,15 @@ impl Client {
             spans: self.spans.clone(),
             telemetry: self.telemetry.clone(),
             partitions: Mutex::new(HashMap::new()),
+            kafka_stats: Mutex::default(),
             failure: std::sync::OnceLock::new(),
         });
-        *slot = Some(Subscription::start(engine, &self.bootstrap)?);
+        // The probe server first: a port in use fails the subscribe before it joins the group.
+        let probe = match self.config.effective_probe() {
+            Some(addr) => Some(crate::probe::register(addr, engine.clone(), &runtime)?),
+            None => None,
+        };
+        *slot = Some(Subscription::start(engine, &self.bootstrap, probe)?);
         scheduler.watch(&runtime);
         Ok(scheduler)
     }

@@ -94,9 +94,6 @@ pub struct OptionInfo {
     pub env: &'static str,
     /// Default in environment-variable syntax, if any.
     pub default: Option<&'static str>,
-    /// Whether the engine acts on this option yet. Options from the reference contract that a
-    /// later feature implements are accepted and validated, and setting one logs a warning.
-    pub implemented: bool,
 }
 
 /// A type an option can have: how it reads from an explicit value and from an environment string.
@@ -458,7 +455,7 @@ impl Sources<'_> {
 
 /// Defines [`Config`], [`OPTIONS`] and the row-by-row resolution from one table.
 macro_rules! options {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, $env:literal, $default:expr, $implemented:expr; )*) => {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty, $env:literal, $default:expr; )*) => {
         /// The client's resolved configuration. See the README's configuration reference.
         #[derive(Clone, Debug)]
         pub struct Config {
@@ -471,7 +468,7 @@ macro_rules! options {
 
         /// Every option, in table order.
         pub const OPTIONS: &[OptionInfo] = &[
-            $( OptionInfo { name: stringify!($name), env: $env, default: $default, implemented: $implemented }, )*
+            $( OptionInfo { name: stringify!($name), env: $env, default: $default }, )*
         ];
 
         /// Whether `name` is a secret option: its value never appears in errors, logs or
@@ -494,138 +491,138 @@ macro_rules! options {
     };
 }
 
-const YES: bool = true;
-const LATER: bool = false;
-
 options! {
     // --- Core
     /// Kafka servers to connect to (ignored in mock mode).
-    bootstrap_servers: Option<Vec<String>>, "PROSODY_BOOTSTRAP_SERVERS", None, YES;
+    bootstrap_servers: Option<Vec<String>>, "PROSODY_BOOTSTRAP_SERVERS", None;
     /// Consumer group; required to subscribe.
-    group_id: Option<String>, "PROSODY_GROUP_ID", None, YES;
+    group_id: Option<String>, "PROSODY_GROUP_ID", None;
     /// Topics to read; required to subscribe.
-    subscribed_topics: Vec<String>, "PROSODY_SUBSCRIBED_TOPICS", None, YES;
+    subscribed_topics: Vec<String>, "PROSODY_SUBSCRIBED_TOPICS", None;
     /// Event-type prefixes to process (all when empty).
-    allowed_events: Vec<String>, "PROSODY_ALLOWED_EVENTS", None, YES;
+    allowed_events: Vec<String>, "PROSODY_ALLOWED_EVENTS", None;
     /// Value of the `source-system` header on produced records; defaults to `group_id`.
-    source_system: Option<String>, "PROSODY_SOURCE_SYSTEM", None, YES;
+    source_system: Option<String>, "PROSODY_SOURCE_SYSTEM", None;
     /// Use the in-process librdkafka mock cluster and in-memory stores.
-    mock: bool, "PROSODY_MOCK", Some("false"), YES;
+    mock: bool, "PROSODY_MOCK", Some("false");
     /// Partitions of topics the mock cluster creates on first use.
-    mock_partitions: NonZeroU64, "PROSODY_MOCK_PARTITIONS", Some("4"), YES;
+    mock_partitions: NonZeroU64, "PROSODY_MOCK_PARTITIONS", Some("4");
     /// Failure handling mode.
-    mode: Mode, "PROSODY_MODE", Some("pipeline"), YES;
+    mode: Mode, "PROSODY_MODE", Some("pipeline");
     /// Consumer-group protocol: `consumer` (KIP-848) or `classic` (cooperative-sticky).
-    group_protocol: GroupProtocol, "PROSODY_GROUP_PROTOCOL", Some("consumer"), YES;
+    group_protocol: GroupProtocol, "PROSODY_GROUP_PROTOCOL", Some("consumer");
 
     // --- Consumer
     /// Handler calls running at once, across all partitions.
-    max_concurrency: NonZeroU64, "PROSODY_MAX_CONCURRENCY", Some("32"), YES;
+    max_concurrency: NonZeroU64, "PROSODY_MAX_CONCURRENCY", Some("32");
     /// Messages per partition held by the engine before it stops reading that partition.
-    max_uncommitted: NonZeroU64, "PROSODY_MAX_UNCOMMITTED", Some("64"), YES;
+    max_uncommitted: NonZeroU64, "PROSODY_MAX_UNCOMMITTED", Some("64");
     /// Handler deadline; defaults to 80% of `stall_threshold`.
-    timeout: Option<Duration>, "PROSODY_TIMEOUT", None, YES;
+    timeout: Option<Duration>, "PROSODY_TIMEOUT", None;
     /// How often finished offsets are committed.
-    commit_interval: Duration, "PROSODY_COMMIT_INTERVAL", Some("1s"), YES;
+    commit_interval: Duration, "PROSODY_COMMIT_INTERVAL", Some("1s");
     /// Longest the poll thread waits for news before checking its duties again.
-    poll_interval: Duration, "PROSODY_POLL_INTERVAL", Some("100ms"), YES;
+    poll_interval: Duration, "PROSODY_POLL_INTERVAL", Some("100ms");
     /// Budget for draining in-flight handlers on unsubscribe and revoke.
-    shutdown_timeout: Duration, "PROSODY_SHUTDOWN_TIMEOUT", Some("30s"), YES;
+    shutdown_timeout: Duration, "PROSODY_SHUTDOWN_TIMEOUT", Some("30s");
     /// A partition whose oldest unfinished event is older than this is stalled.
-    stall_threshold: Duration, "PROSODY_STALL_THRESHOLD", Some("5m"), YES;
-    /// Port of the HTTP probe server.
-    probe_port: Port, "PROSODY_PROBE_PORT", Some("8000"), LATER;
+    stall_threshold: Duration, "PROSODY_STALL_THRESHOLD", Some("5m");
+    /// Port of the HTTP probe server (`/readyz`, `/livez`, `/metrics`); off in mock mode
+    /// unless given.
+    probe_port: Port, "PROSODY_PROBE_PORT", Some("8000");
+    /// Address the probe server binds (an IP address).
+    probe_host: String, "PROSODY_PROBE_HOST", Some("0.0.0.0");
     /// Dead-letter topic.
-    failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None, YES;
+    failure_topic: Option<String>, "PROSODY_FAILURE_TOPIC", None;
     /// Dedup cache capacity (0 disables deduplication).
-    idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192"), YES;
+    idempotence_cache_size: u64, "PROSODY_IDEMPOTENCE_CACHE_SIZE", Some("8192");
     /// Version mixed into dedup hashes.
-    idempotence_version: String, "PROSODY_IDEMPOTENCE_VERSION", Some("1"), YES;
+    idempotence_version: String, "PROSODY_IDEMPOTENCE_VERSION", Some("1");
     /// Retention of dedup records in Cassandra.
-    idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d"), YES;
+    idempotence_ttl: Duration, "PROSODY_IDEMPOTENCE_TTL", Some("7d");
     /// Timer storage granularity.
-    slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h"), YES;
+    slab_size: Duration, "PROSODY_SLAB_SIZE", Some("1h");
     /// Span linking for message execution.
-    message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child"), YES;
+    message_spans: SpanLinking, "PROSODY_MESSAGE_SPANS", Some("child");
     /// Span linking for timer execution.
-    timer_spans: SpanLinking, "PROSODY_TIMER_SPANS", Some("follows_from"), YES;
+    timer_spans: SpanLinking, "PROSODY_TIMER_SPANS", Some("follows_from");
 
     // --- Producer
     /// Longest `send_message` waits for the broker's acknowledgement.
-    send_timeout: Duration, "PROSODY_SEND_TIMEOUT", Some("1s"), YES;
+    send_timeout: Duration, "PROSODY_SEND_TIMEOUT", Some("1s");
 
     // --- Retry
     /// Retries after the first attempt.
-    max_retries: u64, "PROSODY_MAX_RETRIES", Some("3"), YES;
+    max_retries: u64, "PROSODY_MAX_RETRIES", Some("3");
     /// First retry delay.
-    retry_base: Duration, "PROSODY_RETRY_BASE", Some("20ms"), YES;
+    retry_base: Duration, "PROSODY_RETRY_BASE", Some("20ms");
     /// Longest retry delay.
-    max_retry_delay: Duration, "PROSODY_RETRY_MAX_DELAY", Some("5m"), YES;
+    max_retry_delay: Duration, "PROSODY_RETRY_MAX_DELAY", Some("5m");
 
     // --- Deferral
     /// Defer failing keys to timers.
-    defer_enabled: bool, "PROSODY_DEFER_ENABLED", Some("true"), YES;
+    defer_enabled: bool, "PROSODY_DEFER_ENABLED", Some("true");
     /// First deferred retry delay.
-    defer_base: Duration, "PROSODY_DEFER_BASE", Some("1s"), YES;
+    defer_base: Duration, "PROSODY_DEFER_BASE", Some("1s");
     /// Longest deferred retry delay.
-    defer_max_delay: Duration, "PROSODY_DEFER_MAX_DELAY", Some("24h"), YES;
+    defer_max_delay: Duration, "PROSODY_DEFER_MAX_DELAY", Some("24h");
     /// Failure rate above which deferral switches off.
-    defer_failure_threshold: f64, "PROSODY_DEFER_FAILURE_THRESHOLD", Some("0.9"), YES;
+    defer_failure_threshold: f64, "PROSODY_DEFER_FAILURE_THRESHOLD", Some("0.9");
     /// Window for the failure rate.
-    defer_failure_window: Duration, "PROSODY_DEFER_FAILURE_WINDOW", Some("5m"), YES;
+    defer_failure_window: Duration, "PROSODY_DEFER_FAILURE_WINDOW", Some("5m");
     /// Deferred keys tracked in memory.
-    defer_cache_size: u64, "PROSODY_DEFER_CACHE_SIZE", Some("1024"), YES;
+    defer_cache_size: u64, "PROSODY_DEFER_CACHE_SIZE", Some("1024");
     /// Timeout when reloading deferred messages.
-    defer_seek_timeout: Duration, "PROSODY_DEFER_SEEK_TIMEOUT", Some("30s"), YES;
+    defer_seek_timeout: Duration, "PROSODY_DEFER_SEEK_TIMEOUT", Some("30s");
     /// Read optimisation for deferred reloads.
-    defer_discard_threshold: u64, "PROSODY_DEFER_DISCARD_THRESHOLD", Some("100"), YES;
+    defer_discard_threshold: u64, "PROSODY_DEFER_DISCARD_THRESHOLD", Some("100");
     /// Deferred retries of one message before it goes to the failure topic (or is logged and
     /// skipped); none: retry until it succeeds.
-    defer_max_retries: Option<NonZeroU64>, "PROSODY_DEFER_MAX_RETRIES", None, YES;
+    defer_max_retries: Option<NonZeroU64>, "PROSODY_DEFER_MAX_RETRIES", None;
 
     // --- Monopolization
     /// Reject keys that use most of the handler time.
-    monopolization_enabled: bool, "PROSODY_MONOPOLIZATION_ENABLED", Some("true"), YES;
+    monopolization_enabled: bool, "PROSODY_MONOPOLIZATION_ENABLED", Some("true");
     /// Fraction of the window above which a key is rejected.
-    monopolization_threshold: f64, "PROSODY_MONOPOLIZATION_THRESHOLD", Some("0.9"), YES;
+    monopolization_threshold: f64, "PROSODY_MONOPOLIZATION_THRESHOLD", Some("0.9");
     /// Measurement window.
-    monopolization_window: Duration, "PROSODY_MONOPOLIZATION_WINDOW", Some("5m"), YES;
+    monopolization_window: Duration, "PROSODY_MONOPOLIZATION_WINDOW", Some("5m");
     /// Keys tracked.
-    monopolization_cache_size: u64, "PROSODY_MONOPOLIZATION_CACHE_SIZE", Some("8192"), YES;
+    monopolization_cache_size: u64, "PROSODY_MONOPOLIZATION_CACHE_SIZE", Some("8192");
 
     // --- Fair scheduling
     /// Share of handler time for retries while fresh work waits.
-    scheduler_failure_weight: f64, "PROSODY_SCHEDULER_FAILURE_WEIGHT", Some("0.3"), YES;
+    scheduler_failure_weight: f64, "PROSODY_SCHEDULER_FAILURE_WEIGHT", Some("0.3");
     /// Wait after which an event gets the maximum boost.
-    scheduler_max_wait: Duration, "PROSODY_SCHEDULER_MAX_WAIT", Some("2m"), YES;
+    scheduler_max_wait: Duration, "PROSODY_SCHEDULER_MAX_WAIT", Some("2m");
     /// Size of the maximum wait boost.
-    scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0"), YES;
+    scheduler_wait_weight: f64, "PROSODY_SCHEDULER_WAIT_WEIGHT", Some("200.0");
     /// Keys tracked by the scheduler.
-    scheduler_cache_size: NonZeroU64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192"), YES;
+    scheduler_cache_size: NonZeroU64, "PROSODY_SCHEDULER_CACHE_SIZE", Some("8192");
 
     // --- Cassandra
     /// Cassandra contact points (host:port).
-    cassandra_nodes: Vec<String>, "PROSODY_CASSANDRA_NODES", None, YES;
+    cassandra_nodes: Vec<String>, "PROSODY_CASSANDRA_NODES", None;
     /// Keyspace.
-    cassandra_keyspace: String, "PROSODY_CASSANDRA_KEYSPACE", Some("prosody"), YES;
+    cassandra_keyspace: String, "PROSODY_CASSANDRA_KEYSPACE", Some("prosody");
     /// User name.
-    cassandra_user: Option<String>, "PROSODY_CASSANDRA_USER", None, YES;
+    cassandra_user: Option<String>, "PROSODY_CASSANDRA_USER", None;
     /// Password (never logged).
-    cassandra_password: Option<Secret>, "PROSODY_CASSANDRA_PASSWORD", None, YES;
+    cassandra_password: Option<Secret>, "PROSODY_CASSANDRA_PASSWORD", None;
     /// Preferred datacenter.
-    cassandra_datacenter: Option<String>, "PROSODY_CASSANDRA_DATACENTER", None, YES;
+    cassandra_datacenter: Option<String>, "PROSODY_CASSANDRA_DATACENTER", None;
     /// Preferred rack.
-    cassandra_rack: Option<String>, "PROSODY_CASSANDRA_RACK", None, YES;
+    cassandra_rack: Option<String>, "PROSODY_CASSANDRA_RACK", None;
     /// Retention of stored rows.
-    cassandra_retention: Duration, "PROSODY_CASSANDRA_RETENTION", Some("1y"), YES;
+    cassandra_retention: Duration, "PROSODY_CASSANDRA_RETENTION", Some("1y");
     /// Replication of the keyspace when Prosody creates it, as a CQL map.
-    cassandra_replication: String, "PROSODY_CASSANDRA_REPLICATION", Some("{'class': 'SimpleStrategy', 'replication_factor': 1}"), YES;
+    cassandra_replication: String, "PROSODY_CASSANDRA_REPLICATION", Some("{'class': 'SimpleStrategy', 'replication_factor': 1}");
 
     // --- Telemetry emitter
     /// Topic for internal telemetry events.
-    telemetry_topic: String, "PROSODY_TELEMETRY_TOPIC", Some("prosody.telemetry-events"), YES;
+    telemetry_topic: String, "PROSODY_TELEMETRY_TOPIC", Some("prosody.telemetry-events");
     /// Whether the telemetry emitter runs.
-    telemetry_enabled: bool, "PROSODY_TELEMETRY_ENABLED", Some("true"), YES;
+    telemetry_enabled: bool, "PROSODY_TELEMETRY_ENABLED", Some("true");
 }
 
 /// A string that never shows in `Debug` output, logs or errors.
@@ -728,6 +725,13 @@ impl Config {
                 Ok(())
             }
         };
+        if self.probe_host.trim().parse::<std::net::IpAddr>().is_err() {
+            return Err(self.invalid(
+                "probe_host",
+                "an IP address such as 0.0.0.0 or 127.0.0.1",
+                format!("{:?}", self.probe_host),
+            ));
+        }
         positive("commit_interval", self.commit_interval)?;
         positive("poll_interval", self.poll_interval)?;
         positive("send_timeout", self.send_timeout)?;
@@ -809,20 +813,23 @@ impl Config {
         self.telemetry_enabled && (!self.mock || self.set_options.contains(&"telemetry_enabled"))
     }
 
+    /// Where the probe server listens: `probe_host`:`probe_port` when the port is set; in mock
+    /// mode only when `probe_port` (or its variable) was given, so that specs start no server
+    /// unless they ask for one.
+    pub fn effective_probe(&self) -> Option<std::net::SocketAddr> {
+        let port = self.probe_port.0?;
+        if self.mock && !self.set_options.contains(&"probe_port") {
+            return None;
+        }
+        let host: std::net::IpAddr = self.probe_host.trim().parse().ok()?;
+        Some(std::net::SocketAddr::new(host, port))
+    }
+
     /// The handler timeout: `timeout`, else 80% of `stall_threshold`.
     pub fn effective_timeout(&self) -> Duration {
         self.timeout
             .unwrap_or_else(|| self.stall_threshold.mul_f64(0.8))
             .max(Duration::from_millis(1))
-    }
-
-    /// Options set by the application or environment that the engine does not act on yet.
-    pub fn unimplemented_options(&self) -> Vec<&'static str> {
-        self.set_options
-            .iter()
-            .copied()
-            .filter(|name| OPTIONS.iter().any(|o| o.name == *name && !o.implemented))
-            .collect()
     }
 
     /// Whether this client can consume: it needs a group and at least one topic.
@@ -971,7 +978,7 @@ mod tests {
     }
 
     #[test]
-    fn secrets_stay_hidden_and_unimplemented_options_are_reported() {
+    fn secrets_stay_hidden() {
         let c = resolve(
             &[
                 mock(),
@@ -996,7 +1003,6 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(is_secret("cassandra_password") && !is_secret("group_id"));
         assert_eq!(c.probe_port, Port(None));
-        assert_eq!(c.unimplemented_options(), vec!["probe_port"]);
         assert_eq!(c.effective_source_system(), "prosody");
     }
 }

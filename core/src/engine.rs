@@ -58,6 +58,8 @@ pub struct Engine {
     pub skipped: Arc<Skipped>,
     /// Assigned partitions' shared state, for health checks.
     pub(crate) partitions: Mutex<PartitionMap>,
+    /// What librdkafka's statistics last said about the consumer (lag, round trips).
+    pub kafka_stats: Mutex<crate::metrics::KafkaStats>,
     /// The first failure of one of this subscription's threads or tasks (a panic). Once set,
     /// the subscription no longer consumes as it should: `is_stalled` reports it, and
     /// unsubscribing reports it as an error.
@@ -76,6 +78,70 @@ impl Engine {
             .lock()
             .map(|p| p.values().any(|s| s.stalled(threshold)))
             .unwrap_or(false)
+    }
+
+    /// Partitions whose oldest unfinished message has waited longer than `stall_threshold`,
+    /// with how long.
+    pub fn stalled_partitions(&self) -> Vec<(Arc<str>, i32, std::time::Duration)> {
+        let threshold = self.config.stall_threshold;
+        let mut stalled: Vec<_> = self
+            .partitions
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|((topic, partition), shared)| {
+                        let waited = shared.oldest_wait()?;
+                        (waited > threshold).then(|| (topic.clone(), *partition, waited))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        stalled.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        stalled
+    }
+
+    /// Partitions currently assigned.
+    pub fn assigned_partitions(&self) -> usize {
+        self.partitions.lock().map_or(0, |p| p.len())
+    }
+
+    /// This subscription's figures for `/metrics`.
+    pub fn figures(&self) -> crate::metrics::ClientFigures {
+        let threshold = self.config.stall_threshold;
+        let mut partitions: Vec<_> = self
+            .partitions
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|((topic, partition), shared)| {
+                        let oldest_unfinished = shared.oldest_wait();
+                        crate::metrics::PartitionFigures {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            held: shared.held(),
+                            committable: shared.committable(),
+                            oldest_unfinished,
+                            stalled: oldest_unfinished.is_some_and(|w| w > threshold),
+                            events: shared.events.clone(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let (handler, wait) = self.scheduler.histograms();
+        crate::metrics::ClientFigures {
+            group: self.config.group_id.clone().unwrap_or_default(),
+            partitions,
+            kafka: self
+                .kafka_stats
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
+            handler,
+            wait,
+            failed: self.failure.get().is_some(),
+        }
     }
 
     /// Records that a thread or task of this subscription died (the first failure is kept) and

@@ -63,6 +63,24 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in declaration order (`kind as usize` is its index).
+    pub const ALL: [Kind; 14] = [
+        Kind::MessageReceived,
+        Kind::MessageSucceeded,
+        Kind::MessageFailed,
+        Kind::MessageRetried,
+        Kind::MessageDeferred,
+        Kind::MessageDeadLettered,
+        Kind::MessageDeduplicated,
+        Kind::MessageFiltered,
+        Kind::TimerScheduled,
+        Kind::TimerUnscheduled,
+        Kind::TimerFired,
+        Kind::TimerSucceeded,
+        Kind::TimerFailed,
+        Kind::MessageSent,
+    ];
+
     /// The name in the JSON.
     pub fn name(self) -> &'static str {
         match self {
@@ -531,6 +549,13 @@ mod tests {
             trace_id: None,
             timer: None,
             detail,
+        }
+    }
+
+    #[test]
+    fn every_kind_is_listed_at_its_own_index() {
+        for (i, kind) in Kind::ALL.iter().enumerate() {
+            assert_eq!(*kind as usize, i, "{}", kind.name());
         }
     }
 

@@ -47,11 +47,18 @@ pub struct Subscription {
     thread: Option<JoinHandle<()>>,
     /// The subscription's engine, for health checks.
     engine: Arc<Engine>,
+    /// Its place on the probe server, when one runs; dropped once the poll thread stopped.
+    probe: Option<crate::probe::Registration>,
 }
 
 impl Subscription {
-    /// Creates the consumer, subscribes, and starts the poll thread.
-    pub fn start(engine: Arc<Engine>, bootstrap: &str) -> Result<Self, KafkaError> {
+    /// Creates the consumer, subscribes, and starts the poll thread; keeps `probe` (the
+    /// subscription's place on the probe server) until it stops.
+    pub fn start(
+        engine: Arc<Engine>,
+        bootstrap: &str,
+        probe: Option<crate::probe::Registration>,
+    ) -> Result<Self, KafkaError> {
         let config = &engine.config;
         let group = config
             .group_id
@@ -89,6 +96,8 @@ impl Subscription {
             // otherwise waits fetch.queue.backoff.ms = 1 s before fetching again).
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.queue.backoff.ms", "10")
+            // Consumer lag, fetch queues and broker round trips for /metrics.
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             .create_with_context(context)
             .map_err(|source| KafkaError::Create {
                 what: "consumer",
@@ -133,6 +142,7 @@ impl Subscription {
             waker,
             thread: Some(thread),
             engine,
+            probe,
         })
     }
 
@@ -143,7 +153,7 @@ impl Subscription {
 
     /// Partitions currently assigned to this subscription.
     pub fn assigned_partitions(&self) -> usize {
-        self.engine.partitions.lock().map_or(0, |p| p.len())
+        self.engine.assigned_partitions()
     }
 
     /// Drains in-flight work (within `shutdown_timeout`), commits, leaves the group, and joins the
@@ -151,6 +161,8 @@ impl Subscription {
     /// died.
     pub fn shutdown(mut self) -> Option<String> {
         self.stop_and_join();
+        // The last subscription of a probe server closes it: a probe now is refused.
+        drop(self.probe.take());
         // The workers are drained: nothing reads deferred messages any more.
         if let Some(deferral) = self.engine.deferral.as_ref() {
             deferral.reloader.stop();
@@ -181,6 +193,9 @@ impl Drop for Subscription {
         self.stop_and_join();
     }
 }
+
+/// How often librdkafka reports its statistics (read by `/metrics`), in milliseconds.
+const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// An assigned partition as the poll thread sees it.
 struct Assigned {
@@ -219,6 +234,13 @@ impl ClientContext for PollContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         super::log_client_error(&error, reason);
+    }
+
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        let figures = crate::metrics::KafkaStats::from_statistics(&statistics);
+        if let Ok(mut stats) = self.engine.kafka_stats.lock() {
+            *stats = figures;
+        }
     }
 }
 

@@ -134,4 +134,15 @@ pub enum KafkaError {
     /// The timer store could not be set up.
     #[error("could not set up the timer store: {0}")]
     Timers(String),
+    /// The probe server could not listen on `probe_host`:`probe_port`.
+    #[error(
+        "could not start the probe server on {addr} (probe_host {host}, probe_port {port}): {source}; \
+         choose a free probe_port, or set it to nil to turn the probe server off",
+        host = addr.ip(),
+        port = addr.port()
+    )]
+    Probe {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }

@@ -541,6 +541,8 @@ pub struct Acks {
     outcomes: Mutex<Vec<Option<Result<Delivery, Failed>>>>,
     /// Records whose report has not come yet.
     remaining: AtomicUsize,
+    /// When the send queued its records (acknowledgement latency for `/metrics`).
+    started: Instant,
     /// Signalled when `remaining` reaches zero.
     done: Notify,
 }
@@ -667,6 +669,7 @@ impl Acks {
             callback: Mutex::new(None),
             outcomes: Mutex::new(std::iter::repeat_with(|| None).take(records).collect()),
             remaining: AtomicUsize::new(records),
+            started: Instant::now(),
             done: Notify::new(),
         });
         let mut waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
@@ -737,6 +740,13 @@ impl Acks {
             }),
             Err((e, _)) => Err(Failed::Kafka(e.clone())),
         };
+        let metrics = crate::metrics::producer();
+        let counter = match outcome {
+            Ok(_) => &metrics.acknowledged,
+            Err(_) => &metrics.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics.ack_latency.observe(acks.started.elapsed());
         acks.settle(index, outcome);
     }
 

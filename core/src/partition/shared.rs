@@ -28,6 +28,8 @@ pub struct PartitionShared {
     pub(crate) oldest_unfinished: AtomicU64,
     /// Wakes the poll thread when the partition regains room.
     waker: Arc<Waker>,
+    /// Lifecycle events of this partition's messages and timers, for `/metrics`.
+    pub(crate) events: Arc<crate::metrics::EventCounts>,
 }
 
 impl PartitionShared {
@@ -38,6 +40,7 @@ impl PartitionShared {
             committable: AtomicI64::new(-1),
             oldest_unfinished: AtomicU64::new(0),
             waker,
+            events: Arc::default(),
         }
     }
 
@@ -71,7 +74,17 @@ impl PartitionShared {
 
     /// Whether the oldest unfinished message has waited longer than `threshold`.
     pub(crate) fn stalled(&self, threshold: Duration) -> bool {
+        self.oldest_wait().is_some_and(|waited| waited > threshold)
+    }
+
+    /// How long the oldest unfinished message has waited (to the millisecond), if there is one.
+    pub(crate) fn oldest_wait(&self) -> Option<Duration> {
         let since = self.oldest_unfinished.load(Ordering::Acquire);
-        since != 0 && mono_ms(Instant::now()).saturating_sub(since) > threshold.as_millis() as u64
+        (since != 0).then(|| Duration::from_millis(mono_ms(Instant::now()).saturating_sub(since)))
+    }
+
+    /// Messages taken from Kafka and not yet retired below the commit watermark.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 }

@@ -202,6 +202,7 @@ pub(crate) fn spawn_worker(
             changes,
             spans: engine.spans.clone(),
             telemetry: engine.telemetry.clone(),
+            events: shared.events.clone(),
         }),
         pending: BTreeSet::new(),
         firing: HashSet::new(),

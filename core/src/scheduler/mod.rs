@@ -369,6 +369,10 @@ struct Core {
     state: Mutex<State>,
     /// Called (outside the lock) when work is ready while runners are idle.
     notify: OnceLock<Notify>,
+    /// Handler calls' durations, for `/metrics`.
+    handler_time: Arc<crate::metrics::Histogram>,
+    /// How long ready events waited for a runner, for `/metrics`.
+    wait_time: Arc<crate::metrics::Histogram>,
 }
 
 impl Core {
@@ -392,6 +396,7 @@ impl Core {
                 state.permits = state.permits.saturating_sub(1);
             }
             let used = now.saturating_duration_since(running.started);
+            self.handler_time.observe(used);
             state.ended(running.class, running.started);
             state.charge(running.key, running.class, now, used);
             let wake = state.idle && state.ready() > 0 && !running.quarantined;
@@ -462,11 +467,23 @@ impl Scheduler {
             core: Arc::new(Core {
                 state: Mutex::new(State::new(config)),
                 notify: OnceLock::new(),
+                handler_time: Arc::default(),
+                wait_time: Arc::default(),
             }),
         }
     }
 
     /// Sets the function that wakes idle runners (once; later calls are ignored).
+    /// The handler-duration and wait-time histograms (see [`crate::metrics`]).
+    pub fn histograms(
+        &self,
+    ) -> (
+        Arc<crate::metrics::Histogram>,
+        Arc<crate::metrics::Histogram>,
+    ) {
+        (self.core.handler_time.clone(), self.core.wait_time.clone())
+    }
+
     pub fn set_notify(&self, notify: impl Fn() + Send + Sync + 'static) {
         let _ = self.core.notify.set(Box::new(notify));
     }
@@ -530,7 +547,7 @@ impl Scheduler {
         let picked = state
             .pick(now)
             .and_then(|(class, best)| state.classes[class].take_best(&best, now));
-        let Some((key, job)) = picked else {
+        let Some((key, job, since)) = picked else {
             state.idle = true;
             return Take::Empty;
         };
@@ -547,6 +564,9 @@ impl Scheduler {
             quarantined: false,
         });
         drop(state);
+        self.core
+            .wait_time
+            .observe(now.saturating_duration_since(since));
         Take::Job(
             job,
             Grant {

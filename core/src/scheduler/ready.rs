@@ -329,9 +329,10 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
         self.levels[best.level].by_vt.get(&(best.vt, best.seq))
     }
 
-    /// Removes the head `best` names and returns its key (moved out, not cloned) and event; the
-    /// key's next event (if any) becomes its head, placed by its own age.
-    pub fn take_best(&mut self, best: &Best, now: Instant) -> Option<(K, T)> {
+    /// Removes the head `best` names and returns its key (moved out, not cloned), its event and
+    /// when that event was pushed; the key's next event (if any) becomes its head, placed by its
+    /// own age.
+    pub fn take_best(&mut self, best: &Best, now: Instant) -> Option<(K, T, Instant)> {
         let level = best.level;
         let key = self.levels[level].by_vt.remove(&(best.vt, best.seq))?;
         if self.levels[level].by_vt.is_empty() {
@@ -350,7 +351,7 @@ impl<K: Clone + Eq + Hash, T> ReadyQueue<K, T> {
             self.insert_head(level, (waiting.vt, waiting.seq), next_since, key.clone());
             self.keys.insert(key.clone(), waiting);
         }
-        Some((key, item))
+        Some((key, item, since))
     }
 
     /// Removes every event for which `drop` is true, returning them.
@@ -421,7 +422,7 @@ mod tests {
     fn drain_order(q: &mut ReadyQueue<&'static str, u32>, now: Instant) -> Vec<u32> {
         let mut order = Vec::new();
         while let Some(best) = q.best() {
-            order.extend(q.take_best(&best, now).map(|(_, item)| item));
+            order.extend(q.take_best(&best, now).map(|(_, item, _)| item));
         }
         order
     }
@@ -449,7 +450,7 @@ mod tests {
         let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("hot"));
         let taken = q.best().and_then(|b| q.take_best(&b, now));
-        assert_eq!(taken, Some(("hot", 1)));
+        assert_eq!(taken, Some(("hot", 1, now)));
         q.set_vt(&"hot", 1_000_000);
         assert_eq!(drain_order(&mut q, now), vec![3, 2]);
     }
@@ -469,7 +470,7 @@ mod tests {
         let best = q.best().and_then(|b| q.key_of(&b).copied());
         assert_eq!(best, Some("fresh"));
         let taken = q.best().and_then(|b| q.take_best(&b, later));
-        assert_eq!(taken.map(|(key, _)| key), Some("fresh"));
+        assert_eq!(taken.map(|(key, _, _)| key), Some("fresh"));
         q.push(later, "fresh2", 0, 3);
         q.promote(start + max_wait);
         let best = q.best();
@@ -486,7 +487,7 @@ mod tests {
         q.push(start, "k", 0, 2);
         let now = start + max_wait;
         let taken = q.best().and_then(|b| q.take_best(&b, now));
-        assert_eq!(taken, Some(("k", 1)));
+        assert_eq!(taken, Some(("k", 1, start)));
         assert!(
             q.best().is_some_and(|b| b.starving),
             "event 2 waited max_wait"

@@ -137,6 +137,8 @@ pub struct PartitionTimerHandle {
     pub spans: crate::spans::Spans,
     /// The client's telemetry emitter (`timer.scheduled` / `timer.unscheduled`), if it runs.
     pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The partition's event counts for `/metrics` (those two events are counted here).
+    pub events: Arc<crate::metrics::EventCounts>,
 }
 
 /// What a handler's context uses to manage its own key's timers.
@@ -172,6 +174,7 @@ impl KeyTimers {
         time: Option<Seconds>,
         trace: &opentelemetry::Context,
     ) {
+        self.partition.events.add(kind);
         if let Some(telemetry) = &self.partition.telemetry {
             telemetry.send(crate::telemetry::Event {
                 timer: Some(time),

@@ -169,6 +169,8 @@ pub fn config_with(
         ("subscribed_topics".into(), RawValue::Str(topic.into())),
         ("max_concurrency".into(), RawValue::Int(max_concurrency)),
         ("commit_interval".into(), RawValue::Float(0.05)),
+        // No probe server: the tests run side by side and would share port 8000.
+        ("probe_port".into(), RawValue::Bool(false)),
     ];
     options.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
     Config::resolve(options).unwrap()

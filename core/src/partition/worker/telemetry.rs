@@ -1,5 +1,6 @@
 //! The worker's telemetry events (see [`crate::telemetry`]): what happened to a message or a
-//! timer of this partition, with the trace its span belongs to.
+//! timer of this partition, with the trace its span belongs to. Every event is also counted on
+//! the partition for `/metrics`, whether or not the emitter runs.
 
 use super::{Key, Pending, Worker};
 use crate::event::ConsumedMessage;
@@ -9,6 +10,7 @@ use crate::telemetry::{Detail, Event, Kind};
 impl Worker {
     /// Sends a telemetry event about a consumed message, when the emitter runs.
     pub(super) fn tell_message(&self, kind: Kind, message: &ConsumedMessage, detail: Detail) {
+        self.shared.events.add(kind);
         let Some(telemetry) = self.engine.telemetry.as_ref() else {
             return;
         };
@@ -29,12 +31,17 @@ impl Worker {
     /// The [`Outcome::Report`](super::stages::Outcome) stage: how the handler call of the
     /// in-flight event `id` ended, on its span and to the telemetry topic.
     pub(super) fn report(&self, id: &(Key, Slot), result: &Result<(), Failure>) {
-        if self.engine.telemetry.is_none() && !self.engine.spans.exported() {
-            return;
-        }
         let Some(flight) = self.in_flight.get(id) else {
             return;
         };
+        if self.engine.telemetry.is_none() && !self.engine.spans.exported() {
+            let kinds = match result {
+                Ok(()) => (Kind::MessageSucceeded, Kind::TimerSucceeded),
+                Err(_) => (Kind::MessageFailed, Kind::TimerFailed),
+            };
+            self.count(kinds, &flight.event);
+            return;
+        }
         crate::spans::attempted(&flight.span, flight.attempts, result.as_ref().err());
         let (kinds, detail) = match result {
             Ok(()) => ((Kind::MessageSucceeded, Kind::TimerSucceeded), Detail::None),
@@ -52,12 +59,19 @@ impl Worker {
 
     /// Sends a telemetry event about the in-flight event `id` (see [`Worker::tell`]).
     pub(super) fn tell_flight(&self, kinds: (Kind, Kind), id: &(Key, Slot), detail: Detail) {
-        if self.engine.telemetry.is_none() {
-            return;
-        }
         if let Some(flight) = self.in_flight.get(id) {
             self.tell(kinds, &flight.event, &flight.span, detail);
         }
+    }
+
+    /// Counts an event about `pending` on the partition: `message` names the kind for a message,
+    /// `timer` for a timer.
+    fn count(&self, (message, timer): (Kind, Kind), pending: &Pending) {
+        let kind = match pending {
+            Pending::Message(_) | Pending::Deferred(_) => message,
+            Pending::Timer(..) => timer,
+        };
+        self.shared.events.add(kind);
     }
 
     /// Sends a telemetry event about an in-flight event whose span is `span`: for a message,
@@ -69,6 +83,7 @@ impl Worker {
         span: &opentelemetry::Context,
         detail: Detail,
     ) {
+        self.count((message, timer), pending);
         let Some(telemetry) = self.engine.telemetry.as_ref() else {
             return;
         };

@@ -93,7 +93,8 @@ pub fn kafka(ruby: &Ruby, e: KafkaError) -> Error {
         KafkaError::NotConsumer(_)
         | KafkaError::AlreadySubscribed
         | KafkaError::Subscribe { .. }
-        | KafkaError::Timers(_) => Class::Subscription,
+        | KafkaError::Timers(_)
+        | KafkaError::Probe { .. } => Class::Subscription,
         KafkaError::EngineFailed(_) => Class::Error,
         KafkaError::Tracing(_) => Class::Argument,
         _ => Class::Client,

@@ -1,0 +1,411 @@
+//! What `/metrics` reports (see [`crate::probe`]): counters and histograms the engine keeps as it
+//! works, and the Prometheus text exposition of them.
+//!
+//! Nothing here is computed for a scrape that does not come: the hot paths add to atomics (an
+//! event's outcome to its partition's counters, a handler's time to the scheduler's histogram,
+//! a record's acknowledgement to the producer's), and librdkafka's statistics (consumer lag,
+//! broker round trips, queue sizes) are kept as its statistics callback last reported them.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::telemetry::Kind;
+
+/// Upper bounds (seconds) of the duration histograms' buckets; `+Inf` is implied.
+pub const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A histogram of durations, added to from any thread without a lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), the last one past every bound.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// Sum of the observations, in nanoseconds.
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Adds one observation.
+    pub fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|bound| secs <= *bound)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Writes the histogram's series as `name` with `labels` (already formatted, without
+    /// braces; may be empty).
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0u64;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let bound = BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let braces = |labels: &str| {
+            if labels.is_empty() {
+                String::new()
+            } else {
+                format!("{{{labels}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
+}
+
+/// Lifecycle events of one partition, by [`Kind`].
+#[derive(Debug, Default)]
+pub struct EventCounts([AtomicU64; Kind::ALL.len()]);
+
+impl EventCounts {
+    /// Counts one event of `kind`.
+    pub fn add(&self, kind: Kind) {
+        self.0[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Events of `kind` so far.
+    pub fn get(&self, kind: Kind) -> u64 {
+        self.0[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What librdkafka's statistics last said about a consumer.
+#[derive(Debug, Default, Clone)]
+pub struct KafkaStats {
+    /// Per assigned (topic, partition): consumer lag (high watermark minus committed offset;
+    /// `None` while librdkafka does not know it) and messages in its fetch queue.
+    pub partitions: HashMap<(String, i32), (Option<i64>, i64)>,
+    /// Per broker (librdkafka's name for it): the average round trip in the last window.
+    pub brokers: Vec<(String, Duration)>,
+}
+
+impl KafkaStats {
+    /// The figures of `stats` that `/metrics` shows.
+    pub fn from_statistics(stats: &rdkafka::statistics::Statistics) -> Self {
+        let partitions = stats
+            .topics
+            .iter()
+            .flat_map(|(topic, t)| {
+                t.partitions
+                    .iter()
+                    .filter(|(id, _)| **id >= 0)
+                    .map(move |(id, p)| {
+                        let lag = (p.consumer_lag >= 0).then_some(p.consumer_lag);
+                        ((topic.clone(), *id), (lag, p.fetchq_cnt))
+                    })
+            })
+            .collect();
+        let brokers = stats
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0)
+            .filter_map(|b| {
+                let rtt = b.rtt.as_ref()?;
+                (rtt.cnt > 0).then(|| {
+                    let micros = u64::try_from(rtt.avg).unwrap_or(0);
+                    (b.name.clone(), Duration::from_micros(micros))
+                })
+            })
+            .collect();
+        Self {
+            partitions,
+            brokers,
+        }
+    }
+}
+
+/// The process's producers' figures: records acknowledged and failed, and how long the
+/// acknowledgements took from the send.
+#[derive(Debug, Default)]
+pub struct ProducerMetrics {
+    /// Records the broker acknowledged.
+    pub acknowledged: AtomicU64,
+    /// Records that failed (refused, or not acknowledged within `send_timeout`).
+    pub failed: AtomicU64,
+    /// Time from the send to each record's report.
+    pub ack_latency: Histogram,
+}
+
+/// The process's producer figures (every client's sends, including dead letters).
+pub fn producer() -> &'static ProducerMetrics {
+    static METRICS: crate::process::PerProcess<ProducerMetrics> = crate::process::PerProcess::new();
+    match METRICS.get_or_try_init(|| Ok::<_, std::convert::Infallible>(ProducerMetrics::default()))
+    {
+        Ok(metrics) => metrics,
+        Err(never) => match never {},
+    }
+}
+
+/// One partition's figures at the time of a scrape.
+#[derive(Debug)]
+pub struct PartitionFigures {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// Messages taken from Kafka and not yet retired below the commit watermark.
+    pub held: usize,
+    /// The position the engine lets commit (the next offset to read), when known.
+    pub committable: Option<i64>,
+    /// How long the oldest unfinished message has waited, when there is one.
+    pub oldest_unfinished: Option<Duration>,
+    /// Whether that is longer than `stall_threshold`.
+    pub stalled: bool,
+    /// Events by kind.
+    pub events: Arc<EventCounts>,
+}
+
+/// One subscribed client's figures at the time of a scrape.
+#[derive(Debug)]
+pub struct ClientFigures {
+    pub group: String,
+    pub partitions: Vec<PartitionFigures>,
+    pub kafka: KafkaStats,
+    /// Handler calls' durations (the scheduler's).
+    pub handler: Arc<Histogram>,
+    /// Time ready events waited for a runner (the scheduler's).
+    pub wait: Arc<Histogram>,
+    /// Whether a thread or task of the subscription died.
+    pub failed: bool,
+}
+
+/// A label value, escaped for the exposition format.
+fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes a `# HELP` and `# TYPE` header.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The Prometheus text exposition (format 0.0.4) of `clients` and the process's producers.
+pub fn render(clients: &[ClientFigures]) -> String {
+    let mut out = String::with_capacity(4096);
+    let partition_labels = |c: &ClientFigures, p: &PartitionFigures| {
+        format!(
+            "group=\"{}\",topic=\"{}\",partition=\"{}\"",
+            label(&c.group),
+            label(&p.topic),
+            p.partition
+        )
+    };
+    type Gauge = fn(&ClientFigures, &PartitionFigures) -> Option<f64>;
+    let gauges: [(&str, &str, Gauge); 5] = [
+        (
+            "prosody_partition_held_messages",
+            "Messages taken from Kafka and not yet committed (in flight, queued or waiting on an earlier offset).",
+            |_, p| Some(p.held as f64),
+        ),
+        (
+            "prosody_partition_committed_offset",
+            "The position the engine commits (the next offset to read).",
+            |_, p| p.committable.map(|o| o as f64),
+        ),
+        (
+            "prosody_partition_oldest_unfinished_seconds",
+            "How long the partition's oldest unfinished message has waited (0 when none).",
+            |_, p| Some(p.oldest_unfinished.map_or(0.0, |d| d.as_secs_f64())),
+        ),
+        (
+            "prosody_partition_stalled",
+            "1 when the oldest unfinished message waited longer than stall_threshold.",
+            |_, p| Some(f64::from(u8::from(p.stalled))),
+        ),
+        (
+            "prosody_consumer_lag_messages",
+            "High watermark minus committed offset, from librdkafka's statistics.",
+            |c, p| {
+                c.kafka
+                    .partitions
+                    .get(&(p.topic.to_string(), p.partition))
+                    .and_then(|(lag, _)| *lag)
+                    .map(|lag| lag as f64)
+            },
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(&mut out, name, "gauge", help);
+        for c in clients {
+            for p in &c.partitions {
+                if let Some(v) = value(c, p) {
+                    let _ = writeln!(out, "{name}{{{}}} {v}", partition_labels(c, p));
+                }
+            }
+        }
+    }
+    header(
+        &mut out,
+        "prosody_consumer_fetch_queue_messages",
+        "gauge",
+        "Messages librdkafka fetched for the partition and the engine has not taken yet.",
+    );
+    for c in clients {
+        for p in &c.partitions {
+            if let Some((_, queued)) = c.kafka.partitions.get(&(p.topic.to_string(), p.partition)) {
+                let _ = writeln!(
+                    out,
+                    "prosody_consumer_fetch_queue_messages{{{}}} {queued}",
+                    partition_labels(c, p)
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "prosody_events_total",
+        "counter",
+        "Lifecycle events of the partition's messages and timers, by the telemetry topic's event names.",
+    );
+    for c in clients {
+        for p in &c.partitions {
+            for kind in Kind::ALL {
+                if kind == Kind::MessageSent {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "prosody_events_total{{{},event=\"{}\"}} {}",
+                    partition_labels(c, p),
+                    kind.name(),
+                    p.events.get(kind)
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "prosody_handler_duration_seconds",
+        "histogram",
+        "Handler calls' durations.",
+    );
+    for c in clients {
+        c.handler.write(
+            &mut out,
+            "prosody_handler_duration_seconds",
+            &format!("group=\"{}\"", label(&c.group)),
+        );
+    }
+    header(
+        &mut out,
+        "prosody_scheduler_wait_seconds",
+        "histogram",
+        "How long ready events waited for a free runner.",
+    );
+    for c in clients {
+        c.wait.write(
+            &mut out,
+            "prosody_scheduler_wait_seconds",
+            &format!("group=\"{}\"", label(&c.group)),
+        );
+    }
+    header(
+        &mut out,
+        "prosody_subscription_failed",
+        "gauge",
+        "1 when a thread or task of the subscription died (see the log).",
+    );
+    for c in clients {
+        let _ = writeln!(
+            out,
+            "prosody_subscription_failed{{group=\"{}\"}} {}",
+            label(&c.group),
+            u8::from(c.failed)
+        );
+    }
+    header(
+        &mut out,
+        "prosody_kafka_broker_rtt_seconds",
+        "gauge",
+        "Average round trip to each broker in librdkafka's last statistics window.",
+    );
+    for c in clients {
+        for (broker, rtt) in &c.kafka.brokers {
+            let _ = writeln!(
+                out,
+                "prosody_kafka_broker_rtt_seconds{{group=\"{}\",broker=\"{}\"}} {}",
+                label(&c.group),
+                label(broker),
+                rtt.as_secs_f64()
+            );
+        }
+    }
+    let producer = producer();
+    header(
+        &mut out,
+        "prosody_producer_records_total",
+        "counter",
+        "Records this process sent, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "prosody_producer_records_total{{result=\"acknowledged\"}} {}",
+        producer.acknowledged.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "prosody_producer_records_total{{result=\"failed\"}} {}",
+        producer.failed.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "prosody_producer_ack_seconds",
+        "histogram",
+        "Time from a send to its record's acknowledgement (or failure).",
+    );
+    producer
+        .ack_latency
+        .write(&mut out, "prosody_producer_ack_seconds", "");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_cumulatively_and_sums() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(200));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        let mut out = String::new();
+        h.write(&mut out, "x", "g=\"a\"");
+        assert!(out.contains("x_bucket{g=\"a\",le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{g=\"a\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{g=\"a\",le=\"60\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{g=\"a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{g=\"a\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{g=\"a\"} 100.0032\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
