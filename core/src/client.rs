@@ -70,8 +70,11 @@ impl Client {
             config.group_id.clone(),
         )
         .map_err(KafkaError::Tracing)?;
+        let producer_properties =
+            crate::kafka::settings::properties(&config, crate::kafka::settings::Side::Producer);
         let producer = Arc::new(Producer::new(
             &bootstrap,
+            producer_properties.clone(),
             config.effective_source_system(),
             config.send_timeout,
             config.mock,
@@ -85,6 +88,7 @@ impl Client {
             Some(Arc::new(crate::telemetry::Telemetry::start(
                 &runtime,
                 &bootstrap,
+                &producer_properties,
                 config.send_timeout,
                 config.telemetry_topic.clone(),
                 config.group_id.clone().unwrap_or_default(),
@@ -384,6 +388,7 @@ impl Client {
         }
         let reloader = Reloader::start(
             &self.bootstrap,
+            &crate::kafka::settings::properties(config, crate::kafka::settings::Side::Consumer),
             config.group_id.as_deref().unwrap_or_default(),
             config.defer_seek_timeout,
             config.defer_discard_threshold,

@@ -32,6 +32,8 @@ pub enum RawValue {
     Str(String),
     /// An array.
     List(Vec<RawValue>),
+    /// A Hash with String or Symbol keys, in the order given.
+    Map(Vec<(String, RawValue)>),
 }
 
 impl fmt::Display for RawValue {
@@ -52,8 +54,29 @@ impl fmt::Display for RawValue {
                 }
                 f.write_str("]")
             }
+            RawValue::Map(entries) => {
+                f.write_str("{")?;
+                for (i, (key, value)) in entries.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    if is_secret_property(key) {
+                        write!(f, "{key:?} => {HIDDEN}")?;
+                    } else {
+                        write!(f, "{key:?} => {value}")?;
+                    }
+                }
+                f.write_str("}")
+            }
         }
     }
+}
+
+/// Whether a librdkafka property holds a secret (a password, a key): its value never shows in
+/// errors, logs or `inspect`.
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password") || name.contains("secret") || name == "ssl.key.pem"
 }
 
 /// Why a configuration could not be built.
@@ -358,6 +381,130 @@ word_enum! {
 }
 
 word_enum! {
+    /// How the clients talk to the brokers (librdkafka's `security.protocol`).
+    SecurityProtocol {
+        /// No encryption, no authentication.
+        Plaintext = "plaintext",
+        /// TLS.
+        Ssl = "ssl",
+        /// SASL authentication without encryption.
+        SaslPlaintext = "sasl_plaintext",
+        /// SASL authentication over TLS.
+        SaslSsl = "sasl_ssl",
+    }
+}
+
+/// A SASL mechanism (librdkafka's `sasl.mechanisms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// User name and password, sent as they are (use it over TLS).
+    Plain,
+    /// SCRAM with SHA-256.
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The mechanism's name, as Kafka and librdkafka write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl OptionType for SaslMechanism {
+    fn expected() -> String {
+        r#"one of "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512""#.into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Str(s) => Self::from_env(s),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_uppercase().replace('_', "-").as_str() {
+            "PLAIN" => Some(SaslMechanism::Plain),
+            "SCRAM-SHA-256" => Some(SaslMechanism::ScramSha256),
+            "SCRAM-SHA-512" => Some(SaslMechanism::ScramSha512),
+            _ => None,
+        }
+    }
+}
+
+/// librdkafka properties given as they are (`kafka_config` and its one-sided variants): name
+/// and value, in the order given. `Debug` hides the values of secret properties.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaProperties(pub Vec<(String, String)>);
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in &self.0 {
+            if is_secret_property(name) {
+                map.entry(name, &HIDDEN);
+            } else {
+                map.entry(name, value);
+            }
+        }
+        map.finish()
+    }
+}
+
+impl KafkaProperties {
+    fn value(raw: &RawValue) -> Option<String> {
+        match raw {
+            RawValue::Str(s) => Some(s.clone()),
+            RawValue::Int(i) => Some(i.to_string()),
+            RawValue::Float(x) => Some(x.to_string()),
+            RawValue::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl OptionType for KafkaProperties {
+    fn expected() -> String {
+        "a Hash of librdkafka property names to String, Integer, Float or true/false values (in the \
+         variable: a JSON object)"
+            .into()
+    }
+    fn from_raw(raw: &RawValue) -> Option<Self> {
+        match raw {
+            RawValue::Map(entries) => entries
+                .iter()
+                .map(|(name, value)| Some((name.trim().to_owned(), Self::value(value)?)))
+                .collect::<Option<Vec<_>>>()
+                .map(KafkaProperties),
+            _ => None,
+        }
+    }
+    fn from_env(s: &str) -> Option<Self> {
+        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(s).ok()?;
+        parsed
+            .into_iter()
+            .map(|(name, value)| {
+                let value = match value {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => return None,
+                };
+                Some((name, value))
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(KafkaProperties)
+    }
+    fn absent() -> Option<Self> {
+        Some(KafkaProperties::default())
+    }
+}
+
+word_enum! {
     /// The consumer-group protocol.
     GroupProtocol {
         /// KIP-848 (Kafka 4.0+): the broker assigns partitions incrementally.
@@ -511,6 +658,31 @@ options! {
     mode: Mode, "PROSODY_MODE", Some("pipeline");
     /// Consumer-group protocol: `consumer` (KIP-848) or `classic` (cooperative-sticky).
     group_protocol: GroupProtocol, "PROSODY_GROUP_PROTOCOL", Some("consumer");
+
+    // --- Security and librdkafka
+    /// How the clients talk to the brokers; by default `ssl` when an `ssl_*` option is set,
+    /// `sasl_ssl` with a SASL mechanism too, `sasl_plaintext` with a SASL mechanism alone.
+    security_protocol: Option<SecurityProtocol>, "PROSODY_SECURITY_PROTOCOL", None;
+    /// CA certificate(s) (PEM file) to verify the brokers with, or `probe` for the system's.
+    ssl_ca_location: Option<String>, "PROSODY_SSL_CA_LOCATION", None;
+    /// The client's certificate (PEM file), when the brokers ask for one.
+    ssl_certificate_location: Option<String>, "PROSODY_SSL_CERTIFICATE_LOCATION", None;
+    /// The client's private key (PEM file).
+    ssl_key_location: Option<String>, "PROSODY_SSL_KEY_LOCATION", None;
+    /// The private key's password (never logged).
+    ssl_key_password: Option<Secret>, "PROSODY_SSL_KEY_PASSWORD", None;
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    sasl_mechanism: Option<SaslMechanism>, "PROSODY_SASL_MECHANISM", None;
+    /// SASL user name.
+    sasl_username: Option<String>, "PROSODY_SASL_USERNAME", None;
+    /// SASL password (never logged).
+    sasl_password: Option<Secret>, "PROSODY_SASL_PASSWORD", None;
+    /// librdkafka properties for the consumers and producers, applied after Prosody's own.
+    kafka_config: KafkaProperties, "PROSODY_KAFKA_CONFIG", None;
+    /// librdkafka properties for the consumers only (after `kafka_config`).
+    consumer_kafka_config: KafkaProperties, "PROSODY_CONSUMER_KAFKA_CONFIG", None;
+    /// librdkafka properties for the producers only (after `kafka_config`).
+    producer_kafka_config: KafkaProperties, "PROSODY_PRODUCER_KAFKA_CONFIG", None;
 
     // --- Consumer
     /// Handler calls running at once, across all partitions.
@@ -717,6 +889,69 @@ impl Config {
         }
     }
 
+    /// TLS and SASL options that only make sense together, files that must exist, and the
+    /// librdkafka properties (see [`crate::kafka::settings::check`]).
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        // `needed` is missing although `by` is set.
+        let pair = |by: &'static str, set: bool, needed: &'static str, has: bool| {
+            if !set || has {
+                return Ok(());
+            }
+            let env = OPTIONS
+                .iter()
+                .find(|o| o.name == needed)
+                .map_or("", |o| o.env);
+            let why = match by {
+                "sasl_mechanism" => "sasl_mechanism is set",
+                "sasl_username" | "sasl_password" => "SASL credentials are set",
+                "ssl_certificate_location" => "ssl_certificate_location is set",
+                _ => "a client key is set",
+            };
+            Err(ConfigError::Missing {
+                name: needed,
+                env,
+                why,
+            })
+        };
+        let mechanism = self.sasl_mechanism.is_some();
+        let (user, password) = (self.sasl_username.is_some(), self.sasl_password.is_some());
+        pair("sasl_mechanism", mechanism, "sasl_username", user)?;
+        pair("sasl_mechanism", mechanism, "sasl_password", password)?;
+        pair("sasl_username", user, "sasl_mechanism", mechanism)?;
+        pair("sasl_password", password, "sasl_mechanism", mechanism)?;
+        let (cert, key) = (
+            self.ssl_certificate_location.is_some(),
+            self.ssl_key_location.is_some(),
+        );
+        pair("ssl_certificate_location", cert, "ssl_key_location", key)?;
+        pair("ssl_key_location", key, "ssl_certificate_location", cert)?;
+        pair(
+            "ssl_key_password",
+            self.ssl_key_password.is_some(),
+            "ssl_key_location",
+            key,
+        )?;
+        for (name, path) in [
+            ("ssl_ca_location", &self.ssl_ca_location),
+            ("ssl_certificate_location", &self.ssl_certificate_location),
+            ("ssl_key_location", &self.ssl_key_location),
+        ] {
+            let Some(path) = path else { continue };
+            if name == "ssl_ca_location" && path == "probe" {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(self.invalid(
+                    name,
+                    format!("a readable PEM file ({e})"),
+                    format!("{path:?}"),
+                ));
+            }
+        }
+        crate::kafka::settings::check(self)
+            .map_err(|(name, expected, got)| self.invalid(name, expected, got))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let positive = |name: &'static str, d: Duration| {
             if d.is_zero() {
@@ -725,6 +960,7 @@ impl Config {
                 Ok(())
             }
         };
+        self.validate_security()?;
         if self.probe_host.trim().parse::<std::net::IpAddr>().is_err() {
             return Err(self.invalid(
                 "probe_host",
@@ -1004,5 +1240,204 @@ mod tests {
         assert!(is_secret("cassandra_password") && !is_secret("group_id"));
         assert_eq!(c.probe_port, Port(None));
         assert_eq!(c.effective_source_system(), "prosody");
+    }
+
+    fn map(entries: &[(&str, RawValue)]) -> RawValue {
+        RawValue::Map(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn kafka_config_reaches_both_sides_after_security_and_one_side_after_it() {
+        let c = resolve(
+            &[
+                mock(),
+                ("sasl_mechanism", RawValue::Str("scram-sha-512".into())),
+                ("sasl_username", RawValue::Str("u".into())),
+                ("sasl_password", RawValue::Str("p".into())),
+                (
+                    "kafka_config",
+                    map(&[
+                        ("fetch.min.bytes", RawValue::Int(2)),
+                        ("socket.keepalive.enable", RawValue::Bool(true)),
+                    ]),
+                ),
+            ],
+            &[(
+                "PROSODY_CONSUMER_KAFKA_CONFIG",
+                r#"{"auto.offset.reset": "latest"}"#,
+            )],
+        )
+        .unwrap();
+        use crate::kafka::settings::{properties, Side};
+        let consumer = properties(&c, Side::Consumer);
+        let has = |props: &[(String, String)], k: &str, v: &str| {
+            props.iter().any(|(a, b)| a == k && b == v)
+        };
+        assert!(
+            has(&consumer, "security.protocol", "sasl_ssl"),
+            "{consumer:?}"
+        );
+        assert!(has(&consumer, "sasl.mechanisms", "SCRAM-SHA-512"));
+        assert!(has(&consumer, "fetch.min.bytes", "2"));
+        assert!(has(&consumer, "socket.keepalive.enable", "true"));
+        assert!(has(&consumer, "auto.offset.reset", "latest"));
+        let producer = properties(&c, Side::Producer);
+        assert!(!has(&producer, "auto.offset.reset", "latest"));
+        assert!(has(&producer, "fetch.min.bytes", "2"));
+    }
+
+    #[test]
+    fn owned_and_unknown_properties_are_refused_naming_the_option() {
+        let owned = resolve(
+            &[
+                mock(),
+                (
+                    "producer_kafka_config",
+                    map(&[("enable.idempotence", RawValue::Bool(false))]),
+                ),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            owned.starts_with("invalid :producer_kafka_config"),
+            "{owned}"
+        );
+        assert!(owned.contains("enable.idempotence"), "{owned}");
+        let unknown = resolve(
+            &[mock()],
+            &[("PROSODY_KAFKA_CONFIG", r#"{"no.such.thing": "1"}"#)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unknown.starts_with("invalid PROSODY_KAFKA_CONFIG"),
+            "{unknown}"
+        );
+        assert!(
+            unknown.contains("No such configuration property"),
+            "{unknown}"
+        );
+    }
+
+    #[test]
+    fn secret_properties_never_show() {
+        let bad = resolve(
+            &[
+                mock(),
+                (
+                    "kafka_config",
+                    map(&[
+                        ("sasl.password", RawValue::Str("hunter2".into())),
+                        ("x", RawValue::List(vec![])),
+                    ]),
+                ),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!bad.contains("hunter2"), "{bad}");
+        let refused = resolve(
+            &[
+                mock(),
+                (
+                    "kafka_config",
+                    map(&[("ssl.key.password", RawValue::Str("hunter2".into()))]),
+                ),
+                (
+                    "consumer_kafka_config",
+                    map(&[("fetch.min.bytes", RawValue::Str("x".into()))]),
+                ),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!refused.contains("hunter2"), "{refused}");
+        let c = resolve(
+            &[
+                mock(),
+                (
+                    "kafka_config",
+                    map(&[("sasl.password", RawValue::Str("hunter2".into()))]),
+                ),
+                ("ssl_key_password", RawValue::Str("hunter3".into())),
+            ],
+            &[],
+        );
+        // ssl_key_password alone lacks its key: refused, without the value.
+        let e = c.unwrap_err().to_string();
+        assert!(e.starts_with("missing :ssl_key_location"), "{e}");
+        let c = resolve(
+            &[
+                mock(),
+                (
+                    "kafka_config",
+                    map(&[("sasl.password", RawValue::Str("hunter2".into()))]),
+                ),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sasl_and_tls_options_come_in_pairs() {
+        let e = resolve(&[mock(), ("sasl_username", RawValue::Str("u".into()))], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("missing :sasl_mechanism: SASL credentials are set"),
+            "{e}"
+        );
+        let e = resolve(
+            &[mock(), ("sasl_mechanism", RawValue::Str("MD5".into()))],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(r#"one of "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512""#),
+            "{e}"
+        );
+        let e = resolve(
+            &[
+                mock(),
+                (
+                    "ssl_certificate_location",
+                    RawValue::Str("/etc/hostname".into()),
+                ),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("missing :ssl_key_location"), "{e}");
+        let e = resolve(
+            &[
+                mock(),
+                ("ssl_ca_location", RawValue::Str("/no/such.pem".into())),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("invalid :ssl_ca_location, expected a readable PEM file"),
+            "{e}"
+        );
+        assert!(resolve(
+            &[mock(), ("ssl_ca_location", RawValue::Str("probe".into()))],
+            &[]
+        )
+        .is_ok());
     }
 }

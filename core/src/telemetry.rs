@@ -420,10 +420,12 @@ impl std::fmt::Debug for Telemetry {
 
 impl Telemetry {
     /// Starts the emitter of a client of `group`, sending to `topic` on `bootstrap` through a
-    /// producer of its own (records not delivered within `timeout` count as dropped).
+    /// producer of its own with the client's producer `properties` (records not delivered
+    /// within `timeout` count as dropped).
     pub fn start(
         runtime: &tokio::runtime::Handle,
         bootstrap: &str,
+        properties: &[(String, String)],
         timeout: Duration,
         topic: String,
         group: String,
@@ -433,6 +435,7 @@ impl Telemetry {
         let undelivered = counts.clone();
         let producer = Arc::new(DetachedProducer::new(
             bootstrap,
+            properties,
             &topic,
             timeout,
             move || {
@@ -585,6 +588,7 @@ mod tests {
         let telemetry = Telemetry::start(
             idle.handle(),
             &bootstrap,
+            &[],
             Duration::from_secs(1),
             "t".into(),
             "g".into(),

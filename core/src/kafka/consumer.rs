@@ -86,7 +86,7 @@ impl Subscription {
             // default 500 ms wait would add up to half a second of latency in tests.
             settings.set("fetch.wait.max.ms", "10");
         }
-        let mut consumer: BaseConsumer<PollContext> = settings
+        settings
             .set("bootstrap.servers", bootstrap)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
@@ -97,7 +97,12 @@ impl Subscription {
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.queue.backoff.ms", "10")
             // Consumer lag, fetch queues and broker round trips for /metrics.
-            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        super::settings::apply(
+            &mut settings,
+            &super::settings::properties(config, super::settings::Side::Consumer),
+        );
+        let mut consumer: BaseConsumer<PollContext> = settings
             .create_with_context(context)
             .map_err(|source| KafkaError::Create {
                 what: "consumer",

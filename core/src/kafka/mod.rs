@@ -4,8 +4,9 @@ pub mod consumer;
 pub mod mock;
 pub mod producer;
 pub mod reload;
+pub mod settings;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::types::RDKafkaErrorCode;
@@ -63,6 +64,12 @@ pub struct ProducerContext {
     pub cluster_changed: Arc<OnceLock<String>>,
     /// Which producer this is, for the log line (a process has one per servers and timeout).
     pub name: String,
+    /// The last refusal by the cluster (failed SASL authentication, failed TLS handshake), so
+    /// that a send that times out says why (shared with the owner, like `cluster_changed`).
+    pub refused: Arc<Mutex<Option<String>>>,
+    /// The producer's start-up state (see `Shared::warm_up`): a refusal ends the start-up as
+    /// failed, so that no send waits for it.
+    pub ready: Arc<tokio::sync::watch::Sender<Option<bool>>>,
 }
 
 /// Delivery reports go to the [`producer::Acks`] of the send that queued the record.
@@ -89,6 +96,24 @@ impl ClientContext for ProducerContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         log_client_error(&error, reason);
+        // A TLS alert from the broker (a certificate it refused) comes as a transport failure.
+        let refused = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => true,
+            Some(RDKafkaErrorCode::BrokerTransportFailure) => reason.contains("SSL routines"),
+            _ => false,
+        };
+        if refused {
+            if let Ok(mut refused) = self.refused.lock() {
+                *refused = Some(reason.to_owned());
+            }
+            self.ready.send_if_modified(|ready| {
+                let starting = ready.is_none();
+                if starting {
+                    *ready = Some(false);
+                }
+                starting
+            });
+        }
     }
 }
 

@@ -70,6 +70,8 @@ pub struct Producer {
 struct Shared {
     /// `bootstrap.servers`, part of the pool key.
     bootstrap: String,
+    /// Security and the application's librdkafka settings, part of the pool key.
+    properties: Vec<(String, String)>,
     /// Longest a send waits for the acknowledgement, part of the pool key.
     send_timeout: Duration,
     /// Whether `bootstrap` is the in-process mock cluster.
@@ -80,7 +82,10 @@ struct Shared {
     /// Set (by librdkafka's log callback) when the cluster behind `bootstrap` changed.
     cluster_changed: Arc<OnceLock<String>>,
     /// `None` during the start-up work (see [`Shared::warm_up`]), then whether a broker answered.
-    ready: watch::Sender<Option<bool>>,
+    ready: Arc<watch::Sender<Option<bool>>>,
+    /// The cluster's last refusal of this producer (see [`ProducerContext`]), told in the error
+    /// of a send that timed out.
+    refused: Arc<Mutex<Option<String>>>,
     /// Topics whose metadata this producer has asked for, so it knows their leaders.
     known_topics: Mutex<HashSet<String>>,
 }
@@ -98,16 +103,19 @@ pub const WARM_UP_TOPIC: &str = "__prosody_warm_up";
 const START_UP_WAIT: Duration = Duration::from_secs(2);
 
 impl Producer {
-    /// The process's producer for `bootstrap` and `send_timeout`, created (and warmed up in the
-    /// background) on first use. `mock` says that `bootstrap` is the in-process mock cluster.
+    /// The process's producer for `bootstrap`, `properties` (security and the application's
+    /// librdkafka settings, see [`super::settings`]) and `send_timeout`, created (and warmed up
+    /// in the background) on first use. `mock` says that `bootstrap` is the in-process mock
+    /// cluster.
     pub fn new(
         bootstrap: &str,
+        properties: Vec<(String, String)>,
         source_system: &str,
         send_timeout: Duration,
         mock: bool,
     ) -> Result<Self, KafkaError> {
         Ok(Self {
-            shared: Mutex::new(Shared::pooled(bootstrap, send_timeout, mock)?),
+            shared: Mutex::new(Shared::pooled(bootstrap, &properties, send_timeout, mock)?),
             source_system: source_system.to_owned(),
             spans: crate::spans::SendSpans::new().map_err(KafkaError::Tracing)?,
         })
@@ -120,7 +128,12 @@ impl Producer {
         // A poisoned lock only means a panic elsewhere; the producer in it is still usable.
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         if shared.cluster_changed.get().is_some() {
-            match Shared::pooled(&shared.bootstrap, shared.send_timeout, shared.mock) {
+            match Shared::pooled(
+                &shared.bootstrap,
+                &shared.properties,
+                shared.send_timeout,
+                shared.mock,
+            ) {
                 Ok(fresh) => *shared = fresh,
                 Err(e) => tracing::error!("could not replace the producer: {e}"),
             }
@@ -168,6 +181,7 @@ impl Producer {
         }
         // The report may already have come; `call_when_done` then calls at once.
         let send_timeout = shared.send_timeout;
+        let refused = shared.refused.clone();
         let (topic, key) = (record.topic.to_owned(), record.key.map(<[u8]>::to_vec));
         acks.call_when_done(
             Instant::now() + send_timeout + OUTER_MARGIN,
@@ -179,7 +193,13 @@ impl Producer {
                     headers: &[],
                     partition: None,
                 };
-                done(outcome_of(outcomes.pop().flatten(), send_timeout, raw));
+                let refused = refused.lock().ok().and_then(|r| r.clone());
+                done(outcome_of(
+                    outcomes.pop().flatten(),
+                    send_timeout,
+                    refused.as_deref(),
+                    raw,
+                ));
             }),
         );
         None
@@ -209,12 +229,13 @@ impl Producer {
         acks.wait(Instant::now() + shared.send_timeout + OUTER_MARGIN)
             .await;
         let send_timeout = shared.send_timeout;
+        let refused = shared.refusal();
         acks.take()
             .into_iter()
             .zip(records)
             .zip(traced)
             .map(|((outcome, record), traced)| {
-                let result = outcome_of(outcome, send_timeout, *record);
+                let result = outcome_of(outcome, send_timeout, refused.as_deref(), *record);
                 if let Some((_, cx)) = traced {
                     end_send(&cx, &result);
                 }
@@ -239,7 +260,12 @@ impl Producer {
             Err(reason) => acks.settle(0, Err(Failed::Local(reason))),
         }
         let outcome = acks.take().pop().flatten();
-        let result = outcome_of(outcome, shared.send_timeout, record);
+        let result = outcome_of(
+            outcome,
+            shared.send_timeout,
+            shared.refusal().as_deref(),
+            record,
+        );
         if let Some((_, cx)) = traced {
             end_send(&cx, &result);
         }
@@ -416,21 +442,26 @@ impl rdkafka::producer::ProducerContext for DetachedContext {
 }
 
 impl DetachedProducer {
-    /// A producer to `topic` on `bootstrap`, failing a record not delivered within `timeout`
-    /// and telling `undelivered` (on the thread that polls it).
+    /// A producer to `topic` on `bootstrap` with `properties` (see [`super::settings`]),
+    /// failing a record not delivered within `timeout` and telling `undelivered` (on the thread
+    /// that polls it).
     pub fn new(
         bootstrap: &str,
+        properties: &[(String, String)],
         topic: &str,
         timeout: Duration,
         undelivered: impl Fn() + Send + Sync + 'static,
     ) -> Result<Self, KafkaError> {
-        let inner: rdkafka::producer::BaseProducer<DetachedContext> = ClientConfig::new()
+        let mut settings = ClientConfig::new();
+        settings
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "false")
             .set("acks", "1")
             .set("linger.ms", "50")
             .set("delivery.report.only.error", "true")
-            .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
+            .set("message.timeout.ms", timeout.as_millis().max(1).to_string());
+        super::settings::apply(&mut settings, properties);
+        let inner: rdkafka::producer::BaseProducer<DetachedContext> = settings
             .create_with_context(DetachedContext {
                 undelivered: Box::new(undelivered),
             })
@@ -771,12 +802,22 @@ impl Acks {
     }
 }
 
-/// A record's result as the application sees it.
+/// A record's result as the application sees it; `refused` is why the cluster last refused the
+/// producer (failed authentication or TLS handshake), told when the record timed out.
 fn outcome_of(
     outcome: Option<Result<Delivery, Failed>>,
     send_timeout: Duration,
+    refused: Option<&str>,
     record: RawRecord<'_>,
 ) -> Result<Delivery, SendError> {
+    let why = refused.map_or_else(
+        || "is the broker reachable?".to_owned(),
+        |reason| {
+            format!(
+                "the cluster refused this client ({reason}); check the sasl_* and ssl_* options"
+            )
+        },
+    );
     let fail = |reason: String| SendError {
         topic: record.topic.to_owned(),
         key: crate::event::show_key(record.key),
@@ -784,14 +825,15 @@ fn outcome_of(
     };
     match outcome {
         Some(Ok(delivery)) => Ok(delivery),
-        None => Err(fail(format!(
-            "no acknowledgement within send_timeout ({send_timeout:?})"
-        ))),
+        None => Err(fail(match refused {
+            Some(_) => format!("no acknowledgement within send_timeout ({send_timeout:?}); {why}"),
+            None => format!("no acknowledgement within send_timeout ({send_timeout:?})"),
+        })),
         Some(Err(Failed::Local(reason))) => Err(fail(reason)),
         Some(Err(Failed::Kafka(e))) => Err(fail(match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageTimedOut) => format!(
-                "no acknowledgement within send_timeout ({send_timeout:?}); is the broker reachable?"
-            ),
+            Some(RDKafkaErrorCode::MessageTimedOut) => {
+                format!("no acknowledgement within send_timeout ({send_timeout:?}); {why}")
+            }
             _ => e.to_string(),
         })),
     }
@@ -845,6 +887,7 @@ impl Shared {
     /// use, and again after the one in the pool saw its cluster change.
     fn pooled(
         bootstrap: &str,
+        properties: &[(String, String)],
         send_timeout: Duration,
         mock: bool,
     ) -> Result<Arc<Self>, KafkaError> {
@@ -853,30 +896,41 @@ impl Shared {
             .lock()
             .map_err(|_| KafkaError::Runtime("producer pool poisoned".into()))?;
         pool.retain(|p| p.cluster_changed.get().is_none());
-        if let Some(shared) = pool
-            .iter()
-            .find(|p| p.bootstrap == bootstrap && p.send_timeout == send_timeout)
-        {
+        if let Some(shared) = pool.iter().find(|p| {
+            p.bootstrap == bootstrap && p.properties == properties && p.send_timeout == send_timeout
+        }) {
             return Ok(shared.clone());
         }
-        let shared = Arc::new(Self::create(bootstrap, send_timeout, mock)?);
+        let shared = Arc::new(Self::create(bootstrap, properties, send_timeout, mock)?);
         let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
         runtime.spawn(shared.clone().warm_up());
         pool.push(shared.clone());
         Ok(shared)
     }
 
-    fn create(bootstrap: &str, send_timeout: Duration, mock: bool) -> Result<Self, KafkaError> {
+    fn create(
+        bootstrap: &str,
+        properties: &[(String, String)],
+        send_timeout: Duration,
+        mock: bool,
+    ) -> Result<Self, KafkaError> {
         let cluster_changed = Arc::new(OnceLock::new());
+        let ready = Arc::new(watch::Sender::new(None));
+        let refused = Arc::new(Mutex::new(None));
         let timeout_ms = send_timeout.as_millis().max(1).to_string();
-        let inner = ClientConfig::new()
+        let mut settings = ClientConfig::new();
+        settings
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", &timeout_ms)
-            .set("linger.ms", "1")
+            .set("linger.ms", "1");
+        super::settings::apply(&mut settings, properties);
+        let inner = settings
             .create_with_context(ProducerContext {
                 cluster_changed: cluster_changed.clone(),
                 name: format!("producer for {bootstrap} with send_timeout {send_timeout:?}"),
+                refused: refused.clone(),
+                ready: ready.clone(),
             })
             .map_err(|source| KafkaError::Create {
                 what: "producer",
@@ -884,11 +938,13 @@ impl Shared {
             })?;
         Ok(Self {
             bootstrap: bootstrap.to_owned(),
+            properties: properties.to_vec(),
             send_timeout,
             mock,
             inner,
             cluster_changed,
-            ready: watch::Sender::new(None),
+            ready,
+            refused,
             known_topics: Mutex::new(HashSet::new()),
         })
     }
@@ -953,6 +1009,11 @@ impl Shared {
                 .known_topics
                 .lock()
                 .is_ok_and(|known| known.contains(topic))
+    }
+
+    /// The cluster's last refusal of this producer, if any.
+    fn refusal(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
     }
 
     /// Waits (bounded) for the start-up work, and asks once for `topic`'s metadata, so that the

@@ -54,9 +54,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Starts the reader thread against `bootstrap`.
+    /// Starts the reader thread against `bootstrap`, with `properties` (see
+    /// [`super::settings`]).
     pub fn start(
         bootstrap: &str,
+        properties: &[(String, String)],
         group: &str,
         timeout: Duration,
         discard_threshold: u64,
@@ -73,6 +75,7 @@ impl Reloader {
             // the end of the partition) must not hold the next seek's fetch for 500 ms.
             .set("fetch.wait.max.ms", "10")
             .set("fetch.queue.backoff.ms", "1");
+        super::settings::apply(&mut settings, properties);
         let consumer: BaseConsumer<ReaderContext> = settings
             .create_with_context(ReaderContext)
             .map_err(|source| KafkaError::Create {

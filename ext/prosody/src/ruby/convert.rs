@@ -9,6 +9,11 @@ use serde_json::Value as Json;
 
 /// An option value as the configuration table reads it. `name` words the error.
 pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Error> {
+    raw(ruby, name, prosody_core::config::is_secret(name), value)
+}
+
+/// [`raw_value`]; a `secret` value never appears in an error.
+fn raw(ruby: &Ruby, name: &str, secret: bool, value: Value) -> Result<RawValue, Error> {
     if value.is_nil() {
         return Ok(RawValue::Nil);
     }
@@ -29,7 +34,7 @@ pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Erro
     }
     // A secret option's value never appears in an error.
     let shown = |value: Value| {
-        if prosody_core::config::is_secret(name) {
+        if secret {
             prosody_core::config::HIDDEN.to_owned()
         } else {
             value.inspect()
@@ -54,13 +59,23 @@ pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Erro
     if let Some(a) = RArray::from_value(value) {
         return a
             .into_iter()
-            .map(|v| raw_value(ruby, name, v))
+            .map(|v| raw(ruby, name, secret, v))
             .collect::<Result<_, _>>()
             .map(RawValue::List);
     }
     if value.is_kind_of(ruby.class_numeric()) {
         let f: f64 = value.funcall("to_f", ())?;
         return Ok(RawValue::Float(f));
+    }
+    if let Some(hash) = RHash::from_value(value) {
+        let mut entries = Vec::with_capacity(hash.len());
+        hash.foreach(|k: Value, v: Value| {
+            let key = string_like(ruby, &format!("key of :{name}"), k)?;
+            let secret = secret || prosody_core::config::is_secret_property(&key);
+            entries.push((key, raw(ruby, name, secret, v)?));
+            Ok(magnus::r_hash::ForEach::Continue)
+        })?;
+        return Ok(RawValue::Map(entries));
     }
     // SAFETY: the class name is copied into the message before any other Ruby code runs.
     let class = unsafe { value.classname() }.into_owned();
