@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "prosody/testing"
+
 # Deduplication by message id in mock mode: the README's examples, the cache and the (memory)
 # store, what marks an id handled, and the options in both their forms.
 RSpec.describe "deduplication by message id (mock)" do
@@ -119,8 +121,8 @@ RSpec.describe "deduplication by message id (mock)" do
     settle(client, handler)
     expect(handler.calls.count { |k, p, _| k == "k" && p["bad"] }).to eq(1)
     expect(client.skipped_events[:duplicate]).to eq(1)
-    wait_for(message: "the dead letter") { Prosody::Native.mock_read_topic(dlq, 1, 0.2).size == 1 }
-    expect(Prosody::Native.mock_read_topic(dlq, 2, 0.5).size).to eq(1)
+    Prosody::Testing.wait_until_handled(client)
+    expect(Prosody::Testing.records(dlq).size).to eq(1)
   end
 
   it "records a permanent failure only once its dead letter is acknowledged (a redelivery before that is handled)" do

@@ -173,6 +173,7 @@ RSpec.describe "probe server" do
     expect(sample(parsed, "prosody_events_total", **labels, event: "message.failed")).to eq(5)
     expect(sample(parsed, "prosody_events_total", **labels, event: "message.retried")).to eq(5)
     expect(sample(parsed, "prosody_partition_held_messages", **labels)).to eq(0)
+    expect(sample(parsed, "prosody_partition_in_flight", **labels)).to eq(0)
     expect(sample(parsed, "prosody_partition_stalled", **labels)).to eq(0)
     expect(sample(parsed, "prosody_consumer_lag_messages", **labels)).to eq(0)
     expect(sample(parsed, "prosody_handler_duration_seconds_count", group:)).to eq(10)

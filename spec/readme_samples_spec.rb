@@ -132,15 +132,6 @@ module ReadmeSamples # rubocop:disable Metrics/ModuleLength -- mostly the childr
         raise "expected three filtered, got #{client.skipped_events}" unless client.skipped_events[:filtered] == 3
         client.unsubscribe
       RUBY
-    },
-    # Testing: the sample is a spec of an OrderHandler; RSpec runs it at exit (a failure exits 1).
-    "RSpec.describe OrderHandler" => {
-      before: <<~'RUBY'
-        require "rspec/autorun"
-        class OrderHandler < Prosody::EventHandler
-          def on_message(_context, _message); end
-        end
-      RUBY
     }
   }.freeze
 

@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "json"
+require "prosody/testing"
 
 # The telemetry emitter in mock mode: off unless asked for, and when asked for, one JSON record
 # per lifecycle event on telemetry_topic, keyed by the event's key (the README's schema).
@@ -17,12 +18,7 @@ RSpec.describe "telemetry events (mock)" do
 
   # Every telemetry record, once at least +count+ arrived, as [key, event Hash] pairs.
   def events(count)
-    records = []
-    wait_for(message: "#{count} telemetry records") do
-      records = Prosody::Native.mock_read_topic(telemetry_topic, 200, 1.0)
-      records.size >= count
-    end
-    records.map { |r| [r["key"], JSON.parse(r["payload"])] }
+    Prosody::Testing.wait_for_records(telemetry_topic, count, timeout: 20).map { |r| [r.key, r.payload] }
   end
 
   def named(events, name)
@@ -123,9 +119,7 @@ RSpec.describe "telemetry events (mock)" do
     client = start(handler, defer_base: 0.05, defer_max_delay: 0.2, max_retries: 0)
     client.send_message(topic, "k", { "n" => 1 })
     wait_for(message: "the deferral") do
-      Prosody::Native.mock_read_topic(telemetry_topic, 10, 0.2).any? do |r|
-        r["payload"].include?("message.deferred")
-      end
+      Prosody::Testing.records(telemetry_topic).any? { |r| r.payload["event"] == "message.deferred" }
     end
     handler.failing.clear
     deferred = events(4).find { |_, e| e["event"] == "message.deferred" }

@@ -50,6 +50,8 @@ pub struct Client {
     spans: crate::spans::Spans,
     /// The telemetry emitter, when `telemetry_enabled` (see [`Config::effective_telemetry`]).
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The clock timers come due by (kept across subscriptions; only tests move it).
+    clock: Arc<crate::timers::Clock>,
 }
 
 impl Client {
@@ -106,6 +108,7 @@ impl Client {
             skipped: Arc::new(Skipped::default()),
             spans,
             telemetry,
+            clock: Arc::default(),
         })
     }
 
@@ -264,6 +267,7 @@ impl Client {
             telemetry: self.telemetry.clone(),
             partitions: Mutex::new(HashMap::new()),
             kafka_stats: Mutex::default(),
+            clock: self.clock.clone(),
             failure: std::sync::OnceLock::new(),
         });
         // The probe server first: a port in use fails the subscribe before it joins the group.
@@ -459,6 +463,31 @@ impl Client {
             .ok()
             .and_then(|s| s.as_ref().map(Subscription::inject_fault))
             .is_some()
+    }
+
+    /// Test support: moves this client's timer clock `seconds` forward (see
+    /// [`crate::timers::Clock`]); returns the move's number.
+    pub fn advance_timers(&self, seconds: i64) -> u64 {
+        self.clock.advance(seconds)
+    }
+
+    /// Test support: whether the subscription acted on move `number` of the timer clock in
+    /// every assigned partition and has nothing in flight (false when not subscribed).
+    pub fn timers_caught_up(&self, number: u64) -> bool {
+        self.with_engine(|e| e.timers_caught_up(number))
+    }
+
+    /// Test support: see [`Engine::settled`] (false when not subscribed).
+    pub fn settled(&self, high: &[(String, i32, i64)]) -> bool {
+        self.with_engine(|e| e.settled(high))
+    }
+
+    fn with_engine(&self, f: impl FnOnce(&Engine) -> bool) -> bool {
+        self.subscription
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| f(s.engine())))
+            .unwrap_or(false)
     }
 
     /// Partitions currently assigned (0 when not subscribed).

@@ -60,6 +60,8 @@ pub struct Engine {
     pub(crate) partitions: Mutex<PartitionMap>,
     /// What librdkafka's statistics last said about the consumer (lag, round trips).
     pub kafka_stats: Mutex<crate::metrics::KafkaStats>,
+    /// The client's timer clock.
+    pub clock: Arc<crate::timers::Clock>,
     /// The first failure of one of this subscription's threads or tasks (a panic). Once set,
     /// the subscription no longer consumes as it should: `is_stalled` reports it, and
     /// unsubscribing reports it as an error.
@@ -105,6 +107,36 @@ impl Engine {
         self.partitions.lock().map_or(0, |p| p.len())
     }
 
+    /// Test support: whether every assigned partition acted on move `number` of the timer clock
+    /// and has nothing in flight.
+    pub fn timers_caught_up(&self, number: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.partitions.lock().is_ok_and(|p| {
+            p.values().all(|s| {
+                s.clock_seen.load(Ordering::Acquire) >= number
+                    && s.in_flight.load(Ordering::Acquire) == 0
+            })
+        })
+    }
+
+    /// Test support: whether each (topic, partition, high watermark) in `high` is assigned and
+    /// finished everything below its high watermark, with nothing in flight (timers included).
+    pub fn settled(&self, high: &[(String, i32, i64)]) -> bool {
+        use std::sync::atomic::Ordering;
+        let Ok(partitions) = self.partitions.lock() else {
+            return false;
+        };
+        high.iter().all(|(topic, partition, high)| {
+            partitions
+                .get(&(Arc::from(topic.as_str()), *partition))
+                .is_some_and(|s| {
+                    s.committable().unwrap_or(0) >= *high
+                        && s.oldest_wait().is_none()
+                        && s.in_flight.load(Ordering::Acquire) == 0
+                })
+        })
+    }
+
     /// This subscription's figures for `/metrics`.
     pub fn figures(&self) -> crate::metrics::ClientFigures {
         let threshold = self.config.stall_threshold;
@@ -119,6 +151,7 @@ impl Engine {
                             topic: topic.clone(),
                             partition: *partition,
                             held: shared.held(),
+                            in_flight: shared.in_flight.load(std::sync::atomic::Ordering::Acquire),
                             committable: shared.committable(),
                             oldest_unfinished,
                             stalled: oldest_unfinished.is_some_and(|w| w > threshold),

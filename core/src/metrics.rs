@@ -160,6 +160,8 @@ pub struct PartitionFigures {
     pub partition: i32,
     /// Messages taken from Kafka and not yet retired below the commit watermark.
     pub held: usize,
+    /// Events in flight (one per busy key): running, waiting for a handler slot or a retry.
+    pub in_flight: usize,
     /// The position the engine lets commit (the next offset to read), when known.
     pub committable: Option<i64>,
     /// How long the oldest unfinished message has waited, when there is one.
@@ -216,7 +218,12 @@ pub fn render(clients: &[ClientFigures]) -> String {
         )
     };
     type Gauge = fn(&ClientFigures, &PartitionFigures) -> Option<f64>;
-    let gauges: [(&str, &str, Gauge); 5] = [
+    let gauges: [(&str, &str, Gauge); 6] = [
+        (
+            "prosody_partition_in_flight",
+            "Events in flight (messages and timers; one per key at most): running, waiting for a handler slot or for a retry.",
+            |_, p| Some(p.in_flight as f64),
+        ),
         (
             "prosody_partition_held_messages",
             "Messages taken from Kafka and not yet committed (in flight, queued or waiting on an earlier offset).",

@@ -231,6 +231,118 @@ pub fn read_topic(
     Ok(out)
 }
 
+/// A consumer for reading watermarks, one per bootstrap servers for the process (made on first
+/// use): the testing kit asks often, and a new client per question would take its connection
+/// time each time.
+fn watcher(bootstrap: &str) -> Result<std::sync::Arc<rdkafka::consumer::BaseConsumer>, String> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    static WATCHERS: crate::process::PerProcess<
+        Mutex<HashMap<String, Arc<rdkafka::consumer::BaseConsumer>>>,
+    > = crate::process::PerProcess::new();
+    let watchers = WATCHERS.get_or_try_init(|| Ok::<_, String>(Mutex::new(HashMap::new())))?;
+    let mut watchers = watchers
+        .lock()
+        .map_err(|_| "watermark readers poisoned".to_owned())?;
+    if let Some(watcher) = watchers.get(bootstrap) {
+        return Ok(watcher.clone());
+    }
+    let watcher: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "prosody-test-watermarks")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let watcher = Arc::new(watcher);
+    watchers.insert(bootstrap.to_owned(), watcher.clone());
+    Ok(watcher)
+}
+
+/// Each partition of `topic` with its high watermark (the offset the next record gets); empty
+/// when the topic does not exist.
+pub fn high_watermarks(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<(i32, i64)>, String> {
+    use rdkafka::consumer::Consumer as _;
+    let watcher = watcher(bootstrap)?;
+    let metadata = watcher
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for t in metadata.topics() {
+        if t.error().is_some() {
+            continue;
+        }
+        for p in t.partitions() {
+            let (_, high) = watcher
+                .fetch_watermarks(topic, p.id(), timeout)
+                .map_err(|e| e.to_string())?;
+            out.push((p.id(), high));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Every record of `topic` written so far (up to its high watermarks when called), partition by
+/// partition in offset order.
+pub fn read_all(bootstrap: &str, topic: &str, timeout: Duration) -> Result<Vec<RawRecord>, String> {
+    let high = high_watermarks(bootstrap, topic, timeout)?;
+    let count = high
+        .iter()
+        .map(|(_, h)| usize::try_from(*h).unwrap_or(0))
+        .sum();
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let mut records = read_topic(bootstrap, topic, count, timeout)?;
+    if records.len() < count {
+        return Err(format!(
+            "read {} of the {count} records of {topic:?} within {timeout:?}",
+            records.len()
+        ));
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    Ok(records)
+}
+
+/// A consumed message built from parts, decoded exactly as the poll thread decodes a record
+/// (for unit tests of handlers); an undecodable payload is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn message(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: &[(String, Vec<u8>)],
+    timestamp_ms: Option<i64>,
+) -> Result<crate::event::ConsumedMessage, String> {
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for (name, value) in headers {
+        owned = owned.insert(Header {
+            key: name,
+            value: Some(value.as_slice()),
+        });
+    }
+    let timestamp = timestamp_ms.map_or(rdkafka::Timestamp::NotAvailable, |ms| {
+        rdkafka::Timestamp::CreateTime(ms)
+    });
+    let record = rdkafka::message::OwnedMessage::new(
+        payload,
+        key,
+        topic.to_owned(),
+        timestamp,
+        partition,
+        offset,
+        Some(owned),
+    );
+    crate::event::ConsumedMessage::decode(std::sync::Arc::from(topic), record, false)
+        .map_err(|undecodable| undecodable.reason)
+}
+
 /// A job for a timer event of `key` (the cheapest event to build), reporting to `done`; for
 /// scheduler tests and benchmarks.
 pub fn timer_job(

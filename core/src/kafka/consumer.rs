@@ -156,6 +156,11 @@ impl Subscription {
         self.engine.is_stalled()
     }
 
+    /// The subscription's engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Partitions currently assigned to this subscription.
     pub fn assigned_partitions(&self) -> usize {
         self.engine.assigned_partitions()

@@ -69,9 +69,9 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
             .sum()
     }
 
-    /// Keys with an event in flight.
-    #[cfg(test)]
-    fn in_flight(&self) -> usize {
+    /// Keys with an event in flight (each has exactly one; the events waiting behind them are
+    /// not counted): zero when nothing runs or waits.
+    pub fn in_flight(&self) -> usize {
         self.active.len()
     }
 }

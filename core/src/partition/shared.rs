@@ -30,6 +30,11 @@ pub struct PartitionShared {
     waker: Arc<Waker>,
     /// Lifecycle events of this partition's messages and timers, for `/metrics`.
     pub(crate) events: Arc<crate::metrics::EventCounts>,
+    /// Events in flight (one per busy key: running, waiting for a handler slot or a retry), as
+    /// the worker last counted them.
+    pub(crate) in_flight: AtomicUsize,
+    /// The last move of the timer clock the worker acted on (see [`crate::timers::Clock`]).
+    pub(crate) clock_seen: AtomicU64,
 }
 
 impl PartitionShared {
@@ -41,6 +46,8 @@ impl PartitionShared {
             oldest_unfinished: AtomicU64::new(0),
             waker,
             events: Arc::default(),
+            in_flight: AtomicUsize::new(0),
+            clock_seen: AtomicU64::new(0),
         }
     }
 

@@ -210,6 +210,7 @@ pub(crate) fn spawn_worker(
         spans: HashMap::new(),
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
+        clock: engine.clock.clone(),
     });
     let worker = Worker {
         topic,
@@ -303,7 +304,9 @@ impl Worker {
         let wake = sleep_until(Instant::now().into());
         tokio::pin!(wake);
         let mut armed: Option<Plan> = None;
+        let mut clock = self.engine.clock.watch();
         loop {
+            self.publish_in_flight();
             let plan = self.plan();
             if plan != armed {
                 if let Some(at) = self.wake_at() {
@@ -322,6 +325,20 @@ impl Worker {
                         timers.apply(change);
                     }
                     self.fire_due();
+                }
+                // A test moved the timer clock: load the window it reached and fire what is due.
+                Ok(()) = clock.changed() => {
+                    let moved = *clock.borrow_and_update();
+                    armed = None;
+                    if let Some(timers) = self.timers.as_mut() {
+                        timers.next_load = Instant::now();
+                    }
+                    self.load_timers().await;
+                    // In flight first: the testing kit reads the move, then the count.
+                    self.publish_in_flight();
+                    self.shared
+                        .clock_seen
+                        .store(moved, std::sync::atomic::Ordering::Release);
                 }
                 () = &mut wake, if armed.is_some() => {
                     armed = None;
@@ -342,6 +359,15 @@ impl Worker {
                 },
             }
         }
+    }
+
+    /// Publishes how many events are in flight (one per busy key: running, waiting for a
+    /// handler slot or for a retry), for `/metrics` and the testing kit, which waits until none
+    /// is.
+    fn publish_in_flight(&self) {
+        self.shared
+            .in_flight
+            .store(self.keys.in_flight(), std::sync::atomic::Ordering::Release);
     }
 
     /// What the wake-up sleep is armed for; `None` when nothing is scheduled.

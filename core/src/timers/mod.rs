@@ -113,6 +113,58 @@ pub fn now() -> Seconds {
         .unwrap_or(MIN_TIME)
 }
 
+/// The time a client's timers come due by: the wall clock, plus an offset that only moves
+/// forward, and only when a test asks ([`Clock::advance`], the testing kit's
+/// `advance_timers`), so that "a reminder in 2 hours" runs in milliseconds. Its partition
+/// workers watch it and fire what became due at once.
+#[derive(Debug)]
+pub struct Clock {
+    /// Seconds added to the wall clock.
+    offset: std::sync::atomic::AtomicI64,
+    /// How many times it moved; the workers wake when it changes.
+    moved: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            offset: std::sync::atomic::AtomicI64::new(0),
+            moved: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Clock {
+    /// The current time in [`Seconds`] for timers.
+    pub fn now(&self) -> Seconds {
+        now().saturating_add(self.offset())
+    }
+
+    /// Seconds added to the wall clock.
+    pub fn offset(&self) -> Seconds {
+        self.offset.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Moves the clock `seconds` forward (never back) and returns the move's number, which
+    /// each partition worker reports once it fired what became due (see
+    /// [`crate::client::Client::timers_caught_up`]).
+    pub fn advance(&self, seconds: Seconds) -> u64 {
+        self.offset
+            .fetch_add(seconds.max(0), std::sync::atomic::Ordering::AcqRel);
+        let mut number = 0;
+        self.moved.send_modify(|n| {
+            *n += 1;
+            number = *n;
+        });
+        number
+    }
+
+    /// Tells of each move.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.moved.subscribe()
+    }
+}
+
 /// A change to a partition's timers, sent to its worker so its in-memory schedule follows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimerChange {

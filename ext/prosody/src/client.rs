@@ -206,6 +206,28 @@ impl Client {
         self.inner.assigned_partitions()
     }
 
+    /// Testing kit: the topics this client subscribes.
+    fn subscribed_topics(&self) -> Vec<String> {
+        self.inner.config().subscribed_topics.clone()
+    }
+
+    /// Testing kit: moves the timer clock `seconds` forward; returns the move's number.
+    fn advance_timers(&self, seconds: i64) -> u64 {
+        self.inner.advance_timers(seconds)
+    }
+
+    /// Testing kit: whether every assigned partition acted on clock move `number` and has
+    /// nothing in flight.
+    fn timers_caught_up(&self, number: u64) -> bool {
+        self.inner.timers_caught_up(number)
+    }
+
+    /// Testing kit: whether every `[topic, partition, high_watermark]` of `high` is assigned
+    /// and finished below its watermark, with nothing in flight.
+    fn settled(&self, high: Vec<(String, i32, i64)>) -> bool {
+        self.inner.settled(&high)
+    }
+
     /// `{source_system:, filtered:, duplicate:}`: events finished without a handler call.
     fn skipped_events(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -353,5 +375,9 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("stalled?", method!(Client::is_stalled, 0))?;
     class.define_method("timers_available?", method!(Client::timers_available, 0))?;
     class.define_method("inject_fault", method!(Client::inject_fault, 0))?;
+    class.define_method("advance_timers", method!(Client::advance_timers, 1))?;
+    class.define_method("timers_caught_up?", method!(Client::timers_caught_up, 1))?;
+    class.define_method("settled?", method!(Client::settled, 1))?;
+    class.define_method("subscribed_topics", method!(Client::subscribed_topics, 0))?;
     Ok(())
 }

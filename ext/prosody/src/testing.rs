@@ -105,6 +105,14 @@ fn read_topic(
         prosody_core::testing::read_topic(&bootstrap, &topic, count, timeout)
     })?
     .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
+    records_to_ruby(ruby, records)
+}
+
+/// Records as an Array of Hashes (see [`mock_read_topic`]).
+fn records_to_ruby(
+    ruby: &Ruby,
+    records: Vec<prosody_core::testing::RawRecord>,
+) -> Result<RArray, Error> {
     let out = ruby.ary_new_capa(records.len());
     for r in records {
         let hash = ruby.hash_new();
@@ -123,6 +131,62 @@ fn read_topic(
         out.push(hash)?;
     }
     Ok(out)
+}
+
+/// The high watermark of each partition of a mock topic: a Hash of partition => offset (empty
+/// when the topic does not exist).
+fn mock_high_watermarks(ruby: &Ruby, topic: String) -> Result<RHash, Error> {
+    let bootstrap = mock_bootstrap_servers(ruby)?;
+    let high = without_gvl(ruby, |_| {
+        prosody_core::testing::high_watermarks(&bootstrap, &topic, Duration::from_secs(10))
+    })?
+    .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
+    let out = ruby.hash_new();
+    for (partition, offset) in high {
+        out.aset(partition, offset)?;
+    }
+    Ok(out)
+}
+
+/// Every record of a mock topic so far, as [`mock_read_topic`] gives them, partition by
+/// partition in offset order.
+fn mock_read_all(ruby: &Ruby, topic: String) -> Result<RArray, Error> {
+    let bootstrap = mock_bootstrap_servers(ruby)?;
+    let records = without_gvl(ruby, |_| {
+        prosody_core::testing::read_all(&bootstrap, &topic, Duration::from_secs(10))
+    })?
+    .map_err(|e| errors::prosody(ruby, errors::Class::Client, e))?;
+    records_to_ruby(ruby, records)
+}
+
+/// A `Prosody::Message` from parts, decoded as a consumed record is: `payload` is the JSON
+/// bytes (nil for a tombstone), `headers` a Hash of names to binary Strings.
+#[allow(clippy::too_many_arguments)]
+fn build_message(
+    ruby: &Ruby,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<RString>,
+    payload: Option<RString>,
+    headers: Option<RHash>,
+    timestamp_ms: Option<i64>,
+) -> Result<crate::message::Message, Error> {
+    let headers = convert::headers(ruby, headers)?;
+    // SAFETY: the slices are copied before any other Ruby code runs.
+    let key = key.map(|k| unsafe { k.as_slice() }.to_vec());
+    let payload = payload.map(|p| unsafe { p.as_slice() }.to_vec());
+    let message = prosody_core::testing::message(
+        &topic,
+        partition,
+        offset,
+        key,
+        payload,
+        &headers,
+        timestamp_ms,
+    )
+    .map_err(|e| errors::prosody(ruby, errors::Class::Argument, e))?;
+    Ok(crate::message::Message::new(std::sync::Arc::new(message)))
 }
 
 /// Makes sends to a mock topic fail (`true`) or work again (`false`).
@@ -146,5 +210,8 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     native.define_module_function("mock_read_topic", function!(mock_read_topic, 3))?;
     native.define_module_function("read_topic", function!(read_topic, 4))?;
     native.define_module_function("mock_fail_topic", function!(mock_fail_topic, 2))?;
+    native.define_module_function("mock_high_watermarks", function!(mock_high_watermarks, 1))?;
+    native.define_module_function("mock_read_all", function!(mock_read_all, 1))?;
+    native.define_module_function("build_message", function!(build_message, 7))?;
     Ok(())
 }

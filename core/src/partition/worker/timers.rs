@@ -25,6 +25,8 @@ pub(super) struct PartitionTimers {
     pub(super) horizon: Duration,
     /// When to load the next window of stored timers.
     pub(super) next_load: Instant,
+    /// The client's timer clock (the wall clock unless a test moved it).
+    pub(super) clock: Arc<timers::Clock>,
 }
 
 impl PartitionTimers {
@@ -83,7 +85,8 @@ impl PartitionTimers {
     /// When the earliest pending timer is due, as a monotonic instant.
     pub(super) fn next_due(&self) -> Option<Instant> {
         let (time, _) = self.pending.first()?;
-        let wall = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(*time).unwrap_or(0));
+        let wall = time.saturating_sub(self.clock.offset());
+        let wall = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(wall).unwrap_or(0));
         let wait = wall
             .duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO);
@@ -92,7 +95,7 @@ impl PartitionTimers {
 
     /// Takes every pending timer whose time has come (never early: whole seconds elapsed).
     pub(super) fn take_due(&mut self) -> Vec<(crate::event::Key, Seconds)> {
-        let now = timers::now();
+        let now = self.clock.now();
         let mut due = Vec::new();
         while let Some((time, _)) = self.pending.first() {
             if *time > now {
@@ -115,7 +118,11 @@ impl Worker {
             return;
         };
         let horizon = i64::try_from(timers.horizon.as_secs()).unwrap_or(timers::MAX_TIME);
-        let until = timers::now().saturating_add(horizon).min(timers::MAX_TIME);
+        let until = timers
+            .clock
+            .now()
+            .saturating_add(horizon)
+            .min(timers::MAX_TIME);
         timers.next_load = Instant::now() + (timers.horizon / 2).max(Duration::from_secs(1));
         match timers.handle.store.load(&timers.handle.scope, until).await {
             Ok(loaded) => {
