@@ -184,4 +184,36 @@ RSpec.describe "probe server" do
     expect(parsed["prosody_kafka_broker_rtt_seconds"]).not_to be_empty
     expect(sample(parsed, "prosody_subscription_failed", group:)).to eq(0)
   end
+
+  it "exposes queued events, pending timers, deferred keys and timer lateness" do
+    release = false
+    handler = Class.new(Prosody::EventHandler) do
+      define_method(:on_message) do |context, message|
+        case message.payload["do"]
+        when "hold" then sleep 0.01 until release
+        when "timers"
+          context.schedule(Time.now + 1800)
+          context.schedule(Time.now)
+        when "fail" then raise "dependency down"
+        end
+      end
+      define_method(:on_timer) { |_context, _timer| nil }
+    end.new
+    client = start(handler, mock_partitions: 1, defer_base: 60, defer_max_delay: 60)
+    wait_for(message: "an assignment") { client.assigned_partitions.positive? }
+    2.times { client.send_message(topic, "held", { "do" => "hold" }) }
+    client.send_message(topic, "t", { "do" => "timers" })
+    client.send_message(topic, "f", { "do" => "fail" })
+    labels = { group:, topic:, partition: "0" }
+    wait_for(message: "the gauges") do
+      m = metrics
+      sample(m, "prosody_partition_queued_events", **labels) == 1 &&
+        sample(m, "prosody_partition_timers_pending", **labels) == 1 &&
+        sample(m, "prosody_partition_deferred_keys", **labels) == 1 &&
+        sample(m, "prosody_partition_in_flight", **labels) >= 1 &&
+        sample(m, "prosody_timer_lateness_seconds_count", group:) >= 1
+    end
+  ensure
+    release = true
+  end
 end

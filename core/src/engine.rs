@@ -146,12 +146,16 @@ impl Engine {
             .map(|p| {
                 p.iter()
                     .map(|((topic, partition), shared)| {
+                        use std::sync::atomic::Ordering::{Acquire, Relaxed};
                         let oldest_unfinished = shared.oldest_wait();
                         crate::metrics::PartitionFigures {
                             topic: topic.clone(),
                             partition: *partition,
                             held: shared.held(),
-                            in_flight: shared.in_flight.load(std::sync::atomic::Ordering::Acquire),
+                            in_flight: shared.in_flight.load(Acquire),
+                            queued: shared.queued.load(Relaxed),
+                            timers_pending: shared.timers_pending.load(Relaxed),
+                            deferred_keys: shared.deferred_keys.load(Relaxed),
                             committable: shared.committable(),
                             oldest_unfinished,
                             stalled: oldest_unfinished.is_some_and(|w| w > threshold),
@@ -163,6 +167,7 @@ impl Engine {
             .unwrap_or_default();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         let (handler, wait) = self.scheduler.histograms();
+        let timer_lateness = self.scheduler.timer_lateness();
         crate::metrics::ClientFigures {
             group: self.config.group_id.clone().unwrap_or_default(),
             partitions,
@@ -173,6 +178,7 @@ impl Engine {
                 .unwrap_or_default(),
             handler,
             wait,
+            timer_lateness,
             failed: self.failure.get().is_some(),
         }
     }

@@ -162,6 +162,12 @@ pub struct PartitionFigures {
     pub held: usize,
     /// Events in flight (one per busy key): running, waiting for a handler slot or a retry.
     pub in_flight: usize,
+    /// Events waiting behind an in-flight event of their key.
+    pub queued: usize,
+    /// Timers loaded and not yet due.
+    pub timers_pending: usize,
+    /// Keys deferred (pipeline mode).
+    pub deferred_keys: usize,
     /// The position the engine lets commit (the next offset to read), when known.
     pub committable: Option<i64>,
     /// How long the oldest unfinished message has waited, when there is one.
@@ -182,6 +188,8 @@ pub struct ClientFigures {
     pub handler: Arc<Histogram>,
     /// Time ready events waited for a runner (the scheduler's).
     pub wait: Arc<Histogram>,
+    /// How late timers fired after their time.
+    pub timer_lateness: Arc<Histogram>,
     /// Whether a thread or task of the subscription died.
     pub failed: bool,
 }
@@ -218,7 +226,22 @@ pub fn render(clients: &[ClientFigures]) -> String {
         )
     };
     type Gauge = fn(&ClientFigures, &PartitionFigures) -> Option<f64>;
-    let gauges: [(&str, &str, Gauge); 6] = [
+    let gauges: [(&str, &str, Gauge); 9] = [
+        (
+            "prosody_partition_queued_events",
+            "Events waiting behind an in-flight event of their key.",
+            |_, p| Some(p.queued as f64),
+        ),
+        (
+            "prosody_partition_timers_pending",
+            "Timers loaded for the coming window (slab_size) and not yet due.",
+            |_, p| Some(p.timers_pending as f64),
+        ),
+        (
+            "prosody_partition_deferred_keys",
+            "Keys deferred for a later retry (pipeline mode).",
+            |_, p| Some(p.deferred_keys as f64),
+        ),
         (
             "prosody_partition_in_flight",
             "Events in flight (messages and timers; one per key at most): running, waiting for a handler slot or for a retry.",
@@ -328,6 +351,19 @@ pub fn render(clients: &[ClientFigures]) -> String {
         c.wait.write(
             &mut out,
             "prosody_scheduler_wait_seconds",
+            &format!("group=\"{}\"", label(&c.group)),
+        );
+    }
+    header(
+        &mut out,
+        "prosody_timer_lateness_seconds",
+        "histogram",
+        "How long after their time timers fired.",
+    );
+    for c in clients {
+        c.timer_lateness.write(
+            &mut out,
+            "prosody_timer_lateness_seconds",
             &format!("group=\"{}\"", label(&c.group)),
         );
     }

@@ -14,12 +14,15 @@ pub struct KeyQueues<K, E> {
     /// A key is present exactly while one of its events is in flight; the deque holds the events
     /// that wait behind it, in arrival order.
     active: HashMap<K, VecDeque<E>, RandomState>,
+    /// Events waiting behind an in-flight one, over every key.
+    waiting: usize,
 }
 
 impl<K: Hash + Eq + Clone, E> Default for KeyQueues<K, E> {
     fn default() -> Self {
         Self {
             active: HashMap::default(),
+            waiting: 0,
         }
     }
 }
@@ -36,6 +39,7 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
         match self.active.entry(key) {
             Entry::Occupied(mut waiting) => {
                 waiting.get_mut().push_back(event);
+                self.waiting += 1;
                 None
             }
             Entry::Vacant(idle) => {
@@ -50,8 +54,11 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
     pub fn finish(&mut self, key: &K) -> Option<E> {
         let waiting = self.active.get_mut(key)?;
         let next = waiting.pop_front();
-        if next.is_none() {
-            self.active.remove(key);
+        match next {
+            Some(_) => self.waiting -= 1,
+            None => {
+                self.active.remove(key);
+            }
         }
         next
     }
@@ -59,6 +66,7 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
     /// Drops every waiting (not in-flight) event and returns how many there were; in-flight keys
     /// stay in flight.
     pub fn drop_waiting(&mut self) -> usize {
+        self.waiting = 0;
         self.active
             .values_mut()
             .map(|q| {
@@ -67,6 +75,11 @@ impl<K: Hash + Eq + Clone, E> KeyQueues<K, E> {
                 n
             })
             .sum()
+    }
+
+    /// Events waiting behind an in-flight event of their key.
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 
     /// Keys with an event in flight (each has exactly one; the events waiting behind them are
@@ -117,6 +130,7 @@ mod tests {
                 keys.dedup();
                 prop_assert_eq!(before, keys.len(), "two events of one key in flight");
                 prop_assert_eq!(q.in_flight(), keys.len());
+                prop_assert_eq!(q.waiting(), q.active.values().map(VecDeque::len).sum::<usize>());
             }
             for seqs in started.values() {
                 prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "out of order: {:?}", seqs);

@@ -35,6 +35,12 @@ pub struct PartitionShared {
     pub(crate) in_flight: AtomicUsize,
     /// The last move of the timer clock the worker acted on (see [`crate::timers::Clock`]).
     pub(crate) clock_seen: AtomicU64,
+    /// Events waiting behind an in-flight event of their key, as the worker last counted them.
+    pub(crate) queued: AtomicUsize,
+    /// Timers loaded and not yet due, as the worker last counted them.
+    pub(crate) timers_pending: AtomicUsize,
+    /// Keys deferred (pipeline mode), as the worker last counted them.
+    pub(crate) deferred_keys: AtomicUsize,
 }
 
 impl PartitionShared {
@@ -48,6 +54,9 @@ impl PartitionShared {
             events: Arc::default(),
             in_flight: AtomicUsize::new(0),
             clock_seen: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            timers_pending: AtomicUsize::new(0),
+            deferred_keys: AtomicUsize::new(0),
         }
     }
 

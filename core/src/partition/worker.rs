@@ -211,6 +211,7 @@ pub(crate) fn spawn_worker(
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
         clock: engine.clock.clone(),
+        lateness: engine.scheduler.timer_lateness(),
     });
     let worker = Worker {
         topic,
@@ -361,13 +362,21 @@ impl Worker {
         }
     }
 
-    /// Publishes how many events are in flight (one per busy key: running, waiting for a
-    /// handler slot or for a retry), for `/metrics` and the testing kit, which waits until none
-    /// is.
+    /// Publishes the partition's counts for `/metrics`: events in flight (one per busy key:
+    /// running, waiting for a handler slot or for a retry; the testing kit waits until none is),
+    /// events queued behind them, timers pending and keys deferred.
     fn publish_in_flight(&self) {
-        self.shared
-            .in_flight
-            .store(self.keys.in_flight(), std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let shared = &self.shared;
+        shared.queued.store(self.keys.waiting(), Relaxed);
+        let pending = self.timers.as_ref().map_or(0, |t| t.pending.len());
+        shared.timers_pending.store(pending, Relaxed);
+        let deferred = self
+            .deferral
+            .as_ref()
+            .map_or(0, PartitionDeferral::deferred_keys);
+        shared.deferred_keys.store(deferred, Relaxed);
+        shared.in_flight.store(self.keys.in_flight(), Release);
     }
 
     /// What the wake-up sleep is armed for; `None` when nothing is scheduled.

@@ -373,6 +373,8 @@ struct Core {
     handler_time: Arc<crate::metrics::Histogram>,
     /// How long ready events waited for a runner, for `/metrics`.
     wait_time: Arc<crate::metrics::Histogram>,
+    /// How late timers fired after their time, for `/metrics` (the partition workers add to it).
+    timer_lateness: Arc<crate::metrics::Histogram>,
 }
 
 impl Core {
@@ -469,6 +471,7 @@ impl Scheduler {
                 notify: OnceLock::new(),
                 handler_time: Arc::default(),
                 wait_time: Arc::default(),
+                timer_lateness: Arc::default(),
             }),
         }
     }
@@ -482,6 +485,11 @@ impl Scheduler {
         Arc<crate::metrics::Histogram>,
     ) {
         (self.core.handler_time.clone(), self.core.wait_time.clone())
+    }
+
+    /// The timer-lateness histogram (see [`crate::metrics`]).
+    pub fn timer_lateness(&self) -> Arc<crate::metrics::Histogram> {
+        self.core.timer_lateness.clone()
     }
 
     pub fn set_notify(&self, notify: impl Fn() + Send + Sync + 'static) {

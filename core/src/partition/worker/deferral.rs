@@ -182,6 +182,11 @@ impl PartitionDeferral {
     }
 
     /// When the earliest waiting key is due (milliseconds since the epoch).
+    /// Keys deferred in this partition (for `/metrics`).
+    pub(super) fn deferred_keys(&self) -> usize {
+        self.keys.len()
+    }
+
     pub(super) fn next_due_ms(&self) -> Option<i64> {
         let messages = self.due.first().map(|(ms, _)| *ms);
         let timers = self.timer_due.first().map(|(ms, _)| *ms);
