@@ -165,7 +165,8 @@ RSpec.describe "probe server" do
     parsed = wait_for(message: "metrics with the commit and consumer lag") do
       m = metrics
       m if sample(m, "prosody_partition_committed_offset", topic:) == 5 &&
-           m["prosody_consumer_lag_messages"]&.any? { |l, _| l["topic"] == topic }
+           m["prosody_consumer_lag_messages"]&.any? { |l, _| l["topic"] == topic } &&
+           m["prosody_producer_queue_messages"]&.any?
     end
     labels = { group:, topic:, partition: "0" }
     expect(sample(parsed, "prosody_events_total", **labels, event: "message.received")).to eq(5)

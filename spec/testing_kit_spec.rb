@@ -74,6 +74,20 @@ RSpec.describe Prosody::Testing do
     expect { described_class.advance_timers(client, -1) }.to raise_error(ArgumentError, /forward/)
   end
 
+  it "resets the mock cluster for the clients created after it, leaving older clients on theirs" do
+    shared = unique("kit-shared")
+    before = mock_client(shared)
+    before.send_message(shared, "k", { "era" => "before" })
+    expect(described_class.records(shared).map(&:payload)).to eq([{ "era" => "before" }])
+    described_class.reset_mock!
+    expect(described_class.records(shared)).to eq([])
+    after = mock_client(shared)
+    after.send_message(shared, "k", { "era" => "after" })
+    expect(described_class.records(shared).map(&:payload)).to eq([{ "era" => "after" }])
+    before.send_message(shared, "k", { "era" => "still the old cluster" })
+    expect(described_class.records(shared).map(&:payload)).to eq([{ "era" => "after" }])
+  end
+
   it "builds messages with the field types of consumed ones, for unit tests of a handler" do
     at = Time.at(1_796_000_000, 123, :millisecond)
     message = described_class.build_message(topic: "orders", key: "c-7", payload: { "id" => 2**70, "ok" => true },

@@ -52,13 +52,21 @@ pub struct Client {
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// The clock timers come due by (kept across subscriptions; only tests move it).
     clock: Arc<crate::timers::Clock>,
+    /// In mock mode, the cluster this client was created with (held: a reset of the mock cluster
+    /// leaves this client on it).
+    mock: Option<Arc<mock::MockKafka>>,
 }
 
 impl Client {
     /// Creates a client. In mock mode this starts (or joins) the process's mock cluster.
     pub fn new(config: Config) -> Result<Self, KafkaError> {
-        let bootstrap = if config.mock {
-            mock::shared()?.bootstrap_servers().to_owned()
+        let mock = if config.mock {
+            Some(mock::shared()?)
+        } else {
+            None
+        };
+        let bootstrap = if let Some(mock) = &mock {
+            mock.bootstrap_servers().to_owned()
         } else {
             config
                 .bootstrap_servers
@@ -82,9 +90,8 @@ impl Client {
             config.mock,
         )?);
         let telemetry = if config.effective_telemetry() {
-            if config.mock {
-                mock::shared()?
-                    .ensure_topic(&config.telemetry_topic, config.mock_partitions.get())?;
+            if let Some(mock) = &mock {
+                mock.ensure_topic(&config.telemetry_topic, config.mock_partitions.get())?;
             }
             let runtime = crate::runtime::handle().map_err(KafkaError::Runtime)?;
             Some(Arc::new(crate::telemetry::Telemetry::start(
@@ -109,6 +116,7 @@ impl Client {
             spans,
             telemetry,
             clock: Arc::default(),
+            mock,
         })
     }
 
@@ -119,8 +127,8 @@ impl Client {
 
     /// In mock mode, creates the topic on first use.
     pub fn prepare_topic(&self, topic: &str) -> Result<(), KafkaError> {
-        if self.config.mock {
-            mock::shared()?.ensure_topic(topic, self.config.mock_partitions.get())?;
+        if let Some(mock) = &self.mock {
+            mock.ensure_topic(topic, self.config.mock_partitions.get())?;
         }
         Ok(())
     }

@@ -141,6 +141,8 @@ pub struct ProducerMetrics {
     pub failed: AtomicU64,
     /// Time from the send to each record's report.
     pub ack_latency: Histogram,
+    /// Records waiting in each producer's queue (librdkafka's statistics), by producer.
+    pub queued: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 /// The process's producer figures (every client's sends, including dead letters).
@@ -226,7 +228,7 @@ pub fn render(clients: &[ClientFigures]) -> String {
         )
     };
     type Gauge = fn(&ClientFigures, &PartitionFigures) -> Option<f64>;
-    let gauges: [(&str, &str, Gauge); 9] = [
+    let gauges: [(&str, &str, Gauge); 10] = [
         (
             "prosody_partition_queued_events",
             "Events waiting behind an in-flight event of their key.",
@@ -278,6 +280,16 @@ pub fn render(clients: &[ClientFigures]) -> String {
                     .map(|lag| lag as f64)
             },
         ),
+        (
+            "prosody_consumer_fetch_queue_messages",
+            "Messages librdkafka fetched for the partition and the engine has not taken yet.",
+            |c, p| {
+                c.kafka
+                    .partitions
+                    .get(&(p.topic.to_string(), p.partition))
+                    .map(|(_, queued)| *queued as f64)
+            },
+        ),
     ];
     for (name, help, value) in gauges {
         header(&mut out, name, "gauge", help);
@@ -286,23 +298,6 @@ pub fn render(clients: &[ClientFigures]) -> String {
                 if let Some(v) = value(c, p) {
                     let _ = writeln!(out, "{name}{{{}}} {v}", partition_labels(c, p));
                 }
-            }
-        }
-    }
-    header(
-        &mut out,
-        "prosody_consumer_fetch_queue_messages",
-        "gauge",
-        "Messages librdkafka fetched for the partition and the engine has not taken yet.",
-    );
-    for c in clients {
-        for p in &c.partitions {
-            if let Some((_, queued)) = c.kafka.partitions.get(&(p.topic.to_string(), p.partition)) {
-                let _ = writeln!(
-                    out,
-                    "prosody_consumer_fetch_queue_messages{{{}}} {queued}",
-                    partition_labels(c, p)
-                );
             }
         }
     }
@@ -328,44 +323,29 @@ pub fn render(clients: &[ClientFigures]) -> String {
             }
         }
     }
-    header(
-        &mut out,
-        "prosody_handler_duration_seconds",
-        "histogram",
-        "Handler calls' durations.",
-    );
-    for c in clients {
-        c.handler.write(
-            &mut out,
+    type Histo = fn(&ClientFigures) -> &Histogram;
+    let histograms: [(&str, &str, Histo); 3] = [
+        (
             "prosody_handler_duration_seconds",
-            &format!("group=\"{}\"", label(&c.group)),
-        );
-    }
-    header(
-        &mut out,
-        "prosody_scheduler_wait_seconds",
-        "histogram",
-        "How long ready events waited for a free runner.",
-    );
-    for c in clients {
-        c.wait.write(
-            &mut out,
+            "Handler calls' durations.",
+            |c| &c.handler,
+        ),
+        (
             "prosody_scheduler_wait_seconds",
-            &format!("group=\"{}\"", label(&c.group)),
-        );
-    }
-    header(
-        &mut out,
-        "prosody_timer_lateness_seconds",
-        "histogram",
-        "How long after their time timers fired.",
-    );
-    for c in clients {
-        c.timer_lateness.write(
-            &mut out,
+            "How long ready events waited for a free runner.",
+            |c| &c.wait,
+        ),
+        (
             "prosody_timer_lateness_seconds",
-            &format!("group=\"{}\"", label(&c.group)),
-        );
+            "How long after their time timers fired.",
+            |c| &c.timer_lateness,
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        header(&mut out, name, "histogram", help);
+        for c in clients {
+            histogram(c).write(&mut out, name, &format!("group=\"{}\"", label(&c.group)));
+        }
     }
     header(
         &mut out,
@@ -399,6 +379,23 @@ pub fn render(clients: &[ClientFigures]) -> String {
         }
     }
     let producer = producer();
+    header(
+        &mut out,
+        "prosody_producer_queue_messages",
+        "gauge",
+        "Records in a producer's librdkafka queue, not yet acknowledged (librdkafka's statistics).",
+    );
+    if let Ok(queued) = producer.queued.lock() {
+        let mut queued: Vec<_> = queued.iter().collect();
+        queued.sort();
+        for (name, count) in queued {
+            let _ = writeln!(
+                out,
+                "prosody_producer_queue_messages{{producer=\"{}\"}} {count}",
+                label(name)
+            );
+        }
+    }
     header(
         &mut out,
         "prosody_producer_records_total",

@@ -231,16 +231,30 @@ pub fn read_topic(
     Ok(out)
 }
 
+/// Consumers for reading watermarks, by bootstrap servers.
+type Watchers = std::sync::Mutex<
+    std::collections::HashMap<String, std::sync::Arc<rdkafka::consumer::BaseConsumer>>,
+>;
+
+/// The process's watermark readers (see [`watcher`]).
+static WATCHERS: crate::process::PerProcess<Watchers> = crate::process::PerProcess::new();
+
+/// Drops the watermark reader of `bootstrap` (a retired mock cluster's).
+pub(crate) fn forget(bootstrap: &str) {
+    if let Some(watchers) = WATCHERS.get() {
+        watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(bootstrap);
+    }
+}
+
 /// A consumer for reading watermarks, one per bootstrap servers for the process (made on first
 /// use): the testing kit asks often, and a new client per question would take its connection
 /// time each time.
 fn watcher(bootstrap: &str) -> Result<std::sync::Arc<rdkafka::consumer::BaseConsumer>, String> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-    static WATCHERS: crate::process::PerProcess<
-        Mutex<HashMap<String, Arc<rdkafka::consumer::BaseConsumer>>>,
-    > = crate::process::PerProcess::new();
-    let watchers = WATCHERS.get_or_try_init(|| Ok::<_, String>(Mutex::new(HashMap::new())))?;
+    use std::sync::Arc;
+    let watchers = WATCHERS.get_or_try_init(|| Ok::<_, String>(Watchers::default()))?;
     let mut watchers = watchers
         .lock()
         .map_err(|_| "watermark readers poisoned".to_owned())?;

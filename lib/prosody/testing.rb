@@ -11,7 +11,8 @@ module Prosody
   # - {#records} and {#wait_for_records}: what was produced to a mock topic;
   # - {#wait_until_handled}: until a subscribed client handled everything sent so far;
   # - {#advance_timers}: moves a client's timer clock, so that a timer hours ahead fires now;
-  # - {#build_message}, {RecordingContext} and {RecordingProducer}: unit tests of a handler.
+  # - {#build_message}, {RecordingContext} and {RecordingProducer}: unit tests of a handler;
+  # - {#reset_mock!}: a new, empty mock cluster for the clients created after it.
   #
   # Waiting methods raise {TimeoutError} naming what they waited for; none sleeps a fixed time.
   module Testing
@@ -87,6 +88,15 @@ module Prosody
       Testing.wait_until(timeout, -> { "the timers due after moving the clock #{seconds}s to finish" }) do
         native.timers_caught_up?(move)
       end
+    end
+
+    # Gives the clients created from now on a new, empty mock cluster (no topics, no records, no
+    # consumer groups), for examples that reuse topic names. Clients created before keep the
+    # cluster they were created with until they are garbage-collected; unsubscribe them first.
+    #
+    # @return [void]
+    def reset_mock!
+      Native.mock_reset
     end
 
     # A {Prosody::Message} built from parts, decoded exactly as a consumed record is (the payload

@@ -97,7 +97,7 @@ impl Subscription {
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.queue.backoff.ms", "10")
             // Consumer lag, fetch queues and broker round trips for /metrics.
-            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+            .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
         super::settings::apply(
             &mut settings,
             &super::settings::properties(config, super::settings::Side::Consumer),
@@ -203,9 +203,6 @@ impl Drop for Subscription {
         self.stop_and_join();
     }
 }
-
-/// How often librdkafka reports its statistics (read by `/metrics`), in milliseconds.
-const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// An assigned partition as the poll thread sees it.
 struct Assigned {

@@ -2,9 +2,12 @@
 //!
 //! One cluster per process, created on first use and shared by every client, so that a producer
 //! and consumers of the same process see the same topics. Topics are created on first use.
+//! [`reset`] (the testing kit's `reset_mock!`) gives the clients created after it a new, empty
+//! cluster; each client holds the cluster it was created with, which goes when its last client
+//! does.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -26,28 +29,57 @@ struct SyncMock(MockCluster<'static, DefaultProducerContext>);
 
 // SAFETY: the mock cluster runs on its own librdkafka thread; the `rd_kafka_mock_*` calls we make
 // (create topic, read bootstrap servers) enqueue operations to that thread under librdkafka's own
-// locks and are documented as thread-safe. The handle itself is never moved out or freed: the
-// cluster lives in a static for the life of the process.
+// locks and are documented as thread-safe. The handle itself is never moved out; it is freed once,
+// when the last `Arc` of its `MockKafka` drops (after a reset, with its last client), on
+// whichever thread that is, which librdkafka allows.
 unsafe impl Send for SyncMock {}
 // SAFETY: see `Send` above; shared references only call thread-safe mock operations.
 unsafe impl Sync for SyncMock {}
 
-/// Created once and kept for the process (a documented static); a forked child creates its own.
-static MOCK: PerProcess<MockKafka> = PerProcess::new();
+/// The process's current cluster (none before first use, or after a reset); a forked child
+/// starts with none and creates its own.
+static MOCK: PerProcess<Mutex<Option<Arc<MockKafka>>>> = PerProcess::new();
 
-/// The process's mock cluster, created on first use.
-pub fn shared() -> Result<&'static MockKafka, KafkaError> {
-    MOCK.get_or_try_init(|| {
-        let cluster =
-            MockCluster::new(1).map_err(|e| KafkaError::Mock(format!("could not create: {e}")))?;
-        let bootstrap = cluster.bootstrap_servers();
-        tracing::debug!("started the mock Kafka cluster at {bootstrap}");
-        Ok(MockKafka {
-            cluster: SyncMock(cluster),
-            bootstrap,
-            created: Mutex::new(HashSet::new()),
-        })
-    })
+fn slot() -> Result<&'static Mutex<Option<Arc<MockKafka>>>, KafkaError> {
+    MOCK.get_or_try_init(|| Ok(Mutex::new(None)))
+}
+
+/// The process's current mock cluster, created on first use.
+pub fn shared() -> Result<Arc<MockKafka>, KafkaError> {
+    let mut current = slot()?.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(mock) = current.as_ref() {
+        return Ok(mock.clone());
+    }
+    let cluster =
+        MockCluster::new(1).map_err(|e| KafkaError::Mock(format!("could not create: {e}")))?;
+    let bootstrap = cluster.bootstrap_servers();
+    tracing::debug!("started the mock Kafka cluster at {bootstrap}");
+    let mock = Arc::new(MockKafka {
+        cluster: SyncMock(cluster),
+        bootstrap,
+        created: Mutex::new(HashSet::new()),
+    });
+    *current = Some(mock.clone());
+    Ok(mock)
+}
+
+/// Retires the current cluster: the clients created from now on get a new, empty one. Those
+/// created before keep theirs until they are dropped; the pooled producer of the retired cluster
+/// leaves the pool, so it goes with the last client that uses it.
+pub fn reset() -> Result<(), KafkaError> {
+    let retired = slot()?
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(retired) = retired {
+        super::producer::forget_pooled(retired.bootstrap_servers());
+        crate::testing::forget(retired.bootstrap_servers());
+        tracing::debug!(
+            "retired the mock Kafka cluster at {}",
+            retired.bootstrap_servers()
+        );
+    }
+    Ok(())
 }
 
 impl MockKafka {

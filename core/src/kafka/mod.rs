@@ -94,6 +94,12 @@ impl ClientContext for ProducerContext {
         }
     }
 
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        if let Ok(mut queued) = crate::metrics::producer().queued.lock() {
+            queued.insert(self.name.clone(), statistics.msg_cnt);
+        }
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         log_client_error(&error, reason);
         // A TLS alert from the broker (a certificate it refused) comes as a transport failure.
@@ -116,6 +122,10 @@ impl ClientContext for ProducerContext {
         }
     }
 }
+
+/// How often librdkafka reports its statistics to the consumers and producers (read by
+/// `/metrics`), in milliseconds.
+pub(crate) const STATISTICS_INTERVAL_MS: &str = "1000";
 
 /// Failures talking to Kafka, each tied to the operation that failed.
 #[derive(Debug, Error)]

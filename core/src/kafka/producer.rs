@@ -90,6 +90,16 @@ struct Shared {
     known_topics: Mutex<HashSet<String>>,
 }
 
+/// Takes the pooled producers of `bootstrap` out of the pool (a retired mock cluster's): they
+/// go when the last client that uses them does.
+pub(crate) fn forget_pooled(bootstrap: &str) {
+    if let Some(pool) = POOL.get() {
+        pool.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| p.bootstrap != bootstrap);
+    }
+}
+
 /// The producers of this process, created on demand and kept for its life (a child forked from
 /// it creates its own).
 static POOL: PerProcess<Mutex<Vec<Arc<Shared>>>> = PerProcess::new();
@@ -923,7 +933,9 @@ impl Shared {
             .set("bootstrap.servers", bootstrap)
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", &timeout_ms)
-            .set("linger.ms", "1");
+            .set("linger.ms", "1")
+            // The queue size for /metrics.
+            .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
         super::settings::apply(&mut settings, properties);
         let inner = settings
             .create_with_context(ProducerContext {

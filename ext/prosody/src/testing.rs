@@ -189,6 +189,11 @@ fn build_message(
     Ok(crate::message::Message::new(std::sync::Arc::new(message)))
 }
 
+/// Gives the clients created from now on a new, empty mock cluster (see `mock::reset`).
+fn mock_reset(ruby: &Ruby) -> Result<(), Error> {
+    mock::reset().map_err(|e| errors::kafka(ruby, e))
+}
+
 /// Makes sends to a mock topic fail (`true`) or work again (`false`).
 fn mock_fail_topic(ruby: &Ruby, topic: String, fail: bool) -> Result<(), Error> {
     mock::shared()
@@ -212,6 +217,7 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     native.define_module_function("mock_fail_topic", function!(mock_fail_topic, 2))?;
     native.define_module_function("mock_high_watermarks", function!(mock_high_watermarks, 1))?;
     native.define_module_function("mock_read_all", function!(mock_read_all, 1))?;
+    native.define_module_function("mock_reset", function!(mock_reset, 0))?;
     native.define_module_function("build_message", function!(build_message, 7))?;
     Ok(())
 }
