@@ -439,12 +439,7 @@ impl Client {
 
     /// The consumer's lifecycle state.
     pub fn consumer_state(&self) -> ConsumerState {
-        let running = self
-            .subscription
-            .lock()
-            .map(|s| s.is_some())
-            .unwrap_or(false);
-        if running {
+        if self.with_subscription(|_| true) {
             ConsumerState::Running
         } else if self.config.can_consume() {
             ConsumerState::Configured
@@ -456,21 +451,16 @@ impl Client {
     /// Whether an assigned partition has an unfinished message older than `stall_threshold`
     /// (false when not subscribed).
     pub fn is_stalled(&self) -> bool {
-        self.subscription
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(Subscription::is_stalled))
-            .unwrap_or(false)
+        self.with_subscription(Subscription::is_stalled)
     }
 
     /// Test support: makes the subscription's poll thread panic, as a bug would. Returns false
     /// when not subscribed.
     pub fn inject_fault(&self) -> bool {
-        self.subscription
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(Subscription::inject_fault))
-            .is_some()
+        self.with_subscription(|s| {
+            s.inject_fault();
+            true
+        })
     }
 
     /// Test support: moves this client's timer clock `seconds` forward (see
@@ -482,29 +472,26 @@ impl Client {
     /// Test support: whether the subscription acted on move `number` of the timer clock in
     /// every assigned partition and has nothing in flight (false when not subscribed).
     pub fn timers_caught_up(&self, number: u64) -> bool {
-        self.with_engine(|e| e.timers_caught_up(number))
+        self.with_subscription(|s| s.engine().timers_caught_up(number))
     }
 
     /// Test support: see [`Engine::settled`] (false when not subscribed).
     pub fn settled(&self, high: &[(String, i32, i64)]) -> bool {
-        self.with_engine(|e| e.settled(high))
+        self.with_subscription(|s| s.engine().settled(high))
     }
 
-    fn with_engine(&self, f: impl FnOnce(&Engine) -> bool) -> bool {
+    /// What `f` says of the running subscription; the default (false, 0) when not subscribed.
+    fn with_subscription<T: Default>(&self, f: impl FnOnce(&Subscription) -> T) -> T {
         self.subscription
             .lock()
             .ok()
-            .and_then(|s| s.as_ref().map(|s| f(s.engine())))
-            .unwrap_or(false)
+            .and_then(|s| s.as_ref().map(f))
+            .unwrap_or_default()
     }
 
     /// Partitions currently assigned (0 when not subscribed).
     pub fn assigned_partitions(&self) -> usize {
-        self.subscription
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(Subscription::assigned_partitions))
-            .unwrap_or(0)
+        self.with_subscription(Subscription::assigned_partitions)
     }
 }
 

@@ -307,7 +307,7 @@ impl Worker {
         let mut armed: Option<Plan> = None;
         let mut clock = self.engine.clock.watch();
         loop {
-            self.publish_in_flight();
+            self.publish_counts();
             let plan = self.plan();
             if plan != armed {
                 if let Some(at) = self.wake_at() {
@@ -336,7 +336,7 @@ impl Worker {
                     }
                     self.load_timers().await;
                     // In flight first: the testing kit reads the move, then the count.
-                    self.publish_in_flight();
+                    self.publish_counts();
                     self.shared
                         .clock_seen
                         .store(moved, std::sync::atomic::Ordering::Release);
@@ -365,7 +365,7 @@ impl Worker {
     /// Publishes the partition's counts for `/metrics`: events in flight (one per busy key:
     /// running, waiting for a handler slot or for a retry; the testing kit waits until none is),
     /// events queued behind them, timers pending and keys deferred.
-    fn publish_in_flight(&self) {
+    fn publish_counts(&self) {
         use std::sync::atomic::Ordering::{Relaxed, Release};
         let shared = &self.shared;
         shared.queued.store(self.keys.waiting(), Relaxed);
