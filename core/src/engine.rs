@@ -82,26 +82,6 @@ impl Engine {
             .unwrap_or(false)
     }
 
-    /// Partitions whose oldest unfinished message has waited longer than `stall_threshold`,
-    /// with how long.
-    pub fn stalled_partitions(&self) -> Vec<(Arc<str>, i32, std::time::Duration)> {
-        let threshold = self.config.stall_threshold;
-        let mut stalled: Vec<_> = self
-            .partitions
-            .lock()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|((topic, partition), shared)| {
-                        let waited = shared.oldest_wait()?;
-                        (waited > threshold).then(|| (topic.clone(), *partition, waited))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        stalled.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        stalled
-    }
-
     /// Partitions currently assigned.
     pub fn assigned_partitions(&self) -> usize {
         self.partitions.lock().map_or(0, |p| p.len())
@@ -137,9 +117,14 @@ impl Engine {
         })
     }
 
-    /// This subscription's figures for `/metrics`.
+    /// This subscription's figures (for `/metrics` and `/livez`).
     pub fn figures(&self) -> crate::metrics::ClientFigures {
         let threshold = self.config.stall_threshold;
+        let kafka = self
+            .kafka_stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         let mut partitions: Vec<_> = self
             .partitions
             .lock()
@@ -148,6 +133,7 @@ impl Engine {
                     .map(|((topic, partition), shared)| {
                         use std::sync::atomic::Ordering::{Acquire, Relaxed};
                         let oldest_unfinished = shared.oldest_wait();
+                        let librdkafka = kafka.partitions.get(&(topic.to_string(), *partition));
                         crate::metrics::PartitionFigures {
                             topic: topic.clone(),
                             partition: *partition,
@@ -160,25 +146,20 @@ impl Engine {
                             oldest_unfinished,
                             stalled: oldest_unfinished.is_some_and(|w| w > threshold),
                             events: shared.events.clone(),
+                            lag: librdkafka.and_then(|(lag, _)| *lag),
+                            fetch_queue: librdkafka.map(|(_, queued)| *queued),
                         }
                     })
                     .collect()
             })
             .unwrap_or_default();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        let (handler, wait) = self.scheduler.histograms();
-        let timer_lateness = self.scheduler.timer_lateness();
+
         crate::metrics::ClientFigures {
             group: self.config.group_id.clone().unwrap_or_default(),
             partitions,
-            kafka: self
-                .kafka_stats
-                .lock()
-                .map(|s| s.clone())
-                .unwrap_or_default(),
-            handler,
-            wait,
-            timer_lateness,
+            brokers: kafka.brokers,
+            histograms: self.scheduler.histograms(),
             failed: self.failure.get().is_some(),
         }
     }

@@ -70,6 +70,18 @@ impl Histogram {
     }
 }
 
+/// The histograms of a subscription: handler durations and waits for a runner (its scheduler's),
+/// and how late timers fired (its partition workers').
+#[derive(Debug, Default)]
+pub struct SchedulerHistograms {
+    /// Handler calls' durations.
+    pub handler: Histogram,
+    /// How long ready events waited for a runner.
+    pub wait: Histogram,
+    /// How long after their time timers fired.
+    pub timer_lateness: Histogram,
+}
+
 /// Lifecycle events of one partition, by [`Kind`].
 #[derive(Debug, Default)]
 pub struct EventCounts([AtomicU64; Kind::ALL.len()]);
@@ -148,11 +160,7 @@ pub struct ProducerMetrics {
 /// The process's producer figures (every client's sends, including dead letters).
 pub fn producer() -> &'static ProducerMetrics {
     static METRICS: crate::process::PerProcess<ProducerMetrics> = crate::process::PerProcess::new();
-    match METRICS.get_or_try_init(|| Ok::<_, std::convert::Infallible>(ProducerMetrics::default()))
-    {
-        Ok(metrics) => metrics,
-        Err(never) => match never {},
-    }
+    METRICS.get_or_default()
 }
 
 /// One partition's figures at the time of a scrape.
@@ -178,6 +186,10 @@ pub struct PartitionFigures {
     pub stalled: bool,
     /// Events by kind.
     pub events: Arc<EventCounts>,
+    /// Consumer lag (librdkafka's statistics), when known.
+    pub lag: Option<i64>,
+    /// Messages in librdkafka's fetch queue, when known.
+    pub fetch_queue: Option<i64>,
 }
 
 /// One subscribed client's figures at the time of a scrape.
@@ -185,13 +197,10 @@ pub struct PartitionFigures {
 pub struct ClientFigures {
     pub group: String,
     pub partitions: Vec<PartitionFigures>,
-    pub kafka: KafkaStats,
-    /// Handler calls' durations (the scheduler's).
-    pub handler: Arc<Histogram>,
-    /// Time ready events waited for a runner (the scheduler's).
-    pub wait: Arc<Histogram>,
-    /// How late timers fired after their time.
-    pub timer_lateness: Arc<Histogram>,
+    /// Average round trip to each broker (librdkafka's statistics).
+    pub brokers: Vec<(String, Duration)>,
+    /// Its histograms.
+    pub histograms: Arc<SchedulerHistograms>,
     /// Whether a thread or task of the subscription died.
     pub failed: bool,
 }
@@ -272,23 +281,12 @@ pub fn render(clients: &[ClientFigures]) -> String {
         (
             "prosody_consumer_lag_messages",
             "High watermark minus committed offset, from librdkafka's statistics.",
-            |c, p| {
-                c.kafka
-                    .partitions
-                    .get(&(p.topic.to_string(), p.partition))
-                    .and_then(|(lag, _)| *lag)
-                    .map(|lag| lag as f64)
-            },
+            |_, p| p.lag.map(|lag| lag as f64),
         ),
         (
             "prosody_consumer_fetch_queue_messages",
             "Messages librdkafka fetched for the partition and the engine has not taken yet.",
-            |c, p| {
-                c.kafka
-                    .partitions
-                    .get(&(p.topic.to_string(), p.partition))
-                    .map(|(_, queued)| *queued as f64)
-            },
+            |_, p| p.fetch_queue.map(|queued| queued as f64),
         ),
     ];
     for (name, help, value) in gauges {
@@ -328,17 +326,17 @@ pub fn render(clients: &[ClientFigures]) -> String {
         (
             "prosody_handler_duration_seconds",
             "Handler calls' durations.",
-            |c| &c.handler,
+            |c| &c.histograms.handler,
         ),
         (
             "prosody_scheduler_wait_seconds",
             "How long ready events waited for a free runner.",
-            |c| &c.wait,
+            |c| &c.histograms.wait,
         ),
         (
             "prosody_timer_lateness_seconds",
             "How long after their time timers fired.",
-            |c| &c.timer_lateness,
+            |c| &c.histograms.timer_lateness,
         ),
     ];
     for (name, help, histogram) in histograms {
@@ -368,7 +366,7 @@ pub fn render(clients: &[ClientFigures]) -> String {
         "Average round trip to each broker in librdkafka's last statistics window.",
     );
     for c in clients {
-        for (broker, rtt) in &c.kafka.brokers {
+        for (broker, rtt) in &c.brokers {
             let _ = writeln!(
                 out,
                 "prosody_kafka_broker_rtt_seconds{{group=\"{}\",broker=\"{}\"}} {}",

@@ -60,10 +60,7 @@ pub struct Registration {
 }
 
 fn servers() -> &'static Mutex<HashMap<SocketAddr, Server>> {
-    match SERVERS.get_or_try_init(|| Ok::<_, Infallible>(Mutex::default())) {
-        Ok(servers) => servers,
-        Err(never) => match never {},
-    }
+    SERVERS.get_or_default()
 }
 
 /// Puts `engine` on the probe server at `addr`, starting the server (on `runtime`) if none
@@ -223,18 +220,18 @@ fn liveness(engines: &[Arc<Engine>]) -> Response<Full<Bytes>> {
     let mut stalled = Vec::new();
     let mut failed = Vec::new();
     for engine in engines {
-        let group = engine.config.group_id.clone().unwrap_or_default();
-        for (topic, partition, waited) in engine.stalled_partitions() {
+        let figures = engine.figures();
+        for p in figures.partitions.iter().filter(|p| p.stalled) {
             stalled.push(serde_json::json!({
-                "group": group,
-                "topic": &*topic,
-                "partition": partition,
-                "waiting_seconds": waited.as_secs_f64(),
+                "group": figures.group,
+                "topic": &*p.topic,
+                "partition": p.partition,
+                "waiting_seconds": p.oldest_unfinished.unwrap_or_default().as_secs_f64(),
                 "stall_threshold_seconds": engine.config.stall_threshold.as_secs_f64(),
             }));
         }
         if let Some(failure) = engine.failure.get() {
-            failed.push(serde_json::json!({ "group": group, "error": failure }));
+            failed.push(serde_json::json!({ "group": figures.group, "error": failure }));
         }
     }
     let live = stalled.is_empty() && failed.is_empty();

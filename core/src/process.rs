@@ -48,14 +48,20 @@ impl<T: 'static> PerProcess<T> {
     }
 }
 
+impl<T: Default + 'static> PerProcess<T> {
+    /// This process's value, created empty (`T::default()`) on first use.
+    pub fn get_or_default(&self) -> &'static T {
+        match self.get_or_try_init(|| Ok::<_, std::convert::Infallible>(T::default())) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+}
+
 impl<T: Default + Send + Sync + 'static> PerProcess<std::sync::Arc<T>> {
     /// This process's shared value, created empty (`T::default()`) on first use.
     pub fn shared(&self) -> std::sync::Arc<T> {
-        match self.get_or_try_init(|| Ok::<_, std::convert::Infallible>(std::sync::Arc::default()))
-        {
-            Ok(value) => value.clone(),
-            Err(never) => match never {},
-        }
+        self.get_or_default().clone()
     }
 }
 

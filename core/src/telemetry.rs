@@ -13,10 +13,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::defer::now_ms;
 use crate::event::Key;
 use crate::kafka::producer::DetachedProducer;
 
@@ -147,14 +148,6 @@ pub struct Event {
     pub timer: Option<Option<i64>>,
     /// What only some events have.
     pub detail: Detail,
-}
-
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Event {
@@ -406,7 +399,7 @@ pub struct Telemetry {
     pub counts: Arc<Counts>,
     /// Where the task queues them.
     producer: Arc<DetachedProducer>,
-    /// The task that writes them out (it ends when `tx` closes).
+    /// The task that writes them out (it ends once the inbox is closed and empty).
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -482,11 +475,6 @@ impl Telemetry {
         }
         self.producer
             .flush(deadline.saturating_duration_since(std::time::Instant::now()));
-    }
-
-    /// Whether the emitter task ended (it never should while the client lives).
-    pub fn stopped(&self) -> bool {
-        self.task.is_finished()
     }
 }
 

@@ -254,7 +254,7 @@ pub(crate) fn forget(bootstrap: &str) {
 /// time each time.
 fn watcher(bootstrap: &str) -> Result<std::sync::Arc<rdkafka::consumer::BaseConsumer>, String> {
     use std::sync::Arc;
-    let watchers = WATCHERS.get_or_try_init(|| Ok::<_, String>(Watchers::default()))?;
+    let watchers = WATCHERS.get_or_default();
     let mut watchers = watchers
         .lock()
         .map_err(|_| "watermark readers poisoned".to_owned())?;

@@ -40,13 +40,12 @@ unsafe impl Sync for SyncMock {}
 /// starts with none and creates its own.
 static MOCK: PerProcess<Mutex<Option<Arc<MockKafka>>>> = PerProcess::new();
 
-fn slot() -> Result<&'static Mutex<Option<Arc<MockKafka>>>, KafkaError> {
-    MOCK.get_or_try_init(|| Ok(Mutex::new(None)))
-}
-
 /// The process's current mock cluster, created on first use.
 pub fn shared() -> Result<Arc<MockKafka>, KafkaError> {
-    let mut current = slot()?.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut current = MOCK
+        .get_or_default()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     if let Some(mock) = current.as_ref() {
         return Ok(mock.clone());
     }
@@ -66,8 +65,9 @@ pub fn shared() -> Result<Arc<MockKafka>, KafkaError> {
 /// Retires the current cluster: the clients created from now on get a new, empty one. Those
 /// created before keep theirs until they are dropped; the pooled producer of the retired cluster
 /// leaves the pool, so it goes with the last client that uses it.
-pub fn reset() -> Result<(), KafkaError> {
-    let retired = slot()?
+pub fn reset() {
+    let retired = MOCK
+        .get_or_default()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
@@ -79,7 +79,6 @@ pub fn reset() -> Result<(), KafkaError> {
             retired.bootstrap_servers()
         );
     }
-    Ok(())
 }
 
 impl MockKafka {

@@ -70,6 +70,8 @@ pub struct ProducerContext {
     /// The producer's start-up state (see `Shared::warm_up`): a refusal ends the start-up as
     /// failed, so that no send waits for it.
     pub ready: Arc<tokio::sync::watch::Sender<Option<bool>>>,
+    /// The process's producer figures, added to by each delivery report.
+    pub metrics: &'static crate::metrics::ProducerMetrics,
 }
 
 /// Delivery reports go to the [`producer::Acks`] of the send that queued the record.
@@ -77,7 +79,7 @@ impl rdkafka::producer::ProducerContext for ProducerContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, opaque: usize) {
-        producer::Acks::report(result, opaque);
+        producer::Acks::report(result, opaque, self.metrics);
     }
 }
 
@@ -95,7 +97,7 @@ impl ClientContext for ProducerContext {
     }
 
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-        if let Ok(mut queued) = crate::metrics::producer().queued.lock() {
+        if let Ok(mut queued) = self.metrics.queued.lock() {
             queued.insert(self.name.clone(), statistics.msg_cnt);
         }
     }

@@ -190,11 +190,9 @@ impl Producer {
             }
         }
         // The report may already have come; `call_when_done` then calls at once.
-        let send_timeout = shared.send_timeout;
-        let refused = shared.refused.clone();
         let (topic, key) = (record.topic.to_owned(), record.key.map(<[u8]>::to_vec));
         acks.call_when_done(
-            Instant::now() + send_timeout + OUTER_MARGIN,
+            Instant::now() + shared.send_timeout + OUTER_MARGIN,
             Box::new(move |mut outcomes| {
                 let raw = RawRecord {
                     topic: &topic,
@@ -203,11 +201,10 @@ impl Producer {
                     headers: &[],
                     partition: None,
                 };
-                let refused = refused.lock().ok().and_then(|r| r.clone());
                 done(outcome_of(
                     outcomes.pop().flatten(),
-                    send_timeout,
-                    refused.as_deref(),
+                    shared.send_timeout,
+                    shared.refusal().as_deref(),
                     raw,
                 ));
             }),
@@ -760,8 +757,13 @@ impl Acks {
         }
     }
 
-    /// The delivery callback's half: the report of the record whose opaque value is `opaque`.
-    pub(super) fn report(result: &DeliveryResult<'_>, opaque: usize) {
+    /// The delivery callback's half: the report of the record whose opaque value is `opaque`,
+    /// counted in `metrics`.
+    pub(super) fn report(
+        result: &DeliveryResult<'_>,
+        opaque: usize,
+        metrics: &crate::metrics::ProducerMetrics,
+    ) {
         let id = u32::try_from(opaque >> 32).unwrap_or(u32::MAX);
         let index = opaque & 0xffff_ffff;
         let Some(acks) = LAST_SEND.with(|last| {
@@ -781,7 +783,6 @@ impl Acks {
             }),
             Err((e, _)) => Err(Failed::Kafka(e.clone())),
         };
-        let metrics = crate::metrics::producer();
         let counter = match outcome {
             Ok(_) => &metrics.acknowledged,
             Err(_) => &metrics.failed,
@@ -943,6 +944,7 @@ impl Shared {
                 name: format!("producer for {bootstrap} with send_timeout {send_timeout:?}"),
                 refused: refused.clone(),
                 ready: ready.clone(),
+                metrics: crate::metrics::producer(),
             })
             .map_err(|source| KafkaError::Create {
                 what: "producer",

@@ -211,7 +211,7 @@ pub(crate) fn spawn_worker(
         horizon: engine.config.slab_size,
         next_load: Instant::now(),
         clock: engine.clock.clone(),
-        lateness: engine.scheduler.timer_lateness(),
+        histograms: engine.scheduler.histograms(),
     });
     let worker = Worker {
         topic,

@@ -369,12 +369,9 @@ struct Core {
     state: Mutex<State>,
     /// Called (outside the lock) when work is ready while runners are idle.
     notify: OnceLock<Notify>,
-    /// Handler calls' durations, for `/metrics`.
-    handler_time: Arc<crate::metrics::Histogram>,
-    /// How long ready events waited for a runner, for `/metrics`.
-    wait_time: Arc<crate::metrics::Histogram>,
-    /// How late timers fired after their time, for `/metrics` (the partition workers add to it).
-    timer_lateness: Arc<crate::metrics::Histogram>,
+    /// Handler durations and waits for a runner (and the workers' timer lateness), for
+    /// `/metrics`.
+    histograms: Arc<crate::metrics::SchedulerHistograms>,
 }
 
 impl Core {
@@ -398,7 +395,7 @@ impl Core {
                 state.permits = state.permits.saturating_sub(1);
             }
             let used = now.saturating_duration_since(running.started);
-            self.handler_time.observe(used);
+            self.histograms.handler.observe(used);
             state.ended(running.class, running.started);
             state.charge(running.key, running.class, now, used);
             let wake = state.idle && state.ready() > 0 && !running.quarantined;
@@ -469,29 +466,17 @@ impl Scheduler {
             core: Arc::new(Core {
                 state: Mutex::new(State::new(config)),
                 notify: OnceLock::new(),
-                handler_time: Arc::default(),
-                wait_time: Arc::default(),
-                timer_lateness: Arc::default(),
+                histograms: Arc::default(),
             }),
         }
     }
 
+    /// The subscription's histograms (see [`crate::metrics`]).
+    pub fn histograms(&self) -> Arc<crate::metrics::SchedulerHistograms> {
+        self.core.histograms.clone()
+    }
+
     /// Sets the function that wakes idle runners (once; later calls are ignored).
-    /// The handler-duration and wait-time histograms (see [`crate::metrics`]).
-    pub fn histograms(
-        &self,
-    ) -> (
-        Arc<crate::metrics::Histogram>,
-        Arc<crate::metrics::Histogram>,
-    ) {
-        (self.core.handler_time.clone(), self.core.wait_time.clone())
-    }
-
-    /// The timer-lateness histogram (see [`crate::metrics`]).
-    pub fn timer_lateness(&self) -> Arc<crate::metrics::Histogram> {
-        self.core.timer_lateness.clone()
-    }
-
     pub fn set_notify(&self, notify: impl Fn() + Send + Sync + 'static) {
         let _ = self.core.notify.set(Box::new(notify));
     }
@@ -573,7 +558,8 @@ impl Scheduler {
         });
         drop(state);
         self.core
-            .wait_time
+            .histograms
+            .wait
             .observe(now.saturating_duration_since(since));
         Take::Job(
             job,

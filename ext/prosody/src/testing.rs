@@ -190,8 +190,8 @@ fn build_message(
 }
 
 /// Gives the clients created from now on a new, empty mock cluster (see `mock::reset`).
-fn mock_reset(ruby: &Ruby) -> Result<(), Error> {
-    mock::reset().map_err(|e| errors::kafka(ruby, e))
+fn mock_reset() {
+    mock::reset();
 }
 
 /// Makes sends to a mock topic fail (`true`) or work again (`false`).

@@ -27,8 +27,8 @@ pub(super) struct PartitionTimers {
     pub(super) next_load: Instant,
     /// The client's timer clock (the wall clock unless a test moved it).
     pub(super) clock: Arc<timers::Clock>,
-    /// How late timers fire, for `/metrics` (the subscription's, shared by its partitions).
-    pub(super) lateness: Arc<crate::metrics::Histogram>,
+    /// The subscription's histograms (timer lateness is added to here).
+    pub(super) histograms: Arc<crate::metrics::SchedulerHistograms>,
 }
 
 impl PartitionTimers {
@@ -99,7 +99,7 @@ impl PartitionTimers {
     pub(super) fn take_due(&mut self) -> Vec<(crate::event::Key, Seconds)> {
         let now = self.clock.now();
         let now_ms =
-            crate::telemetry::now_ms().saturating_add(self.clock.offset().saturating_mul(1000));
+            crate::defer::now_ms().saturating_add(self.clock.offset().saturating_mul(1000));
         let mut due = Vec::new();
         while let Some((time, _)) = self.pending.first() {
             if *time > now {
@@ -109,7 +109,8 @@ impl PartitionTimers {
                 // How long after its second the timer fires (a timer loaded late, after an
                 // assignment, counts from its own time too).
                 let late_ms = now_ms.saturating_sub(time.saturating_mul(1000)).max(0);
-                self.lateness
+                self.histograms
+                    .timer_lateness
                     .observe(Duration::from_millis(u64::try_from(late_ms).unwrap_or(0)));
                 self.firing.insert((key.clone(), time));
                 due.push((key, time));
