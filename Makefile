@@ -73,14 +73,19 @@ test-gem: build
 	  GEM_PATH="/tmp/prosody-gem-check/home:$$(ruby -e 'print Gem.path.join(":")')" ruby -e \
 	  'require "prosody"; c = Prosody::Client.new(mock: true, send_timeout: 10); c.send_message("gem-check", "k", {"ok" => true}); puts "installed gem works: #{$$LOADED_FEATURES.grep(/prosody\.so/).first}"'
 
-# Runs the consume and produce benchmarks with async 1.30, then with async 2 where
-# ../shared/gems/async-2 is (installed as for test-ruby-async2).
+# Runs the consume benchmark, the engine alone (a Rust runner completing each job at once, against
+# a raw librdkafka consumer), prefetch memory (1M records on 32 partitions), the produce benchmark, tracing's cost (Jaeger) and latency at a
+# steady 1,000 msg/s (local Kafka and Cassandra) with async 1.30; then consume and produce with
+# async 2 where ../shared/gems/async-2 is (installed as for test-ruby-async2).
 bench: build
-	$(CARGO) build --release -p prosody-core --example raw_consumer --example raw_producer
+	$(CARGO) build --release -p prosody-core --example raw_consumer --example raw_producer --example engine_alone
 	ruby -Ilib -retc bench/consume.rb
+	$(CARGO_TARGET_DIR)/release/examples/engine_alone 200000 4
+	ruby -Ilib bench/memory.rb 1000000 32
 	ruby -Ilib bench/produce.rb
-	dev/services start jaeger && dev/services wait jaeger
+	dev/services start all && dev/services wait all
 	ruby -Ilib bench/tracing.rb
+	ruby -Ilib bench/latency.rb
 	@if [ -d $(ASYNC2_GEMS) ]; then \
 	  [ -d $(ASYNC2_HOME)/gems/async-2.24.0 ] || (cd $(ASYNC2_GEMS) && \
 	    GEM_HOME=$(ASYNC2_HOME) gem install --local --no-document async-2.24.0.gem >/dev/null) && \

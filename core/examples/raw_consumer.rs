@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("auto.offset.reset", "earliest")
         // The same prefetch settings as Prosody's consumer, so the comparison is like for like.
         .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "2000")
         .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let started = Instant::now();

@@ -17,11 +17,16 @@ pub struct RawProducer {
 }
 
 impl RawProducer {
-    /// A producer for `bootstrap`.
+    /// A producer for `bootstrap` that batches for up to 5 ms.
     pub fn new(bootstrap: &str) -> Result<Self, KafkaError> {
+        Self::with_linger(bootstrap, 5)
+    }
+
+    /// A producer for `bootstrap` that batches for up to `linger_ms` (0: sends at once).
+    pub fn with_linger(bootstrap: &str, linger_ms: u32) -> Result<Self, KafkaError> {
         let inner = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
-            .set("linger.ms", "5")
+            .set("linger.ms", linger_ms.to_string())
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .map_err(|source| KafkaError::Create {

@@ -18,6 +18,14 @@ impl RawProducer {
             .map_err(|e| errors::kafka(ruby, e))
     }
 
+    /// `RawProducer.unbatched(bootstrap)`: sends each record at once (`linger.ms` 0), for
+    /// latency measurements.
+    fn unbatched(ruby: &Ruby, bootstrap: String) -> Result<Self, Error> {
+        CoreRawProducer::with_linger(&bootstrap, 0)
+            .map(Self)
+            .map_err(|e| errors::kafka(ruby, e))
+    }
+
     /// `produce(topic, partition_or_nil, key_or_nil, payload_bytes_or_nil, headers_hash)`.
     fn produce(
         ruby: &Ruby,
@@ -204,6 +212,7 @@ fn mock_fail_topic(ruby: &Ruby, topic: String, fail: bool) -> Result<(), Error> 
 pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("RawProducer", ruby.class_object())?;
     class.define_singleton_method("new", function!(RawProducer::new, 1))?;
+    class.define_singleton_method("unbatched", function!(RawProducer::unbatched, 1))?;
     class.define_method("produce", method!(RawProducer::produce, 5))?;
     class.define_method("flush", method!(RawProducer::flush, 1))?;
     native.define_module_function(
