@@ -3,13 +3,12 @@
 # Prefetch memory: this process's peak RSS while a client consumes COUNT small records (the
 # consume benchmark's payloads) from PARTITIONS partitions of the in-process mock cluster, with a
 # handler that reads each payload. Prints the peak before consuming (Ruby, the engine and the mock
-# cluster holding the records) and during it. librdkafka's prefetch per partition
-# (queued.min.messages, 2,000 by default in Prosody) is what grows with the partition count;
-# CONSUMER_KAFKA_CONFIG (a JSON object) passes consumer_kafka_config to compare other settings.
+# cluster holding the records) and during it. librdkafka's prefetch is what grows with the
+# partitions; Prosody bounds it per client (prefetch_records, shared by the partitions; set
+# PROSODY_PREFETCH_RECORDS to compare, e.g. 3200000 for librdkafka's 100,000 per partition).
 #
 # Usage: ruby -Ilib bench/memory.rb [COUNT] [PARTITIONS]   (make bench runs 1,000,000 on 32)
 
-require "json"
 require_relative "support"
 
 COUNT = Integer(ARGV[0] || 1_000_000)
@@ -31,11 +30,10 @@ topic = "bench-memory-#{SecureRandom.hex(4)}"
 fill(topic, PARTITIONS, COUNT, 10_000)
 GC.start
 before = peak_mb
-kafka_config = JSON.parse(ENV.fetch("CONSUMER_KAFKA_CONFIG", "{}"))
 client = Prosody::Client.new(mock: true, group_id: "bench-#{SecureRandom.hex(4)}", subscribed_topics: topic,
-                             max_concurrency: 32, consumer_kafka_config: kafka_config)
+                             max_concurrency: 32)
 rate, = subscription_rates(client, ReadingHandler.new(COUNT), COUNT)
-puts format("prefetch memory, %<count>d records on %<partitions>d partitions (mock%<extra>s): peak RSS " \
-            "%<before>d MB before consuming, %<after>d MB while consuming (%<rate>.0f msg/s)",
+puts format("prefetch memory, %<count>d records on %<partitions>d partitions (mock, prefetch_records %<budget>s): " \
+            "peak RSS %<before>d MB before consuming, %<after>d MB while consuming (%<rate>.0f msg/s)",
             count: COUNT, partitions: PARTITIONS, before:, after: peak_mb, rate:,
-            extra: kafka_config.empty? ? "" : ", consumer_kafka_config #{kafka_config.to_json}")
+            budget: ENV.fetch("PROSODY_PREFETCH_RECORDS", "64000"))

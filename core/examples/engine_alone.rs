@@ -2,7 +2,7 @@
 //!
 //! On the in-process mock cluster, fills a topic (PARTITIONS partitions, COUNT messages over
 //! 1,000 keys, the consume benchmark's payloads), then alternates ROUNDS times:
-//! - a raw librdkafka consumer (the same settings as `raw_consumer`), counting messages;
+//! - a raw librdkafka consumer (the settings of `raw_consumer`), counting messages;
 //! - a Prosody client (mock mode, defaults otherwise) drained by one runner thread that takes each
 //!   job from the scheduler and completes it at once, the way a Ruby processor thread pulls.
 //!
@@ -83,8 +83,8 @@ fn raw_rate(bootstrap: &str, topic: &str, count: usize, round: usize) -> Result<
         .set("group.protocol", "consumer")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // As `raw_consumer`: Prosody's byte bound and back-off, librdkafka's record count.
         .set("queued.max.messages.kbytes", "16384")
-        .set("queued.min.messages", "2000")
         .set("fetch.queue.backoff.ms", "10")
         .create()
         .map_err(|e| e.to_string())?;

@@ -19,6 +19,11 @@ use crate::monopoly::Monopolization;
 use crate::scheduler::{FairConfig, Scheduler};
 use crate::stores::Stores;
 
+/// Longest `subscribe` waits for each subscribed topic's partition count (for the prefetch
+/// share); a cluster that does not answer in time gets the share for
+/// [`crate::kafka::UNKNOWN_PARTITIONS`] partitions.
+const PREFETCH_METADATA_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Lifecycle of the consumer side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConsumerState {
@@ -283,9 +288,35 @@ impl Client {
             Some(addr) => Some(crate::probe::register(addr, engine.clone(), &runtime)?),
             None => None,
         };
-        *slot = Some(Subscription::start(engine, &self.bootstrap, probe)?);
+        let prefetch = self.prefetch_per_partition();
+        *slot = Some(Subscription::start(
+            engine,
+            &self.bootstrap,
+            probe,
+            prefetch,
+        )?);
         scheduler.watch(&runtime);
         Ok(scheduler)
+    }
+
+    /// Records librdkafka may prefetch per partition when this client subscribes:
+    /// `prefetch_records` shared by the partitions of the subscribed topics, as the cluster
+    /// tells within [`PREFETCH_METADATA_WAIT`] (see [`crate::kafka::prefetch_share`]). Blocks.
+    pub fn prefetch_per_partition(&self) -> u64 {
+        let partitions: Option<usize> = self
+            .config
+            .subscribed_topics
+            .iter()
+            .map(|topic| self.producer.partition_count(topic, PREFETCH_METADATA_WAIT))
+            .sum();
+        if partitions.is_none() {
+            tracing::debug!(
+                "the partition count of {:?} is unknown; prefetching as if there were {}",
+                self.config.subscribed_topics,
+                crate::kafka::UNKNOWN_PARTITIONS
+            );
+        }
+        crate::kafka::prefetch_share(self.config.prefetch_records.get(), partitions)
     }
 
     /// Whether timers (and deferred retry) can be used: in mock mode (memory) or with

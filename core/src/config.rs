@@ -689,6 +689,10 @@ options! {
     max_concurrency: NonZeroU64, "PROSODY_MAX_CONCURRENCY", Some("32");
     /// Messages per partition held by the engine before it stops reading that partition.
     max_uncommitted: NonZeroU64, "PROSODY_MAX_UNCOMMITTED", Some("64");
+    /// Records librdkafka may prefetch for this client, shared by the partitions of its
+    /// subscribed topics (librdkafka's `queued.min.messages` per partition, at least
+    /// [`crate::kafka::MIN_PREFETCH`]).
+    prefetch_records: NonZeroU64, "PROSODY_PREFETCH_RECORDS", Some("64000");
     /// Handler deadline; defaults to 80% of `stall_threshold`.
     timeout: Option<Duration>, "PROSODY_TIMEOUT", None;
     /// How often finished offsets are committed.

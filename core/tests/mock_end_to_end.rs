@@ -92,3 +92,47 @@ fn per_key_order_concurrency_and_resume_after_commit() {
     );
     assert!(seen2.iter().all(|(_, _, seq)| *seq == per_key));
 }
+
+#[test]
+fn the_prefetch_budget_is_shared_by_the_subscribed_partitions() {
+    use prosody_core::config::RawValue;
+    let topic = unique("prefetch");
+    let mock = prosody_core::kafka::mock::shared().unwrap();
+    mock.ensure_topic(&topic, 8).unwrap();
+    let with = |budget: i64| {
+        let extra = [("prefetch_records", RawValue::Int(budget))];
+        Client::new(common::config_with(&topic, "g", 4, None, &extra)).unwrap()
+    };
+    assert_eq!(with(16_000).prefetch_per_partition(), 2_000);
+    assert_eq!(with(64_000).prefetch_per_partition(), 8_000);
+    // Never below the floor.
+    assert_eq!(
+        with(800).prefetch_per_partition(),
+        prosody_core::kafka::MIN_PREFETCH
+    );
+    // Two topics share the budget: 8 + 24 partitions.
+    let other = unique("prefetch-other");
+    mock.ensure_topic(&other, 24).unwrap();
+    let extra = [
+        ("prefetch_records", RawValue::Int(64_000)),
+        (
+            "subscribed_topics",
+            RawValue::Str(format!("{topic},{other}")),
+        ),
+    ];
+    let both = Client::new(common::config_with(&topic, "g", 4, None, &extra)).unwrap();
+    assert_eq!(both.prefetch_per_partition(), 2_000);
+}
+
+#[test]
+fn an_unknown_partition_count_gets_the_share_of_32_partitions() {
+    // No broker answers: the count is unknown after the wait.
+    let client = Client::new(common::config(
+        &unique("prefetch-unreachable"),
+        "g",
+        4,
+        Some("127.0.0.1:1"),
+    ))
+    .unwrap();
+    assert_eq!(client.prefetch_per_partition(), 64_000 / 32);
+}

@@ -32,9 +32,6 @@ use crate::waker::Waker;
 
 type TopicPartition = (Arc<str>, i32);
 
-/// Records librdkafka prefetches per partition (`queued.min.messages`).
-pub const PREFETCH_RECORDS: &str = "2000";
-
 /// Messages read from one partition queue per round, so one busy partition cannot starve others.
 const READ_BATCH: usize = 1024;
 
@@ -55,12 +52,14 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Creates the consumer, subscribes, and starts the poll thread; keeps `probe` (the
-    /// subscription's place on the probe server) until it stops.
+    /// Creates the consumer (librdkafka prefetching up to `prefetch_per_partition` records per
+    /// partition), subscribes, and starts the poll thread; keeps `probe` (the subscription's
+    /// place on the probe server) until it stops.
     pub fn start(
         engine: Arc<Engine>,
         bootstrap: &str,
         probe: Option<crate::probe::Registration>,
+        prefetch_per_partition: u64,
     ) -> Result<Self, KafkaError> {
         let config = &engine.config;
         let group = config
@@ -98,12 +97,11 @@ impl Subscription {
             // Bounded prefetch per partition; a full queue backs off only briefly (librdkafka
             // otherwise waits fetch.queue.backoff.ms = 1 s before fetching again).
             .set("queued.max.messages.kbytes", "16384")
-            // librdkafka fetches a partition until it holds this many records (its default,
-            // 100,000, binds first for small records: the byte bound counts payloads, not the
-            // ~350 bytes each record costs in memory). 2,000 cut the peak RSS of 1M records on
-            // 32 partitions (mock) from ~420 MB to ~130 MB at the same throughput on 1 and 4
-            // partitions (bench/memory.rb); `consumer_kafka_config` may change it.
-            .set("queued.min.messages", PREFETCH_RECORDS)
+            // librdkafka fetches a partition until it holds this many records: the client's
+            // `prefetch_records` shared by its partitions (see `super::prefetch_share`). Its
+            // default, 100,000 per partition, binds before the byte bound for small records
+            // (which counts payloads, not the ~350 bytes each record costs in memory).
+            .set("queued.min.messages", prefetch_per_partition.to_string())
             .set("fetch.queue.backoff.ms", "10")
             // Consumer lag, fetch queues and broker round trips for /metrics.
             .set("statistics.interval.ms", super::STATISTICS_INTERVAL_MS);
@@ -538,19 +536,23 @@ impl PollLoop {
         let mut read = 0;
         for ((topic, partition), assigned) in partitions.iter() {
             let budget = assigned.shared.room().min(READ_BATCH);
-            for _ in 0..budget {
+            // One hand-off (and at most one wake of the worker) per partition and round, not
+            // one per record.
+            let mut records = Vec::new();
+            while records.len() < budget {
                 match assigned.queue.poll(Duration::ZERO) {
                     None => break,
-                    Some(Ok(message)) => {
-                        assigned.shared.took();
-                        let _ = assigned.worker.send(WorkerInput::Record(message.detach()));
-                        read += 1;
-                    }
+                    Some(Ok(message)) => records.push(message.detach()),
                     Some(Err(e)) => {
                         tracing::warn!("error reading topic={topic} partition={partition}: {e}");
                         break;
                     }
                 }
+            }
+            if !records.is_empty() {
+                read += records.len();
+                assigned.shared.took(records.len());
+                let _ = assigned.worker.send(WorkerInput::Records(records));
             }
         }
         read
@@ -564,8 +566,8 @@ impl PollLoop {
         let tp: TopicPartition = (Arc::from(message.topic()), message.partition());
         match partitions.get(&tp) {
             Some(assigned) => {
-                assigned.shared.took();
-                let _ = assigned.worker.send(WorkerInput::Record(message));
+                assigned.shared.took(1);
+                let _ = assigned.worker.send(WorkerInput::Records(vec![message]));
             }
             None => tracing::debug!(
                 "dropping a record of unassigned topic={} partition={} offset={}; it stays uncommitted",

@@ -129,6 +129,22 @@ impl ClientContext for ProducerContext {
 /// `/metrics`), in milliseconds.
 pub(crate) const STATISTICS_INTERVAL_MS: &str = "1000";
 
+/// Fewest records librdkafka prefetches per partition, however many partitions share
+/// `prefetch_records`: below this, fetch round trips would pace the partition.
+pub const MIN_PREFETCH: u64 = 1_000;
+
+/// Partitions assumed when the cluster did not tell how many the subscribed topics have.
+pub const UNKNOWN_PARTITIONS: u64 = 32;
+
+/// Records librdkafka may prefetch for each partition: `budget` (`prefetch_records`) shared by
+/// the subscribed topics' `partitions` (as if there were [`UNKNOWN_PARTITIONS`] when unknown),
+/// at least [`MIN_PREFETCH`]. A client can be assigned every partition, so the budget bounds
+/// its prefetch whatever it is assigned (partitions added later get the same share each).
+pub fn prefetch_share(budget: u64, partitions: Option<usize>) -> u64 {
+    let partitions = partitions.map_or(UNKNOWN_PARTITIONS, |p| p as u64).max(1);
+    (budget / partitions).max(MIN_PREFETCH)
+}
+
 /// Failures talking to Kafka, each tied to the operation that failed.
 #[derive(Debug, Error)]
 pub enum KafkaError {
@@ -182,4 +198,21 @@ pub enum KafkaError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{prefetch_share, MIN_PREFETCH};
+
+    #[test]
+    fn the_prefetch_budget_is_shared_by_the_partitions_with_a_floor() {
+        assert_eq!(prefetch_share(64_000, Some(1)), 64_000);
+        assert_eq!(prefetch_share(64_000, Some(4)), 16_000);
+        assert_eq!(prefetch_share(64_000, Some(32)), 2_000);
+        // Unknown: as if 32 partitions.
+        assert_eq!(prefetch_share(64_000, None), 2_000);
+        // Never below the floor, however many partitions.
+        assert_eq!(prefetch_share(64_000, Some(1_000)), MIN_PREFETCH);
+        assert_eq!(prefetch_share(10, Some(0)), MIN_PREFETCH);
+    }
 }

@@ -131,6 +131,23 @@ impl Producer {
         })
     }
 
+    /// How many partitions `topic` has, as the cluster says within `timeout` (blocks); `None`
+    /// when no broker answered or the topic does not exist.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Option<usize> {
+        let shared = self.current();
+        let metadata = shared
+            .inner
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .ok()?;
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0)
+    }
+
     /// The librdkafka producer to send with: the pooled one, replaced first when it saw the
     /// cluster change (its producer id and sequence numbers belong to the old cluster, so every
     /// send would fail).

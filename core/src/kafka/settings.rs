@@ -44,6 +44,10 @@ pub const OWNED: &[(&str, &str)] = &[
         "it bounds the engine's prefetch (see max_uncommitted)",
     ),
     (
+        "queued.min.messages",
+        "use prefetch_records, the client's prefetch shared by its partitions",
+    ),
+    (
         "statistics.interval.ms",
         "/metrics reads librdkafka's statistics at its own interval",
     ),

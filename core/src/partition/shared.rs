@@ -65,9 +65,9 @@ impl PartitionShared {
         self.max.saturating_sub(self.held.load(Ordering::Acquire))
     }
 
-    /// The poll thread took one message.
-    pub(crate) fn took(&self) {
-        self.held.fetch_add(1, Ordering::AcqRel);
+    /// The poll thread took `n` messages.
+    pub(crate) fn took(&self, n: usize) {
+        self.held.fetch_add(n, Ordering::AcqRel);
     }
 
     /// `n` messages were retired below the commit watermark: room for the poll thread.

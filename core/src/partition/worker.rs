@@ -121,8 +121,8 @@ enum Internal {
 /// What the worker receives.
 #[derive(Debug)]
 pub(crate) enum WorkerInput {
-    /// A record the poll thread read.
-    Record(OwnedMessage),
+    /// Records the poll thread read from the partition in one round, in offset order.
+    Records(Vec<OwnedMessage>),
     /// Stop: drop waiting events, let in-flight ones finish (cancelling them at `cancel_at`,
     /// giving up at `give_up_at`), then report the final committable position.
     Drain {
@@ -285,7 +285,7 @@ impl Worker {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 input = rx.recv() => match input {
-                    Some(WorkerInput::Record(record)) => held.push(record),
+                    Some(WorkerInput::Records(records)) => held.extend(records),
                     Some(WorkerInput::Drain { ack, .. }) => {
                         let _ = ack.send(self.tracker.committable());
                         return;
@@ -318,7 +318,14 @@ impl Worker {
             tokio::select! {
                 // Outcomes first: they free room and release the keys' next events.
                 biased;
-                Some(finished) = done_rx.recv() => self.on_finished(finished).await,
+                Some(finished) = done_rx.recv() => {
+                    self.on_finished(finished).await;
+                    // The outcomes already waiting, in the same turn (bounded by the events in
+                    // flight): one wake and one publish for a run of completions.
+                    while let Ok(finished) = done_rx.try_recv() {
+                        self.on_finished(finished).await;
+                    }
+                }
                 Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 Some(change) = changes_rx.recv() => {
                     self.deferred_timer_change(&change);
@@ -350,7 +357,11 @@ impl Worker {
                     self.fire_deferred();
                 }
                 input = rx.recv() => match input {
-                    Some(WorkerInput::Record(record)) => self.on_record(record),
+                    Some(WorkerInput::Records(records)) => {
+                        for record in records {
+                            self.on_record(record);
+                        }
+                    }
                     Some(WorkerInput::Drain { cancel_at, give_up_at, ack }) => {
                         self.drain(&mut rx, &mut done_rx, &mut internal_rx, cancel_at, give_up_at).await;
                         let _ = ack.send(self.tracker.committable());
@@ -921,7 +932,7 @@ impl Worker {
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,
                 Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 input = rx.recv(), if input_open => match input {
-                    Some(WorkerInput::Record(_)) => {}
+                    Some(WorkerInput::Records(_)) => {}
                     Some(WorkerInput::Drain { ack, .. }) => { let _ = ack.send(None); }
                     None => input_open = false,
                 },
