@@ -4,7 +4,8 @@
 //! 1,000 keys, the consume benchmark's payloads), then alternates ROUNDS times:
 //! - a raw librdkafka consumer (the settings of `raw_consumer`), counting messages;
 //! - a Prosody client (mock mode, defaults otherwise) drained by one runner thread that takes each
-//!   job from the scheduler and completes it at once, the way a Ruby processor thread pulls.
+//!   job from the scheduler and completes it at once, the way a Ruby processor thread pulls
+//!   (outcomes flushed to the partition workers in batches of up to 8, as the Ruby bridge does).
 //!
 //! Prints each rate and the ratio of the bests.
 //!
@@ -17,13 +18,15 @@ use std::time::{Duration, Instant};
 
 use prosody_core::client::Client;
 use prosody_core::config::{Config, RawValue};
-use prosody_core::handler::Outcome;
+use prosody_core::handler::{Outcome, Relay};
 use prosody_core::scheduler::{Scheduler, Take};
 use prosody_core::testing::RawProducer;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 const KEYS: usize = 1_000;
+/// Outcomes buffered before one flush, as in the Ruby bridge.
+const FLUSH_AT: usize = 8;
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn main() -> Result<(), String> {
@@ -118,22 +121,36 @@ fn engine_rate(topic: &str, count: usize, round: usize) -> Result<f64, String> {
     let client = Client::new(config).map_err(|e| e.to_string())?;
     let handled = Arc::new(AtomicUsize::new(0));
     let (hand_over, scheduler_slot) = std::sync::mpsc::sync_channel::<Arc<Scheduler>>(1);
+    let relay = Relay::start(&prosody_core::runtime::handle()?);
     let runner = {
         let handled = Arc::clone(&handled);
         std::thread::spawn(move || {
             let Ok(scheduler) = scheduler_slot.recv() else {
                 return;
             };
+            // As the Ruby bridge does: outcomes go to the partition workers in batches of at
+            // most FLUSH_AT, and whatever is buffered goes before the runner waits.
+            let mut outcomes = Vec::with_capacity(FLUSH_AT);
             loop {
                 match scheduler.take() {
                     Take::Job(job, grant) => {
                         let (_event, _cancel, _timers, done) = job.into_parts();
                         grant.release();
-                        done.complete(Outcome::Success);
+                        outcomes.push((done, Outcome::Success));
                         handled.fetch_add(1, Ordering::Relaxed);
+                        if outcomes.len() >= FLUSH_AT {
+                            relay.send(std::mem::take(&mut outcomes));
+                        }
                     }
-                    // An unpark between the empty take and the park is kept, so none is lost.
-                    Take::Empty => std::thread::park(),
+                    Take::Empty => {
+                        if !outcomes.is_empty() {
+                            relay.send(std::mem::take(&mut outcomes));
+                            continue;
+                        }
+                        // An unpark between the empty take and the park is kept, so none is
+                        // lost.
+                        std::thread::park();
+                    }
                     Take::Closed => return,
                 }
             }

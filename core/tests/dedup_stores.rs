@@ -47,11 +47,13 @@ async fn records_and_expires(store: &dyn DedupStore) {
         assert_eq!(*seen, recorded.contains(id), "{id:x}");
     }
     assert!(store.seen(&[]).await.unwrap().is_empty());
-    // Cassandra's TTLs are whole seconds, checked at read time.
+    // Cassandra's TTLs are whole seconds from the write's whole second, checked against the
+    // read's whole second: a 2 s TTL ends between 1 and 2 s after the write (a 1 s one could
+    // end a millisecond after it, and the read just after would miss it).
     let short = others[0];
     let recorded_at = Instant::now();
     store
-        .record(&[short], Duration::from_secs(1))
+        .record(&[short], Duration::from_secs(2))
         .await
         .unwrap();
     assert!(seen(store, short).await);
