@@ -1,16 +1,15 @@
 # frozen_string_literal: true
 
 # Latency on the local Kafka (dev/services): a producer writes RATE records per second at a steady
-# pace (one every 1/RATE s, each carrying its send time) to a 4-partition topic over 1,000 keys,
-# and a subscribed client's handler notes, as its first step, how long after the send it started.
-# After a warm-up (one-second rounds until WARM_STREAK in a row have their p99 under WARM_P99_MS,
-# at most WARM_LIMIT rounds: the new group's first fetch waits for its offsets, and a Cassandra started moments ago
-# answers slowly until its JIT has warmed), prints p50, p99 and the maximum of produce -> handler
-# start over SECONDS seconds,
-# with the client's defaults (deduplication through the local Cassandra included) and with
-# deduplication off (idempotence_cache_size: 0). Sends go through a raw librdkafka producer that
-# does not linger (Prosody's own lingers 1 ms), so the figures are the broker's and the consumer's
-# side.
+# pace (one every 1/RATE s, each carrying its send time) to a 4-partition topic over 1,000 keys, and
+# a subscribed client's handler notes, as its first step, how long after the send it started. After
+# a warm-up (one-second rounds until WARM_STREAK in a row have their p99 under WARM_P99_MS, at most
+# WARM_LIMIT rounds: the new group's first fetch waits for its offsets, and a Cassandra started
+# moments ago answers slowly until its JIT has warmed), prints p50, p99 and the maximum of produce
+# -> handler start over SECONDS seconds, with the client's defaults (deduplication through the local
+# Cassandra included) and with deduplication off (idempotence_cache_size: 0). Sends go through a raw
+# librdkafka producer that does not linger (Prosody's own lingers 1 ms), so the figures are the
+# broker's and the consumer's side.
 #
 # Usage: ruby -Ilib bench/latency.rb [SECONDS] [RATE]   (make bench starts the services first)
 
