@@ -6,8 +6,17 @@ use std::time::Duration;
 /// A flag with a condition variable: `wake` sets it, `wait` consumes it or times out.
 #[derive(Debug, Default)]
 pub struct Waker {
-    woken: Mutex<bool>,
+    state: Mutex<State>,
     cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// A wake-up is pending.
+    woken: bool,
+    /// The waiter is blocked in `wait`: only then does `wake` notify (a notification is a
+    /// system call even when nobody waits, and wakes come once per read round).
+    waiting: bool,
 }
 
 impl Waker {
@@ -16,26 +25,77 @@ impl Waker {
         Self::default()
     }
 
-    /// Sets the flag and wakes the waiter.
+    /// Sets the flag and wakes the waiter, if it waits.
     pub fn wake(&self) {
-        if let Ok(mut woken) = self.woken.lock() {
-            *woken = true;
-            self.cv.notify_one();
+        if let Ok(mut state) = self.state.lock() {
+            state.woken = true;
+            if state.waiting {
+                self.cv.notify_one();
+            }
         }
     }
 
     /// Waits until woken or `timeout` passes, and clears the flag.
     pub fn wait(&self, timeout: Duration) {
-        let Ok(mut woken) = self.woken.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if !*woken {
-            if let Ok((guard, _)) = self.cv.wait_timeout_while(woken, timeout, |w| !*w) {
-                woken = guard;
-            } else {
-                return;
+        if !state.woken {
+            state.waiting = true;
+            match self.cv.wait_timeout_while(state, timeout, |s| !s.woken) {
+                Ok((guard, _)) => state = guard,
+                Err(poisoned) => {
+                    poisoned.into_inner().0.waiting = false;
+                    return;
+                }
             }
+            state.waiting = false;
         }
-        *woken = false;
+        state.woken = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    #[test]
+    fn a_wake_before_the_wait_is_kept_and_consumed_once() {
+        let waker = Waker::new();
+        waker.wake();
+        let started = Instant::now();
+        waker.wait(Duration::from_secs(10));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the kept wake-up was lost"
+        );
+        let started = Instant::now();
+        waker.wait(Duration::from_millis(50));
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "the wake-up was consumed twice"
+        );
+    }
+
+    #[test]
+    fn a_wake_from_another_thread_ends_the_wait() {
+        let waker = Arc::new(Waker::new());
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let waker = Arc::clone(&waker);
+            std::thread::spawn(move || {
+                let _ = started_tx.send(());
+                let started = Instant::now();
+                waker.wait(Duration::from_secs(30));
+                started.elapsed()
+            })
+        };
+        let _ = started_rx.recv();
+        // Whether the waiter is already blocked or not, the wake must reach it.
+        waker.wake();
+        let waited = waiter.join().unwrap_or(Duration::MAX);
+        assert!(waited < Duration::from_secs(10), "waited {waited:?}");
     }
 }

@@ -171,6 +171,9 @@ struct Worker {
     /// Cancelled on drain so events still waiting for a runner never start, and helper tasks
     /// (retry delays, dead-letter sends) stop.
     abort: CancelToken,
+    /// Jobs made ready in this turn, submitted to the scheduler together (one lock, at most one
+    /// runner wake) before the worker waits or awaits a store.
+    outbox: Vec<Job>,
 }
 
 /// Spawns the worker of one partition on the shared runtime; `committed` is the group's
@@ -232,6 +235,7 @@ pub(crate) fn spawn_worker(
         held: crate::dedup::FingerprintMap::default(),
         admitted: None,
         abort: CancelToken::new(),
+        outbox: Vec::new(),
     };
     let name = format!("{}/{partition}", worker.topic);
     let task = engine
@@ -307,6 +311,7 @@ impl Worker {
         let mut armed: Option<Plan> = None;
         let mut clock = self.engine.clock.watch();
         loop {
+            self.flush_jobs();
             self.publish_counts();
             let plan = self.plan();
             if plan != armed {
@@ -321,7 +326,7 @@ impl Worker {
                 Some(finished) = done_rx.recv() => {
                     self.on_finished(finished).await;
                     // The outcomes already waiting, in the same turn (bounded by the events in
-                    // flight): one wake and one publish for a run of completions.
+                    // flight): one wake, one submit and one publish for a run of completions.
                     while let Ok(finished) = done_rx.try_recv() {
                         self.on_finished(finished).await;
                     }
@@ -648,7 +653,14 @@ impl Worker {
                 span,
             },
         );
-        self.engine.scheduler.submit(job);
+        self.outbox.push(job);
+    }
+
+    /// Submits the jobs this turn made ready, in the order they became ready.
+    fn flush_jobs(&mut self) {
+        if !self.outbox.is_empty() {
+            self.engine.scheduler.submit_all(self.outbox.drain(..));
+        }
     }
 
     /// The span of an event about to become its key's in-flight event: a fresh message's was
@@ -674,6 +686,10 @@ impl Worker {
     }
 
     async fn on_finished(&mut self, finished: Finished) {
+        if finished.outcome != Outcome::Success || matches!(finished.slot, Slot::Timer(_)) {
+            // What follows may wait for a store: the jobs already made ready go first.
+            self.flush_jobs();
+        }
         let Finished { key, slot, outcome } = finished;
         let id = (key, slot);
         let Some(stage) = self.in_flight.get(&id).map(|f| f.stage) else {
@@ -808,6 +824,8 @@ impl Worker {
     }
 
     async fn on_internal(&mut self, internal: Internal) {
+        // What follows may wait for a store: the jobs already made ready go first.
+        self.flush_jobs();
         match internal {
             Internal::RetryDue(key, slot) => self.retry_due(key, slot),
             Internal::DeadLettered(key, slot) => {
@@ -927,6 +945,7 @@ impl Worker {
         let mut input_open = true;
         let started = Instant::now();
         while !self.in_flight.is_empty() || self.undecodable > 0 || self.writes() > 0 {
+            self.flush_jobs();
             let deadline = if cancelled { give_up_at } else { cancel_at };
             tokio::select! {
                 Some(finished) = done_rx.recv() => self.on_finished(finished).await,

@@ -491,22 +491,37 @@ impl Scheduler {
 
     /// Adds a ready job. A closed scheduler drops it, which reports it abandoned.
     pub fn submit(&self, job: Job) {
+        self.submit_all(std::iter::once(job));
+    }
+
+    /// Adds ready jobs under one lock, waking idle runners at most once (a partition worker
+    /// submits what one turn made ready this way). A closed scheduler drops them, which reports
+    /// each abandoned.
+    pub fn submit_all(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut jobs = jobs.into_iter().peekable();
+        if jobs.peek().is_none() {
+            return;
+        }
         let now = Instant::now();
-        let key = job.key().clone();
         let mut observed = Observed::default();
         let wake = {
             let Ok(mut state) = self.core.state.lock() else {
                 return;
             };
             if state.closed {
+                drop(state);
+                drop(jobs.collect::<Vec<_>>());
                 return;
             }
             if !state.charges.is_empty() {
                 observed.keep(state.apply_charges());
             }
-            let vt = state.key_vt_us(&key, now);
-            let class = job.class.index();
-            state.classes[class].push(now, key, vt, job);
+            for job in jobs.by_ref() {
+                let key = job.key().clone();
+                let vt = state.key_vt_us(&key, now);
+                let class = job.class.index();
+                state.classes[class].push(now, key, vt, job);
+            }
             state.idle && state.permits < state.config.max_concurrency && {
                 state.idle = false;
                 true

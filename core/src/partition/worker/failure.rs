@@ -202,7 +202,7 @@ impl Worker {
         let cancel = flight.cancel.clone();
         let trace = flight.span.clone();
         let job = self.job(id.0, id.1, event, cancel, trace).retry();
-        self.engine.scheduler.submit(job);
+        self.outbox.push(job);
     }
 
     /// A record whose payload is not JSON: dead-lettered with its raw bytes when a failure topic
