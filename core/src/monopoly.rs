@@ -10,6 +10,7 @@
 //! threshold).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ struct Usage {
     slices: [(u64, f64); SLICES as usize],
     /// When the key was last logged as monopolizing (logged once per window).
     logged: Option<Instant>,
+    /// Counted in [`Monopolization::hot`]: it was above the threshold when last recorded, and
+    /// no check has found it under since.
+    hot: bool,
 }
 
 /// Per-key handler time over a rolling window, shared by a subscription's partitions.
@@ -44,6 +48,10 @@ pub struct Monopolization {
     /// Origin of slice numbers.
     base: Instant,
     keys: Mutex<HashMap<Key, Usage, RandomState>>,
+    /// Keys marked `hot`. Time only leaves a key's window unless a record adds some, so a key
+    /// can be above the threshold only if it is marked: while none is, a check is one atomic
+    /// load, not a lock and a lookup per message.
+    hot: AtomicUsize,
 }
 
 impl Monopolization {
@@ -55,6 +63,7 @@ impl Monopolization {
             cache_size: cache_size.max(1),
             base: Instant::now(),
             keys: Mutex::new(HashMap::default()),
+            hot: AtomicUsize::new(0),
         }
     }
 
@@ -69,6 +78,7 @@ impl Monopolization {
         let Ok(mut keys) = self.keys.lock() else {
             return;
         };
+        let limit = self.threshold * self.window.as_secs_f64();
         for (key, secs, at) in charges {
             let slice = self.slice(at);
             let usage = match keys.get_mut(key) {
@@ -81,6 +91,10 @@ impl Monopolization {
             } else {
                 *cell = (slice, secs);
             }
+            if !usage.hot && Self::total(usage, slice) > limit {
+                usage.hot = true;
+                self.hot.fetch_add(1, Ordering::AcqRel);
+            }
         }
         if keys.len() > self.cache_size {
             let now = self.slice(Instant::now());
@@ -91,7 +105,9 @@ impl Monopolization {
             let drop = keys.len() - (self.cache_size - self.cache_size / 4);
             totals.select_nth_unstable_by(drop.saturating_sub(1), |a, b| a.0.total_cmp(&b.0));
             for (_, key) in totals.into_iter().take(drop) {
-                keys.remove(&key);
+                if keys.remove(&key).is_some_and(|usage| usage.hot) {
+                    self.hot.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         }
     }
@@ -110,11 +126,18 @@ impl Monopolization {
     /// Whether `key` used more than the threshold of the window; the second value says whether
     /// to log it (once per key per window).
     pub fn check(&self, key: &Key) -> Option<(f64, bool)> {
+        if self.hot.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let now = Instant::now();
         let mut keys = self.keys.lock().ok()?;
         let usage = keys.get_mut(key)?;
         let share = Self::total(usage, self.slice(now)) / self.window.as_secs_f64();
         if share <= self.threshold {
+            if usage.hot {
+                usage.hot = false;
+                self.hot.fetch_sub(1, Ordering::AcqRel);
+            }
             return None;
         }
         let log = usage
@@ -164,5 +187,41 @@ mod tests {
         let kept = m.keys.lock().map(|k| k.len()).unwrap_or(0);
         assert_eq!(kept, 6, "a quarter freed");
         assert!(m.check(&keys[8]).is_some(), "the busiest key is kept");
+    }
+
+    #[test]
+    fn a_key_found_under_the_threshold_is_unmarked_and_marked_again_when_it_climbs() {
+        let mut m = Monopolization::new(Duration::from_secs(10), 0.5, 100);
+        // Slice numbers start 100 s ago, so a charge can be recorded a window in the past.
+        let past = m.base.checked_sub(Duration::from_secs(100));
+        assert!(past.is_some(), "the monotonic clock is younger than 100 s");
+        let Some(past) = past else { return };
+        m.base = past;
+        let key: Key = Key::from(&b"k"[..]);
+        m.record([(&key, 6.0, past + Duration::from_secs(1))]);
+        assert_eq!(m.hot.load(Ordering::Acquire), 1, "6 s of 10: marked");
+        assert_eq!(m.check(&key), None, "its time left the window long ago");
+        assert_eq!(m.hot.load(Ordering::Acquire), 0, "unmarked by the check");
+        m.record([(&key, 6.0, Instant::now())]);
+        assert_eq!(m.hot.load(Ordering::Acquire), 1, "marked again");
+        assert!(m.check(&key).is_some_and(|(share, _)| share > 0.5));
+    }
+
+    #[test]
+    fn evicting_a_marked_key_unmarks_it() {
+        let m = Monopolization::new(Duration::from_secs(10), 0.1, 4);
+        let now = Instant::now();
+        let hot: Key = Key::from(&b"hot"[..]);
+        m.record([(&hot, 2.0, now)]);
+        assert_eq!(m.hot.load(Ordering::Acquire), 1);
+        // Five busier keys push the marked one out of the cache.
+        let others: Vec<Key> = (0..5u8).map(|i| Key::from(&[i][..])).collect();
+        m.record(others.iter().map(|k| (k, 5.0, now)));
+        let marked = m
+            .keys
+            .lock()
+            .map(|k| k.values().filter(|u| u.hot).count())
+            .unwrap_or(usize::MAX);
+        assert_eq!(m.hot.load(Ordering::Acquire), marked);
     }
 }
