@@ -7,7 +7,8 @@
 //!   job from the scheduler and completes it at once, the way a Ruby processor thread pulls
 //!   (outcomes flushed to the partition workers in batches of up to 8, as the Ruby bridge does).
 //!
-//! Prints each rate and the ratio of the bests.
+//! Prints each rate, the process's CPU per message while the engine ran, and the ratio of the
+//! bests. The process allocates with mimalloc, as the Ruby extension does.
 //!
 //! `cargo run --release -p prosody-core --example engine_alone [COUNT] [PARTITIONS] [ROUNDS]`
 //! (`make bench` runs it with 4 partitions).
@@ -23,6 +24,10 @@ use prosody_core::scheduler::{Scheduler, Take};
 use prosody_core::testing::RawProducer;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The extension's allocator (see `ext/prosody/src/lib.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const KEYS: usize = 1_000;
 /// Outcomes buffered before one flush, as in the Ruby bridge.
