@@ -259,6 +259,52 @@ async fn permits_bound_concurrency_and_return_on_release() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_release_wakes_a_runner_that_found_every_permit_out_and_only_then() {
+    let scheduler = Scheduler::with_config(config(2));
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let wakes = Arc::clone(&wakes);
+        scheduler.set_notify(move || {
+            wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let count = || wakes.load(std::sync::atomic::Ordering::SeqCst);
+    let (done, _rx) = mpsc::unbounded_channel();
+    for i in 0..4 {
+        scheduler.submit(job(&format!("k{i}"), &done, Class::Fresh));
+    }
+    let Take::Job(_a, grant_a) = scheduler.take() else {
+        panic!("a job")
+    };
+    let Take::Job(_b, grant_b) = scheduler.take() else {
+        panic!("a job")
+    };
+    // A release while a permit is still free to take is only noted: no wake, and the next take
+    // applies it.
+    drop(grant_a);
+    assert_eq!(count(), 0, "nobody waits for a permit");
+    let Take::Job(_c, grant_c) = scheduler.take() else {
+        panic!("the released permit is taken again")
+    };
+    // Every permit out: the runner goes idle, and the next release wakes it at once.
+    assert!(matches!(scheduler.take(), Take::Empty), "only two permits");
+    drop(grant_b);
+    assert_eq!(count(), 1, "the waiting runner is woken by the release");
+    assert_eq!(
+        scheduler.load(),
+        (1, 1),
+        "the permit is back without a take"
+    );
+    let Take::Job(_d, grant_d) = scheduler.take() else {
+        panic!("the last job")
+    };
+    drop(grant_c);
+    drop(grant_d);
+    assert_eq!(count(), 1, "nothing waits: no more wakes");
+    assert_eq!(scheduler.load(), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_handler_past_its_timeout_is_cancelled_then_quarantined() {
     let scheduler = Scheduler::with_config(FairConfig {
         max_concurrency: 1,

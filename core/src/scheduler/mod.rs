@@ -25,6 +25,7 @@ pub mod ready;
 use std::collections::HashMap;
 
 use foldhash::quality::RandomState;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -367,6 +368,13 @@ impl State {
 
 struct Core {
     state: Mutex<State>,
+    /// Grants released since the state was last locked, with when each ended: applied under the
+    /// state's lock by the next take, watchdog pass or load (a runner then locks the state once
+    /// per job, to take it, not twice).
+    released: Mutex<Vec<(u64, Instant)>>,
+    /// A take found every permit out: releases apply themselves at once (and wake the runners)
+    /// until one is free again.
+    starved: AtomicBool,
     /// Called (outside the lock) when work is ready while runners are idle.
     notify: OnceLock<Notify>,
     /// Handler durations and waits for a runner (and the workers' timer lateness), for
@@ -381,24 +389,26 @@ impl Core {
         }
     }
 
-    /// A grant ended: return its permit (unless quarantined) and charge its handler time.
+    /// A grant ended: noted for the next take, which returns its permit (unless quarantined)
+    /// and charges its handler time. While a runner waits for a permit, applied at once.
     fn release(&self, id: u64) {
         let now = Instant::now();
+        match self.released.lock() {
+            Ok(mut released) => released.push((id, now)),
+            Err(_) => return,
+        }
+        // Read after the push, under the lock `take` drains with after setting the flag: either
+        // that drain sees this release, or this sees the flag.
+        if !self.starved.load(Ordering::SeqCst) {
+            return;
+        }
         let wake = {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            let Some(running) = state.remove_running(id) else {
-                return;
-            };
-            if !running.quarantined {
-                state.permits = state.permits.saturating_sub(1);
-            }
-            let used = now.saturating_duration_since(running.started);
-            self.histograms.handler.observe(used);
-            state.ended(running.class, running.started);
-            state.charge(running.key, running.class, now, used);
-            let wake = state.idle && state.ready() > 0 && !running.quarantined;
+            self.apply_released(&mut state);
+            let wake =
+                state.idle && state.ready() > 0 && state.permits < state.config.max_concurrency;
             if wake {
                 state.idle = false;
             }
@@ -406,6 +416,29 @@ impl Core {
         };
         if wake {
             self.wake();
+        }
+    }
+
+    /// Applies the grants released since the last call: permits back, handler time charged.
+    fn apply_released(&self, state: &mut State) {
+        let released = match self.released.lock() {
+            Ok(mut released) if !released.is_empty() => std::mem::take(&mut *released),
+            _ => Vec::new(),
+        };
+        for (id, at) in released {
+            let Some(running) = state.remove_running(id) else {
+                continue;
+            };
+            if !running.quarantined {
+                state.permits = state.permits.saturating_sub(1);
+            }
+            let used = at.saturating_duration_since(running.started);
+            self.histograms.handler.observe(used);
+            state.ended(running.class, running.started);
+            state.charge(running.key, running.class, at, used);
+        }
+        if state.permits < state.config.max_concurrency && self.starved.load(Ordering::Relaxed) {
+            self.starved.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -465,6 +498,8 @@ impl Scheduler {
         Self {
             core: Arc::new(Core {
                 state: Mutex::new(State::new(config)),
+                released: Mutex::new(Vec::new()),
+                starved: AtomicBool::new(false),
                 notify: OnceLock::new(),
                 histograms: Arc::default(),
             }),
@@ -545,9 +580,16 @@ impl Scheduler {
         if state.closed {
             return Take::Closed;
         }
+        self.core.apply_released(&mut state);
         if state.permits >= state.config.max_concurrency {
-            state.idle = true;
-            return Take::Empty;
+            self.core.starved.store(true, Ordering::SeqCst);
+            // A release that came between the drain above and the flag did not see the flag:
+            // drain again (one after this sees it, and applies itself).
+            self.core.apply_released(&mut state);
+            if state.permits >= state.config.max_concurrency {
+                state.idle = true;
+                return Take::Empty;
+            }
         }
         if state.charges.len() >= MAX_DEFERRED_CHARGES {
             observed.keep(state.apply_charges());
@@ -628,7 +670,10 @@ impl Scheduler {
         self.core
             .state
             .lock()
-            .map(|s| (s.permits, s.ready()))
+            .map(|mut s| {
+                self.core.apply_released(&mut s);
+                (s.permits, s.ready())
+            })
             .unwrap_or_default()
     }
 
@@ -642,6 +687,8 @@ impl Scheduler {
             let Ok(mut state) = self.core.state.lock() else {
                 return;
             };
+            // A handler that already returned is not cancelled.
+            self.core.apply_released(&mut state);
             let timeout = state.config.timeout;
             let grace = state.config.grace;
             let mut freed = 0;
