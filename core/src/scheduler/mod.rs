@@ -159,6 +159,8 @@ struct State {
     charges: Vec<(Key, f64, Instant)>,
     /// Permits out (running jobs not quarantined).
     permits: usize,
+    /// Spare buffer for [`Core::apply_released`], swapped with the released grants' list.
+    applying: Vec<(u64, Instant)>,
     /// A runner found nothing to do since the last notification.
     idle: bool,
     /// No more jobs are accepted; `take` reports `Closed` once empty.
@@ -207,6 +209,7 @@ impl State {
             free: Vec::new(),
             charges: Vec::new(),
             permits: 0,
+            applying: Vec::new(),
             idle: false,
             closed: false,
             observer: None,
@@ -421,11 +424,12 @@ impl Core {
 
     /// Applies the grants released since the last call: permits back, handler time charged.
     fn apply_released(&self, state: &mut State) {
-        let released = match self.released.lock() {
-            Ok(mut released) if !released.is_empty() => std::mem::take(&mut *released),
-            _ => Vec::new(),
-        };
-        for (id, at) in released {
+        // The two buffers trade places, so neither side allocates per release.
+        let mut released = std::mem::take(&mut state.applying);
+        if let Ok(mut pending) = self.released.lock() {
+            std::mem::swap(&mut *pending, &mut released);
+        }
+        for (id, at) in released.drain(..) {
             let Some(running) = state.remove_running(id) else {
                 continue;
             };
@@ -437,6 +441,7 @@ impl Core {
             state.ended(running.class, running.started);
             state.charge(running.key, running.class, at, used);
         }
+        state.applying = released;
         if state.permits < state.config.max_concurrency && self.starved.load(Ordering::Relaxed) {
             self.starved.store(false, Ordering::SeqCst);
         }
@@ -544,8 +549,9 @@ impl Scheduler {
                 return;
             };
             if state.closed {
+                // Dropped outside the lock: each reports itself abandoned.
                 drop(state);
-                drop(jobs.collect::<Vec<_>>());
+                jobs.for_each(drop);
                 return;
             }
             if !state.charges.is_empty() {
