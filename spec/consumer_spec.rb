@@ -88,6 +88,32 @@ RSpec.describe "consuming in mock mode" do
     expect(client.consumer_state).to eq(:running)
   end
 
+  it "builds payloads written by other producers as JSON.parse does, and skips text that is not JSON" do
+    texts = [
+      '{"b":1,"a":{"id":"inner"},"b":[2]}', # a repeated key keeps its first place and its last value
+      '{"k\u00e9y":"\ud83d\ude00 \"q\" \\\\ \/ \n\t","id":"x","type":7}',
+      " [ 1 , 2.50 , -0 , 1E2 , 1e-2 , -12345678901234567890123 ] ",
+      '"caf' + "\u00e9" + '"',
+      "{}", "[]", "0"
+    ]
+    bad = ['{"a":"\ud800"}', "{\"a\":\"\xFF\"}".b, '{"a":01}', '{"a":1} x']
+    handler = SpecHelpers::RecordingHandler.new
+    Prosody::Native.mock_create_topic(topic, 1)
+    producer = raw_producer
+    (bad + texts).each { |text| producer.produce(topic, 0, "k", text, {}) }
+    producer.flush(10)
+    start(handler)
+    wait_for(message: "every JSON record") { handler.count == texts.size }
+    expected = texts.map { |text| JSON.parse(text) }
+    expect(handler.payloads).to eq(expected)
+    expect(handler.payloads.map { |p| JSON.generate(p) }).to eq(expected.map { |p| JSON.generate(p) })
+    expect(handler.payloads[2].map(&:class)).to eq([Integer, Float, Integer, Float, Float, Integer])
+    bad.each_index do |offset|
+      expect(wait_for { log_output[/skipping undecodable record topic=#{topic} partition=0 offset=#{offset}\b/] })
+        .to be_truthy
+    end
+  end
+
   it "delivers records without a key, and logs and skips records whose payload is not JSON" do
     handler = SpecHelpers::RecordingHandler.new
     Prosody::Native.mock_create_topic(topic, 1)

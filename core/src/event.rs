@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use rdkafka::message::{Headers, Message as _, OwnedMessage};
-use serde_json::Value;
+
+use crate::payload::Payload;
 
 /// Header that names the system which produced a record.
 pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
@@ -24,7 +25,7 @@ pub fn show_key(key: Option<&[u8]>) -> String {
     }
 }
 
-/// A consumed record with its payload decoded from JSON.
+/// A consumed record with its JSON payload checked.
 #[derive(Debug, Clone)]
 pub struct ConsumedMessage {
     /// Topic it was read from.
@@ -38,8 +39,8 @@ pub struct ConsumedMessage {
     /// The record key; `None` for records produced without a key (they share one queue per
     /// partition and so keep their offset order among themselves).
     pub key: Option<Key>,
-    /// The decoded JSON payload; a record with no value (a tombstone) decodes to `null`.
-    pub payload: Value,
+    /// The JSON payload, checked; a record with no value (a tombstone) has `null`.
+    pub payload: Payload,
     /// Whether the record has no value at all (a tombstone), as opposed to a JSON `null`.
     pub tombstone: bool,
     /// Headers: names as text, values as bytes exactly as written (a header without value is
@@ -76,9 +77,9 @@ impl ConsumedMessage {
     ) -> Result<Self, Box<Undecodable>> {
         let key = record.key().map(Key::from);
         let payload = match record.payload() {
-            None => Value::Null,
-            Some(bytes) => match serde_json::from_slice(bytes) {
-                Ok(value) => value,
+            None => Payload::null(),
+            Some(bytes) => match Payload::parse(bytes) {
+                Ok(payload) => payload,
                 Err(e) => {
                     return Err(Box::new(Undecodable {
                         offset: record.offset(),
@@ -174,8 +175,8 @@ mod tests {
     fn a_record_without_value_is_a_tombstone_and_json_null_is_not() {
         let decode = |payload| ConsumedMessage::decode("t".into(), record(payload), false);
         let tombstone = decode(None).ok().map(|m| (m.tombstone, m.payload));
-        assert_eq!(tombstone, Some((true, Value::Null)));
+        assert_eq!(tombstone, Some((true, Payload::null())));
         let null = decode(Some(b"null")).ok().map(|m| (m.tombstone, m.payload));
-        assert_eq!(null, Some((false, Value::Null)));
+        assert_eq!(null, Some((false, Payload::null())));
     }
 }

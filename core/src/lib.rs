@@ -41,6 +41,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod monopoly;
 pub mod partition;
+pub mod payload;
 pub mod probe;
 pub mod process;
 pub mod runtime;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use twox_hash::XxHash3_128;
 
+use crate::payload::Payload;
 use crate::timers::BoxFuture;
 
 /// A message identity: XXH3-128 of version, group, topic, key and id.
@@ -106,8 +107,8 @@ pub enum MessageId<'a> {
 impl<'a> MessageId<'a> {
     /// The id of a payload; `None` when it is not an object, has no `id`, or its `id` is neither
     /// a String nor an Integer (a float, `null`, an Array, an object).
-    pub fn of(payload: &'a Value) -> Option<Self> {
-        match payload.as_object()?.get("id")? {
+    pub fn of(payload: &'a Payload) -> Option<Self> {
+        match payload.id()? {
             Value::String(s) => Some(Self::Text(s)),
             Value::Number(n) if is_integer(n) => Some(Self::Integer(n)),
             _ => None,
@@ -427,6 +428,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn payload(value: Value) -> Payload {
+        Payload::parse(value.to_string().as_bytes()).unwrap()
+    }
+
     fn origin(key: Option<&[u8]>) -> Origin<'_> {
         Origin {
             group: "g",
@@ -437,17 +442,17 @@ mod tests {
 
     #[test]
     fn ids_are_top_level_strings_and_integers() {
-        let big: Value = serde_json::from_str(r#"{"id": 123456789012345678901234567890}"#).unwrap();
+        let big = Payload::parse(br#"{"id": 123456789012345678901234567890}"#).unwrap();
         assert!(matches!(MessageId::of(&big), Some(MessageId::Integer(_))));
         assert_eq!(
-            MessageId::of(&json!({"id": "a"})),
+            MessageId::of(&payload(json!({"id": "a"}))),
             Some(MessageId::Text("a"))
         );
         assert!(matches!(
-            MessageId::of(&json!({"id": -7})),
+            MessageId::of(&payload(json!({"id": -7}))),
             Some(MessageId::Integer(_))
         ));
-        for payload in [
+        for value in [
             json!({"id": 1.5}),
             json!({"id": null}),
             json!({"id": [1]}),
@@ -458,9 +463,9 @@ mod tests {
             json!("id"),
             Value::Null,
         ] {
-            assert_eq!(MessageId::of(&payload), None, "{payload}");
+            assert_eq!(MessageId::of(&payload(value.clone())), None, "{value}");
         }
-        let exp: Value = serde_json::from_str(r#"{"id": 1e3}"#).unwrap();
+        let exp = Payload::parse(br#"{"id": 1e3}"#).unwrap();
         assert_eq!(MessageId::of(&exp), None);
     }
 
@@ -468,7 +473,7 @@ mod tests {
     fn the_fingerprint_covers_version_key_and_id_kind() {
         let d = Dedup::new(8, "1".into(), Duration::from_secs(60), None);
         let v2 = Dedup::new(8, "2".into(), Duration::from_secs(60), None);
-        let seven = json!({"id": 7});
+        let seven = payload(json!({"id": 7}));
         let int = MessageId::of(&seven).unwrap();
         let a = d.fingerprint(origin(Some(b"k")), MessageId::Text("7"));
         assert_ne!(a, d.fingerprint(origin(Some(b"k")), int));

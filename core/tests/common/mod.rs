@@ -112,7 +112,8 @@ async fn handle(job: Job, rec: &Recorder) {
     tokio::time::sleep(Duration::from_millis(1)).await;
     rec.active.fetch_sub(1, Ordering::SeqCst);
     *rec.running.lock().unwrap().get_mut(&key).unwrap() -= 1;
-    let seq = m.payload["seq"].as_u64().unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(m.payload.text()).unwrap();
+    let seq = payload["seq"].as_u64().unwrap();
     rec.seen.lock().unwrap().push((key, m.offset, seq));
     done.complete(Outcome::Success);
 }

@@ -1,5 +1,6 @@
-//! `Prosody::Message`: a consumed record. The payload was decoded from JSON on an engine thread;
-//! it becomes Ruby objects on first access and is kept (GC-marked) for later calls.
+//! `Prosody::Message`: a consumed record. Its JSON payload was checked on an engine thread; it
+//! becomes Ruby objects, built straight from the text, on first access and is kept (GC-marked)
+//! for later calls.
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,7 +10,8 @@ use magnus::{
 };
 use prosody_core::event::ConsumedMessage;
 
-use crate::ruby::convert::{bytes_to_ruby, json_to_ruby};
+use crate::ruby::convert::{bytes_to_ruby, json_text_to_ruby};
+use crate::ruby::errors;
 
 #[derive(TypedData)]
 #[magnus(class = "Prosody::Message", free_immediately, size, mark)]
@@ -71,11 +73,21 @@ impl Message {
         }
     }
 
-    fn payload(ruby: &Ruby, rb_self: &Self) -> Value {
-        let cached = rb_self
-            .payload
-            .get_or_init(|| Opaque::from(json_to_ruby(ruby, &rb_self.inner.payload)));
-        ruby.get_inner(*cached)
+    fn payload(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
+        if let Some(cached) = rb_self.payload.get() {
+            return Ok(ruby.get_inner(*cached));
+        }
+        // The engine checked the text with the same parser when the record was read, so this
+        // cannot fail; if it ever did, the handler gets an error naming the record, never nil.
+        let value = json_text_to_ruby(ruby, rb_self.inner.payload.text()).map_err(|e| {
+            errors::prosody(
+                ruby,
+                errors::Class::Error,
+                format!("could not decode the payload of {}: {e}", rb_self.inspect()),
+            )
+        })?;
+        let _ = rb_self.payload.set(Opaque::from(value));
+        Ok(value)
     }
 
     /// Whether the record has no value (a tombstone); its payload is then nil.

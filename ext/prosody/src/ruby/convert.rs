@@ -1,11 +1,12 @@
 //! Conversions between Ruby values and engine data.
 
 use magnus::{
-    rb_sys::FromRawValue, value::ReprValue, Error, Float, Integer, RArray, RHash, RString, Ruby,
-    Symbol, Value,
+    rb_sys::{AsRawValue, FromRawValue},
+    value::ReprValue,
+    Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value,
 };
 use prosody_core::config::RawValue;
-use serde_json::Value as Json;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// An option value as the configuration table reads it. `name` words the error.
 pub fn raw_value(ruby: &Ruby, name: &str, value: Value) -> Result<RawValue, Error> {
@@ -104,33 +105,154 @@ pub fn utf8(ruby: &Ruby, what: &str, s: RString) -> Result<String, Error> {
     })
 }
 
-/// A decoded JSON value as Ruby objects (Hash keys are Strings).
-pub fn json_to_ruby(ruby: &Ruby, json: &Json) -> Value {
-    match json {
-        Json::Null => ruby.qnil().as_value(),
-        Json::Bool(b) => {
-            if *b {
-                ruby.qtrue().as_value()
-            } else {
-                ruby.qfalse().as_value()
-            }
+/// A payload's JSON text (checked by the engine) as Ruby objects, built straight from the text:
+/// Hash keys are Strings in the order written (a repeated key keeps its first place and its last
+/// value, as `JSON.parse` does), integers of any size stay Integers.
+pub fn json_text_to_ruby(ruby: &Ruby, text: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let value = Build(ruby).deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+/// Builds one JSON value as Ruby objects. With the GVL held (the `&Ruby` proves it); the
+/// objects being filled are on this thread's stack, where Ruby's collector finds them.
+#[derive(Clone, Copy)]
+struct Build<'r>(&'r Ruby);
+
+impl<'de> DeserializeSeed<'de> for Build<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Build<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(self.0.qnil().as_value())
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(if b {
+            self.0.qtrue().as_value()
+        } else {
+            self.0.qfalse().as_value()
+        })
+    }
+
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(self.0.integer_from_i64(i).as_value())
+    }
+
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(self.0.integer_from_u64(u).as_value())
+    }
+
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(self.0.float_from_f64(f).as_value())
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(self.0.str_new(s).as_value())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let array = self.0.ary_new_capa(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(self)? {
+            // SAFETY: the GVL is held; this Array was made here (not frozen, not shared), so
+            // pushing raises nothing short of running out of memory, which every object made
+            // here risks alike. (`RArray::push` would wrap each call in `rb_protect`.)
+            unsafe { rb_sys::rb_ary_push(array.as_raw(), item.as_raw()) };
         }
-        Json::Number(n) => number_to_ruby(ruby, n),
-        Json::String(s) => ruby.str_new(s).as_value(),
-        Json::Array(items) => {
-            let array = ruby.ary_new_capa(items.len());
-            for item in items {
-                let _ = array.push(json_to_ruby(ruby, item));
+        Ok(array.as_value())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let hash = self.0.hash_new();
+        let mut first = true;
+        while let Some(key) = map.next_key_seed(KeyOf(self.0, first))? {
+            match key {
+                // With `arbitrary_precision`, serde_json hands a number over as a one-entry map
+                // under a private name, with its digits as the value.
+                Key::Number => return map.next_value_seed(NumberOf(self.0)),
+                Key::Text(key) => {
+                    let value = map.next_value_seed(self)?;
+                    // SAFETY: the GVL is held; this Hash was made here (not frozen, not being
+                    // iterated) and the key is a String (hashed without calling Ruby code), so
+                    // this raises nothing short of running out of memory, as above.
+                    unsafe { rb_sys::rb_hash_aset(hash.as_raw(), key.as_raw(), value.as_raw()) };
+                }
             }
-            array.as_value()
+            first = false;
         }
-        Json::Object(map) => {
-            let hash = ruby.hash_new();
-            for (k, v) in map {
-                let _ = hash.aset(interned_key(ruby, k), json_to_ruby(ruby, v));
-            }
-            hash.as_value()
+        Ok(hash.as_value())
+    }
+}
+
+/// A map key: a Hash key, or the marker of a number (only ever as a map's first key).
+enum Key {
+    Number,
+    Text(Value),
+}
+
+/// Reads a map key; `.1` says whether it is the map's first.
+struct KeyOf<'r>(&'r Ruby, bool);
+
+impl<'de> DeserializeSeed<'de> for KeyOf<'_> {
+    type Value = Key;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeyOf<'_> {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a String key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+        if self.1 && key == NUMBER_MARKER {
+            return Ok(Key::Number);
         }
+        Ok(Key::Text(interned_key(self.0, key)))
+    }
+}
+
+/// The name under which serde_json (`arbitrary_precision`) passes a number's digits. A payload
+/// object whose first key is this very name is read as that number, as serde_json's own
+/// decoder does.
+const NUMBER_MARKER: &str = "$serde_json::private::Number";
+
+/// Reads a number's digits.
+struct NumberOf<'r>(&'r Ruby);
+
+impl<'de> DeserializeSeed<'de> for NumberOf<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for NumberOf<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON number")
+    }
+
+    fn visit_str<E>(self, digits: &str) -> Result<Value, E> {
+        Ok(number_to_ruby(self.0, digits))
     }
 }
 
@@ -150,24 +272,24 @@ fn interned_key(_ruby: &Ruby, key: &str) -> Value {
     }
 }
 
-/// A JSON number as Ruby's `JSON.parse` makes it: an Integer of any size for a number written
-/// without fraction or exponent, a Float otherwise.
-fn number_to_ruby(ruby: &Ruby, n: &serde_json::Number) -> Value {
-    if let Some(i) = n.as_i64() {
+/// A JSON number, from its digits as written, as Ruby's `JSON.parse` makes it: an Integer of
+/// any size for a number written without fraction or exponent, a Float otherwise (NaN for one
+/// beyond the Float range).
+fn number_to_ruby(ruby: &Ruby, digits: &str) -> Value {
+    if let Ok(i) = digits.parse::<i64>() {
         return ruby.integer_from_i64(i).as_value();
     }
-    if let Some(u) = n.as_u64() {
+    if let Ok(u) = digits.parse::<u64>() {
         return ruby.integer_from_u64(u).as_value();
     }
-    let digits = n.as_str();
     if !digits.contains(['.', 'e', 'E']) {
         // Larger than 64 bits: Ruby parses the digits into a Bignum.
         if let Ok(big) = ruby.str_new(digits).funcall::<_, _, Value>("to_i", ()) {
             return big;
         }
     }
-    ruby.float_from_f64(n.as_f64().unwrap_or(f64::NAN))
-        .as_value()
+    let float = digits.parse::<f64>().ok().filter(|f| f.is_finite());
+    ruby.float_from_f64(float.unwrap_or(f64::NAN)).as_value()
 }
 
 /// A Hash of String (or Symbol) keys and values as header pairs.
