@@ -262,7 +262,7 @@ impl Client {
         scheduler.set_notify(notify);
         let stores = self.stores()?;
         let deferral = self.deferral(stores.as_ref())?;
-        let monopoly = self.monopolization(&scheduler);
+        let monopoly = self.monopolization(&scheduler, &runtime);
         let dedup = self.dedup(stores.as_ref())?;
         let engine = Arc::new(Engine {
             config: self.config.clone(),
@@ -391,8 +391,15 @@ impl Client {
     }
 
     /// Monopolization detection for a subscription (pipeline mode with
-    /// `monopolization_enabled`), fed the handler time `scheduler` measures.
-    fn monopolization(&self, scheduler: &Scheduler) -> Option<Arc<Monopolization>> {
+    /// `monopolization_enabled`), fed the handler time `scheduler` measures. The scheduler tells
+    /// each batch on a runner's thread (a Ruby processor's, in the gem); a task on `runtime`
+    /// records it, so that work stays off that thread. The task is owned by the scheduler: it
+    /// ends once the scheduler, holding the only sender, is dropped.
+    fn monopolization(
+        &self,
+        scheduler: &Scheduler,
+        runtime: &tokio::runtime::Handle,
+    ) -> Option<Arc<Monopolization>> {
         let config = &self.config;
         if config.mode != Mode::Pipeline || !config.monopolization_enabled {
             return None;
@@ -402,13 +409,20 @@ impl Client {
             config.monopolization_threshold,
             usize::try_from(config.monopolization_cache_size).unwrap_or(usize::MAX),
         ));
+        let (batches, mut incoming) =
+            tokio::sync::mpsc::unbounded_channel::<Vec<crate::scheduler::Charge>>();
         let observed = monopoly.clone();
+        runtime.spawn(async move {
+            while let Some(charges) = incoming.recv().await {
+                observed.record(
+                    charges
+                        .iter()
+                        .filter_map(|(key, secs, at)| key.as_ref().map(|k| (k, *secs, *at))),
+                );
+            }
+        });
         scheduler.observe_usage(Arc::new(move |charges| {
-            observed.record(
-                charges
-                    .iter()
-                    .filter_map(|(key, secs, at)| key.as_ref().map(|k| (k, *secs, *at))),
-            );
+            let _ = batches.send(charges);
         }));
         Some(monopoly)
     }

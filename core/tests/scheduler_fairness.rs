@@ -305,6 +305,95 @@ async fn a_release_wakes_a_runner_that_found_every_permit_out_and_only_then() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_submit_wakes_a_runner_that_found_nothing_once_and_not_while_every_permit_is_out() {
+    let scheduler = Scheduler::with_config(config(1));
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let wakes = Arc::clone(&wakes);
+        scheduler.set_notify(move || {
+            wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let count = || wakes.load(std::sync::atomic::Ordering::SeqCst);
+    let (done, _rx) = mpsc::unbounded_channel();
+    assert!(matches!(scheduler.take(), Take::Empty), "nothing yet");
+    scheduler.submit(job("k0", &done, Class::Fresh));
+    assert_eq!(count(), 1, "the idle runner is woken");
+    scheduler.submit(job("k1", &done, Class::Fresh));
+    assert_eq!(count(), 1, "once: it has not looked again yet");
+    assert_eq!(scheduler.load(), (0, 2), "submitted jobs count as ready");
+    let Take::Job(_a, grant) = scheduler.take() else {
+        panic!("a job")
+    };
+    assert!(matches!(scheduler.take(), Take::Empty), "one permit");
+    scheduler.submit(job("k2", &done, Class::Fresh));
+    assert_eq!(count(), 1, "every permit is out: a submit does not wake");
+    drop(grant);
+    assert_eq!(count(), 2, "the release that frees one does");
+    for _ in 0..2 {
+        let Take::Job(..) = scheduler.take() else {
+            panic!("the waiting jobs run")
+        };
+    }
+    assert!(matches!(scheduler.take(), Take::Empty));
+}
+
+/// Real threads, ping-pong: a submitter submits one job and waits until a runner took it; the
+/// runner sleeps whenever a take finds nothing and is woken only by the notifier. Every round
+/// opens the window between a runner's empty take and its sleep: a wake-up lost there leaves
+/// the job ready with the runner asleep, and the submitter gives up after seconds.
+#[test]
+fn no_wake_up_is_lost_between_a_submitter_and_a_runner() {
+    const ROUNDS: usize = 20_000;
+    let scheduler = Arc::new(Scheduler::with_config(config(4)));
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runner_thread = Arc::new(Mutex::new(None::<std::thread::Thread>));
+    {
+        let runner_thread = Arc::clone(&runner_thread);
+        scheduler.set_notify(move || {
+            if let Some(t) = runner_thread.lock().unwrap().as_ref() {
+                t.unpark();
+            }
+        });
+    }
+    let runner = {
+        let scheduler = Arc::clone(&scheduler);
+        let taken = Arc::clone(&taken);
+        let runner_thread = Arc::clone(&runner_thread);
+        std::thread::spawn(move || {
+            *runner_thread.lock().unwrap() = Some(std::thread::current());
+            loop {
+                match scheduler.take() {
+                    Take::Job(job, grant) => {
+                        drop((job, grant));
+                        taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Take::Empty => std::thread::park_timeout(Duration::from_secs(60)),
+                    Take::Closed => return,
+                }
+            }
+        })
+    };
+    while runner_thread.lock().unwrap().is_none() {
+        std::thread::yield_now();
+    }
+    let (done, _rx) = mpsc::unbounded_channel();
+    for round in 0..ROUNDS {
+        scheduler.submit(job(&format!("k{}", round % 7), &done, Class::Fresh));
+        let since = std::time::Instant::now();
+        while taken.load(std::sync::atomic::Ordering::SeqCst) <= round {
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "a wake-up was lost in round {round}: the job is ready, the runner asleep"
+            );
+            std::thread::yield_now();
+        }
+    }
+    scheduler.close();
+    runner.join().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_handler_past_its_timeout_is_cancelled_then_quarantined() {
     let scheduler = Scheduler::with_config(FairConfig {
         max_concurrency: 1,

@@ -40,9 +40,10 @@ use ready::{Decaying, ReadyQueue};
 
 type Notify = Box<dyn Fn() + Send + Sync>;
 
-/// Deferred key charges applied by a runner's take once this many pile up (normally the next
-/// submit applies them, on an engine thread).
-const MAX_DEFERRED_CHARGES: usize = 1024;
+/// Key charges are applied by a take once this many pile up, and before a take reports nothing
+/// to run: a key's virtual time lags its handlers by at most this many calls, and the usage
+/// observer is told in batches.
+const CHARGE_BATCH: usize = 64;
 type Key = Option<crate::event::Key>;
 
 /// Which pool an event's handler time is charged to.
@@ -154,15 +155,15 @@ struct State {
     running: Vec<(u32, Option<Running>)>,
     /// Free slots of `running`.
     free: Vec<u32>,
-    /// Key charges of finished handlers (key, used seconds, when), applied in batches off the
-    /// runners' path: at the next submit, or once [`MAX_DEFERRED_CHARGES`] pile up.
+    /// Key charges of finished handlers (key, used seconds, when), applied in batches of
+    /// [`CHARGE_BATCH`].
     charges: Vec<(Key, f64, Instant)>,
     /// Permits out (running jobs not quarantined).
     permits: usize,
     /// Spare buffer for [`Core::apply_released`], swapped with the released grants' list.
     applying: Vec<(u64, Instant)>,
-    /// A runner found nothing to do since the last notification.
-    idle: bool,
+    /// Spare buffer for [`Core::drain_incoming`], swapped with the submitted jobs' list.
+    arriving: Vec<(Job, Instant)>,
     /// No more jobs are accepted; `take` reports `Closed` once empty.
     closed: bool,
     /// Told of each batch of key charges (monopolization detection).
@@ -172,8 +173,9 @@ struct State {
 /// A finished handler's time: its key, seconds used, and when it ended.
 pub type Charge = (Key, f64, Instant);
 
-/// Receives finished handlers' time per key, in batches.
-pub type UsageObserver = Arc<dyn Fn(&[Charge]) + Send + Sync>;
+/// Receives finished handlers' time per key, in batches, on the runner's thread that applied
+/// them (outside the scheduler's lock): it should hand the batch on rather than work on it.
+pub type UsageObserver = Arc<dyn Fn(Vec<Charge>) + Send + Sync>;
 
 /// A batch of applied charges for the usage observer; told when dropped. Declared before the
 /// scheduler's lock guard, it is dropped after it: the observer runs outside the lock.
@@ -190,7 +192,7 @@ impl Observed {
 impl Drop for Observed {
     fn drop(&mut self) {
         if let Some((observer, charges)) = self.0.take() {
-            observer(&charges);
+            observer(charges);
         }
     }
 }
@@ -210,7 +212,7 @@ impl State {
             charges: Vec::new(),
             permits: 0,
             applying: Vec::new(),
-            idle: false,
+            arriving: Vec::new(),
             closed: false,
             observer: None,
             config,
@@ -369,6 +371,14 @@ impl State {
     }
 }
 
+/// Jobs submitted and not yet queued.
+#[derive(Default)]
+struct Incoming {
+    jobs: Vec<(Job, Instant)>,
+    /// Set by `close`: later submits drop their jobs.
+    closed: bool,
+}
+
 struct Core {
     state: Mutex<State>,
     /// Grants released since the state was last locked, with when each ended: applied under the
@@ -378,6 +388,14 @@ struct Core {
     /// A take found every permit out: releases apply themselves at once (and wake the runners)
     /// until one is free again.
     starved: AtomicBool,
+    /// Jobs submitted since the state was last locked, with when each became ready: moved into
+    /// the ready queues by the next take (or release applied at once, watchdog pass, load,
+    /// purge), so a partition worker's submit never holds the state's lock, which the runners'
+    /// takes need.
+    incoming: Mutex<Incoming>,
+    /// A runner found nothing it could run and waits for the notifier: the next submit (unless
+    /// every permit is out) or release that makes work runnable wakes it.
+    idle: AtomicBool,
     /// Called (outside the lock) when work is ready while runners are idle.
     notify: OnceLock<Notify>,
     /// Handler durations and waits for a runner (and the workers' timer lateness), for
@@ -410,12 +428,10 @@ impl Core {
                 return;
             };
             self.apply_released(&mut state);
-            let wake =
-                state.idle && state.ready() > 0 && state.permits < state.config.max_concurrency;
-            if wake {
-                state.idle = false;
-            }
-            wake
+            self.drain_incoming(&mut state);
+            state.ready() > 0
+                && state.permits < state.config.max_concurrency
+                && self.idle.swap(false, Ordering::SeqCst)
         };
         if wake {
             self.wake();
@@ -445,6 +461,21 @@ impl Core {
         if state.permits < state.config.max_concurrency && self.starved.load(Ordering::Relaxed) {
             self.starved.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Moves the jobs submitted since the last call into the ready queues.
+    fn drain_incoming(&self, state: &mut State) {
+        let mut arriving = std::mem::take(&mut state.arriving);
+        if let Ok(mut incoming) = self.incoming.lock() {
+            std::mem::swap(&mut incoming.jobs, &mut arriving);
+        }
+        for (job, at) in arriving.drain(..) {
+            let key = job.key().clone();
+            let vt = state.key_vt_us(&key, at);
+            let class = job.class.index();
+            state.classes[class].push(at, key, vt, job);
+        }
+        state.arriving = arriving;
     }
 }
 
@@ -505,6 +536,8 @@ impl Scheduler {
                 state: Mutex::new(State::new(config)),
                 released: Mutex::new(Vec::new()),
                 starved: AtomicBool::new(false),
+                incoming: Mutex::new(Incoming::default()),
+                idle: AtomicBool::new(false),
                 notify: OnceLock::new(),
                 histograms: Arc::default(),
             }),
@@ -534,42 +567,33 @@ impl Scheduler {
         self.submit_all(std::iter::once(job));
     }
 
-    /// Adds ready jobs under one lock, waking idle runners at most once (a partition worker
-    /// submits what one turn made ready this way). A closed scheduler drops them, which reports
-    /// each abandoned.
+    /// Adds ready jobs, waking idle runners at most once (a partition worker submits what one
+    /// turn made ready this way). They are noted under a small lock of their own and moved into
+    /// the ready queues by the next take, so a submit never waits for the state's lock, nor
+    /// holds it while a runner waits (the runner is the thread the Ruby path waits on). A closed
+    /// scheduler drops them, which reports each abandoned.
     pub fn submit_all(&self, jobs: impl IntoIterator<Item = Job>) {
         let mut jobs = jobs.into_iter().peekable();
         if jobs.peek().is_none() {
             return;
         }
         let now = Instant::now();
-        let mut observed = Observed::default();
-        let wake = {
-            let Ok(mut state) = self.core.state.lock() else {
+        {
+            let Ok(mut incoming) = self.core.incoming.lock() else {
                 return;
             };
-            if state.closed {
+            if incoming.closed {
                 // Dropped outside the lock: each reports itself abandoned.
-                drop(state);
+                drop(incoming);
                 jobs.for_each(drop);
                 return;
             }
-            if !state.charges.is_empty() {
-                observed.keep(state.apply_charges());
-            }
-            for job in jobs.by_ref() {
-                let key = job.key().clone();
-                let vt = state.key_vt_us(&key, now);
-                let class = job.class.index();
-                state.classes[class].push(now, key, vt, job);
-            }
-            state.idle && state.permits < state.config.max_concurrency && {
-                state.idle = false;
-                true
-            }
-        };
-        drop(observed);
-        if wake {
+            incoming.jobs.extend(jobs.map(|job| (job, now)));
+        }
+        // Read after the push: either a runner's check after it set `idle` finds these jobs, or
+        // this finds `idle` set. While every permit is out, the release that frees one wakes.
+        if !self.core.starved.load(Ordering::SeqCst) && self.core.idle.swap(false, Ordering::SeqCst)
+        {
             self.core.wake();
         }
     }
@@ -593,18 +617,34 @@ impl Scheduler {
             // drain again (one after this sees it, and applies itself).
             self.core.apply_released(&mut state);
             if state.permits >= state.config.max_concurrency {
-                state.idle = true;
+                self.core.idle.store(true, Ordering::SeqCst);
                 return Take::Empty;
             }
         }
-        if state.charges.len() >= MAX_DEFERRED_CHARGES {
+        self.core.drain_incoming(&mut state);
+        if state.charges.len() >= CHARGE_BATCH {
             observed.keep(state.apply_charges());
         }
-        let picked = state
+        let mut picked = state
             .pick(now)
             .and_then(|(class, best)| state.classes[class].take_best(&best, now));
+        if picked.is_none() {
+            // Idle: the charges waiting are applied now, not with the next burst.
+            if !state.charges.is_empty() {
+                observed.keep(state.apply_charges());
+            }
+            self.core.idle.store(true, Ordering::SeqCst);
+            // A submit between the drain above and the flag did not see the flag: drain again
+            // (one after this sees it, and wakes the runners).
+            self.core.drain_incoming(&mut state);
+            picked = state
+                .pick(now)
+                .and_then(|(class, best)| state.classes[class].take_best(&best, now));
+            if picked.is_some() {
+                self.core.idle.store(false, Ordering::SeqCst);
+            }
+        }
         let Some((key, job, since)) = picked else {
-            state.idle = true;
             return Take::Empty;
         };
         state.permits += 1;
@@ -638,6 +678,7 @@ impl Scheduler {
     pub fn purge_aborted(&self) {
         let dropped: Vec<Job> = match self.core.state.lock() {
             Ok(mut state) => {
+                self.core.drain_incoming(&mut state);
                 let mut out = Vec::new();
                 for queue in &mut state.classes {
                     out.extend(queue.remove_where(|job| job.abort.is_cancelled()));
@@ -655,6 +696,10 @@ impl Scheduler {
             Ok(mut state) => {
                 state.closed = true;
                 let mut out = Vec::new();
+                if let Ok(mut incoming) = self.core.incoming.lock() {
+                    incoming.closed = true;
+                    out.extend(incoming.jobs.drain(..).map(|(job, _)| job));
+                }
                 for queue in &mut state.classes {
                     out.extend(queue.drain());
                 }
@@ -678,6 +723,7 @@ impl Scheduler {
             .lock()
             .map(|mut s| {
                 self.core.apply_released(&mut s);
+                self.core.drain_incoming(&mut s);
                 (s.permits, s.ready())
             })
             .unwrap_or_default()
@@ -711,11 +757,8 @@ impl Scheduler {
                 }
             }
             state.permits = state.permits.saturating_sub(freed);
-            let wake = freed > 0 && state.idle && state.ready() > 0;
-            if wake {
-                state.idle = false;
-            }
-            wake
+            self.core.drain_incoming(&mut state);
+            freed > 0 && state.ready() > 0 && self.core.idle.swap(false, Ordering::SeqCst)
         };
         for (token, key, ran) in cancel {
             tracing::warn!(
