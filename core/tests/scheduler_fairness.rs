@@ -258,17 +258,20 @@ async fn permits_bound_concurrency_and_return_on_release() {
     assert!(matches!(scheduler.take(), Take::Job(..)));
 }
 
+/// Counts the scheduler's wake-ups of idle runners; the returned function reads the count.
+fn counting_wakes(scheduler: &Scheduler) -> impl Fn() -> usize {
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&wakes);
+    scheduler.set_notify(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    move || wakes.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_release_wakes_a_runner_that_found_every_permit_out_and_only_then() {
     let scheduler = Scheduler::with_config(config(2));
-    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    {
-        let wakes = Arc::clone(&wakes);
-        scheduler.set_notify(move || {
-            wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        });
-    }
-    let count = || wakes.load(std::sync::atomic::Ordering::SeqCst);
+    let count = counting_wakes(&scheduler);
     let (done, _rx) = mpsc::unbounded_channel();
     for i in 0..4 {
         scheduler.submit(job(&format!("k{i}"), &done, Class::Fresh));
@@ -307,14 +310,7 @@ async fn a_release_wakes_a_runner_that_found_every_permit_out_and_only_then() {
 #[tokio::test(start_paused = true)]
 async fn a_submit_wakes_a_runner_that_found_nothing_once_and_not_while_every_permit_is_out() {
     let scheduler = Scheduler::with_config(config(1));
-    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    {
-        let wakes = Arc::clone(&wakes);
-        scheduler.set_notify(move || {
-            wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        });
-    }
-    let count = || wakes.load(std::sync::atomic::Ordering::SeqCst);
+    let count = counting_wakes(&scheduler);
     let (done, _rx) = mpsc::unbounded_channel();
     assert!(matches!(scheduler.take(), Take::Empty), "nothing yet");
     scheduler.submit(job("k0", &done, Class::Fresh));
