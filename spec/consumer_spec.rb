@@ -93,7 +93,7 @@ RSpec.describe "consuming in mock mode" do
       '{"b":1,"a":{"id":"inner"},"b":[2]}', # a repeated key keeps its first place and its last value
       '{"k\u00e9y":"\ud83d\ude00 \"q\" \\\\ \/ \n\t","id":"x","type":7}',
       " [ 1 , 2.50 , -0 , 1E2 , 1e-2 , -12345678901234567890123 ] ",
-      '"caf' + "\u00e9" + '"',
+      "\"caf\u00e9\"",
       "{}", "[]", "0"
     ]
     bad = ['{"a":"\ud800"}', "{\"a\":\"\xFF\"}".b, '{"a":01}', '{"a":1} x']

@@ -12,8 +12,14 @@
 
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+
+/// The key under which serde_json (with `arbitrary_precision`) hands a number over: a map with
+/// this one key and the number's digits as its value. A full decode reads any object whose first
+/// key is this name that way (its value must be a number's digits, and nothing may follow), so
+/// the check here and the binding's builder do too.
+pub const NUMBER_MARKER: &str = "$serde_json::private::Number";
 
 /// A consumed record's payload.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,18 +122,23 @@ impl<'de> Visitor<'de> for HeadVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Head, A::Error> {
-        // A repeated field keeps its last value, as a full decode does. (With
-        // `arbitrary_precision`, a top-level number arrives here as a one-entry map under a
-        // private name: neither field, so it is checked and nothing is kept.)
+        // A repeated field keeps its last value, as a full decode does. A top-level number
+        // arrives here as a map under `NUMBER_MARKER`: checked, and nothing is kept.
         let mut head = Head::default();
+        let mut first = true;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
+                Field::Marker if first => {
+                    number_digits(&mut map)?;
+                    return Ok(head);
+                }
                 Field::Id => head.id = Some(map.next_value()?),
                 Field::Type => head.kind = Some(map.next_value()?),
-                Field::Other => {
+                Field::Marker | Field::Other => {
                     map.next_value::<Checked>()?;
                 }
             }
+            first = false;
         }
         Ok(head)
     }
@@ -140,10 +151,11 @@ impl<'de> Visitor<'de> for HeadVisitor {
     scalars_are!(Head::default());
 }
 
-/// A top-level field name.
+/// A field name, as far as the check cares.
 enum Field {
     Id,
     Type,
+    Marker,
     Other,
 }
 
@@ -161,6 +173,7 @@ impl<'de> Deserialize<'de> for Field {
                 Ok(match name {
                     "id" => Field::Id,
                     "type" => Field::Type,
+                    NUMBER_MARKER => Field::Marker,
                     _ => Field::Other,
                 })
             }
@@ -190,8 +203,14 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        while map.next_key::<Checked>()?.is_some() {
+        let mut first = true;
+        while let Some(field) = map.next_key::<Field>()? {
+            if first && matches!(field, Field::Marker) {
+                number_digits(&mut map)?;
+                return Ok(Checked);
+            }
             map.next_value::<Checked>()?;
+            first = false;
         }
         Ok(Checked)
     }
@@ -202,6 +221,53 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     }
 
     scalars_are!(Checked);
+}
+
+/// Reads the value after a first key [`NUMBER_MARKER`] as a full decode does: it must be the
+/// digits of a JSON number (serde_json's own numbers always are).
+fn number_digits<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
+    let digits: String = map.next_value()?;
+    if is_json_number(&digits) {
+        Ok(())
+    } else {
+        Err(A::Error::custom(format!("invalid number {digits:?}")))
+    }
+}
+
+/// Whether `text` is a number as JSON writes one: `-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`.
+fn is_json_number(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut at = usize::from(bytes.first() == Some(&b'-'));
+    let digits_from = |at: &mut usize| {
+        let start = *at;
+        while bytes.get(*at).is_some_and(u8::is_ascii_digit) {
+            *at += 1;
+        }
+        *at > start
+    };
+    match bytes.get(at) {
+        Some(b'0') => at += 1,
+        Some(b'1'..=b'9') => {
+            digits_from(&mut at);
+        }
+        _ => return false,
+    }
+    if bytes.get(at) == Some(&b'.') {
+        at += 1;
+        if !digits_from(&mut at) {
+            return false;
+        }
+    }
+    if matches!(bytes.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(bytes.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        if !digits_from(&mut at) {
+            return false;
+        }
+    }
+    at == bytes.len()
 }
 
 #[cfg(test)]
@@ -276,6 +342,36 @@ mod tests {
             let full = serde_json::from_slice::<Value>(text).map_err(|e| e.to_string());
             let ours = Payload::parse(text).map(|_| ()).map_err(|e| e.to_string());
             assert_eq!(ours, full.map(|_| ()), "{}", text.escape_ascii());
+        }
+        // An object whose first key is serde_json's number marker is read as a number by a full
+        // decode: accepted and refused alike (the messages differ).
+        let marker = NUMBER_MARKER;
+        for text in [
+            format!(r#"{{"{marker}":"12.5e3"}}"#),
+            format!(r#"{{"{marker}":"abc"}}"#),
+            format!(r#"{{"{marker}":"12","b":1}}"#),
+            format!(r#"{{"{marker}":5}}"#),
+            format!(r#"{{"a":{{"{marker}":"01"}}}}"#),
+            format!(r#"{{"a":1,"{marker}":"x"}}"#),
+            format!(r#"[{{"{marker}":"-0.5"}}]"#),
+        ] {
+            let full = serde_json::from_str::<Value>(&text).is_ok();
+            assert_eq!(parse(&text).is_ok(), full, "{text}");
+        }
+        for (text, number) in [
+            ("0", true),
+            ("-12.50e+3", true),
+            ("1E9", true),
+            ("01", false),
+            ("1.", false),
+            (".5", false),
+            ("-", false),
+            ("1e", false),
+            ("1e+", false),
+            (" 1", false),
+            ("", false),
+        ] {
+            assert_eq!(is_json_number(text), number, "{text:?}");
         }
         let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         assert!(serde_json::from_str::<Value>(&deep).is_err());

@@ -221,17 +221,14 @@ impl Visitor<'_> for KeyOf<'_> {
     }
 
     fn visit_str<E>(self, key: &str) -> Result<Key, E> {
-        if self.1 && key == NUMBER_MARKER {
+        // An object whose first key is the marker is read as a number, as a full decode (and
+        // the engine's check, which refused any whose value is not a number's digits) does.
+        if self.1 && key == prosody_core::payload::NUMBER_MARKER {
             return Ok(Key::Number);
         }
         Ok(Key::Text(interned_key(self.0, key)))
     }
 }
-
-/// The name under which serde_json (`arbitrary_precision`) passes a number's digits. A payload
-/// object whose first key is this very name is read as that number, as serde_json's own
-/// decoder does.
-const NUMBER_MARKER: &str = "$serde_json::private::Number";
 
 /// Reads a number's digits.
 struct NumberOf<'r>(&'r Ruby);
