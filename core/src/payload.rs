@@ -12,7 +12,9 @@
 
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    Deserialize, DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor,
+};
 use serde_json::Value;
 
 /// The key under which serde_json (with `arbitrary_precision`) hands a number over: a map with
@@ -35,7 +37,9 @@ pub struct Payload {
 impl Payload {
     /// Checks `text` as JSON and keeps it with its `id` and `type`.
     pub fn parse(text: &[u8]) -> Result<Self, serde_json::Error> {
-        let Head { id, kind } = serde_json::from_slice(text)?;
+        let mut deserializer = serde_json::Deserializer::from_slice(text);
+        let Head { id, kind } = Walk { top: true }.deserialize(&mut deserializer)?;
+        deserializer.end()?;
         Ok(Self {
             text: text.into(),
             id,
@@ -68,37 +72,6 @@ impl Payload {
     }
 }
 
-/// Visitor methods for every JSON scalar (a String, a boolean, a number, `null`), each accepting
-/// it and answering `$value`. (With `arbitrary_precision`, serde_json hands numbers over as a map;
-/// the number methods stay for other deserializers.)
-macro_rules! scalars_are {
-    ($value:expr) => {
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-    };
-}
-
 /// What the check keeps of a payload.
 #[derive(Default)]
 struct Head {
@@ -106,15 +79,23 @@ struct Head {
     kind: Option<Value>,
 }
 
-impl<'de> Deserialize<'de> for Head {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(HeadVisitor)
+/// Walks one JSON value, checking it as a full decode would (Strings are read as text, so their
+/// UTF-8 and escapes are validated: serde's `IgnoredAny` would take serde_json's skipping path,
+/// which leaves them unchecked), and keeps nothing but, at the top level, `id` and `type`.
+#[derive(Clone, Copy)]
+struct Walk {
+    top: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Walk {
+    type Value = Head;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Head, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-struct HeadVisitor;
-
-impl<'de> Visitor<'de> for HeadVisitor {
+impl<'de> Visitor<'de> for Walk {
     type Value = Head;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -122,9 +103,10 @@ impl<'de> Visitor<'de> for HeadVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Head, A::Error> {
-        // A repeated field keeps its last value, as a full decode does. A top-level number
-        // arrives here as a map under `NUMBER_MARKER`: checked, and nothing is kept.
+        // A repeated field keeps its last value, as a full decode does. A number arrives here as
+        // a map under `NUMBER_MARKER`: checked, and nothing is kept.
         let mut head = Head::default();
+        let inner = Walk { top: false };
         let mut first = true;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
@@ -132,10 +114,10 @@ impl<'de> Visitor<'de> for HeadVisitor {
                     number_digits(&mut map)?;
                     return Ok(head);
                 }
-                Field::Id => head.id = Some(map.next_value()?),
-                Field::Type => head.kind = Some(map.next_value()?),
-                Field::Marker | Field::Other => {
-                    map.next_value::<Checked>()?;
+                Field::Id if self.top => head.id = Some(map.next_value()?),
+                Field::Type if self.top => head.kind = Some(map.next_value()?),
+                _ => {
+                    map.next_value_seed(inner)?;
                 }
             }
             first = false;
@@ -144,11 +126,35 @@ impl<'de> Visitor<'de> for HeadVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Head, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
+        while seq.next_element_seed(Walk { top: false })?.is_some() {}
         Ok(Head::default())
     }
 
-    scalars_are!(Head::default());
+    // Scalars. (With `arbitrary_precision`, serde_json hands numbers over as a map; the number
+    // methods serve other deserializers.)
+    fn visit_str<E>(self, _: &str) -> Result<Head, E> {
+        Ok(Head::default())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Head, E> {
+        Ok(Head::default())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Head, E> {
+        Ok(Head::default())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Head, E> {
+        Ok(Head::default())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Head, E> {
+        Ok(Head::default())
+    }
+
+    fn visit_unit<E>(self) -> Result<Head, E> {
+        Ok(Head::default())
+    }
 }
 
 /// A field name, as far as the check cares.
@@ -180,47 +186,6 @@ impl<'de> Deserialize<'de> for Field {
         }
         deserializer.deserialize_str(FieldVisitor)
     }
-}
-
-/// Any JSON value, checked as a full decode would check it (Strings are read as text: their
-/// UTF-8 and escapes are validated), and not kept. Serde's `IgnoredAny` would take serde_json's
-/// skipping path, which leaves Strings unchecked.
-struct Checked;
-
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(CheckedVisitor)
-    }
-}
-
-struct CheckedVisitor;
-
-impl<'de> Visitor<'de> for CheckedVisitor {
-    type Value = Checked;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
-        let mut first = true;
-        while let Some(field) = map.next_key::<Field>()? {
-            if first && matches!(field, Field::Marker) {
-                number_digits(&mut map)?;
-                return Ok(Checked);
-            }
-            map.next_value::<Checked>()?;
-            first = false;
-        }
-        Ok(Checked)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Checked)
-    }
-
-    scalars_are!(Checked);
 }
 
 /// Reads the value after a first key [`NUMBER_MARKER`] as a full decode does: it must be the

@@ -164,8 +164,6 @@ struct State {
     applying: Vec<(u64, Instant)>,
     /// Spare buffer for [`Core::drain_incoming`], swapped with the submitted jobs' list.
     arriving: Vec<(Job, Instant)>,
-    /// No more jobs are accepted; `take` reports `Closed` once empty.
-    closed: bool,
     /// Told of each batch of key charges (monopolization detection).
     observer: Option<UsageObserver>,
 }
@@ -213,7 +211,6 @@ impl State {
             permits: 0,
             applying: Vec::new(),
             arriving: Vec::new(),
-            closed: false,
             observer: None,
             config,
         }
@@ -279,6 +276,12 @@ impl State {
                 Some(if retry_first { (1, r) } else { (0, f) })
             }
         }
+    }
+
+    /// Removes the event to run next, if any: its key, the event and when it became ready.
+    fn take_next(&mut self, now: Instant) -> Option<(Key, Job, Instant)> {
+        let (class, best) = self.pick(now)?;
+        self.classes[class].take_best(&best, now)
     }
 
     /// Handler time used by a class: finished (decaying) plus running.
@@ -371,14 +374,6 @@ impl State {
     }
 }
 
-/// Jobs submitted and not yet queued.
-#[derive(Default)]
-struct Incoming {
-    jobs: Vec<(Job, Instant)>,
-    /// Set by `close`: later submits drop their jobs.
-    closed: bool,
-}
-
 struct Core {
     state: Mutex<State>,
     /// Grants released since the state was last locked, with when each ended: applied under the
@@ -392,7 +387,11 @@ struct Core {
     /// the ready queues by the next take (or release applied at once, watchdog pass, load,
     /// purge), so a partition worker's submit never holds the state's lock, which the runners'
     /// takes need.
-    incoming: Mutex<Incoming>,
+    incoming: Mutex<Vec<(Job, Instant)>>,
+    /// No more jobs are accepted; `take` reports `Closed`. Set by `close` before it empties
+    /// `incoming`; a submit reads it under `incoming`'s lock, so either `close` finds its jobs or
+    /// the submit finds the flag.
+    closed: AtomicBool,
     /// A runner found nothing it could run and waits for the notifier: the next submit (unless
     /// every permit is out) or release that makes work runnable wakes it.
     idle: AtomicBool,
@@ -467,7 +466,7 @@ impl Core {
     fn drain_incoming(&self, state: &mut State) {
         let mut arriving = std::mem::take(&mut state.arriving);
         if let Ok(mut incoming) = self.incoming.lock() {
-            std::mem::swap(&mut incoming.jobs, &mut arriving);
+            std::mem::swap(&mut *incoming, &mut arriving);
         }
         for (job, at) in arriving.drain(..) {
             let key = job.key().clone();
@@ -536,7 +535,8 @@ impl Scheduler {
                 state: Mutex::new(State::new(config)),
                 released: Mutex::new(Vec::new()),
                 starved: AtomicBool::new(false),
-                incoming: Mutex::new(Incoming::default()),
+                incoming: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
                 idle: AtomicBool::new(false),
                 notify: OnceLock::new(),
                 histograms: Arc::default(),
@@ -582,13 +582,13 @@ impl Scheduler {
             let Ok(mut incoming) = self.core.incoming.lock() else {
                 return;
             };
-            if incoming.closed {
+            if self.core.closed.load(Ordering::Acquire) {
                 // Dropped outside the lock: each reports itself abandoned.
                 drop(incoming);
                 jobs.for_each(drop);
                 return;
             }
-            incoming.jobs.extend(jobs.map(|job| (job, now)));
+            incoming.extend(jobs.map(|job| (job, now)));
         }
         // Read after the push: either a runner's check after it set `idle` finds these jobs, or
         // this finds `idle` set. While every permit is out, the release that frees one wakes.
@@ -607,7 +607,7 @@ impl Scheduler {
         };
         // Closed first: runners waiting for a permit must still learn that the subscription
         // ended (`close` empties the queues).
-        if state.closed {
+        if self.core.closed.load(Ordering::Acquire) {
             return Take::Closed;
         }
         self.core.apply_released(&mut state);
@@ -625,9 +625,7 @@ impl Scheduler {
         if state.charges.len() >= CHARGE_BATCH {
             observed.keep(state.apply_charges());
         }
-        let mut picked = state
-            .pick(now)
-            .and_then(|(class, best)| state.classes[class].take_best(&best, now));
+        let mut picked = state.take_next(now);
         if picked.is_none() {
             // Idle: the charges waiting are applied now, not with the next burst.
             if !state.charges.is_empty() {
@@ -637,9 +635,7 @@ impl Scheduler {
             // A submit between the drain above and the flag did not see the flag: drain again
             // (one after this sees it, and wakes the runners).
             self.core.drain_incoming(&mut state);
-            picked = state
-                .pick(now)
-                .and_then(|(class, best)| state.classes[class].take_best(&best, now));
+            picked = state.take_next(now);
             if picked.is_some() {
                 self.core.idle.store(false, Ordering::SeqCst);
             }
@@ -692,13 +688,12 @@ impl Scheduler {
 
     /// Stops accepting jobs, drops the queued ones (abandoned) and wakes the runners.
     pub fn close(&self) {
+        self.core.closed.store(true, Ordering::Release);
         let dropped: Vec<Job> = match self.core.state.lock() {
             Ok(mut state) => {
-                state.closed = true;
                 let mut out = Vec::new();
                 if let Ok(mut incoming) = self.core.incoming.lock() {
-                    incoming.closed = true;
-                    out.extend(incoming.jobs.drain(..).map(|(job, _)| job));
+                    out.extend(incoming.drain(..).map(|(job, _)| job));
                 }
                 for queue in &mut state.classes {
                     out.extend(queue.drain());
@@ -713,7 +708,7 @@ impl Scheduler {
 
     /// Whether `close` was called.
     pub fn is_closed(&self) -> bool {
-        self.core.state.lock().map(|s| s.closed).unwrap_or(true)
+        self.core.closed.load(Ordering::Acquire)
     }
 
     /// Permits out and events ready, for tests and diagnostics.

@@ -181,7 +181,11 @@ impl<'de> Visitor<'de> for Build<'_> {
             match key {
                 // With `arbitrary_precision`, serde_json hands a number over as a one-entry map
                 // under a private name, with its digits as the value.
-                Key::Number => return map.next_value_seed(NumberOf(self.0)),
+                // (The digits come as an owned String: reading them moves it.)
+                Key::Number => {
+                    let digits: String = map.next_value()?;
+                    return Ok(number_to_ruby(self.0, &digits));
+                }
                 Key::Text(key) => {
                     let value = map.next_value_seed(self)?;
                     // SAFETY: the GVL is held; this Hash was made here (not frozen, not being
@@ -227,29 +231,6 @@ impl Visitor<'_> for KeyOf<'_> {
             return Ok(Key::Number);
         }
         Ok(Key::Text(interned_key(self.0, key)))
-    }
-}
-
-/// Reads a number's digits.
-struct NumberOf<'r>(&'r Ruby);
-
-impl<'de> DeserializeSeed<'de> for NumberOf<'_> {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl Visitor<'_> for NumberOf<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON number")
-    }
-
-    fn visit_str<E>(self, digits: &str) -> Result<Value, E> {
-        Ok(number_to_ruby(self.0, digits))
     }
 }
 
